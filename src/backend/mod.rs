@@ -1,0 +1,132 @@
+//! LibTorch through tch: device selection and the fusion arithmetic. Everything is computed in
+//! f32 and rounded to the output dtype once.
+use safetensors::Dtype;
+use tch::{Device, Kind, Tensor};
+
+use crate::recipe::DeviceRequest;
+
+/// The device tensors are computed on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Backend {
+    pub device: Device,
+}
+
+impl Backend {
+    /// The device for a request; `None` when CUDA was asked for and is not there.
+    pub fn select(request: DeviceRequest) -> Option<Backend> {
+        // rayon spreads blocks over the cores; LibTorch's own pool would only oversubscribe them.
+        tch::set_num_threads(1);
+        let device = match request {
+            DeviceRequest::Cpu => Device::Cpu,
+            DeviceRequest::Auto if tch::Cuda::is_available() => Device::Cuda(0),
+            DeviceRequest::Auto => Device::Cpu,
+            DeviceRequest::Cuda(n)
+                if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize =>
+            {
+                Device::Cuda(n)
+            }
+            DeviceRequest::Cuda(_) => return None,
+        };
+        Some(Backend { device })
+    }
+
+    pub fn name(&self) -> String {
+        match self.device {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(n) => format!("cuda:{n}"),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// Converts a tensor's bytes to f32 values (exactly: every supported dtype widens to f32
+    /// losslessly, except f64, which is rounded).
+    pub fn to_f32(&self, bytes: &[u8], dtype: Dtype, shape: &[usize]) -> Vec<f32> {
+        let t = tensor(bytes, dtype, shape).to_kind(Kind::Float);
+        let mut out = vec![0f32; t.numel()];
+        let n = out.len();
+        t.copy_data(&mut out, n);
+        out
+    }
+
+    /// Transposes a row-major (rows × cols) f32 matrix.
+    pub fn transpose(&self, values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let t = Tensor::from_slice(values)
+            .view([rows as i64, cols as i64])
+            .t_()
+            .contiguous();
+        let mut out = vec![0f32; values.len()];
+        let n = out.len();
+        t.copy_data(&mut out, n);
+        out
+    }
+
+    /// Fuses one block of rows: `round(W + Σ factor·left·right)` where W is `base` (in
+    /// `in_dtype`), each low-rank delta is `left` (n × r) times `right` (r × cols), and each
+    /// dense delta is already (n × cols). Returns the block's bytes in `out_dtype`.
+    pub fn fuse_block(
+        &self,
+        base: &[u8],
+        in_dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        deltas: &[BlockDelta<'_>],
+        out_dtype: Dtype,
+    ) -> Vec<u8> {
+        let shape = [rows, cols];
+        let mut acc = tensor(base, in_dtype, &shape)
+            .to_device(self.device)
+            .to_kind(Kind::Float);
+        for delta in deltas {
+            let product = match delta.values {
+                DeltaValues::LowRank { left, right, rank } => {
+                    let left = Tensor::from_slice(left)
+                        .view([rows as i64, rank as i64])
+                        .to_device(self.device);
+                    let right = Tensor::from_slice(right)
+                        .view([rank as i64, cols as i64])
+                        .to_device(self.device);
+                    left.matmul(&right)
+                }
+                DeltaValues::Dense(values) => Tensor::from_slice(values)
+                    .view([rows as i64, cols as i64])
+                    .to_device(self.device),
+            };
+            acc = acc + product * delta.factor;
+        }
+        let out = acc.to_kind(kind(out_dtype)).to_device(Device::Cpu);
+        let len = rows * cols * out_dtype.bitsize() / 8;
+        let mut bytes = vec![0u8; len];
+        out.copy_data_u8(&mut bytes, rows * cols);
+        bytes
+    }
+}
+
+/// One delta's share of a block of rows.
+pub(crate) struct BlockDelta<'a> {
+    pub factor: f64,
+    pub values: DeltaValues<'a>,
+}
+
+pub(crate) enum DeltaValues<'a> {
+    LowRank {
+        left: &'a [f32],
+        right: &'a [f32],
+        rank: usize,
+    },
+    Dense(&'a [f32]),
+}
+
+fn tensor(bytes: &[u8], dtype: Dtype, shape: &[usize]) -> Tensor {
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Tensor::from_data_size(bytes, &shape, kind(dtype))
+}
+
+/// The LibTorch kind of a floating safetensors dtype (the plan admits no others here).
+pub(crate) fn kind(dtype: Dtype) -> Kind {
+    match dtype {
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        _ => Kind::Float,
+    }
+}

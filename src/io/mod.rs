@@ -1,0 +1,11 @@
+//! File formats the stages share: safetensors in and out, Hugging Face model directories and
+//! PEFT adapters. Readers validate what they read; nothing here trusts a file.
+pub(crate) mod atomic;
+pub(crate) mod error;
+pub(crate) mod hf;
+pub(crate) mod peft;
+pub(crate) mod safetensors;
+pub(crate) mod size;
+pub(crate) mod writer;
+
+pub(crate) use error::InputError;

@@ -1,0 +1,377 @@
+//! PEFT LoRA adapters: `adapter_config.json` and `adapter_model.safetensors`, read into the
+//! modules they change, each with its A/B matrices and scaling.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::hf::read_json;
+use super::safetensors::{SafetensorsFile, TensorMeta};
+use super::InputError;
+
+const CONFIG: &str = "adapter_config.json";
+const WEIGHTS: &str = "adapter_model.safetensors";
+/// PEFT saves keys relative to the `PeftModel`, whose base model sits at `base_model.model`.
+const PREFIX: &str = "base_model.model.";
+
+/// How a module's low-rank product becomes a delta of the base tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LoraKind {
+    /// `nn.Linear`: Δ = B·A, shaped (out, in).
+    Linear,
+    /// GPT-2's `Conv1D` stores weights as (in, out): Δ = (B·A)ᵀ.
+    LinearTransposed,
+    /// `nn.Embedding`: A is (r, vocab), B is (dim, r), Δ = (B·A)ᵀ shaped (vocab, dim).
+    Embedding,
+}
+
+/// One LoRA module: the base tensor it changes and how.
+#[derive(Clone, Debug)]
+pub(crate) struct LoraModule {
+    pub kind: LoraKind,
+    pub a: TensorMeta,
+    pub b: TensorMeta,
+    /// `lora_bias = true`: B's bias, added (scaled) to the base's bias.
+    pub bias: Option<TensorMeta>,
+    pub rank: usize,
+    /// PEFT's scaling: α/r, or α/√r with rsLoRA.
+    pub scaling: f64,
+}
+
+#[derive(Debug)]
+pub(crate) struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    pub fan_in_fan_out: bool,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub target_modules: Value,
+    pub base_model: Option<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct PeftAdapter {
+    pub dir: PathBuf,
+    pub config: LoraConfig,
+    pub file: SafetensorsFile,
+    /// Module path in the base (e.g. `model.layers.0.self_attn.q_proj`) → its LoRA.
+    pub modules: BTreeMap<String, LoraModule>,
+    /// Base tensor name → the adapter's full replacement for it (`modules_to_save`).
+    pub replacements: BTreeMap<String, TensorMeta>,
+}
+
+impl PeftAdapter {
+    pub fn open(dir: &Path) -> Result<Self, InputError> {
+        let config_path = dir.join(CONFIG);
+        if !config_path.is_file() {
+            return Err(InputError::BadConfig {
+                path: dir.to_owned(),
+                message: format!("has no {CONFIG}, so it is not a PEFT adapter directory"),
+                help: format!("a PEFT adapter directory holds {CONFIG} beside {WEIGHTS}"),
+            });
+        }
+        let config = LoraConfig::parse(&config_path, read_json(&config_path)?)?;
+        let weights_path = dir.join(WEIGHTS);
+        if !weights_path.exists() {
+            let pickle = dir.join("adapter_model.bin");
+            if pickle.exists() {
+                return Err(InputError::Pickle {
+                    path: pickle,
+                    suggested: weights_path.display().to_string(),
+                });
+            }
+            return Err(InputError::io(
+                &weights_path,
+                std::io::ErrorKind::NotFound.into(),
+            ));
+        }
+        let file = SafetensorsFile::open(&weights_path)?;
+        let (modules, replacements) = read_modules(&file, &config)?;
+        Ok(PeftAdapter {
+            dir: dir.to_owned(),
+            config,
+            file,
+            modules,
+            replacements,
+        })
+    }
+}
+
+impl LoraConfig {
+    fn parse(path: &Path, value: Value) -> Result<Self, InputError> {
+        let bad = |message: String, help: &str| InputError::BadConfig {
+            path: path.to_owned(),
+            message,
+            help: help.into(),
+        };
+        let Value::Object(raw) = value else {
+            return Err(bad(
+                "the top level is not a JSON object".into(),
+                "re-save the adapter with PEFT",
+            ));
+        };
+        let peft_type = raw
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("LORA");
+        if peft_type != "LORA" {
+            return Err(bad(
+                format!("is a `{peft_type}` adapter; modelforge fuses LoRA adapters only"),
+                "use a LoRA adapter (peft_type \"LORA\")",
+            ));
+        }
+        if raw.get("use_dora").and_then(Value::as_bool) == Some(true) {
+            return Err(bad(
+                "is a DoRA adapter (`use_dora = true`), which modelforge does not fuse yet".into(),
+                "DoRA rescales each output row by a learned magnitude, so it cannot be fused as a plain delta; merge it with PEFT's merge_and_unload for now",
+            ));
+        }
+        let r = match raw.get("r").and_then(Value::as_u64) {
+            Some(r) if r > 0 => r as usize,
+            _ => {
+                return Err(bad(
+                    "`r` is missing or not a positive integer".into(),
+                    "`r` is the LoRA rank, e.g. 8",
+                ))
+            }
+        };
+        let alpha = match raw.get("lora_alpha") {
+            None => 8.0,
+            Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| {
+                bad(
+                    "`lora_alpha` is not a number".into(),
+                    "`lora_alpha` is a number, e.g. 16",
+                )
+            })?,
+        };
+        let flag = |key: &str| -> Result<bool, InputError> {
+            match raw.get(key) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(_) => Err(bad(
+                    format!("`{key}` is not true or false"),
+                    "set it to true or false",
+                )),
+            }
+        };
+        let pattern = |key: &str| -> Result<Vec<(String, f64)>, InputError> {
+            match raw.get(key) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::Object(map)) => map
+                    .iter()
+                    .map(|(k, v)| match v.as_f64() {
+                        Some(n) if n.is_finite() && n > 0.0 => Ok((k.clone(), n)),
+                        _ => Err(bad(
+                            format!("`{key}.{k}` is not a positive number"),
+                            "patterns map module names to numbers",
+                        )),
+                    })
+                    .collect(),
+                Some(_) => Err(bad(
+                    format!("`{key}` is not an object"),
+                    "patterns map module names to numbers",
+                )),
+            }
+        };
+        let rank_pattern = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(k, v)| (k, v as usize))
+            .collect();
+        Ok(LoraConfig {
+            r,
+            alpha,
+            use_rslora: flag("use_rslora")?,
+            fan_in_fan_out: flag("fan_in_fan_out")?,
+            rank_pattern,
+            alpha_pattern: pattern("alpha_pattern")?,
+            target_modules: raw.get("target_modules").cloned().unwrap_or(Value::Null),
+            base_model: raw
+                .get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        })
+    }
+
+    /// The rank and alpha PEFT gives `module`: `rank_pattern`/`alpha_pattern` keys are regular
+    /// expressions matched against the module path's tail, first match wins (PEFT's
+    /// `get_pattern_key`).
+    pub fn rank_and_alpha(&self, module: &str) -> (usize, f64) {
+        let r = pattern_lookup(&self.rank_pattern, module).unwrap_or(self.r);
+        let alpha = pattern_lookup(&self.alpha_pattern, module).unwrap_or(self.alpha);
+        (r, alpha)
+    }
+
+    pub fn scaling(&self, rank: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        }
+    }
+}
+
+fn pattern_lookup<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
+    patterns.iter().find_map(|(key, value)| {
+        let matches = regex::Regex::new(&format!("^(?:.*\\.)?(?:{key})$"))
+            .map(|re| re.is_match(module))
+            // A key that is not a valid expression can still name a module literally.
+            .unwrap_or_else(|_| module == key || module.ends_with(&format!(".{key}")));
+        matches.then_some(*value)
+    })
+}
+
+type Modules = (BTreeMap<String, LoraModule>, BTreeMap<String, TensorMeta>);
+
+fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, InputError> {
+    #[derive(Default)]
+    struct Parts {
+        a: Option<TensorMeta>,
+        b: Option<TensorMeta>,
+        bias: Option<TensorMeta>,
+        embedding: bool,
+    }
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+    let mut replacements = BTreeMap::new();
+    for (key, meta) in &file.tensors {
+        let name = key.strip_prefix(PREFIX).unwrap_or(key);
+        let suffixes = [
+            (".lora_A.weight", 'a', false),
+            (".lora_B.weight", 'b', false),
+            (".lora_B.bias", 'c', false),
+            (".lora_embedding_A", 'a', true),
+            (".lora_embedding_B", 'b', true),
+        ];
+        if let Some((module, which, embedding)) = suffixes
+            .iter()
+            .find_map(|(suffix, which, emb)| name.strip_suffix(suffix).map(|m| (m, *which, *emb)))
+        {
+            let entry = parts.entry(module.to_owned()).or_default();
+            entry.embedding |= embedding;
+            match which {
+                'a' => entry.a = Some(meta.clone()),
+                'b' => entry.b = Some(meta.clone()),
+                _ => entry.bias = Some(meta.clone()),
+            }
+            continue;
+        }
+        if name.contains("lora_") || name.ends_with("lora_magnitude_vector") {
+            return Err(InputError::AdapterKey {
+                path: file.path.clone(),
+                key: key.clone(),
+            });
+        }
+        // Anything else is a full tensor saved through `modules_to_save`; older PEFT versions
+        // keep the wrapper's path in the key.
+        let base_name = strip_modules_to_save(name);
+        replacements.insert(base_name, meta.clone());
+    }
+
+    let mut modules = BTreeMap::new();
+    for (module, part) in parts {
+        let missing = |present: &str, missing: &str| InputError::LoraPair {
+            path: file.path.clone(),
+            module: module.clone(),
+            present: present.into(),
+            missing: missing.into(),
+        };
+        let (a, b) = match (part.a, part.b) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(_), None) => return Err(missing("lora_A", "lora_B")),
+            (None, _) => return Err(missing("lora_B", "lora_A")),
+        };
+        let rank_error = |detail: String| InputError::LoraRank {
+            path: file.path.clone(),
+            module: module.clone(),
+            detail,
+        };
+        if a.shape.len() != 2 || b.shape.len() != 2 {
+            return Err(rank_error(format!(
+                "A is {:?} and B is {:?}; both must be matrices",
+                a.shape, b.shape
+            )));
+        }
+        let rank = a.shape[0];
+        if b.shape[1] != rank {
+            return Err(rank_error(format!(
+                "A has rank {rank} ({:?}) but B has rank {} ({:?})",
+                a.shape, b.shape[1], b.shape
+            )));
+        }
+        let (config_rank, alpha) = config.rank_and_alpha(&module);
+        if config_rank != rank {
+            return Err(rank_error(format!(
+                "adapter_config.json gives rank {config_rank} but the tensors have rank {rank}"
+            )));
+        }
+        let kind = if part.embedding {
+            LoraKind::Embedding
+        } else if config.fan_in_fan_out {
+            LoraKind::LinearTransposed
+        } else {
+            LoraKind::Linear
+        };
+        modules.insert(
+            module,
+            LoraModule {
+                kind,
+                a,
+                b,
+                bias: part.bias,
+                rank,
+                scaling: config.scaling(rank, alpha),
+            },
+        );
+    }
+    Ok((modules, replacements))
+}
+
+/// `lm_head.modules_to_save.default.weight` → `lm_head.weight`.
+fn strip_modules_to_save(name: &str) -> String {
+    match name.find(".modules_to_save.") {
+        Some(at) => {
+            let rest = &name[at + ".modules_to_save.".len()..];
+            let rest = rest.split_once('.').map_or(rest, |(_, tail)| tail);
+            format!("{}.{rest}", &name[..at])
+        }
+        None => name.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_keys_match_like_peft() {
+        let patterns = vec![
+            ("q_proj".to_string(), 4usize),
+            ("layers.1.self_attn.v_proj".to_string(), 2),
+        ];
+        assert_eq!(
+            pattern_lookup(&patterns, "model.layers.0.self_attn.q_proj"),
+            Some(4)
+        );
+        assert_eq!(
+            pattern_lookup(&patterns, "model.layers.1.self_attn.v_proj"),
+            Some(2)
+        );
+        assert_eq!(
+            pattern_lookup(&patterns, "model.layers.0.self_attn.v_proj"),
+            None
+        );
+        assert_eq!(
+            pattern_lookup(&patterns, "model.layers.0.self_attn.xq_proj"),
+            None
+        );
+    }
+
+    #[test]
+    fn modules_to_save_keys_name_the_base_tensor() {
+        assert_eq!(
+            strip_modules_to_save("lm_head.modules_to_save.default.weight"),
+            "lm_head.weight"
+        );
+        assert_eq!(strip_modules_to_save("lm_head.weight"), "lm_head.weight");
+    }
+}

@@ -1,0 +1,264 @@
+//! Writing safetensors deterministically and as a stream: the header is computed from shapes
+//! alone, then tensor bytes are appended in header order, hashed on the way out. The same
+//! tensors always give the same bytes: names sorted, no timestamps, `format = pt` metadata.
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+use serde_json::{json, Map, Value};
+
+/// A tensor to be written: its name, dtype and shape fix its size.
+#[derive(Clone, Debug)]
+pub(crate) struct OutTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl OutTensor {
+    pub fn len(&self) -> u64 {
+        (self.shape.iter().product::<usize>() * self.dtype.bitsize()).div_ceil(8) as u64
+    }
+}
+
+/// One output file and the tensors it holds, in write order.
+#[derive(Clone, Debug)]
+pub(crate) struct Shard {
+    pub file_name: String,
+    pub tensors: Vec<OutTensor>,
+}
+
+/// Splits tensors (sorted by name) into shards of at most `max_shard_size` bytes (a tensor
+/// larger than that gets a shard of its own), named as `transformers` names them. Within a
+/// shard, wider dtypes come first so that every tensor's data stays aligned.
+pub(crate) fn layout(tensors: Vec<OutTensor>, max_shard_size: u64) -> Vec<Shard> {
+    let mut groups: Vec<Vec<OutTensor>> = Vec::new();
+    let mut size = 0;
+    for tensor in tensors {
+        let len = tensor.len();
+        match groups.last_mut() {
+            Some(group) if size + len <= max_shard_size => {
+                size += len;
+                group.push(tensor);
+            }
+            _ => {
+                size = len;
+                groups.push(vec![tensor]);
+            }
+        }
+    }
+    let count = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut tensors)| {
+            tensors.sort_by(|a, b| {
+                b.dtype
+                    .bitsize()
+                    .cmp(&a.dtype.bitsize())
+                    .then_with(|| a.name.cmp(&b.name))
+            });
+            let file_name = if count == 1 {
+                super::hf::SINGLE.to_owned()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+            };
+            Shard { file_name, tensors }
+        })
+        .collect()
+}
+
+/// `model.safetensors.index.json` for a sharded output.
+pub(crate) fn index_json(shards: &[Shard]) -> Value {
+    let total: u64 = shards
+        .iter()
+        .flat_map(|s| &s.tensors)
+        .map(OutTensor::len)
+        .sum();
+    let mut entries: Vec<(&str, &str)> = shards
+        .iter()
+        .flat_map(|s| {
+            s.tensors
+                .iter()
+                .map(move |t| (t.name.as_str(), s.file_name.as_str()))
+        })
+        .collect();
+    entries.sort();
+    let weight_map: Map<String, Value> = entries
+        .into_iter()
+        .map(|(name, file)| (name.to_owned(), Value::from(file)))
+        .collect();
+    json!({ "metadata": { "total_size": total }, "weight_map": weight_map })
+}
+
+/// A written file's size and blake3 digest.
+#[derive(Clone, Debug)]
+pub(crate) struct WrittenFile {
+    pub path: PathBuf,
+    pub size: u64,
+    pub blake3: blake3::Hash,
+}
+
+/// Writes one shard: header first, then each tensor's bytes in the shard's order.
+pub(crate) struct ShardWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    hasher: blake3::Hasher,
+    /// Tensors still to write, with their byte counts.
+    pending: VecDeque<(String, u64)>,
+    /// Bytes of the current tensor still expected.
+    remaining: u64,
+    size: u64,
+}
+
+impl ShardWriter {
+    pub fn create(path: &Path, shard: &Shard) -> std::io::Result<Self> {
+        let mut header = Map::new();
+        header.insert("__metadata__".into(), json!({ "format": "pt" }));
+        let mut offset = 0u64;
+        for tensor in &shard.tensors {
+            let len = tensor.len();
+            header.insert(
+                tensor.name.clone(),
+                json!({ "dtype": tensor.dtype.to_string(), "shape": tensor.shape, "data_offsets": [offset, offset + len] }),
+            );
+            offset += len;
+        }
+        let mut header = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        header.resize(header.len().next_multiple_of(8), b' ');
+
+        let file = File::create(path)?;
+        let mut writer = ShardWriter {
+            path: path.to_owned(),
+            out: BufWriter::with_capacity(8 << 20, file),
+            hasher: blake3::Hasher::new(),
+            pending: shard
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.len()))
+                .collect(),
+            remaining: 0,
+            size: 0,
+        };
+        writer.put(&(header.len() as u64).to_le_bytes())?;
+        writer.put(&header)?;
+        Ok(writer)
+    }
+
+    /// Starts the next tensor, which must be `name`.
+    pub fn begin(&mut self, name: &str) -> std::io::Result<()> {
+        if self.remaining != 0 {
+            return Err(std::io::Error::other(format!(
+                "tensor before `{name}` is incomplete"
+            )));
+        }
+        match self.pending.pop_front() {
+            Some((next, len)) if next == name => {
+                self.remaining = len;
+                Ok(())
+            }
+            other => Err(std::io::Error::other(format!(
+                "wrote `{name}` out of order (expected {other:?})"
+            ))),
+        }
+    }
+
+    /// Appends bytes of the current tensor.
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() as u64 > self.remaining {
+            return Err(std::io::Error::other(
+                "more bytes than the tensor's shape allows",
+            ));
+        }
+        self.remaining -= bytes.len() as u64;
+        self.put(bytes)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(bytes);
+        self.size += bytes.len() as u64;
+        self.out.write_all(bytes)
+    }
+
+    /// Flushes and syncs the file; every declared tensor must have been written in full.
+    pub fn finish(self) -> std::io::Result<WrittenFile> {
+        if self.remaining != 0 || !self.pending.is_empty() {
+            return Err(std::io::Error::other(
+                "shard finished before all its tensors were written",
+            ));
+        }
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(WrittenFile {
+            path: self.path,
+            size: self.size,
+            blake3: self.hasher.finalize(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, dtype: Dtype, n: usize) -> OutTensor {
+        OutTensor {
+            name: name.into(),
+            dtype,
+            shape: vec![n],
+        }
+    }
+
+    #[test]
+    fn shards_split_at_the_size_limit_and_align_dtypes() {
+        let tensors = vec![
+            tensor("a", Dtype::BF16, 10),
+            tensor("b", Dtype::F32, 10),
+            tensor("c", Dtype::F32, 10),
+        ];
+        let shards = layout(tensors.clone(), 60);
+        assert_eq!(shards.len(), 2);
+        assert_eq!(shards[0].file_name, "model-00001-of-00002.safetensors");
+        // f32 before bf16 inside a shard keeps 4-byte alignment.
+        assert_eq!(shards[0].tensors[0].name, "b");
+        assert_eq!(layout(tensors, 1 << 30)[0].file_name, "model.safetensors");
+    }
+
+    #[test]
+    fn written_files_are_valid_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = &layout(
+            vec![tensor("x", Dtype::F32, 2), tensor("y", Dtype::U8, 3)],
+            1 << 30,
+        )[0];
+        let path = dir.path().join(&shard.file_name);
+        let mut writer = ShardWriter::create(&path, shard).unwrap();
+        writer.begin("x").unwrap();
+        writer.write(&[0; 8]).unwrap();
+        writer.begin("y").unwrap();
+        writer.write(&[1, 2]).unwrap();
+        writer.write(&[3]).unwrap();
+        let written = writer.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(written.blake3, blake3::hash(&bytes));
+        let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(parsed.tensor("y").unwrap().data(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn out_of_order_or_short_writes_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = &layout(
+            vec![tensor("x", Dtype::F32, 2), tensor("y", Dtype::F32, 2)],
+            1 << 30,
+        )[0];
+        let mut writer = ShardWriter::create(&dir.path().join("m.safetensors"), shard).unwrap();
+        assert!(writer.begin("y").is_err());
+        let mut writer = ShardWriter::create(&dir.path().join("n.safetensors"), shard).unwrap();
+        writer.begin("x").unwrap();
+        writer.write(&[0; 4]).unwrap();
+        assert!(writer.begin("y").is_err());
+    }
+}

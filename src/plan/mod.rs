@@ -1,0 +1,329 @@
+//! Planning: the opened inputs and the recipe resolved into what each output tensor is made of.
+//! Everything that can be checked before computing is checked here, so execution only fails on
+//! I/O.
+mod error;
+
+use std::path::Path;
+
+use safetensors::Dtype;
+
+pub(crate) use error::PlanError;
+
+use crate::io::hf::HfModel;
+use crate::io::peft::{LoraKind, PeftAdapter};
+use crate::io::safetensors::TensorMeta;
+use crate::io::writer::OutTensor;
+use crate::recipe::{layer_of, OutputDtype, Recipe, Weight};
+
+/// The opened inputs of a recipe.
+pub(crate) struct Inputs {
+    pub base: HfModel,
+    pub adapters: Vec<PeftAdapter>,
+}
+
+/// Where a tensor's starting value comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum Origin {
+    Base(TensorMeta),
+    /// A `modules_to_save` tensor of adapter `adapter` replaces the base's.
+    Replacement {
+        adapter: usize,
+        meta: TensorMeta,
+    },
+}
+
+/// One adapter's contribution to a tensor: `factor · delta`.
+#[derive(Clone, Debug)]
+pub(crate) struct Delta {
+    pub adapter: usize,
+    /// weight × scaling.
+    pub factor: f64,
+    pub kind: DeltaKind,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum DeltaKind {
+    /// B·A, transposed for `LoraKind::LinearTransposed` and `Embedding`.
+    LowRank {
+        kind: LoraKind,
+        a: TensorMeta,
+        b: TensorMeta,
+    },
+    /// A bias vector (`lora_bias`).
+    Vector(TensorMeta),
+}
+
+/// What to write for one output tensor.
+#[derive(Clone, Debug)]
+pub(crate) struct TensorPlan {
+    pub origin: Origin,
+    pub deltas: Vec<Delta>,
+    pub out: OutTensor,
+}
+
+impl TensorPlan {
+    /// Whether the bytes can be copied from the input unchanged.
+    pub fn is_copy(&self) -> bool {
+        let dtype = match &self.origin {
+            Origin::Base(meta) | Origin::Replacement { meta, .. } => meta.dtype,
+        };
+        self.deltas.is_empty() && dtype == self.out.dtype
+    }
+}
+
+pub(crate) struct Plan {
+    pub inputs: Inputs,
+    /// Sorted by name.
+    pub tensors: Vec<TensorPlan>,
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    pub fn new(recipe: &Recipe) -> Result<Plan, PlanError> {
+        let src = recipe.src();
+        check_output_is_not_an_input(recipe)?;
+
+        let base = HfModel::open(&recipe.base.path)
+            .map_err(|e| PlanError::input(e, src.clone(), recipe.base.span, "this base model"))?;
+        let layers = base.layer_count();
+
+        let mut weights = Vec::new();
+        let mut adapters = Vec::new();
+        for entry in &recipe.adapters {
+            let mut rules = Vec::new();
+            for rule in &entry.weight {
+                let layers_range = match (&rule.layers, layers) {
+                    (None, _) => None,
+                    (Some((range, span)), Some(count)) => Some(range.resolve(count).map_err(
+                        |reason| PlanError::LayerRange {
+                            range: range.to_string(),
+                            reason,
+                            src: src.clone(),
+                            span: *span,
+                        },
+                    )?),
+                    (Some((range, span)), None) => {
+                        return Err(PlanError::LayerRange {
+                            range: range.to_string(),
+                            reason: "the base's config.json gives no layer count".into(),
+                            src: src.clone(),
+                            span: *span,
+                        })
+                    }
+                };
+                rules.push((rule.value, layers_range, rule.modules.clone()));
+            }
+            weights.push(Weight::new(rules));
+            adapters.push(
+                PeftAdapter::open(&entry.entry.path).map_err(|e| {
+                    PlanError::input(e, src.clone(), entry.entry.span, "this adapter")
+                })?,
+            );
+        }
+
+        let mut tensors: std::collections::BTreeMap<String, TensorPlan> = base
+            .weights
+            .tensors
+            .iter()
+            .map(|(name, (_, meta))| {
+                let plan = TensorPlan {
+                    origin: Origin::Base(meta.clone()),
+                    deltas: Vec::new(),
+                    out: OutTensor {
+                        name: name.clone(),
+                        dtype: out_dtype(meta.dtype, recipe.output.dtype),
+                        shape: meta.shape.clone(),
+                    },
+                };
+                (name.clone(), plan)
+            })
+            .collect();
+
+        let mut warnings = Vec::new();
+        for (index, (adapter, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
+            let made_for = adapter
+                .config
+                .base_model
+                .as_ref()
+                .map(|b| format!(" (its adapter_config.json names `{b}`)"))
+                .unwrap_or_default();
+            let name = entry.entry.written.clone();
+            let at = Located {
+                path: &adapter.dir,
+                src: &src,
+                span: entry.span,
+            };
+            let unknown = |tensor: &str| PlanError::UnknownTarget {
+                adapter: name.clone(),
+                tensor: tensor.to_owned(),
+                made_for: made_for.clone(),
+                src: src.clone(),
+                span: entry.span,
+            };
+            let shape_error = |tensor: &str, delta: Vec<usize>, base: &[usize]| PlanError::Shape {
+                adapter: name.clone(),
+                tensor: tensor.to_owned(),
+                delta,
+                base: base.to_vec(),
+                made_for: made_for.clone(),
+                src: src.clone(),
+                span: entry.span,
+            };
+
+            let matched = adapter
+                .modules
+                .keys()
+                .filter(|m| tensors.contains_key(&format!("{m}.weight")))
+                .count();
+            if matched == 0 && !adapter.modules.is_empty() {
+                return Err(PlanError::NothingMatches {
+                    adapter: name.clone(),
+                    count: adapter.modules.len(),
+                    example: adapter.modules.keys().next().cloned().unwrap_or_default(),
+                    made_for,
+                    src: src.clone(),
+                    span: entry.span,
+                });
+            }
+
+            for (tensor, meta) in &adapter.replacements {
+                let plan = tensors.get_mut(tensor).ok_or_else(|| unknown(tensor))?;
+                if meta.shape != plan.out.shape {
+                    return Err(shape_error(tensor, meta.shape.clone(), &plan.out.shape));
+                }
+                if let Origin::Replacement {
+                    adapter: earlier, ..
+                } = plan.origin
+                {
+                    warnings.push(format!(
+                        "`{tensor}` is replaced by both `{}` and `{name}`; the later one wins",
+                        recipe.adapters[earlier].entry.written
+                    ));
+                }
+                check_float(&at, tensor, meta)?;
+                plan.origin = Origin::Replacement {
+                    adapter: index,
+                    meta: meta.clone(),
+                };
+            }
+
+            for (module, lora) in &adapter.modules {
+                let factor = weights[index].for_module(module, layer_of(module)) * lora.scaling;
+                let tensor = format!("{module}.weight");
+                let plan = tensors.get_mut(&tensor).ok_or_else(|| unknown(&tensor))?;
+                let (out, inner) = (lora.b.shape[0], lora.a.shape[1]);
+                let delta_shape = match lora.kind {
+                    LoraKind::Linear => vec![out, inner],
+                    LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
+                };
+                if delta_shape != plan.out.shape {
+                    return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
+                }
+                check_float(&at, &tensor, origin_meta(&plan.origin))?;
+                check_float(&at, &tensor, &lora.a)?;
+                check_float(&at, &tensor, &lora.b)?;
+                if factor != 0.0 {
+                    plan.deltas.push(Delta {
+                        adapter: index,
+                        factor,
+                        kind: DeltaKind::LowRank {
+                            kind: lora.kind,
+                            a: lora.a.clone(),
+                            b: lora.b.clone(),
+                        },
+                    });
+                }
+                if let Some(bias) = &lora.bias {
+                    let tensor = format!("{module}.bias");
+                    let plan = tensors.get_mut(&tensor).ok_or_else(|| unknown(&tensor))?;
+                    if bias.shape != plan.out.shape {
+                        return Err(shape_error(&tensor, bias.shape.clone(), &plan.out.shape));
+                    }
+                    check_float(&at, &tensor, bias)?;
+                    if factor != 0.0 {
+                        plan.deltas.push(Delta {
+                            adapter: index,
+                            factor,
+                            kind: DeltaKind::Vector(bias.clone()),
+                        });
+                    }
+                }
+            }
+        }
+
+        Ok(Plan {
+            inputs: Inputs { base, adapters },
+            tensors: tensors.into_values().collect(),
+            warnings,
+        })
+    }
+}
+
+fn origin_meta(origin: &Origin) -> &TensorMeta {
+    match origin {
+        Origin::Base(meta) | Origin::Replacement { meta, .. } => meta,
+    }
+}
+
+pub(crate) fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+}
+
+/// Deltas are computed in floating point; an integer or 8-bit tensor cannot take one.
+fn check_float(at: &Located<'_>, tensor: &str, meta: &TensorMeta) -> Result<(), PlanError> {
+    if is_float(meta.dtype) {
+        return Ok(());
+    }
+    let err = crate::io::InputError::UnsupportedDtype {
+        path: at.path.to_owned(),
+        tensor: tensor.to_owned(),
+        dtype: meta.dtype.to_string(),
+    };
+    Err(PlanError::input(
+        err,
+        at.src.clone(),
+        at.span,
+        "this adapter",
+    ))
+}
+
+/// Where an adapter's faults point.
+struct Located<'a> {
+    path: &'a Path,
+    src: &'a crate::recipe::Src,
+    span: miette::SourceSpan,
+}
+
+/// The dtype a tensor is written in: floating tensors take the requested dtype, others keep theirs.
+fn out_dtype(input: Dtype, requested: OutputDtype) -> Dtype {
+    if !is_float(input) {
+        return input;
+    }
+    match requested {
+        OutputDtype::Base => input,
+        OutputDtype::F32 => Dtype::F32,
+        OutputDtype::F16 => Dtype::F16,
+        OutputDtype::Bf16 => Dtype::BF16,
+    }
+}
+
+fn check_output_is_not_an_input(recipe: &Recipe) -> Result<(), PlanError> {
+    let output = &recipe.output.path;
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let Some(out) = canonical(&output.path) else {
+        return Ok(()); // does not exist yet, so it cannot be an input
+    };
+    let inputs = std::iter::once(&recipe.base).chain(recipe.adapters.iter().map(|a| &a.entry));
+    for input in inputs {
+        if let Some(input) = canonical(&input.path) {
+            if input.starts_with(&out) || out.starts_with(&input) {
+                return Err(PlanError::OutputOverInput {
+                    path: output.path.clone(),
+                    src: recipe.src(),
+                    span: output.span,
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Everything a recipe can get wrong, each pointing at the span that is at fault.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use miette::{Diagnostic, NamedSource, SourceSpan};
+use thiserror::Error;
+
+/// The recipe's text, named by its path, for diagnostics to quote.
+pub(crate) type Src = NamedSource<Arc<String>>;
+
+#[derive(Debug, Error, Diagnostic)]
+pub(crate) enum RecipeError {
+    #[error("cannot read the recipe `{}`", path.display())]
+    #[diagnostic(
+        code(modelforge::recipe::unreadable),
+        help("check that the file exists and is readable")
+    )]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{message}")]
+    #[diagnostic(code(modelforge::recipe::invalid), help("{help}"))]
+    Invalid {
+        message: String,
+        help: String,
+        #[source_code]
+        src: Src,
+        #[label("here")]
+        span: Option<SourceSpan>,
+    },
+
+    #[error("the {what} `{}` does not exist", path.display())]
+    #[diagnostic(
+        code(modelforge::recipe::missing_path),
+        help("relative paths resolve against the recipe's folder, `{}`", dir.display())
+    )]
+    MissingPath {
+        what: &'static str,
+        path: PathBuf,
+        dir: PathBuf,
+        #[source_code]
+        src: Src,
+        #[label("no such directory")]
+        span: SourceSpan,
+    },
+
+    #[error("the {what} `{}` is not a directory", path.display())]
+    #[diagnostic(
+        code(modelforge::recipe::not_a_directory),
+        help("point at the directory that holds the files, not at a file inside it")
+    )]
+    NotADirectory {
+        what: &'static str,
+        path: PathBuf,
+        #[source_code]
+        src: Src,
+        #[label("a file, not a directory")]
+        span: SourceSpan,
+    },
+
+    #[error("malformed layer range `{text}`: {reason}")]
+    #[diagnostic(
+        code(modelforge::recipe::layer_range),
+        help("layer ranges are half-open: `\"0..4\"` is layers 0, 1, 2 and 3; `\"16..\"` is 16 to the last; `\"3\"` is layer 3 alone")
+    )]
+    LayerRange {
+        text: String,
+        reason: String,
+        #[source_code]
+        src: Src,
+        #[label("this range")]
+        span: SourceSpan,
+    },
+
+    #[error("the weight `{value}` is not a finite number")]
+    #[diagnostic(
+        code(modelforge::recipe::non_finite_weight),
+        help("weights multiply the adapter's scaling: use a finite number such as `1.0`, or `0.0` to switch the adapter off")
+    )]
+    NonFiniteWeight {
+        value: f64,
+        #[source_code]
+        src: Src,
+        #[label("not finite")]
+        span: SourceSpan,
+    },
+}

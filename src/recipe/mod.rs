@@ -1,0 +1,293 @@
+//! Recipes: the TOML a user writes, read and checked once into a [`Recipe`] that later stages
+//! can trust. Values the user can get wrong keep their span so that later stages can still point
+//! at them.
+mod error;
+mod layers;
+mod schema;
+mod weight;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use miette::{NamedSource, SourceSpan};
+use toml::Spanned;
+
+pub(crate) use error::{RecipeError, Src};
+pub(crate) use layers::LayerRange;
+pub(crate) use schema::OutputDtype;
+pub(crate) use weight::{layer_of, Weight, WeightRule};
+
+use schema::{RawRecipe, RawWeight};
+
+/// Shards above this size are split (the `transformers` default).
+const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// A checked recipe: every path resolved and present, every number finite.
+#[derive(Debug)]
+pub(crate) struct Recipe {
+    pub path: PathBuf,
+    /// The text as read, for the lock file, the model card and diagnostics.
+    pub text: Arc<String>,
+    pub base: Entry,
+    pub adapters: Vec<AdapterEntry>,
+    pub output: Output,
+    pub device: DeviceRequest,
+    pub device_span: Option<SourceSpan>,
+}
+
+/// A path the recipe names, with where it names it.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub path: PathBuf,
+    /// The path as written in the recipe.
+    pub written: String,
+    pub span: SourceSpan,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct AdapterEntry {
+    pub entry: Entry,
+    pub weight: Vec<WeightRule>,
+    /// The span of the whole `[[adapter]]` table.
+    pub span: SourceSpan,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Output {
+    pub path: Entry,
+    pub dtype: OutputDtype,
+    pub max_shard_size: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DeviceRequest {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl Recipe {
+    /// Reads and checks the recipe at `path`.
+    pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        Recipe::parse(path, text)
+    }
+
+    pub fn parse(path: &Path, text: String) -> Result<Recipe, RecipeError> {
+        let text = Arc::new(text);
+        let src = NamedSource::new(path.display().to_string(), text.clone());
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let checker = Checker { src, dir };
+        let raw: RawRecipe = toml::from_str(&text).map_err(|err| checker.syntax(err))?;
+
+        let base = checker.existing_dir("base model", &raw.base.get_ref().path)?;
+        let adapters = raw
+            .adapters
+            .iter()
+            .map(|adapter| checker.adapter(adapter))
+            .collect::<Result<_, _>>()?;
+        let output = raw.output.get_ref();
+        let output = Output {
+            path: checker.entry(&output.path),
+            dtype: output
+                .dtype
+                .as_ref()
+                .map(|d| *d.get_ref())
+                .unwrap_or_default(),
+            max_shard_size: match &output.max_shard_size {
+                None => DEFAULT_MAX_SHARD_SIZE,
+                Some(size) => crate::io::size::parse_size(size.get_ref()).map_err(|reason| {
+                    checker.invalid(
+                        format!("bad shard size: {reason}"),
+                        "write a size such as `\"2GB\"` or `\"500MiB\"`",
+                        size.span(),
+                    )
+                })?,
+            },
+        };
+        let device_field = raw.build.as_ref().and_then(|b| b.get_ref().device.as_ref());
+        let device = match device_field {
+            None => DeviceRequest::Auto,
+            Some(device) => parse_device(device.get_ref()).ok_or_else(|| {
+                checker.invalid(
+                    format!("unknown device `{}`", device.get_ref()),
+                    "use `\"auto\"`, `\"cpu\"`, `\"cuda\"` or `\"cuda:N\"`",
+                    device.span(),
+                )
+            })?,
+        };
+        Ok(Recipe {
+            path: path.to_owned(),
+            text,
+            base,
+            adapters,
+            output,
+            device,
+            device_span: device_field.map(|d| d.span().into()),
+        })
+    }
+
+    /// The recipe's text as a diagnostic source.
+    pub fn src(&self) -> Src {
+        NamedSource::new(self.path.display().to_string(), self.text.clone())
+    }
+}
+
+fn parse_device(text: &str) -> Option<DeviceRequest> {
+    match text {
+        "auto" => Some(DeviceRequest::Auto),
+        "cpu" => Some(DeviceRequest::Cpu),
+        "cuda" => Some(DeviceRequest::Cuda(0)),
+        _ => text
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceRequest::Cuda),
+    }
+}
+
+/// Turns raw values into checked ones, making each error point at its span.
+struct Checker {
+    src: Src,
+    dir: PathBuf,
+}
+
+impl Checker {
+    fn syntax(&self, err: toml::de::Error) -> RecipeError {
+        let message = err.message().to_owned();
+        let help = if message.starts_with("unknown field") {
+            "remove the key or fix its spelling; see README.md for the recipe's keys"
+        } else if message.starts_with("missing field") {
+            "add the missing key"
+        } else if message.starts_with("invalid type") {
+            "give the value the type the message names"
+        } else {
+            "see README.md for the recipe format"
+        };
+        RecipeError::Invalid {
+            message: format!("invalid recipe: {message}"),
+            help: help.into(),
+            src: self.src.clone(),
+            span: err.span().map(Into::into),
+        }
+    }
+
+    fn invalid(&self, message: String, help: &str, span: std::ops::Range<usize>) -> RecipeError {
+        RecipeError::Invalid {
+            message,
+            help: help.into(),
+            src: self.src.clone(),
+            span: Some(span.into()),
+        }
+    }
+
+    fn entry(&self, path: &Spanned<String>) -> Entry {
+        Entry {
+            path: self.dir.join(path.get_ref()),
+            written: path.get_ref().clone(),
+            span: path.span().into(),
+        }
+    }
+
+    fn existing_dir(
+        &self,
+        what: &'static str,
+        path: &Spanned<String>,
+    ) -> Result<Entry, RecipeError> {
+        let entry = self.entry(path);
+        if !entry.path.exists() {
+            return Err(RecipeError::MissingPath {
+                what,
+                path: entry.path,
+                dir: self.dir.clone(),
+                src: self.src.clone(),
+                span: entry.span,
+            });
+        }
+        if !entry.path.is_dir() {
+            return Err(RecipeError::NotADirectory {
+                what,
+                path: entry.path,
+                src: self.src.clone(),
+                span: entry.span,
+            });
+        }
+        Ok(entry)
+    }
+
+    fn adapter(&self, raw: &Spanned<schema::RawAdapter>) -> Result<AdapterEntry, RecipeError> {
+        let adapter = raw.get_ref();
+        let entry = self.existing_dir("adapter", &adapter.path)?;
+        let weight = match &adapter.weight {
+            None => vec![WeightRule {
+                value: 1.0,
+                layers: None,
+                modules: None,
+            }],
+            Some(weight) => match weight.get_ref() {
+                RawWeight::Scalar(value) => vec![WeightRule {
+                    value: self.finite(*value, weight.span())?,
+                    layers: None,
+                    modules: None,
+                }],
+                RawWeight::Rules(rules) => rules
+                    .iter()
+                    .map(|rule| self.weight_rule(rule.get_ref()))
+                    .collect::<Result<_, _>>()?,
+            },
+        };
+        Ok(AdapterEntry {
+            entry,
+            weight,
+            span: raw.span().into(),
+        })
+    }
+
+    fn weight_rule(&self, rule: &schema::RawWeightRule) -> Result<WeightRule, RecipeError> {
+        let layers = match &rule.layers {
+            None => None,
+            Some(text) => {
+                let range = LayerRange::parse(text.get_ref()).map_err(|reason| {
+                    RecipeError::LayerRange {
+                        text: text.get_ref().clone(),
+                        reason,
+                        src: self.src.clone(),
+                        span: text.span().into(),
+                    }
+                })?;
+                Some((range, text.span().into()))
+            }
+        };
+        if let Some(modules) = &rule.modules {
+            if modules.get_ref().is_empty() {
+                return Err(self.invalid(
+                    "`modules = []` matches no module".into(),
+                    "name at least one module, e.g. `modules = [\"q_proj\"]`, or drop the key to match all",
+                    modules.span(),
+                ));
+            }
+        }
+        Ok(WeightRule {
+            value: self.finite(*rule.value.get_ref(), rule.value.span())?,
+            layers,
+            modules: rule.modules.as_ref().map(|m| m.get_ref().clone()),
+        })
+    }
+
+    fn finite(&self, value: f64, span: std::ops::Range<usize>) -> Result<f64, RecipeError> {
+        if value.is_finite() {
+            Ok(value)
+        } else {
+            Err(RecipeError::NonFiniteWeight {
+                value,
+                src: self.src.clone(),
+                span: span.into(),
+            })
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The recipe as written: serde types that mirror the TOML and keep each value's span, so that
+//! later checks can point at the line that caused them. Unknown keys are errors.
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRecipe {
+    pub base: Spanned<RawBase>,
+    #[serde(default, rename = "adapter")]
+    pub adapters: Vec<Spanned<RawAdapter>>,
+    pub output: Spanned<RawOutput>,
+    #[serde(default)]
+    pub build: Option<Spanned<RawBuild>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBase {
+    pub path: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdapter {
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub weight: Option<Spanned<RawWeight>>,
+}
+
+/// `weight = 0.8` or `weight = [ { value = 1.0 }, { layers = "16..", value = 0.5 } ]`.
+#[derive(Debug)]
+pub(crate) enum RawWeight {
+    Scalar(f64),
+    Rules(Vec<Spanned<RawWeightRule>>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWeightRule {
+    pub value: Spanned<f64>,
+    #[serde(default)]
+    pub layers: Option<Spanned<String>>,
+    #[serde(default)]
+    pub modules: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutput {
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub dtype: Option<Spanned<OutputDtype>>,
+    /// Largest shard, e.g. `"2GB"`; above it the weights are split and indexed.
+    #[serde(default)]
+    pub max_shard_size: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBuild {
+    #[serde(default)]
+    pub device: Option<Spanned<String>>,
+}
+
+/// The dtype of the written tensors.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum OutputDtype {
+    /// Each tensor keeps the dtype it has in the base.
+    #[default]
+    Base,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl<'de> Deserialize<'de> for RawWeight {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct WeightVisitor;
+
+        impl<'de> Visitor<'de> for WeightVisitor {
+            type Value = RawWeight;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number or a list of rules like `{ layers = \"0..4\", value = 0.5 }`")
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawWeight, E> {
+                Ok(RawWeight::Scalar(v))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawWeight, E> {
+                Ok(RawWeight::Scalar(v as f64))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawWeight, E> {
+                Ok(RawWeight::Scalar(v as f64))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawWeight, A::Error> {
+                let mut rules = Vec::new();
+                while let Some(rule) = seq.next_element()? {
+                    rules.push(rule);
+                }
+                Ok(RawWeight::Rules(rules))
+            }
+        }
+
+        deserializer.deserialize_any(WeightVisitor)
+    }
+}
