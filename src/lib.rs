@@ -4,6 +4,10 @@
 //! of) → `exec` (streams tensors through the `backend`) → `output` (an atomic, deterministic
 //! Hugging Face model directory). `io` reads and writes the file formats the stages share.
 
+// Diagnostics carry the recipe's source so that they can quote it; they are large, and only on
+// the path that ends the program.
+#![allow(clippy::result_large_err)]
+
 pub mod cli;
 
 pub(crate) mod backend;

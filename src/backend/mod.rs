@@ -40,7 +40,7 @@ impl Backend {
 
     /// Converts a tensor's bytes to f32 values (exactly: every supported dtype widens to f32
     /// losslessly, except f64, which is rounded).
-    pub fn to_f32(&self, bytes: &[u8], dtype: Dtype, shape: &[usize]) -> Vec<f32> {
+    pub fn f32_values(&self, bytes: &[u8], dtype: Dtype, shape: &[usize]) -> Vec<f32> {
         let t = tensor(bytes, dtype, shape).to_kind(Kind::Float);
         let mut out = vec![0f32; t.numel()];
         let n = out.len();
@@ -91,7 +91,7 @@ impl Backend {
                     .view([rows as i64, cols as i64])
                     .to_device(self.device),
             };
-            acc = acc + product * delta.factor;
+            acc += product * delta.factor;
         }
         let out = acc.to_kind(kind(out_dtype)).to_device(Device::Cpu);
         let len = rows * cols * out_dtype.bitsize() / 8;

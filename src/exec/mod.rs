@@ -256,7 +256,7 @@ fn prepare_deltas(
         .map(|delta| {
             let file = &plan.inputs.adapters[delta.adapter].file;
             let load = |meta: &TensorMeta| -> Result<Vec<f32>, InputError> {
-                Ok(backend.to_f32(&file.read(meta)?, meta.dtype, &meta.shape))
+                Ok(backend.f32_values(&file.read(meta)?, meta.dtype, &meta.shape))
             };
             Ok(match &delta.kind {
                 DeltaKind::Vector(meta) => Prepared {

@@ -13,7 +13,7 @@ use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 use crate::io::safetensors::TensorMeta;
 use crate::io::writer::OutTensor;
-use crate::recipe::{layer_of, OutputDtype, Recipe, Weight};
+use crate::recipe::{layer_of, OutputDtype, Recipe, ResolvedRule, Weight};
 
 /// The opened inputs of a recipe.
 pub(crate) struct Inputs {
@@ -111,7 +111,11 @@ impl Plan {
                         })
                     }
                 };
-                rules.push((rule.value, layers_range, rule.modules.clone()));
+                rules.push(ResolvedRule {
+                    value: rule.value,
+                    layers: layers_range,
+                    modules: rule.modules.clone(),
+                });
             }
             weights.push(Weight::new(rules));
             adapters.push(

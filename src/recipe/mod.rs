@@ -15,7 +15,7 @@ use toml::Spanned;
 pub(crate) use error::{RecipeError, Src};
 pub(crate) use layers::LayerRange;
 pub(crate) use schema::OutputDtype;
-pub(crate) use weight::{layer_of, Weight, WeightRule};
+pub(crate) use weight::{layer_of, ResolvedRule, Weight, WeightRule};
 
 use schema::{RawRecipe, RawWeight};
 
@@ -79,10 +79,7 @@ impl Recipe {
     pub fn parse(path: &Path, text: String) -> Result<Recipe, RecipeError> {
         let text = Arc::new(text);
         let src = NamedSource::new(path.display().to_string(), text.clone());
-        let dir = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        };
+        let dir = path.parent().map(Path::to_owned).unwrap_or_default();
         let checker = Checker { src, dir };
         let raw: RawRecipe = toml::from_str(&text).map_err(|err| checker.syntax(err))?;
 
@@ -204,7 +201,7 @@ impl Checker {
             return Err(RecipeError::MissingPath {
                 what,
                 path: entry.path,
-                dir: self.dir.clone(),
+                dir: if self.dir.as_os_str().is_empty() { PathBuf::from(".") } else { self.dir.clone() },
                 src: self.src.clone(),
                 span: entry.span,
             });

@@ -13,14 +13,22 @@ pub(crate) struct WeightRule {
     pub modules: Option<Vec<String>>,
 }
 
-/// The rules with their layer ranges resolved against the base's layer count.
+/// A rule with its layer range resolved against the base's layer count.
+#[derive(Clone, Debug)]
+pub(crate) struct ResolvedRule {
+    pub value: f64,
+    pub layers: Option<Range<usize>>,
+    pub modules: Option<Vec<String>>,
+}
+
+/// An adapter's weight rules, resolved.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Weight {
-    rules: Vec<(f64, Option<Range<usize>>, Option<Vec<String>>)>,
+    rules: Vec<ResolvedRule>,
 }
 
 impl Weight {
-    pub fn new(rules: Vec<(f64, Option<Range<usize>>, Option<Vec<String>>)>) -> Self {
+    pub fn new(rules: Vec<ResolvedRule>) -> Self {
         Weight { rules }
     }
 
@@ -28,7 +36,12 @@ impl Weight {
     /// in `layer`. Unmatched modules keep weight 1.0.
     pub fn for_module(&self, module: &str, layer: Option<usize>) -> f64 {
         let mut weight = 1.0;
-        for (value, layers, modules) in &self.rules {
+        for ResolvedRule {
+            value,
+            layers,
+            modules,
+        } in &self.rules
+        {
             let layer_ok = match (layers, layer) {
                 (None, _) => true,
                 (Some(range), Some(layer)) => range.contains(&layer),
@@ -64,10 +77,15 @@ mod tests {
 
     #[test]
     fn the_last_matching_rule_wins() {
+        let rule = |value, layers, modules| ResolvedRule {
+            value,
+            layers,
+            modules,
+        };
         let weight = Weight::new(vec![
-            (1.0, None, None),
-            (0.5, Some(2..4), None),
-            (0.0, Some(0..4), Some(vec!["q_proj".into()])),
+            rule(1.0, None, None),
+            rule(0.5, Some(2..4), None),
+            rule(0.0, Some(0..4), Some(vec!["q_proj".into()])),
         ]);
         assert_eq!(
             weight.for_module("model.layers.1.self_attn.v_proj", Some(1)),
