@@ -122,14 +122,12 @@ pub(crate) enum InputError {
     },
 
     #[error("the LoRA matrices of `{module}` in `{}` do not fit together: {detail}", path.display())]
-    #[diagnostic(
-        code(modelforge::input::lora_rank),
-        help("A must be (r, in) and B (out, r) with the same r; the adapter file is damaged")
-    )]
+    #[diagnostic(code(modelforge::input::lora_rank), help("{help}"))]
     LoraRank {
         path: PathBuf,
         module: String,
         detail: String,
+        help: &'static str,
     },
 }
 

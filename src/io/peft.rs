@@ -280,29 +280,38 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
             (Some(_), None) => return Err(missing("lora_A", "lora_B")),
             (None, _) => return Err(missing("lora_B", "lora_A")),
         };
-        let rank_error = |detail: String| InputError::LoraRank {
+        let rank_error = |detail: String, help| InputError::LoraRank {
             path: file.path.clone(),
             module: module.clone(),
             detail,
+            help,
         };
+        const DAMAGED: &str =
+            "A must be (r, in) and B (out, r) with the same r; the adapter file is damaged";
         if a.shape.len() != 2 || b.shape.len() != 2 {
-            return Err(rank_error(format!(
-                "A is {:?} and B is {:?}; both must be matrices",
-                a.shape, b.shape
-            )));
+            return Err(rank_error(
+                format!(
+                    "A is {:?} and B is {:?}; both must be matrices",
+                    a.shape, b.shape
+                ),
+                DAMAGED,
+            ));
         }
         let rank = a.shape[0];
         if b.shape[1] != rank {
-            return Err(rank_error(format!(
-                "A has rank {rank} ({:?}) but B has rank {} ({:?})",
-                a.shape, b.shape[1], b.shape
-            )));
+            return Err(rank_error(
+                format!(
+                    "A has rank {rank} ({:?}) but B has rank {} ({:?})",
+                    a.shape, b.shape[1], b.shape
+                ),
+                DAMAGED,
+            ));
         }
         let (config_rank, alpha) = config.rank_and_alpha(&module);
         if config_rank != rank {
             return Err(rank_error(format!(
                 "adapter_config.json gives rank {config_rank} but the tensors have rank {rank}"
-            )));
+            ), "the scaling depends on the rank, so config and tensors must agree: re-save the adapter with PEFT, or correct `r` or `rank_pattern`"));
         }
         let kind = if part.embedding {
             LoraKind::Embedding

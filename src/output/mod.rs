@@ -54,7 +54,7 @@ pub(crate) fn finish(
         .collect();
     names.sort();
     for name in &names {
-        if name == "config.json" {
+        if name == "config.json" && recipe.output.dtype != OutputDtype::Base {
             std::fs::write(dir.join(name), config_json(plan, recipe.output.dtype))?;
         } else {
             std::fs::copy(base_dir.join(name), dir.join(name))?;
@@ -68,26 +68,23 @@ pub(crate) fn finish(
     Ok(())
 }
 
-/// The base's config.json, with its dtype updated when the recipe changes it.
+/// The base's config.json with the dtype the recipe asks for.
 fn config_json(plan: &Plan, dtype: OutputDtype) -> Vec<u8> {
     let mut config = plan.inputs.base.config.clone();
     let name = match dtype {
-        OutputDtype::Base => None,
-        OutputDtype::F32 => Some("float32"),
-        OutputDtype::F16 => Some("float16"),
-        OutputDtype::Bf16 => Some("bfloat16"),
+        OutputDtype::Base | OutputDtype::F32 => "float32",
+        OutputDtype::F16 => "float16",
+        OutputDtype::Bf16 => "bfloat16",
     };
-    if let Some(name) = name {
-        let mut set = false;
-        for key in ["torch_dtype", "dtype"] {
-            if let Some(value) = config.get_mut(key) {
-                *value = Value::from(name);
-                set = true;
-            }
+    let mut set = false;
+    for key in ["torch_dtype", "dtype"] {
+        if let Some(value) = config.get_mut(key) {
+            *value = Value::from(name);
+            set = true;
         }
-        if !set {
-            config.insert("dtype".into(), Value::from(name));
-        }
+    }
+    if !set {
+        config.insert("dtype".into(), Value::from(name));
     }
     let mut bytes = serde_json::to_vec_pretty(&config).expect("a JSON map serialises");
     bytes.push(b'\n');

@@ -201,7 +201,11 @@ impl Checker {
             return Err(RecipeError::MissingPath {
                 what,
                 path: entry.path,
-                dir: if self.dir.as_os_str().is_empty() { PathBuf::from(".") } else { self.dir.clone() },
+                dir: if self.dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    self.dir.clone()
+                },
                 src: self.src.clone(),
                 span: entry.span,
             });

@@ -1,0 +1,227 @@
+use insta::assert_snapshot;
+use safetensors::Dtype;
+
+use crate::support::Workspace;
+
+/// A base of width 4 and an adapter on both layers' q_proj and v_proj.
+fn workspace() -> Workspace {
+    let ws = Workspace::new();
+    ws.model("base", 4, Dtype::F32);
+    let modules: Vec<(String, usize, usize)> = (0..2)
+        .flat_map(|l| {
+            ["q_proj", "v_proj"]
+                .map(|m| (format!("model.layers.{l}.self_attn.{m}"), 4, 4))
+                .to_vec()
+        })
+        .collect();
+    let modules: Vec<(&str, usize, usize)> = modules
+        .iter()
+        .map(|(m, o, i)| (m.as_str(), *o, *i))
+        .collect();
+    ws.adapter("lora", &modules, 2, serde_json::json!({}));
+    ws
+}
+
+/// Runs a build of `recipe` that must fail and must leave every file as it was.
+fn fails(ws: &Workspace, recipe: &str) -> String {
+    ws.write("recipe.toml", recipe);
+    let before = ws.snapshot_files();
+    let stderr = ws.fail(&["build", "recipe.toml"]);
+    assert_eq!(
+        before,
+        ws.snapshot_files(),
+        "a failed build changed or created files"
+    );
+    stderr
+}
+
+const GOOD: &str =
+    "[base]\npath = \"base\"\n\n[[adapter]]\npath = \"lora\"\n\n[output]\npath = \"out\"\n";
+
+#[test]
+fn the_good_recipe_builds() {
+    // The faults below are each one change away from this recipe.
+    let ws = workspace();
+    ws.write("recipe.toml", GOOD);
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+}
+
+#[test]
+fn unknown_key() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("path = \"lora\"", "path = \"lora\"\nwieght = 0.5")
+    ));
+}
+
+#[test]
+fn wrong_type() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("path = \"lora\"", "path = \"lora\"\nweight = \"high\"")
+    ));
+}
+
+#[test]
+fn missing_base() {
+    let ws = workspace();
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"base\"", "\"models/llama\"")));
+}
+
+#[test]
+fn missing_adapter() {
+    let ws = workspace();
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"adapters/none\"")));
+}
+
+#[test]
+fn base_without_config() {
+    let ws = workspace();
+    std::fs::remove_file(ws.path("base/config.json")).unwrap();
+    assert_snapshot!(fails(&ws, GOOD));
+}
+
+#[test]
+fn adapter_targets_nothing_in_the_base() {
+    let ws = workspace();
+    ws.adapter(
+        "other",
+        &[("transformer.h.0.attn.c_attn", 4, 4)],
+        2,
+        serde_json::json!({"base_model_name_or_path": "gpt2"}),
+    );
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"other\"")));
+}
+
+#[test]
+fn adapter_with_one_unknown_target() {
+    let ws = workspace();
+    ws.adapter(
+        "partial",
+        &[
+            ("model.layers.0.self_attn.q_proj", 4, 4),
+            ("model.layers.0.self_attn.k_proj", 4, 4),
+        ],
+        2,
+        serde_json::json!({}),
+    );
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"partial\"")));
+}
+
+#[test]
+fn adapter_shapes_do_not_fit() {
+    let ws = workspace();
+    ws.adapter(
+        "wide",
+        &[("model.layers.0.self_attn.q_proj", 8, 8)],
+        2,
+        serde_json::json!({"base_model_name_or_path": "llama-13b"}),
+    );
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"wide\"")));
+}
+
+#[test]
+fn malformed_layer_range() {
+    let ws = workspace();
+    let recipe = GOOD.replace(
+        "path = \"lora\"",
+        "path = \"lora\"\nweight = [ { value = 1.0 }, { layers = \"8..4\", value = 0.5 } ]",
+    );
+    assert_snapshot!(fails(&ws, &recipe));
+}
+
+#[test]
+fn layer_range_beyond_the_layer_count() {
+    let ws = workspace();
+    let recipe = GOOD.replace(
+        "path = \"lora\"",
+        "path = \"lora\"\nweight = [ { layers = \"1..3\", value = 0.5 } ]",
+    );
+    assert_snapshot!(fails(&ws, &recipe));
+}
+
+#[test]
+fn non_finite_weight() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("path = \"lora\"", "path = \"lora\"\nweight = nan")
+    ));
+}
+
+#[test]
+fn unknown_device() {
+    let ws = workspace();
+    assert_snapshot!(fails(&ws, &format!("{GOOD}\n[build]\ndevice = \"tpu\"\n")));
+}
+
+#[test]
+fn output_over_an_input() {
+    let ws = workspace();
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"out\"", "\"base\"")));
+}
+
+#[test]
+fn pickled_adapter_is_refused() {
+    let ws = workspace();
+    std::fs::rename(
+        ws.path("lora/adapter_model.safetensors"),
+        ws.path("lora/adapter_model.bin"),
+    )
+    .unwrap();
+    assert_snapshot!(fails(&ws, GOOD));
+}
+
+#[test]
+fn dora_is_refused() {
+    let ws = workspace();
+    ws.adapter(
+        "dora",
+        &[("model.layers.0.self_attn.q_proj", 4, 4)],
+        2,
+        serde_json::json!({"use_dora": true}),
+    );
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"dora\"")));
+}
+
+#[test]
+fn rank_in_config_differs_from_the_tensors() {
+    let ws = workspace();
+    ws.adapter(
+        "lying",
+        &[("model.layers.0.self_attn.q_proj", 4, 4)],
+        2,
+        serde_json::json!({"r": 8}),
+    );
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"lying\"")));
+}
+
+#[test]
+fn truncated_weights() {
+    let ws = workspace();
+    let bytes = std::fs::read(ws.path("base/model.safetensors")).unwrap();
+    ws.write("base/model.safetensors", &bytes[..bytes.len() - 10]);
+    assert_snapshot!(fails(&ws, GOOD));
+}
+
+#[test]
+fn a_failed_build_keeps_the_previous_output() {
+    let ws = workspace();
+    ws.write("recipe.toml", GOOD);
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    let before = ws.snapshot_files();
+    ws.adapter(
+        "wide",
+        &[("model.layers.0.self_attn.q_proj", 8, 8)],
+        2,
+        serde_json::json!({}),
+    );
+    ws.write("recipe.toml", GOOD.replace("\"lora\"", "\"wide\""));
+    ws.fail(&["build", "recipe.toml"]);
+    ws.write("recipe.toml", GOOD);
+    let mut after = ws.snapshot_files();
+    after.retain(|(p, _)| !p.starts_with(ws.path("wide")));
+    assert_eq!(before, after);
+}

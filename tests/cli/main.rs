@@ -1,0 +1,15 @@
+//! modelforge's command-line tests: one binary, one module per topic. Fixtures are tiny models
+//! and adapters written by `support`, so these tests need no Python; the comparisons with PEFT
+//! and transformers live in tests/peers/.
+
+/// Writing fixtures and running the binary.
+mod support;
+
+/// Every user-facing failure, pinned as the person sees it.
+mod diagnostics;
+
+/// Fused values against answers computed by hand, and the shape of the output directory.
+mod build;
+
+/// `modelforge inspect`.
+mod inspect;

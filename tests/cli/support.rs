@@ -1,0 +1,268 @@
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+/// A temporary workspace holding recipes, models and adapters.
+pub struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+/// A tensor to write: name, shape, values (f32; written as `dtype`).
+pub struct T {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// Deterministic values in [-0.5, 0.5) from a seed (an LCG; the test only needs variety).
+pub fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+pub fn t(name: &str, shape: &[usize], seed: u64) -> T {
+    T {
+        name: name.into(),
+        shape: shape.to_vec(),
+        values: values(seed, shape.iter().product()),
+    }
+}
+
+/// The tensors of a two-layer LLaMA-like model of width `hidden`, vocabulary 16.
+pub fn llama_tensors(hidden: usize, layers: usize) -> Vec<T> {
+    let mut tensors = vec![
+        t("model.embed_tokens.weight", &[16, hidden], 1),
+        t("lm_head.weight", &[16, hidden], 2),
+        t("model.norm.weight", &[hidden], 3),
+    ];
+    for layer in 0..layers {
+        let p = format!("model.layers.{layer}");
+        let seed = 10 + layer as u64 * 10;
+        tensors.push(t(
+            &format!("{p}.self_attn.q_proj.weight"),
+            &[hidden, hidden],
+            seed,
+        ));
+        tensors.push(t(
+            &format!("{p}.self_attn.v_proj.weight"),
+            &[hidden, hidden],
+            seed + 1,
+        ));
+        tensors.push(t(
+            &format!("{p}.mlp.up_proj.weight"),
+            &[2 * hidden, hidden],
+            seed + 2,
+        ));
+        tensors.push(t(
+            &format!("{p}.input_layernorm.weight"),
+            &[hidden],
+            seed + 3,
+        ));
+    }
+    tensors
+}
+
+pub fn safetensors_bytes(tensors: &[T], dtype: Dtype) -> Vec<u8> {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), encode(&t.values, dtype), t.shape.clone()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(name, bytes, shape)| {
+            (
+                name.clone(),
+                TensorView::new(dtype, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        // bf16 by truncation: fixtures only need to be valid bf16, not rounded.
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect(),
+        other => panic!("fixtures do not write {other}"),
+    }
+}
+
+/// Reads every tensor of a safetensors file as f32 (F32 only).
+pub fn read_f32(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), Dtype::F32, "{name}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Workspace {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, contents: impl AsRef<[u8]>) {
+        let path = self.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+
+    /// A LLaMA-shaped model directory.
+    pub fn model(&self, rel: &str, hidden: usize, dtype: Dtype) {
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "num_hidden_layers": 2,
+            "torch_dtype": if dtype == Dtype::F32 { "float32" } else { "bfloat16" },
+        });
+        self.write(
+            &format!("{rel}/config.json"),
+            serde_json::to_vec_pretty(&config).unwrap(),
+        );
+        self.write(
+            &format!("{rel}/generation_config.json"),
+            "{\"do_sample\": false}\n",
+        );
+        self.write(
+            &format!("{rel}/model.safetensors"),
+            safetensors_bytes(&llama_tensors(hidden, 2), dtype),
+        );
+    }
+
+    /// A PEFT LoRA adapter with rank `r` on `modules` (paths without `.weight`, with their
+    /// (out, in) shapes); `config` is merged into the default adapter_config.json.
+    pub fn adapter(
+        &self,
+        rel: &str,
+        modules: &[(&str, usize, usize)],
+        r: usize,
+        config: serde_json::Value,
+    ) {
+        let mut base = serde_json::json!({
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": 2 * r,
+            "target_modules": ["q_proj", "v_proj"],
+            "base_model_name_or_path": "tiny-llama",
+        });
+        if let (Some(base), Some(extra)) = (base.as_object_mut(), config.as_object()) {
+            for (k, v) in extra {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        self.write(
+            &format!("{rel}/adapter_config.json"),
+            serde_json::to_vec_pretty(&base).unwrap(),
+        );
+        let mut tensors = Vec::new();
+        for (i, (module, out, inp)) in modules.iter().enumerate() {
+            let seed = 1000 + i as u64 * 2 + rel.len() as u64 * 100;
+            tensors.push(t(
+                &format!("base_model.model.{module}.lora_A.weight"),
+                &[r, *inp],
+                seed,
+            ));
+            tensors.push(t(
+                &format!("base_model.model.{module}.lora_B.weight"),
+                &[*out, r],
+                seed + 1,
+            ));
+        }
+        self.write(
+            &format!("{rel}/adapter_model.safetensors"),
+            safetensors_bytes(&tensors, Dtype::F32),
+        );
+    }
+
+    /// Runs `modelforge ARGS` in the workspace with a fixed, colourless environment.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_modelforge"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("NO_COLOR", "1")
+            .env("LANG", "C.UTF-8")
+            .env("TERM", "xterm")
+            .env("COLUMNS", "100")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a build that must fail, and returns its stderr with the workspace's path masked.
+    pub fn fail(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "expected failure, got success: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        stderr.replace(&self.dir.path().display().to_string(), "[WS]")
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every file under the workspace with its contents' digest, to show a failure changed nothing.
+    pub fn snapshot_files(&self) -> Vec<(PathBuf, blake3::Hash)> {
+        fn walk(dir: &Path, out: &mut Vec<(PathBuf, blake3::Hash)>) {
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            entries.sort();
+            for path in entries {
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    let hash = blake3::hash(&std::fs::read(&path).unwrap());
+                    out.push((path, hash));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(self.dir.path(), &mut files);
+        files
+    }
+}
