@@ -8,9 +8,7 @@ fn expected(
     w: &[f32],
     a: &[f32],
     b: &[f32],
-    out: usize,
-    inp: usize,
-    r: usize,
+    (out, inp, r): (usize, usize, usize),
     factor: f64,
     transposed: bool,
 ) -> Vec<f32> {
@@ -68,7 +66,7 @@ fn fuses_the_weighted_delta_and_copies_the_rest() {
     for (i, module) in [Q0, V1].iter().enumerate() {
         let (a, b) = lora("lora", i as u64, 4, 4, 2);
         let name = format!("{module}.weight");
-        let want = expected(&base_tensor(&name), &a, &b, 4, 4, 2, 1.0, false);
+        let want = expected(&base_tensor(&name), &a, &b, (4, 4, 2), 1.0, false);
         assert_close(&out[&name].1, &want, &name);
     }
     assert_eq!(
@@ -135,7 +133,7 @@ path = "out"
     {
         let (a, b) = lora("lora", i as u64, 4, 4, 2);
         let name = format!("{module}.weight");
-        let want = expected(&base_tensor(&name), &a, &b, 4, 4, 2, *weight, false);
+        let want = expected(&base_tensor(&name), &a, &b, (4, 4, 2), *weight, false);
         assert_close(&out[&name].1, &want, &name);
     }
 }
@@ -156,15 +154,13 @@ fn stacked_adapters_add_up() {
     let name = format!("{Q0}.weight");
     let (a1, b1) = lora("one", 0, 4, 4, 2);
     let (a2, b2) = lora("two", 0, 4, 4, 3);
-    let after_one = expected(&base_tensor(&name), &a1, &b1, 4, 4, 2, 0.7 * 2.0, false);
+    let after_one = expected(&base_tensor(&name), &a1, &b1, (4, 4, 2), 0.7 * 2.0, false);
     // rsLoRA scales by alpha/sqrt(r).
     let want = expected(
         &after_one,
         &a2,
         &b2,
-        4,
-        4,
-        3,
+        (4, 4, 3),
         0.4 * 3.0 / 3f64.sqrt(),
         false,
     );
@@ -195,7 +191,7 @@ fn fan_in_fan_out_transposes_the_delta() {
     ws.ok(&["build", "recipe.toml", "--quiet"]);
     let name = format!("{module}.weight");
     let (a, b) = lora("conv", 0, 4, 8, 2);
-    let want = expected(&base_tensor(&name), &a, &b, 4, 8, 2, 2.0, true);
+    let want = expected(&base_tensor(&name), &a, &b, (4, 8, 2), 2.0, true);
     assert_close(
         &read_f32(&ws.path("out/model.safetensors"))[&name].1,
         &want,
