@@ -273,3 +273,57 @@ fn output_dtype_converts_floats_and_the_config() {
         serde_json::from_slice(&std::fs::read(ws.path("out/config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
 }
+
+#[test]
+fn lora_bias_and_modules_to_save() {
+    use crate::support::{safetensors_bytes, t};
+    let ws = Workspace::new();
+    ws.model("base", 4, Dtype::F32);
+    // A base whose q_proj has a bias, as Qwen2's has.
+    let mut tensors = llama_tensors(4, 2);
+    tensors.push(t("model.layers.0.self_attn.q_proj.bias", &[4], 77));
+    ws.write(
+        "base/model.safetensors",
+        safetensors_bytes(&tensors, Dtype::F32),
+    );
+    ws.write(
+        "lora/adapter_config.json",
+        r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "lora_bias": true, "modules_to_save": ["lm_head"]}"#,
+    );
+    let adapter = vec![
+        t(&format!("base_model.model.{Q0}.lora_A.weight"), &[2, 4], 5),
+        t(&format!("base_model.model.{Q0}.lora_B.weight"), &[4, 2], 6),
+        t(&format!("base_model.model.{Q0}.lora_B.bias"), &[4], 7),
+        t("base_model.model.lm_head.weight", &[16, 4], 8),
+    ];
+    ws.write(
+        "lora/adapter_model.safetensors",
+        safetensors_bytes(&adapter, Dtype::F32),
+    );
+    ws.write("recipe.toml", "[base]\npath = \"base\"\n[[adapter]]\npath = \"lora\"\nweight = 0.5\n[output]\npath = \"out\"\n");
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    let out = read_f32(&ws.path("out/model.safetensors"));
+    // PEFT merges lora_bias as bias += scaling · lora_B.bias; the weight multiplies it too.
+    let bias = values(77, 4);
+    let want: Vec<f32> = bias
+        .iter()
+        .zip(values(7, 4))
+        .map(|(b, d)| (*b as f64 + 0.5 * 2.0 * d as f64) as f32)
+        .collect();
+    assert_close(
+        &out["model.layers.0.self_attn.q_proj.bias"].1,
+        &want,
+        "bias",
+    );
+    let want = expected(
+        &base_tensor(&format!("{Q0}.weight")),
+        &values(5, 8),
+        &values(6, 8),
+        (4, 4, 2),
+        1.0,
+        false,
+    );
+    assert_close(&out[&format!("{Q0}.weight")].1, &want, "q_proj");
+    // modules_to_save replaces the tensor outright, whatever the weight.
+    assert_eq!(out["lm_head.weight"].1, values(8, 64));
+}
