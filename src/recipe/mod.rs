@@ -148,6 +148,28 @@ fn parse_device(text: &str) -> Option<DeviceRequest> {
     }
 }
 
+/// `recipes/../examples/x` → `examples/x`, without touching the file system (so that a path
+/// that does not exist yet still reads well in messages).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 /// Turns raw values into checked ones, making each error point at its span.
 struct Checker {
     src: Src,
@@ -185,7 +207,7 @@ impl Checker {
 
     fn entry(&self, path: &Spanned<String>) -> Entry {
         Entry {
-            path: self.dir.join(path.get_ref()),
+            path: normalize(&self.dir.join(path.get_ref())),
             written: path.get_ref().clone(),
             span: path.span().into(),
         }
