@@ -261,9 +261,11 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
                 key: key.clone(),
             });
         }
-        // Anything else is a full tensor saved through `modules_to_save`; older PEFT versions
-        // keep the wrapper's path in the key.
-        let base_name = strip_modules_to_save(name);
+        // Anything else is a full tensor that replaces the base's: saved through
+        // `modules_to_save` (older PEFT versions keep the wrapper's path in the key), or the copy
+        // of a targeted embedding that PEFT's `save_embedding_layers` writes as
+        // `X.base_layer.weight`, which it loads over the base's before adding the delta.
+        let base_name = strip_modules_to_save(name).replace(".base_layer.", ".");
         replacements.insert(base_name, meta.clone());
     }
 
@@ -382,5 +384,37 @@ mod tests {
             "lm_head.weight"
         );
         assert_eq!(strip_modules_to_save("lm_head.weight"), "lm_head.weight");
+    }
+
+    #[test]
+    fn saved_embedding_copies_replace_the_base_tensor() {
+        let meta = TensorMeta {
+            dtype: safetensors::Dtype::F32,
+            shape: vec![2],
+            start: 0,
+            len: 8,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        let data = [0u8; 8];
+        let view =
+            safetensors::tensor::TensorView::new(meta.dtype, meta.shape.clone(), &data).unwrap();
+        safetensors::serialize_to_file(
+            [(
+                "base_model.model.model.embed_tokens.base_layer.weight",
+                view,
+            )],
+            None,
+            &path,
+        )
+        .unwrap();
+        let file = SafetensorsFile::open(&path).unwrap();
+        let config = LoraConfig::parse(&path, serde_json::json!({"r": 1})).unwrap();
+        let (modules, replacements) = read_modules(&file, &config).unwrap();
+        assert!(modules.is_empty());
+        assert_eq!(
+            replacements.keys().collect::<Vec<_>>(),
+            ["model.embed_tokens.weight"]
+        );
     }
 }
