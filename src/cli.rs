@@ -30,7 +30,7 @@ pub struct BuildArgs {
     /// Print a JSON summary of the build on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Memory the build may use for tensors in flight, e.g. `512MB` or `4GiB` (default 128MiB).
+    /// Memory the build may use for tensors in flight, e.g. `512MB` or `4GiB` (default 64MiB).
     /// Larger budgets compute larger blocks of rows at once; the build's peak memory is this
     /// plus LibTorch's fixed overhead.
     #[arg(long, value_name = "SIZE", value_parser = crate::io::size::parse_size)]

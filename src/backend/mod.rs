@@ -91,7 +91,11 @@ impl Backend {
                     .view([rows as i64, cols as i64])
                     .to_device(self.device),
             };
-            acc += product * delta.factor;
+            // In place, to keep one f32 temporary per block; the same operations, in the same order,
+            // as PEFT's `W + (B @ A) * scaling`.
+            let mut product = product;
+            let _ = product.g_mul_scalar_(delta.factor);
+            let _ = acc.g_add_(&product);
         }
         let out = acc.to_kind(kind(out_dtype)).to_device(Device::Cpu);
         let len = rows * cols * out_dtype.bitsize() / 8;
