@@ -1,10 +1,11 @@
 //! The command line. Doc comments here are the `--help` text.
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Build large-language-model weights the way software is built: stack LoRA adapters into a
-/// base model from a declarative recipe, exactly and reproducibly.
+/// base model from a declarative recipe, exactly, incrementally and reproducibly.
 #[derive(Debug, Parser)]
 #[command(name = "modelforge", version, about)]
 pub struct Cli {
@@ -14,27 +15,99 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Build the outputs a recipe declares.
+    /// Build the outputs a recipe declares, reusing every cached result.
     Build(BuildArgs),
+    /// Show what a build would do, and why, without doing it.
+    Plan(PlanArgs),
+    /// Re-hash a recipe's output and compare it with the lock file.
+    Verify(VerifyArgs),
     /// Describe a model or a PEFT adapter directory.
     Inspect(InspectArgs),
+    /// Remove cache entries: unused for longer than `--older-than`, then the least recently
+    /// used until the cache fits in `--max-size`.
+    Gc {
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Largest size the cache may keep, e.g. `20GB`.
+        #[arg(long, value_parser = crate::io::size::parse_size)]
+        max_size: Option<u64>,
+        /// Remove what no build used for this long, e.g. `30d`, `12h`.
+        #[arg(long, value_parser = crate::store::parse_duration)]
+        older_than: Option<Duration>,
+    },
+    /// Inspect the cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Objects, actions and file digests in the cache, and their size.
+    Stats {
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the cache is, and whether to trust its record of file digests.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CacheArgs {
+    /// The cache directory (default: MODELFORGE_CACHE, else `cache/` at the top of the
+    /// recipe's workspace, the nearest folder above it with `.git` or `cache/`).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Hash every input in full instead of trusting unchanged size, inode and mtime.
+    #[arg(long)]
+    pub rehash: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The recipe (TOML). Relative paths inside it resolve against its folder.
     pub recipe: PathBuf,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Fail if the recipe or any input differs from the lock file.
+    #[arg(long)]
+    pub locked: bool,
     /// Print nothing but errors.
     #[arg(long, short)]
     pub quiet: bool,
     /// Print a JSON summary of the build on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Memory the build may use for tensors in flight, e.g. `512MB` or `4GiB` (default 64MiB).
-    /// Larger budgets compute larger blocks of rows at once; the build's peak memory is this
+    /// Memory the engine may use for tensors in flight, e.g. `512MB` or `4GiB` (default 64MiB).
+    /// Larger budgets compute larger blocks of rows at once; the engine's peak memory is this
     /// plus LibTorch's fixed overhead.
     #[arg(long, value_name = "SIZE", value_parser = crate::io::size::parse_size)]
     pub max_memory: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// How to print the plan.
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The recipe whose output and lock file to compare.
+    pub recipe: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -1,22 +1,32 @@
 //! What a build did, for people (one line) and scripts (`--json`).
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::backend::Backend;
-use crate::io::writer::WrittenFile;
-use crate::plan::Plan;
-use crate::recipe::Recipe;
+use super::Resolution;
+use crate::digest::FileDigest;
+
+/// Output tensors by what the build did for them.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct Nodes {
+    pub total: usize,
+    /// Computed by the engine in this build.
+    pub computed: usize,
+    /// Taken from the cache.
+    pub reused: usize,
+    /// Copied byte for byte from an input.
+    pub copied: usize,
+}
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Summary {
     pub output: String,
+    pub up_to_date: bool,
     pub device: String,
-    pub tensors: usize,
+    pub nodes: Nodes,
     /// Tensors changed by at least one adapter.
     pub fused: usize,
-    /// Tensors copied byte for byte.
-    pub copied: usize,
     pub files: Vec<String>,
     pub bytes: u64,
     pub seconds: f64,
@@ -24,40 +34,68 @@ pub(crate) struct Summary {
 }
 
 impl Summary {
-    pub fn new(
-        recipe: &Recipe,
-        plan: &Plan,
-        backend: &Backend,
-        files: &[WrittenFile],
+    fn new(
+        res: &Resolution,
+        nodes: Nodes,
+        files: Vec<String>,
+        bytes: u64,
         elapsed: Duration,
     ) -> Self {
-        let fused = plan.tensors.iter().filter(|t| !t.deltas.is_empty()).count();
-        let copied = plan.tensors.iter().filter(|t| t.is_copy()).count();
         Summary {
-            output: recipe.output.path.path.display().to_string(),
-            device: backend.name(),
-            tensors: plan.tensors.len(),
-            fused,
-            copied,
-            files: files
+            output: res.recipe.output.path.path.display().to_string(),
+            up_to_date: false,
+            device: res.device.clone(),
+            nodes,
+            fused: res
+                .plan
+                .tensors
                 .iter()
-                .filter_map(|f| f.path.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .collect(),
-            bytes: files.iter().map(|f| f.size).sum(),
+                .filter(|t| !t.deltas.is_empty())
+                .count(),
+            files,
+            bytes,
             seconds: elapsed.as_secs_f64(),
-            warnings: plan.warnings.clone(),
+            warnings: res.plan.warnings.clone(),
         }
     }
 
+    pub fn built(
+        res: &Resolution,
+        nodes: Nodes,
+        files: &[(PathBuf, FileDigest)],
+        elapsed: Duration,
+    ) -> Self {
+        let names = files
+            .iter()
+            .filter_map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let bytes = files
+            .iter()
+            .filter_map(|(p, _)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        Summary::new(res, nodes, names, bytes, elapsed)
+    }
+
+    pub fn up_to_date(res: &Resolution, nodes: Nodes, elapsed: Duration) -> Self {
+        let mut summary = Summary::new(res, nodes, Vec::new(), 0, elapsed);
+        summary.up_to_date = true;
+        summary
+    }
+
     pub fn line(&self) -> String {
+        if self.up_to_date {
+            return format!("{} is up to date ({:.2}s)", self.output, self.seconds);
+        }
         format!(
-            "built {} in {:.2}s on {}: {} tensors ({} fused, {} copied), {:.1} MB in {} file(s)",
+            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files",
             self.output,
             self.seconds,
             self.device,
-            self.tensors,
-            self.fused,
-            self.copied,
+            self.nodes.total,
+            self.nodes.computed,
+            self.nodes.reused,
+            self.nodes.copied,
             self.bytes as f64 / 1e6,
             self.files.len()
         )

@@ -87,13 +87,6 @@ impl SafetensorsFile {
             .map(|i| &self.tensors[i].1)
     }
 
-    /// Reads one tensor's bytes.
-    pub fn read(&self, meta: &TensorMeta) -> Result<Vec<u8>, InputError> {
-        let mut bytes = vec![0u8; meta.len as usize];
-        self.read_into(meta.start, &mut bytes)?;
-        Ok(bytes)
-    }
-
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), InputError> {
         self.file

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
@@ -93,17 +93,8 @@ pub(crate) fn index_json(shards: &[Shard]) -> Value {
     json!({ "metadata": { "total_size": total }, "weight_map": weight_map })
 }
 
-/// A written file's size and blake3 digest.
-#[derive(Clone, Debug)]
-pub(crate) struct WrittenFile {
-    pub path: PathBuf,
-    pub size: u64,
-    pub blake3: blake3::Hash,
-}
-
 /// Writes one shard: header first, then each tensor's bytes in the shard's order.
 pub(crate) struct ShardWriter {
-    path: PathBuf,
     out: BufWriter<File>,
     hasher: blake3::Hasher,
     /// Tensors still to write, with their byte counts.
@@ -131,7 +122,6 @@ impl ShardWriter {
 
         let file = File::create(path)?;
         let mut writer = ShardWriter {
-            path: path.to_owned(),
             out: BufWriter::with_capacity(8 << 20, file),
             hasher: blake3::Hasher::new(),
             pending: shard
@@ -183,7 +173,8 @@ impl ShardWriter {
     }
 
     /// Flushes and syncs the file; every declared tensor must have been written in full.
-    pub fn finish(self) -> std::io::Result<WrittenFile> {
+    /// Returns the file's blake3 digest.
+    pub fn finish(self) -> std::io::Result<blake3::Hash> {
         if self.remaining != 0 || !self.pending.is_empty() {
             return Err(std::io::Error::other(
                 "shard finished before all its tensors were written",
@@ -191,11 +182,7 @@ impl ShardWriter {
         }
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        Ok(WrittenFile {
-            path: self.path,
-            size: self.size,
-            blake3: self.hasher.finalize(),
-        })
+        Ok(self.hasher.finalize())
     }
 }
 
@@ -242,7 +229,7 @@ mod tests {
         writer.write(&[3]).unwrap();
         let written = writer.finish().unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(written.blake3, blake3::hash(&bytes));
+        assert_eq!(written, blake3::hash(&bytes));
         let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(parsed.tensor("y").unwrap().data(), &[1, 2, 3]);
     }

@@ -3,14 +3,12 @@
 mod card;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::io::writer::WrittenFile;
+use crate::exec::Resolution;
 use crate::plan::Plan;
-use crate::recipe::{OutputDtype, Recipe};
+use crate::recipe::OutputDtype;
 
 pub(crate) const MANIFEST: &str = "modelforge.json";
 
@@ -34,38 +32,35 @@ fn is_copied(name: &str) -> bool {
         || name == MANIFEST)
 }
 
-/// Writes everything but the weights into the staged output directory.
-pub(crate) fn finish(
-    dir: &Path,
-    recipe: &Recipe,
-    plan: &Plan,
-    written: &[WrittenFile],
-) -> std::io::Result<()> {
+/// Everything but the weights, as (file name, bytes): the base's config and tokenizer files,
+/// the model card and the manifest.
+pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let (recipe, plan) = (&res.recipe, &res.plan);
     let base_dir = &plan.inputs.base.dir;
     let mut names: Vec<String> = std::fs::read_dir(base_dir)?
         .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_type()
-                .map(|t| t.is_file() || t.is_symlink())
-                .unwrap_or(false)
-        })
+        .filter(|e| e.path().is_file())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| is_copied(name))
         .collect();
     names.sort();
-    for name in &names {
-        if name == "config.json" && recipe.output.dtype != OutputDtype::Base {
-            std::fs::write(dir.join(name), config_json(plan, recipe.output.dtype))?;
+    let mut files = Vec::new();
+    for name in names {
+        let bytes = if name == "config.json" && recipe.output.dtype != OutputDtype::Base {
+            config_json(plan, recipe.output.dtype)
         } else {
-            std::fs::copy(base_dir.join(name), dir.join(name))?;
-        }
+            std::fs::read(base_dir.join(&name))?
+        };
+        files.push((name, bytes));
     }
-    std::fs::write(dir.join("README.md"), card::model_card(recipe, plan))?;
-    let manifest = manifest(recipe, plan, written)?;
-    let mut bytes = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
-    std::fs::write(dir.join(MANIFEST), bytes)?;
-    Ok(())
+    files.push((
+        "README.md".into(),
+        card::model_card(recipe, plan).into_bytes(),
+    ));
+    let mut manifest = serde_json::to_vec_pretty(&manifest(res)).map_err(std::io::Error::other)?;
+    manifest.push(b'\n');
+    files.push((MANIFEST.into(), manifest));
+    Ok(files)
 }
 
 /// The base's config.json with the dtype the recipe asks for.
@@ -91,47 +86,21 @@ fn config_json(plan: &Plan, dtype: OutputDtype) -> Vec<u8> {
     bytes
 }
 
-/// What went into the build and what came out, by blake3 digest; no timestamps, so the same
-/// inputs give the same manifest.
-fn manifest(recipe: &Recipe, plan: &Plan, written: &[WrittenFile]) -> std::io::Result<Value> {
-    let recipe_dir = recipe.path.parent().unwrap_or(Path::new(""));
-    let mut inputs: Vec<std::path::PathBuf> = plan.inputs.base.weight_files();
-    inputs.push(plan.inputs.base.dir.join("config.json"));
-    for adapter in &plan.inputs.adapters {
-        inputs.push(adapter.dir.join("adapter_config.json"));
-        inputs.push(adapter.file.path.clone());
-    }
-    let digests: Vec<(String, String)> = inputs
-        .par_iter()
-        .map(|path| {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update_reader(std::fs::File::open(path)?)?;
-            let shown = path
-                .strip_prefix(recipe_dir)
-                .unwrap_or(path)
-                .display()
-                .to_string();
-            Ok((shown, hasher.finalize().to_hex().to_string()))
-        })
-        .collect::<std::io::Result<_>>()?;
-    let outputs: BTreeMap<String, String> = written
+/// What went into the build, by blake3 digest; no timestamps, so the same inputs give the same
+/// manifest. (The lock file beside the recipe also records what came out.)
+fn manifest(res: &Resolution) -> Value {
+    let inputs: BTreeMap<&str, String> = res
+        .keys
+        .files
         .iter()
-        .map(|f| {
-            let name = f
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (name, f.blake3.to_hex().to_string())
-        })
+        .map(|f| (f.shown.as_str(), f.digest.hex()))
         .collect();
-    Ok(json!({
+    json!({
         "modelforge": env!("CARGO_PKG_VERSION"),
         "recipe": {
-            "path": recipe.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "blake3": blake3::hash(recipe.text.as_bytes()).to_hex().to_string(),
+            "path": res.recipe.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "blake3": res.recipe_digest.hex(),
         },
-        "inputs": digests.into_iter().collect::<BTreeMap<_, _>>(),
-        "outputs": outputs,
-    }))
+        "inputs": inputs,
+    })
 }

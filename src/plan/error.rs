@@ -95,15 +95,6 @@ pub(crate) enum PlanError {
         #[label("this output")]
         span: SourceSpan,
     },
-
-    #[error("CUDA was requested but this libtorch has no usable CUDA device")]
-    #[diagnostic(code(modelforge::plan::no_cuda), help("use `device = \"auto\"` or `\"cpu\"`, or run on a machine with an NVIDIA GPU and a CUDA libtorch"))]
-    NoCuda {
-        #[source_code]
-        src: Src,
-        #[label("requested here")]
-        span: Option<SourceSpan>,
-    },
 }
 
 impl PlanError {

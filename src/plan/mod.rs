@@ -2,12 +2,16 @@
 //! Everything that can be checked before computing is checked here, so execution only fails on
 //! I/O.
 mod error;
+mod graph;
+mod keys;
 
 use std::path::Path;
 
 use safetensors::Dtype;
 
 pub(crate) use error::PlanError;
+pub(crate) use graph::{BuildGraph, Status};
+pub(crate) use keys::{pathdiff, Keys, TensorKey};
 
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
@@ -261,6 +265,27 @@ impl Plan {
             warnings,
         })
     }
+}
+
+/// The files a tensor's bytes are read from.
+pub(crate) fn tensor_inputs(plan: &Plan, tensor: &TensorPlan) -> Vec<std::path::PathBuf> {
+    let mut paths = vec![match &tensor.origin {
+        Origin::Base(_) => plan
+            .inputs
+            .base
+            .weights
+            .get(&tensor.out.name)
+            .map(|(file, _)| file.path.clone())
+            .unwrap_or_default(),
+        Origin::Replacement { adapter, .. } => plan.inputs.adapters[*adapter].file.path.clone(),
+    }];
+    for delta in &tensor.deltas {
+        let path = &plan.inputs.adapters[delta.adapter].file.path;
+        if !paths.contains(path) {
+            paths.push(path.clone());
+        }
+    }
+    paths
 }
 
 fn origin_meta(origin: &Origin) -> &TensorMeta {

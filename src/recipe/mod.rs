@@ -32,7 +32,6 @@ pub(crate) struct Recipe {
     pub adapters: Vec<AdapterEntry>,
     pub output: Output,
     pub device: DeviceRequest,
-    pub device_span: Option<SourceSpan>,
 }
 
 /// A path the recipe names, with where it names it.
@@ -126,7 +125,6 @@ impl Recipe {
             adapters,
             output,
             device,
-            device_span: device_field.map(|d| d.span().into()),
         })
     }
 

@@ -59,7 +59,7 @@ fn fuses_the_weighted_delta_and_copies_the_rest() {
     let summary: serde_json::Value =
         serde_json::from_str(&ws.ok(&["build", "recipe.toml", "--json"])).unwrap();
     assert_eq!(summary["fused"], 2);
-    assert_eq!(summary["tensors"], 11);
+    assert_eq!(summary["nodes"]["total"], 11);
 
     let out = read_f32(&ws.path("out/model.safetensors"));
     // lora_alpha = 2r, so the scaling is 2 and the factor 0.5 · 2.
@@ -94,7 +94,16 @@ fn fuses_the_weighted_delta_and_copies_the_rest() {
     let out_digest = blake3::hash(&std::fs::read(ws.path("out/model.safetensors")).unwrap())
         .to_hex()
         .to_string();
-    assert_eq!(manifest["outputs"]["model.safetensors"], out_digest);
+    let lock: toml::Value =
+        toml::from_str(&std::fs::read_to_string(ws.path("recipe.lock")).unwrap()).unwrap();
+    assert_eq!(
+        lock["outputs"]["out/model.safetensors"].as_str(),
+        Some(out_digest.as_str())
+    );
+    assert_eq!(
+        lock["inputs"]["base/model.safetensors"].as_str(),
+        Some(base_digest.as_str())
+    );
 }
 
 #[test]

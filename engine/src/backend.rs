@@ -3,8 +3,6 @@
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
 
-use crate::recipe::DeviceRequest;
-
 /// The device tensors are computed on.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Backend {
@@ -12,30 +10,21 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
-    /// The device for a request; `None` when CUDA was asked for and is not there.
-    pub fn select(request: DeviceRequest) -> Option<Backend> {
+    /// The device named `cpu` or `cuda:N`, or why it cannot be used.
+    pub fn select(name: &str) -> Result<Backend, String> {
         // rayon spreads blocks over the cores; LibTorch's own pool would only oversubscribe them.
         tch::set_num_threads(1);
-        let device = match request {
-            DeviceRequest::Cpu => Device::Cpu,
-            DeviceRequest::Auto if tch::Cuda::is_available() => Device::Cuda(0),
-            DeviceRequest::Auto => Device::Cpu,
-            DeviceRequest::Cuda(n)
-                if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize =>
-            {
-                Device::Cuda(n)
+        let device = match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            None if name == "cpu" => Device::Cpu,
+            Some(Ok(n)) if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize => Device::Cuda(n),
+            Some(Ok(_)) => {
+                return Err(format!(
+                    "the device `{name}` is not available to this LibTorch; set `device = \"cpu\"` in the recipe's [build]"
+                ))
             }
-            DeviceRequest::Cuda(_) => return None,
+            _ => return Err(format!("unknown device `{name}`")),
         };
-        Some(Backend { device })
-    }
-
-    pub fn name(&self) -> String {
-        match self.device {
-            Device::Cpu => "cpu".into(),
-            Device::Cuda(n) => format!("cuda:{n}"),
-            other => format!("{other:?}"),
-        }
+        Ok(Backend { device })
     }
 
     /// Converts a tensor's bytes to f32 values (exactly: every supported dtype widens to f32
@@ -78,7 +67,7 @@ impl Backend {
             .to_kind(Kind::Float);
         for delta in deltas {
             let product = match delta.values {
-                DeltaValues::LowRank { left, right, rank } => {
+                BlockValues::LowRank { left, right, rank } => {
                     let left = Tensor::from_slice(left)
                         .view([rows as i64, rank as i64])
                         .to_device(self.device);
@@ -87,7 +76,7 @@ impl Backend {
                         .to_device(self.device);
                     left.matmul(&right)
                 }
-                DeltaValues::Dense(values) => Tensor::from_slice(values)
+                BlockValues::Dense(values) => Tensor::from_slice(values)
                     .view([rows as i64, cols as i64])
                     .to_device(self.device),
             };
@@ -108,10 +97,10 @@ impl Backend {
 /// One delta's share of a block of rows.
 pub(crate) struct BlockDelta<'a> {
     pub factor: f64,
-    pub values: DeltaValues<'a>,
+    pub values: BlockValues<'a>,
 }
 
-pub(crate) enum DeltaValues<'a> {
+pub(crate) enum BlockValues<'a> {
     LowRank {
         left: &'a [f32],
         right: &'a [f32],

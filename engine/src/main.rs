@@ -1,0 +1,52 @@
+//! `modelforge-engine`: computes the tensors a build asks for (a JSON job on standard input),
+//! block of rows by block of rows, writes each result into the cache, and answers one JSON line
+//! per finished tensor. It is the only modelforge program that loads LibTorch; `modelforge`
+//! starts it only when some tensor must be computed.
+mod backend;
+mod fuse;
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use modelforge::exec::job::{Done, Job};
+use modelforge::store::Store;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("modelforge-engine: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut request = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut request)
+        .map_err(|e| format!("cannot read the job: {e}"))?;
+    let job: Job = serde_json::from_slice(&request).map_err(|e| format!("malformed job: {e}"))?;
+    let backend = backend::Backend::select(&job.device)?;
+    let store = Store::open(&job.cache)
+        .map_err(|e| format!("cannot open the cache `{}`: {e}", job.cache.display()))?;
+    let mut inputs = fuse::Inputs::default();
+    let stdout = std::io::stdout();
+    for tensor in &job.tensors {
+        let entry = fuse::fuse(&backend, &store, &mut inputs, tensor, job.budget)
+            .map_err(|e| format!("`{}`: {e}", tensor.name))?;
+        store
+            .put_action(&tensor.key, &entry)
+            .map_err(|e| format!("cannot record `{}` in the cache: {e}", tensor.name))?;
+        let line = serde_json::to_string(&Done {
+            key: tensor.key,
+            entry,
+        })
+        .expect("a result serialises");
+        let mut out = stdout.lock();
+        writeln!(out, "{line}")
+            .and_then(|_| out.flush())
+            .map_err(|e| format!("cannot answer: {e}"))?;
+    }
+    Ok(())
+}

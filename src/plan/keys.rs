@@ -1,0 +1,261 @@
+//! Node keys: each output tensor's key is the blake3 of a canonical description of everything
+//! its bytes depend on. Paths are not part of it (moving a file changes nothing), digests are.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{DeltaKind, Origin, Plan, TensorPlan};
+use crate::digest::{FileDigest, NodeKey};
+use crate::io::peft::LoraKind;
+use crate::io::safetensors::TensorMeta;
+use crate::store::Store;
+
+/// Bumped whenever the fusion arithmetic changes, so that old cache entries are not reused.
+const FUSE_VERSION: u32 = 1;
+
+/// An input file of the build.
+#[derive(Clone, Debug)]
+pub(crate) struct InputFile {
+    pub path: PathBuf,
+    /// The path relative to the recipe's folder, as the lock file records it.
+    pub shown: String,
+    pub digest: FileDigest,
+}
+
+/// Everything a fused tensor's bytes depend on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct TensorKey {
+    pub op: String,
+    pub version: u32,
+    pub origin: SliceKey,
+    pub deltas: Vec<DeltaKey>,
+    pub dtype: String,
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct SliceKey {
+    pub file: FileDigest,
+    pub tensor: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct DeltaKey {
+    pub kind: String,
+    pub factor: f64,
+    pub a: SliceKey,
+    pub b: Option<SliceKey>,
+}
+
+/// Digests every input file (through the stat cache) and keys every computed tensor.
+pub(crate) struct Keys {
+    pub files: Vec<InputFile>,
+    /// Per tensor of the plan: `None` when the tensor is copied byte for byte.
+    pub tensors: Vec<Option<(NodeKey, TensorKey)>>,
+}
+
+impl Keys {
+    pub fn new(
+        plan: &Plan,
+        recipe_dir: &Path,
+        store: &Store,
+        rehash: bool,
+        device: &str,
+    ) -> std::io::Result<Keys> {
+        let mut paths: Vec<PathBuf> = plan.inputs.base.weight_files();
+        paths.push(plan.inputs.base.dir.join("config.json"));
+        for adapter in &plan.inputs.adapters {
+            paths.push(adapter.dir.join("adapter_config.json"));
+            paths.push(adapter.file.path.clone());
+        }
+        let mut files = Vec::new();
+        for path in paths {
+            let digest = store
+                .file_digest(&path, rehash)
+                .map_err(|e| with_path(e, &path))?;
+            let shown = pathdiff(&path, recipe_dir);
+            files.push(InputFile {
+                path,
+                shown,
+                digest,
+            });
+        }
+        let by_path: BTreeMap<&Path, FileDigest> =
+            files.iter().map(|f| (f.path.as_path(), f.digest)).collect();
+        let slice = |path: &Path, name: &str, meta: &TensorMeta| SliceKey {
+            file: by_path[path],
+            tensor: name.to_owned(),
+            dtype: meta.dtype.to_string(),
+            shape: meta.shape.clone(),
+        };
+        let tensors = plan
+            .tensors
+            .iter()
+            .map(|tensor| {
+                if tensor.is_copy() {
+                    return None;
+                }
+                let key = tensor_key(plan, tensor, device, &slice);
+                Some((NodeKey::of_value(&key), key))
+            })
+            .collect();
+        Ok(Keys { files, tensors })
+    }
+}
+
+fn tensor_key(
+    plan: &Plan,
+    tensor: &TensorPlan,
+    device: &str,
+    slice: &dyn Fn(&Path, &str, &TensorMeta) -> SliceKey,
+) -> TensorKey {
+    let origin = match &tensor.origin {
+        Origin::Base(meta) => {
+            let (file, _) = plan
+                .inputs
+                .base
+                .weights
+                .get(&tensor.out.name)
+                .expect("planned tensors exist");
+            slice(&file.path, &tensor.out.name, meta)
+        }
+        Origin::Replacement { adapter, meta } => {
+            let file = &plan.inputs.adapters[*adapter].file;
+            slice(&file.path, &name_in(file, meta), meta)
+        }
+    };
+    let deltas = tensor
+        .deltas
+        .iter()
+        .map(|delta| {
+            let file = &plan.inputs.adapters[delta.adapter].file;
+            let name_of = |meta: &TensorMeta| name_in(file, meta);
+            match &delta.kind {
+                DeltaKind::LowRank { kind, a, b } => DeltaKey {
+                    kind: match kind {
+                        LoraKind::Linear => "linear",
+                        LoraKind::LinearTransposed => "linear_transposed",
+                        LoraKind::Embedding => "embedding",
+                    }
+                    .into(),
+                    factor: delta.factor,
+                    a: slice(&file.path, &name_of(a), a),
+                    b: Some(slice(&file.path, &name_of(b), b)),
+                },
+                DeltaKind::Vector(v) => DeltaKey {
+                    kind: "vector".into(),
+                    factor: delta.factor,
+                    a: slice(&file.path, &name_of(v), v),
+                    b: None,
+                },
+            }
+        })
+        .collect();
+    TensorKey {
+        op: "fuse".into(),
+        version: FUSE_VERSION,
+        origin,
+        deltas,
+        dtype: tensor.out.dtype.to_string(),
+        device: device.to_owned(),
+    }
+}
+
+/// The name of the tensor stored at `meta`'s offset (LoRA and replacement tensors are never
+/// empty, so no two share an offset).
+fn name_in(file: &crate::io::safetensors::SafetensorsFile, meta: &TensorMeta) -> String {
+    file.tensors
+        .iter()
+        .find(|(_, m)| m.start == meta.start && m.len == meta.len)
+        .map(|(n, _)| n.clone())
+        .unwrap_or_default()
+}
+
+impl TensorKey {
+    /// Why `self` differs from the key `old` that the same tensor had in the last build,
+    /// naming files through `files`.
+    pub fn changes_since(&self, old: &TensorKey, files: &[InputFile]) -> Vec<String> {
+        let name = |digest: &FileDigest| {
+            files
+                .iter()
+                .find(|f| f.digest == *digest)
+                .map(|f| format!("`{}`", f.shown))
+                .unwrap_or_else(|| "an input".into())
+        };
+        let mut why = Vec::new();
+        if self.origin.file != old.origin.file {
+            why.push(format!("{} changed", name(&self.origin.file)));
+        }
+        if self.deltas.len() != old.deltas.len() {
+            why.push(format!(
+                "{} adapter(s) touch it now, {} before",
+                self.deltas.len(),
+                old.deltas.len()
+            ));
+        } else {
+            for (new, old) in self.deltas.iter().zip(&old.deltas) {
+                if new.a.file != old.a.file {
+                    why.push(format!("{} changed", name(&new.a.file)));
+                } else if new.factor != old.factor {
+                    why.push(format!(
+                        "the weight × scaling of {} went from {} to {}",
+                        name(&new.a.file),
+                        old.factor,
+                        new.factor
+                    ));
+                }
+            }
+        }
+        if self.dtype != old.dtype {
+            why.push(format!(
+                "the output dtype changed from {} to {}",
+                old.dtype, self.dtype
+            ));
+        }
+        if self.device != old.device {
+            why.push(format!(
+                "the device changed from {} to {}",
+                old.device, self.device
+            ));
+        }
+        if self.version != old.version {
+            why.push("modelforge's fusion changed".into());
+        }
+        if why.is_empty() {
+            why.push("its cached result is missing".into());
+        }
+        why
+    }
+}
+
+fn with_path(err: std::io::Error, path: &Path) -> std::io::Error {
+    std::io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+}
+
+/// `path` relative to `base` where it lies below it (or beside it, through `..`).
+pub(crate) fn pathdiff(path: &Path, base: &Path) -> String {
+    use std::path::Component;
+    let abs = |p: &Path| {
+        let p = if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        };
+        std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+    };
+    let (path, base) = (abs(path), abs(base));
+    let p: Vec<Component> = path.components().collect();
+    let b: Vec<Component> = base.components().collect();
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c);
+    }
+    out.display().to_string()
+}

@@ -1,0 +1,304 @@
+//! The content-addressed cache. Layout (versioned, so a future format lives beside this one):
+//!
+//! ```text
+//! cache/v1/objects/ab/abcdef…   tensor bytes, named by their blake3 digest
+//! cache/v1/actions/12/12ab…     node key → the digest of the tensor it produced (JSON)
+//! cache/v1/files/9f/9f3c…       path → (device, inode, size, mtime) → file digest, like git's index
+//! cache/v1/builds/4e…            per output directory: the node keys of its last build, to explain
+//!                                what a new build recomputes and why
+//! cache/v1/tmp/                 files being written; renamed into place when complete
+//! ```
+//!
+//! Every write goes to `tmp/`, is synced, then renamed, so a killed process leaves at worst a
+//! stray temporary file, never a partial object. Objects are checked against their digest
+//! whenever they are read.
+mod gc;
+mod stat;
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+pub use gc::{collect, parse_duration, stats, GcReport, Stats};
+pub use stat::hash_file;
+
+use crate::digest::{NodeKey, TensorDigest};
+
+const LAYOUT: &str = "v1";
+
+/// An open cache directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// What an action produced: the tensor's digest and byte count.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ActionEntry {
+    pub tensor: TensorDigest,
+    pub len: u64,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// Opens (creating if needed) the cache under `dir`, and removes temporary files that
+    /// processes no longer running left behind.
+    pub fn open(dir: &Path) -> std::io::Result<Store> {
+        let root = dir.join(LAYOUT);
+        for sub in ["objects", "actions", "files", "builds", "tmp"] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        let store = Store { root };
+        store.remove_abandoned_tmp();
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn fanout(&self, bucket: &str, hex: &str) -> PathBuf {
+        self.root.join(bucket).join(&hex[..2]).join(hex)
+    }
+
+    pub fn object_path(&self, digest: &TensorDigest) -> PathBuf {
+        self.fanout("objects", &digest.hex())
+    }
+
+    fn action_path(&self, key: &NodeKey) -> PathBuf {
+        self.fanout("actions", &key.hex())
+    }
+
+    /// A new temporary file in the store, named after this process so that others can tell
+    /// whether its writer is still alive.
+    fn tmp_file(&self) -> std::io::Result<(PathBuf, File)> {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{n}", std::process::id()));
+        let file = File::create(&path)?;
+        Ok((path, file))
+    }
+
+    /// Starts writing a new object.
+    pub fn object_writer(&self) -> std::io::Result<ObjectWriter> {
+        let (path, file) = self.tmp_file()?;
+        Ok(ObjectWriter {
+            store: self.clone(),
+            tmp: path,
+            out: BufWriter::with_capacity(4 << 20, file),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        })
+    }
+
+    /// Opens an object for reading, if the store has it. The caller checks the digest of what
+    /// it reads (see [`VerifyingReader`]).
+    pub fn open_object(&self, digest: &TensorDigest) -> Option<File> {
+        File::open(self.object_path(digest)).ok()
+    }
+
+    /// Hashes an object in full; `false` if it is missing or its bytes do not match its name.
+    pub fn verify_object(&self, digest: &TensorDigest) -> bool {
+        let Some(file) = self.open_object(digest) else {
+            return false;
+        };
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(file).is_ok() && TensorDigest::new(hasher.finalize()) == *digest
+    }
+
+    /// Removes a damaged object and every action that points at it lazily (an action whose
+    /// object is missing is treated as absent).
+    pub fn evict(&self, digest: &TensorDigest) {
+        let _ = std::fs::remove_file(self.object_path(digest));
+    }
+
+    /// The recorded result of a node, if its object is still present.
+    pub fn action(&self, key: &NodeKey) -> Option<ActionEntry> {
+        let bytes = std::fs::read(self.action_path(key)).ok()?;
+        let entry: ActionEntry = serde_json::from_slice(&bytes).ok()?;
+        let object = self.object_path(&entry.tensor);
+        let meta = std::fs::metadata(&object).ok()?;
+        (meta.len() == entry.len).then_some(entry)
+    }
+
+    pub fn put_action(&self, key: &NodeKey, entry: &ActionEntry) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        self.write_atomic(&self.action_path(key), &bytes)
+    }
+
+    /// The record of the last build of the output directory `output`.
+    pub fn build_record(&self, output: &Path) -> Option<Vec<u8>> {
+        std::fs::read(self.build_record_path(output)).ok()
+    }
+
+    pub fn put_build_record(&self, output: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_atomic(&self.build_record_path(output), bytes)
+    }
+
+    fn build_record_path(&self, output: &Path) -> PathBuf {
+        let abs = std::path::absolute(output).unwrap_or_else(|_| output.to_owned());
+        let key = blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex();
+        self.root.join("builds").join(format!("{key}.json"))
+    }
+
+    /// Marks an object as used now, for `gc --older-than`.
+    pub fn touch(&self, digest: &TensorDigest) {
+        if let Ok(file) = File::options().append(true).open(self.object_path(digest)) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Writes a small file atomically: temporary file, fsync, rename.
+    pub(crate) fn write_atomic(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let (tmp, mut file) = self.tmp_file()?;
+        let result = (|| {
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn remove_abandoned_tmp(&self) {
+        let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            if pid.is_some_and(|pid| !process_alive(pid)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only asks whether the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+/// Streams a new object into the store; nothing is visible until [`ObjectWriter::finish`].
+pub struct ObjectWriter {
+    store: Store,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl ObjectWriter {
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        self.out.write_all(bytes)
+    }
+
+    /// Syncs the object and moves it to its content address.
+    pub fn finish(mut self) -> std::io::Result<ActionEntry> {
+        let digest = TensorDigest::new(self.hasher.finalize());
+        self.out.flush()?;
+        self.out.get_ref().sync_all()?;
+        let path = self.store.object_path(&digest);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(&self.tmp, &path)?;
+        Ok(ActionEntry {
+            tensor: digest,
+            len: self.len,
+        })
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        // After finish the temporary file has been renamed and this does nothing.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Reads an object while hashing it; [`VerifyingReader::check`] says whether what was read
+/// is what the object's name promises.
+pub struct VerifyingReader {
+    file: File,
+    hasher: blake3::Hasher,
+    expected: TensorDigest,
+}
+
+impl VerifyingReader {
+    pub fn open(store: &Store, digest: &TensorDigest) -> Option<Self> {
+        Some(VerifyingReader {
+            file: store.open_object(digest)?,
+            hasher: blake3::Hasher::new(),
+            expected: *digest,
+        })
+    }
+
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact(buf)?;
+        self.hasher.update(buf);
+        Ok(())
+    }
+
+    /// True when every byte has been read and they hash to the object's name.
+    pub fn check(mut self) -> bool {
+        let mut rest = Vec::new();
+        let _ = self.file.read_to_end(&mut rest);
+        rest.is_empty() && TensorDigest::new(self.hasher.finalize()) == self.expected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_named_by_content_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.object_writer().unwrap();
+        w.write(b"hello ").unwrap();
+        w.write(b"world").unwrap();
+        let entry = w.finish().unwrap();
+        assert_eq!(entry.tensor, TensorDigest::of(b"hello world"));
+        assert!(store.verify_object(&entry.tensor));
+
+        let key = NodeKey::of(b"node");
+        assert_eq!(store.action(&key), None);
+        store.put_action(&key, &entry).unwrap();
+        assert_eq!(store.action(&key), Some(entry));
+
+        std::fs::write(store.object_path(&entry.tensor), b"hello w0rld").unwrap();
+        assert!(!store.verify_object(&entry.tensor));
+        let mut reader = VerifyingReader::open(&store, &entry.tensor).unwrap();
+        let mut buf = [0u8; 11];
+        reader.read_exact(&mut buf).unwrap();
+        assert!(!reader.check());
+        store.evict(&entry.tensor);
+        assert_eq!(
+            store.action(&key),
+            None,
+            "an action without its object is absent"
+        );
+        assert_eq!(
+            std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+}

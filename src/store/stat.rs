@@ -1,0 +1,129 @@
+//! File digests without rehashing: a file whose device, inode, size and modification time (in
+//! nanoseconds) are those recorded when it was last hashed keeps its digest, as git's index
+//! does. `--rehash` bypasses it.
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::Store;
+use crate::digest::FileDigest;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct StatEntry {
+    path: String,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    digest: FileDigest,
+}
+
+impl StatEntry {
+    fn of(path: &Path, meta: &std::fs::Metadata, digest: FileDigest) -> Self {
+        StatEntry {
+            path: path.display().to_string(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            digest,
+        }
+    }
+}
+
+impl Store {
+    fn stat_path(&self, path: &Path) -> std::path::PathBuf {
+        let key = blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex();
+        self.fanout("files", &key)
+    }
+
+    /// The digest of the file at `path`, from the stat cache when the file is unchanged.
+    pub fn file_digest(&self, path: &Path, rehash: bool) -> std::io::Result<FileDigest> {
+        let path = std::fs::canonicalize(path)?;
+        let meta = std::fs::metadata(&path)?;
+        let entry_path = self.stat_path(&path);
+        if !rehash {
+            if let Some(entry) = std::fs::read(&entry_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<StatEntry>(&b).ok())
+            {
+                if entry == StatEntry::of(&path, &meta, entry.digest) {
+                    return Ok(entry.digest);
+                }
+            }
+        }
+        let digest = hash_file(&path)?;
+        // The file may have changed while it was hashed; record only what was stable.
+        let after = std::fs::metadata(&path)?;
+        let entry = StatEntry::of(&path, &meta, digest);
+        if entry == StatEntry::of(&path, &after, digest) {
+            let bytes = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
+            self.write_atomic(&entry_path, &bytes)?;
+        }
+        Ok(digest)
+    }
+
+    /// Records a digest the caller computed while writing the file (so that the next build
+    /// need not hash its own output again).
+    pub fn record_file_digest(&self, path: &Path, digest: FileDigest) -> std::io::Result<()> {
+        let path = std::fs::canonicalize(path)?;
+        let meta = std::fs::metadata(&path)?;
+        let bytes = serde_json::to_vec(&StatEntry::of(&path, &meta, digest))
+            .map_err(std::io::Error::other)?;
+        self.write_atomic(&self.stat_path(&path), &bytes)
+    }
+}
+
+/// Hashes a file in 16 MiB chunks, each hashed on all cores, without mapping the file (so the
+/// process's memory does not grow with the file's size).
+pub fn hash_file(path: &Path) -> std::io::Result<FileDigest> {
+    let mut file = File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 16 << 20];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..filled]);
+        if filled < buf.len() {
+            break;
+        }
+    }
+    Ok(FileDigest::new(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_files_keep_their_digest_and_changed_ones_are_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "one").unwrap();
+        assert_eq!(
+            store.file_digest(&file, false).unwrap(),
+            FileDigest::of(b"one")
+        );
+        std::fs::write(&file, "two").unwrap();
+        assert_eq!(
+            store.file_digest(&file, false).unwrap(),
+            FileDigest::of(b"two")
+        );
+        assert_eq!(
+            store.file_digest(&file, true).unwrap(),
+            FileDigest::of(b"two")
+        );
+    }
+}
