@@ -61,7 +61,7 @@ pub(crate) enum ExecError {
     #[diagnostic(code(modelforge::exec::engine), help("{help}"))]
     Engine { message: String, help: String },
 
-    #[error("`{}` does not match the lock file: {what}", lock.display())]
+    #[error("the build does not match `{}`: {what}", lock.display())]
     #[diagnostic(
         code(modelforge::exec::locked),
         help("`--locked` builds only what the lock file records; build without `--locked` to update it, and commit the new lock")

@@ -13,3 +13,7 @@ mod build;
 
 /// `modelforge inspect`.
 mod inspect;
+
+/// The content-addressed build: no-op and incremental rebuilds, the lock file, `verify`,
+/// reproducibility, a damaged cache, concurrent and killed builds.
+mod incremental;

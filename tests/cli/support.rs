@@ -208,7 +208,13 @@ impl Workspace {
 
     /// Runs `modelforge ARGS` in the workspace with a fixed, colourless environment.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_modelforge"))
+        self.command(args).output().unwrap()
+    }
+
+    /// `modelforge ARGS` in the workspace's fixed environment, to be started by the caller.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_modelforge"));
+        command
             .args(args)
             .current_dir(self.dir.path())
             .env_clear()
@@ -216,9 +222,8 @@ impl Workspace {
             .env("NO_COLOR", "1")
             .env("LANG", "C.UTF-8")
             .env("TERM", "xterm")
-            .env("COLUMNS", "100")
-            .output()
-            .unwrap()
+            .env("COLUMNS", "100");
+        command
     }
 
     /// Runs a build that must fail, and returns its stderr with the workspace's path masked.

@@ -1,0 +1,358 @@
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde_json::{json, Value};
+
+use crate::support::Workspace;
+
+const QS: [(&str, usize, usize); 2] = [
+    ("model.layers.0.self_attn.q_proj", 4, 4),
+    ("model.layers.1.self_attn.q_proj", 4, 4),
+];
+const VS: [(&str, usize, usize); 2] = [
+    ("model.layers.0.self_attn.v_proj", 4, 4),
+    ("model.layers.1.self_attn.v_proj", 4, 4),
+];
+
+/// A base and two adapters on disjoint modules: `a` on the q projections, `b` on the v ones.
+fn workspace(b_weight: f64) -> Workspace {
+    let ws = Workspace::new();
+    ws.model("base", 4, Dtype::F32);
+    ws.adapter("a", &QS, 2, json!({}));
+    ws.adapter("b", &VS, 2, json!({}));
+    write_recipe(&ws, b_weight);
+    ws
+}
+
+fn write_recipe(ws: &Workspace, b_weight: f64) {
+    ws.write(
+        "recipe.toml",
+        format!("[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\n[[adapter]]\npath = \"b\"\nweight = {b_weight:?}\n[output]\npath = \"out\"\n"),
+    );
+}
+
+fn build(ws: &Workspace, extra: &[&str]) -> Value {
+    let mut args = vec!["build", "recipe.toml", "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ws.ok(&args)).unwrap()
+}
+
+fn nodes(summary: &Value) -> (u64, u64, u64) {
+    let n = &summary["nodes"];
+    (
+        n["computed"].as_u64().unwrap(),
+        n["reused"].as_u64().unwrap(),
+        n["copied"].as_u64().unwrap(),
+    )
+}
+
+fn read(ws: &Workspace, rel: &str) -> Vec<u8> {
+    std::fs::read(ws.path(rel)).unwrap()
+}
+
+#[test]
+fn an_unchanged_build_does_nothing() {
+    let ws = workspace(0.5);
+    let first = build(&ws, &[]);
+    assert_eq!(nodes(&first), (4, 0, 7));
+    let lock = read(&ws, "recipe.lock");
+    let second = build(&ws, &[]);
+    assert_eq!(second["up_to_date"], true);
+    assert_eq!(nodes(&second), (0, 4, 7));
+    assert_eq!(lock, read(&ws, "recipe.lock"));
+}
+
+#[test]
+fn changing_one_adapter_recomputes_only_its_tensors() {
+    let ws = workspace(0.5);
+    build(&ws, &[]);
+    let q = read(&ws, "out/model.safetensors");
+
+    write_recipe(&ws, 0.25);
+    let plan = ws.ok(&["plan", "recipe.toml"]);
+    assert!(plan.contains("compute  model.layers.0.self_attn.v_proj.weight  (the weight × scaling of `b/adapter_model.safetensors` went from 1 to 0.5)"), "{plan}");
+    assert!(
+        plan.contains("cached   model.layers.0.self_attn.q_proj.weight"),
+        "{plan}"
+    );
+    assert!(
+        plan.ends_with("11 tensors: 2 to compute, 2 cached, 7 copied\n"),
+        "{plan}"
+    );
+    assert_eq!(nodes(&build(&ws, &[])), (2, 2, 7));
+    assert_ne!(q, read(&ws, "out/model.safetensors"));
+
+    // Replacing b's file (other values, same shapes) also touches only b's tensors.
+    let b = read(&ws, "b/adapter_model.safetensors");
+    ws.adapter("b", &VS, 2, json!({"lora_alpha": 3}));
+    ws.adapter("bb", &VS, 2, json!({}));
+    std::fs::copy(
+        ws.path("bb/adapter_model.safetensors"),
+        ws.path("b/adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert_ne!(b, read(&ws, "b/adapter_model.safetensors"));
+    assert_eq!(nodes(&build(&ws, &[])), (2, 2, 7));
+
+    // Going back to the first recipe and files reuses everything from the cache.
+    ws.adapter("b", &VS, 2, json!({}));
+    write_recipe(&ws, 0.5);
+    assert_eq!(nodes(&build(&ws, &[])), (0, 4, 7));
+    assert_eq!(q, read(&ws, "out/model.safetensors"));
+}
+
+#[test]
+fn builds_are_byte_identical_across_caches_and_thread_counts() {
+    let ws = workspace(0.5);
+    let outputs = |ws: &Workspace| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(ws.path("out"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        files.push(("lock".into(), read(ws, "recipe.lock")));
+        files
+    };
+    let mut runs = Vec::new();
+    for (threads, cache) in [("1", "c1"), ("2", "c2"), ("2", "c1"), ("1", "c2")] {
+        let _ = std::fs::remove_dir_all(ws.path("out"));
+        let status = ws
+            .command(&["build", "recipe.toml", "--quiet", "--cache", cache])
+            .env("RAYON_NUM_THREADS", threads)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        runs.push(outputs(&ws));
+    }
+    assert!(
+        runs.windows(2).all(|w| w[0] == w[1]),
+        "cold and warm caches, 1 and 2 threads, give the same bytes"
+    );
+}
+
+#[test]
+fn locked_builds_fail_on_a_changed_input() {
+    let ws = workspace(0.5);
+    assert!(ws
+        .fail(&["build", "recipe.toml", "--locked"])
+        .contains("there is no lock file"));
+    build(&ws, &[]);
+    build(&ws, &["--locked"]);
+    ws.adapter("b", &VS, 2, json!({"lora_alpha": 3}));
+    insta::assert_snapshot!(ws.fail(&["build", "recipe.toml", "--locked"]));
+}
+
+#[test]
+fn verify_compares_the_output_with_the_lock() {
+    let ws = workspace(0.5);
+    build(&ws, &[]);
+    assert!(ws
+        .ok(&["verify", "recipe.toml"])
+        .contains("5 files match the lock"));
+    let mut bytes = read(&ws, "out/model.safetensors");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    ws.write("out/model.safetensors", &bytes);
+    ws.write("out/extra.txt", "x");
+    let err = ws.fail(&["verify", "recipe.toml"]);
+    assert!(err.contains("changed: `out/model.safetensors`"), "{err}");
+    assert!(err.contains("not in the lock: `out/extra.txt`"), "{err}");
+    // A rebuild notices the damage (the stat cache sees a new mtime) and restores the output.
+    std::fs::remove_file(ws.path("out/extra.txt")).unwrap();
+    assert_eq!(build(&ws, &[])["up_to_date"], false);
+    ws.ok(&["verify", "recipe.toml"]);
+}
+
+/// Every object in the cache hashes to its name.
+fn cache_is_sound(cache: &Path) -> usize {
+    let mut count = 0;
+    for fan in std::fs::read_dir(cache.join("v1/objects")).unwrap() {
+        for object in std::fs::read_dir(fan.unwrap().path()).unwrap() {
+            let path = object.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert_eq!(
+                blake3::hash(&std::fs::read(&path).unwrap())
+                    .to_hex()
+                    .as_str(),
+                name,
+                "{path:?}"
+            );
+            count += 1;
+        }
+    }
+    count
+}
+
+#[test]
+fn a_corrupt_cache_object_is_evicted_and_recomputed() {
+    let ws = workspace(0.5);
+    build(&ws, &[]);
+    let good = read(&ws, "out/model.safetensors");
+    let objects = ws.path("cache/v1/objects");
+    let fan = std::fs::read_dir(&objects)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let object = std::fs::read_dir(fan)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&object).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&object, bytes).unwrap();
+    std::fs::remove_dir_all(ws.path("out")).unwrap();
+
+    let out = ws.command(&["build", "recipe.toml"]).output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("did not match its digest; it was evicted and is being recomputed"),
+        "{stderr}"
+    );
+    assert_eq!(good, read(&ws, "out/model.safetensors"));
+    assert_eq!(cache_is_sound(&ws.path("cache")), 4);
+}
+
+#[test]
+fn concurrent_builds_share_a_cache() {
+    let ws = workspace(0.5);
+    ws.write("other.toml", "[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\nweight = 2.0\n[output]\npath = \"other\"\n");
+    let children: Vec<_> = ["recipe.toml", "recipe.toml", "other.toml", "other.toml"]
+        .iter()
+        .map(|recipe| ws.command(&["build", recipe, "--quiet"]).spawn().unwrap())
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    let (first, other) = (
+        read(&ws, "out/model.safetensors"),
+        read(&ws, "other/model.safetensors"),
+    );
+    // The same builds, alone and with a fresh cache, give the same bytes.
+    ws.ok(&["build", "recipe.toml", "--quiet", "--cache", "fresh"]);
+    ws.ok(&["build", "other.toml", "--quiet", "--cache", "fresh"]);
+    assert_eq!(first, read(&ws, "out/model.safetensors"));
+    assert_eq!(other, read(&ws, "other/model.safetensors"));
+    cache_is_sound(&ws.path("cache"));
+}
+
+#[test]
+fn a_killed_build_leaves_no_trace_but_its_cache() {
+    // A model large enough that a build takes a while: width 256.
+    let ws = Workspace::new();
+    ws.model("base", 256, Dtype::F32);
+    let modules: Vec<(String, usize, usize)> = (0..2)
+        .flat_map(|l| {
+            [
+                ("q_proj", 256, 256),
+                ("v_proj", 256, 256),
+                ("up_proj", 512, 256),
+            ]
+            .map(|(m, o, i)| {
+                (
+                    format!(
+                        "model.layers.{l}.{}.{m}",
+                        if m == "up_proj" { "mlp" } else { "self_attn" }
+                    ),
+                    o,
+                    i,
+                )
+            })
+        })
+        .collect();
+    let modules: Vec<(&str, usize, usize)> = modules
+        .iter()
+        .map(|(m, o, i)| (m.as_str(), *o, *i))
+        .collect();
+    ws.adapter("a", &modules, 8, json!({}));
+    ws.write(
+        "recipe.toml",
+        "[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\n[output]\npath = \"out\"\n",
+    );
+    ws.ok(&["build", "recipe.toml", "--quiet", "--cache", "clean"]);
+    let clean = read(&ws, "out/model.safetensors");
+    let clean_lock = read(&ws, "recipe.lock");
+
+    for (round, delay_ms) in [5u64, 30, 80, 150, 300, 600].into_iter().enumerate() {
+        // Alternate between a changed and the clean recipe, so that each build has work to do.
+        let weight = if round % 2 == 0 { "0.5" } else { "1.0" };
+        ws.write(
+            "recipe.toml",
+            format!("[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\nweight = {weight}\n[output]\npath = \"out\"\n"),
+        );
+        let before = std::fs::read(ws.path("out/model.safetensors")).ok();
+        let mut child = ws
+            .command(&["build", "recipe.toml", "--quiet"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: the child is ours and has not been waited for.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        // The output is the previous one or the complete new one, never a mixture.
+        let after = std::fs::read(ws.path("out/model.safetensors")).ok();
+        if after != before {
+            ws.ok(&["verify", "recipe.toml"]);
+        }
+        cache_is_sound(&ws.path("cache"));
+    }
+    // The engine may outlive a killed build for a moment; then the next build succeeds.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ws.write(
+        "recipe.toml",
+        "[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\n[output]\npath = \"out\"\n",
+    );
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    assert_eq!(clean, read(&ws, "out/model.safetensors"));
+    assert_eq!(clean_lock, read(&ws, "recipe.lock"));
+    cache_is_sound(&ws.path("cache"));
+    let leftovers: Vec<_> = std::fs::read_dir(ws.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("modelforge-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn the_shipped_example_has_golden_digests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ws = Workspace::new();
+    for file in ["recipes/quickstart.toml"]
+        .into_iter()
+        .map(String::from)
+        .chain(
+            ["examples/tiny-llama", "examples/tiny-llama-lora"]
+                .iter()
+                .flat_map(|dir| {
+                    std::fs::read_dir(root.join(dir))
+                        .unwrap()
+                        .map(move |e| format!("{dir}/{}", e.unwrap().file_name().to_string_lossy()))
+                }),
+        )
+    {
+        ws.write(&file, std::fs::read(root.join(&file)).unwrap());
+    }
+    ws.ok(&["build", "recipes/quickstart.toml", "--quiet"]);
+    let digest = |rel: &str| blake3::hash(&read(&ws, rel)).to_hex().to_string();
+    insta::assert_snapshot!(
+        "quickstart_digests",
+        format!(
+            "model.safetensors {}\nconfig.json {}\nREADME.md {}\nquickstart.lock {}",
+            digest("build/quickstart/model.safetensors"),
+            digest("build/quickstart/config.json"),
+            digest("build/quickstart/README.md"),
+            digest("recipes/quickstart.lock"),
+        )
+    );
+}
