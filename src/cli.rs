@@ -73,6 +73,10 @@ pub struct BuildArgs {
     /// Fail if the recipe or any input differs from the lock file.
     #[arg(long)]
     pub locked: bool,
+    /// Flush the output's weights to disk before the output replaces the previous one, so
+    /// that it survives a power loss (slower: the whole model goes through the disk at once).
+    #[arg(long)]
+    pub fsync: bool,
     /// Print nothing but errors.
     #[arg(long, short)]
     pub quiet: bool,

@@ -28,6 +28,15 @@ impl Kind for NodeKind {
     const NAME: &'static str = "node";
 }
 
+/// Feeds `bytes` to `hasher`, on all cores when there are enough of them to be worth it.
+pub fn hash_into(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+    if bytes.len() >= 1 << 20 {
+        hasher.update_rayon(bytes);
+    } else {
+        hasher.update(bytes);
+    }
+}
+
 pub struct Digest<K> {
     hash: blake3::Hash,
     kind: PhantomData<fn() -> K>,

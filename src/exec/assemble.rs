@@ -22,7 +22,7 @@ pub(crate) enum Outcome {
     Corrupt(Vec<String>),
 }
 
-pub(crate) fn assemble(res: &Resolution, progress: bool) -> Result<Outcome, ExecError> {
+pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<Outcome, ExecError> {
     let target = &res.recipe.output.path.path;
     let staging = StagingDir::new(target).map_err(output_error(target))?;
     let shards = res.shards();
@@ -112,7 +112,7 @@ pub(crate) fn assemble(res: &Resolution, progress: bool) -> Result<Outcome, Exec
             // The staging directory is dropped, and with it everything written so far.
             return Ok(Outcome::Corrupt(corrupt));
         }
-        let file = out.finish().map_err(output_error(&path))?;
+        let file = out.finish(sync).map_err(output_error(&path))?;
         written.push((target.join(&shard.file_name), FileDigest::new(file)));
     }
     bar.finish_and_clear();

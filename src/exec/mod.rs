@@ -246,7 +246,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
             };
             engine::run(&job, !args.quiet)?;
         }
-        match assemble::assemble(&res, !args.quiet)? {
+        match assemble::assemble(&res, !args.quiet, args.fsync)? {
             assemble::Outcome::Written(files) => break files,
             assemble::Outcome::Corrupt(names) if evicted.is_empty() => {
                 for name in &names {
@@ -296,7 +296,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     };
     if previous.as_ref() != Some(&lock) {
         res.store
-            .write_atomic(&lock_path, lock.to_toml().as_bytes())
+            .write_atomic(&lock_path, lock.to_toml().as_bytes(), true)
             .map_err(output_error(&lock_path))?;
     }
 

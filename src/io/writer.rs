@@ -167,21 +167,23 @@ impl ShardWriter {
     }
 
     fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.hasher.update(bytes);
+        crate::digest::hash_into(&mut self.hasher, bytes);
         self.size += bytes.len() as u64;
         self.out.write_all(bytes)
     }
 
     /// Flushes and syncs the file; every declared tensor must have been written in full.
-    /// Returns the file's blake3 digest.
-    pub fn finish(self) -> std::io::Result<blake3::Hash> {
+    /// Returns the file's blake3 digest; with `sync`, the data is on disk when this returns.
+    pub fn finish(self, sync: bool) -> std::io::Result<blake3::Hash> {
         if self.remaining != 0 || !self.pending.is_empty() {
             return Err(std::io::Error::other(
                 "shard finished before all its tensors were written",
             ));
         }
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
         Ok(self.hasher.finalize())
     }
 }
@@ -227,7 +229,7 @@ mod tests {
         writer.begin("y").unwrap();
         writer.write(&[1, 2]).unwrap();
         writer.write(&[3]).unwrap();
-        let written = writer.finish().unwrap();
+        let written = writer.finish(false).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(written, blake3::hash(&bytes));
         let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -61,7 +61,7 @@ impl Store {
         let entry = StatEntry::of(&path, &meta, digest);
         if entry == StatEntry::of(&path, &after, digest) {
             let bytes = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
-            self.write_atomic(&entry_path, &bytes)?;
+            self.write_atomic(&entry_path, &bytes, false)?;
         }
         Ok(digest)
     }
@@ -73,7 +73,7 @@ impl Store {
         let meta = std::fs::metadata(&path)?;
         let bytes = serde_json::to_vec(&StatEntry::of(&path, &meta, digest))
             .map_err(std::io::Error::other)?;
-        self.write_atomic(&self.stat_path(&path), &bytes)
+        self.write_atomic(&self.stat_path(&path), &bytes, false)
     }
 }
 
