@@ -73,8 +73,9 @@ pub struct BuildArgs {
     /// Fail if the recipe or any input differs from the lock file.
     #[arg(long)]
     pub locked: bool,
-    /// Flush the output's weights to disk before the output replaces the previous one, so
-    /// that it survives a power loss (slower: the whole model goes through the disk at once).
+    /// Flush cache objects and the output's weights to disk before they are recorded or
+    /// replace the previous output, so that they survive a power loss (slower: everything
+    /// written waits for the disk).
     #[arg(long)]
     pub fsync: bool,
     /// Print nothing but errors.

@@ -113,12 +113,13 @@ pub(crate) fn fuse(
     inputs: &mut Inputs,
     tensor: &TensorJob,
     budget: u64,
+    sync: bool,
 ) -> std::io::Result<ActionEntry> {
     let origin = &tensor.origin;
     let mut out = store.object_writer()?;
     let numel: usize = origin.shape.iter().product();
     if numel == 0 {
-        return out.finish();
+        return out.finish(sync);
     }
     let rows = origin.shape.first().copied().unwrap_or(1).max(1);
     let cols = numel / rows;
@@ -151,5 +152,5 @@ pub(crate) fn fuse(
             out.write(&bytes?)?;
         }
     }
-    out.finish()
+    out.finish(sync)
 }

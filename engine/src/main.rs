@@ -33,7 +33,7 @@ fn run() -> Result<(), String> {
     let mut inputs = fuse::Inputs::default();
     let stdout = std::io::stdout();
     for tensor in &job.tensors {
-        let entry = fuse::fuse(&backend, &store, &mut inputs, tensor, job.budget)
+        let entry = fuse::fuse(&backend, &store, &mut inputs, tensor, job.budget, job.fsync)
             .map_err(|e| format!("`{}`: {e}", tensor.name))?;
         store
             .put_action(&tensor.key, &entry)

@@ -18,6 +18,8 @@ pub struct Job {
     pub device: String,
     /// Bytes of tensor blocks in flight.
     pub budget: u64,
+    /// Flush each object to disk before recording it (`build --fsync`).
+    pub fsync: bool,
     pub tensors: Vec<TensorJob>,
 }
 

@@ -242,6 +242,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
                     .to_owned(),
                 device: res.device.clone(),
                 budget,
+                fsync: args.fsync,
                 tensors: jobs,
             };
             engine::run(&job, !args.quiet)?;

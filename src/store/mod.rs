@@ -218,12 +218,15 @@ impl ObjectWriter {
         self.out.write_all(bytes)
     }
 
-    /// Syncs the object and moves it to its content address.
-    pub fn finish(mut self) -> std::io::Result<ActionEntry> {
+    /// Moves the object to its content address; with `sync`, after flushing it to disk.
+    /// Without, an object torn by a power loss fails its digest check when read, and is
+    /// evicted and recomputed.
+    pub fn finish(mut self, sync: bool) -> std::io::Result<ActionEntry> {
         let digest = TensorDigest::new(self.hasher.finalize());
-        // Not synced: an object torn by a power loss fails its digest check when read, and is
-        // evicted and recomputed, so durability would cost a disk flush per tensor for nothing.
         self.out.flush()?;
+        if sync {
+            self.out.get_ref().sync_all()?;
+        }
         let path = self.store.object_path(&digest);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -285,7 +288,7 @@ mod tests {
         let mut w = store.object_writer().unwrap();
         w.write(b"hello ").unwrap();
         w.write(b"world").unwrap();
-        let entry = w.finish().unwrap();
+        let entry = w.finish(true).unwrap();
         assert_eq!(entry.tensor, TensorDigest::of(b"hello world"));
         assert!(store.verify_object(&entry.tensor));
 

@@ -356,3 +356,28 @@ fn the_shipped_example_has_golden_digests() {
         )
     );
 }
+
+#[test]
+fn gc_trims_the_cache_and_builds_recover() {
+    let ws = workspace(0.5);
+    build(&ws, &["--fsync"]);
+    let stats: Value =
+        serde_json::from_str(&ws.ok(&["cache", "stats", "--json", "--cache", "cache"])).unwrap();
+    assert_eq!(stats["objects"], 4);
+    assert_eq!(stats["actions"], 4);
+    // Recently used objects survive an age limit; a size limit of one byte removes them all.
+    assert!(ws
+        .ok(&["gc", "--cache", "cache", "--older-than", "1d"])
+        .contains("removed 0 objects"));
+    assert!(ws
+        .ok(&["gc", "--cache", "cache", "--max-size", "1B"])
+        .contains("removed 4 objects"));
+    let stats: Value =
+        serde_json::from_str(&ws.ok(&["cache", "stats", "--json", "--cache", "cache"])).unwrap();
+    assert_eq!(
+        (stats["objects"].as_u64(), stats["actions"].as_u64()),
+        (Some(0), Some(0))
+    );
+    std::fs::remove_dir_all(ws.path("out")).unwrap();
+    assert_eq!(nodes(&build(&ws, &[])), (4, 0, 7));
+}
