@@ -2,7 +2,6 @@
 //! from the cache (computed ones, checked against their digest on the way), into a staging
 //! directory that replaces the previous output in one step.
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use super::{output_error, ExecError, Resolution};
@@ -33,16 +32,7 @@ pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<O
         .zip(&res.keys.tensors)
         .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
         .collect();
-    let bar = if progress && std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(res.plan.tensors.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "writing {wide_bar} {pos}/{len} tensors {elapsed}",
-            )
-            .expect("a valid template"),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = super::progress_bar(res.plan.tensors.len(), "writing", progress);
 
     let mut written = Vec::new();
     let mut corrupt = Vec::new();

@@ -1,6 +1,6 @@
 //! Running `modelforge-engine`, the separate program that links LibTorch: starting LibTorch
 //! costs about 0.2 s and 115 MB, which a build that computes nothing never pays.
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -38,16 +38,7 @@ pub(crate) fn run(job: &Job, progress: bool) -> Result<Vec<Done>, ExecError> {
         // A failed write means the engine died; its exit status says why.
         let _ = stdin.write_all(&request);
     }
-    let bar = if progress && std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(job.tensors.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "fusing  {wide_bar} {pos}/{len} tensors {elapsed}",
-            )
-            .expect("a valid template"),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = super::progress_bar(job.tensors.len(), "fusing ", progress);
     let mut done = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines() {

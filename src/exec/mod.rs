@@ -475,6 +475,17 @@ fn totals(statuses: &[Status]) -> serde_json::Value {
     })
 }
 
+/// A progress bar over `len` tensors on a terminal; hidden otherwise or when not `enabled`.
+fn progress_bar(len: usize, label: &str, enabled: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !(enabled && std::io::stderr().is_terminal()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let template = format!("{label} {{wide_bar}} {{pos}}/{{len}} tensors {{elapsed}}");
+    indicatif::ProgressBar::new(len as u64)
+        .with_style(indicatif::ProgressStyle::with_template(&template).expect("a valid template"))
+}
+
 pub(crate) fn recipe_dir(recipe: &Recipe) -> PathBuf {
     recipe.path.parent().map(Path::to_owned).unwrap_or_default()
 }
