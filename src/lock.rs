@@ -30,6 +30,9 @@ pub(crate) struct Resolved {
     /// `cpu` or `cuda`: results may differ in the last bits between the two.
     pub device: String,
     pub dtype: String,
+    pub merge: crate::recipe::MergeMethod,
+    /// The seed of random pruning (DARE), as given in `[merge]` or derived from the recipe.
+    pub seed: u64,
 }
 
 /// `recipes/quickstart.toml` → `recipes/quickstart.lock`.

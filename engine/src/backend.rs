@@ -1,5 +1,6 @@
 //! LibTorch through tch: device selection and the fusion arithmetic. Everything is computed in
 //! f32 and rounded to the output dtype once.
+use modelforge::exec::job::{MergeJob, SignElection, Sparsify};
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
 
@@ -66,20 +67,7 @@ impl Backend {
             .to_device(self.device)
             .to_kind(Kind::Float);
         for delta in deltas {
-            let product = match delta.values {
-                BlockValues::LowRank { left, right, rank } => {
-                    let left = Tensor::from_slice(left)
-                        .view([rows as i64, rank as i64])
-                        .to_device(self.device);
-                    let right = Tensor::from_slice(right)
-                        .view([rank as i64, cols as i64])
-                        .to_device(self.device);
-                    left.matmul(&right)
-                }
-                BlockValues::Dense(values) => Tensor::from_slice(values)
-                    .view([rows as i64, cols as i64])
-                    .to_device(self.device),
-            };
+            let product = self.product(delta, rows, cols);
             // In place, to keep one f32 temporary per block; the same operations, in the same order,
             // as PEFT's `W + (B @ A) * scaling`.
             let mut product = product;
@@ -89,6 +77,96 @@ impl Backend {
         let out = acc.to_kind(kind(out_dtype)).to_device(Device::Cpu);
         let len = rows * cols * out_dtype.bitsize() / 8;
         let mut bytes = vec![0u8; len];
+        out.copy_data_u8(&mut bytes, rows * cols);
+        bytes
+    }
+}
+
+impl Backend {
+    /// `left·right` (or the dense values) of one delta, as a (rows × cols) f32 tensor.
+    fn product(&self, delta: &BlockDelta<'_>, rows: usize, cols: usize) -> Tensor {
+        match delta.values {
+            BlockValues::LowRank { left, right, rank } => {
+                let left = Tensor::from_slice(left)
+                    .view([rows as i64, rank as i64])
+                    .to_device(self.device);
+                let right = Tensor::from_slice(right)
+                    .view([rank as i64, cols as i64])
+                    .to_device(self.device);
+                left.matmul(&right)
+            }
+            BlockValues::Dense(values) => Tensor::from_slice(values)
+                .view([rows as i64, cols as i64])
+                .to_device(self.device),
+        }
+    }
+
+    /// A task-arithmetic merge of whole tensors, as PEFT's `merge_utils` computes it: each task
+    /// (`factor` · product, the factor being the adapter's scaling) is pruned, signs are
+    /// elected on the pruned tasks, then tasks are weighted and summed, or averaged over the
+    /// entries that agree with the elected sign. Returns `round(W + merged)` in `out_dtype`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_tensor(
+        &self,
+        base: &[u8],
+        in_dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        tasks: &[BlockDelta<'_>],
+        weights: &[f64],
+        merge: &MergeJob,
+        out_dtype: Dtype,
+    ) -> Vec<u8> {
+        let shape = [rows as i64, cols as i64];
+        let w = tensor(base, in_dtype, &[rows, cols])
+            .to_device(self.device)
+            .to_kind(Kind::Float);
+        // The generator is seeded per tensor, so the masks do not depend on which tensors
+        // were computed before.
+        tch::manual_seed(merge.seed);
+        let pruned: Vec<Tensor> = tasks
+            .iter()
+            .map(|task| {
+                let values = self.product(task, rows, cols) * task.factor;
+                match merge.sparsify {
+                    None => values,
+                    Some(Sparsify::Magnitude) => {
+                        let flat = values.reshape([-1]);
+                        let k = (merge.density * flat.numel() as f64) as i64;
+                        let (_, kept) = flat.abs().topk(k, -1, true, true);
+                        let mask = flat.zeros_like().index_fill(0, &kept, 1.0);
+                        &values * mask.reshape(shape)
+                    }
+                    Some(Sparsify::Random) => {
+                        let mask = values.full_like(merge.density).bernoulli();
+                        (&values * mask) / merge.density
+                    }
+                }
+            })
+            .collect();
+        let stacked = Tensor::stack(&pruned, 0);
+        let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+        let weights = Tensor::from_slice(&weights)
+            .view([-1, 1, 1])
+            .to_device(self.device);
+        let weighted = &stacked * &weights;
+        let merged = match merge.elect_sign {
+            None => weighted.sum_dim_intlist(0, false, Kind::Float),
+            Some(election) => {
+                let sign = stacked.sign();
+                let votes = match election {
+                    SignElection::Total => stacked.sum_dim_intlist(0, false, Kind::Float),
+                    SignElection::Frequency => sign.sum_dim_intlist(0, false, Kind::Float),
+                };
+                let majority = votes.ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0;
+                let agrees = sign.eq_tensor(&majority);
+                let kept = (&weighted * &agrees).sum_dim_intlist(0, false, Kind::Float);
+                let count = agrees.sum_dim_intlist(0, false, Kind::Float).clamp_min(1.0);
+                kept / count
+            }
+        };
+        let out = (w + merged).to_kind(kind(out_dtype)).to_device(Device::Cpu);
+        let mut bytes = vec![0u8; rows * cols * out_dtype.bitsize() / 8];
         out.copy_data_u8(&mut bytes, rows * cols);
         bytes
     }

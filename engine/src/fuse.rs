@@ -75,7 +75,7 @@ fn prepare(
         };
         prepared.push(match &delta.values {
             DeltaValues::Dense(v) => Prepared {
-                factor: delta.factor,
+                factor: delta.factor(),
                 left: load(v)?,
                 right: Vec::new(),
                 rank: 0,
@@ -86,7 +86,7 @@ fn prepare(
                 if *transposed {
                     // Δ = (B·A)ᵀ = Aᵀ·Bᵀ: rows of Aᵀ, all of Bᵀ.
                     Prepared {
-                        factor: delta.factor,
+                        factor: delta.factor(),
                         left: backend.transpose(&a, rank, inner),
                         right: backend.transpose(&b, outer, rank),
                         rank,
@@ -94,7 +94,7 @@ fn prepare(
                 } else {
                     // Δ = B·A: rows of B, all of A.
                     Prepared {
-                        factor: delta.factor,
+                        factor: delta.factor(),
                         left: b,
                         right: a,
                         rank,
@@ -125,6 +125,33 @@ pub(crate) fn fuse(
     let cols = numel / rows;
     let deltas = prepare(backend, inputs, tensor)?;
     let file = inputs.file(&origin.path)?;
+
+    if let Some(merge) = &tensor.merge {
+        // Pruning and sign election look at whole tensors: no blocks here.
+        let mut base = vec![0u8; origin.len as usize];
+        file.read_exact_at(&mut base, origin.start)?;
+        let tasks: Vec<BlockDelta<'_>> = deltas
+            .iter()
+            .zip(&tensor.deltas)
+            .map(|(prepared, delta)| BlockDelta {
+                factor: delta.scaling,
+                ..prepared.block(0, rows, cols)
+            })
+            .collect();
+        let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
+        let bytes = backend.merge_tensor(
+            &base,
+            origin.dtype,
+            rows,
+            cols,
+            &tasks,
+            &weights,
+            merge,
+            tensor.out_dtype,
+        );
+        out.write(&bytes)?;
+        return out.finish(sync);
+    }
 
     // Each block in flight holds its input, two f32 temporaries, its output and their copies
     // across the LibTorch boundary: under 20 bytes an element; two blocks per thread keep the

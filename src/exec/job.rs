@@ -30,6 +30,8 @@ pub struct TensorJob {
     pub name: String,
     pub origin: Slice,
     pub deltas: Vec<DeltaJob>,
+    /// `None`: the weighted sum, streamed block by block.
+    pub merge: Option<MergeJob>,
     pub out_dtype: Dtype,
 }
 
@@ -45,8 +47,49 @@ pub struct Slice {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeltaJob {
-    pub factor: f64,
+    /// The adapter's weight in the recipe.
+    pub weight: f64,
+    /// The adapter's own scaling (α/r or α/√r).
+    pub scaling: f64,
     pub values: DeltaValues,
+}
+
+impl DeltaJob {
+    /// What a plain weighted sum multiplies the delta by.
+    pub fn factor(&self) -> f64 {
+        self.weight * self.scaling
+    }
+}
+
+/// A task-arithmetic merge of a tensor's deltas (each `scaling · B·A`): optionally pruned,
+/// optionally reduced to the entries that agree with an elected sign, then weighted and
+/// summed (or averaged over the agreeing ones).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MergeJob {
+    pub sparsify: Option<Sparsify>,
+    pub elect_sign: Option<SignElection>,
+    /// Fraction of each delta's entries kept.
+    pub density: f64,
+    /// Seeds LibTorch's generator before this tensor's random pruning.
+    pub seed: i64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Sparsify {
+    /// Keep the `density` fraction of entries largest in magnitude.
+    Magnitude,
+    /// Keep each entry with probability `density`, rescaled by 1/density.
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignElection {
+    /// The sign of the deltas' sum.
+    Total,
+    /// The sign most deltas have.
+    Frequency,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -17,8 +17,8 @@ use crate::cli::{BuildArgs, CacheArgs, PlanArgs, PlanFormat};
 use crate::digest::FileDigest;
 use crate::io::writer;
 use crate::lock::{self, Lock, Resolved};
-use crate::plan::{BuildGraph, DeltaKind, Keys, Origin, Plan, Status, TensorKey};
-use crate::recipe::{DeviceRequest, OutputDtype, Recipe};
+use crate::plan::{BuildGraph, DeltaKind, Keys, MergeKey, Origin, Plan, Status, TensorKey};
+use crate::recipe::{DeviceRequest, MajoritySign, OutputDtype, Pruning, Recipe};
 use crate::store::Store;
 
 pub(crate) use summary::{Nodes, Summary};
@@ -100,6 +100,8 @@ pub(crate) struct Resolution {
     pub keys: Keys,
     pub device: String,
     pub recipe_digest: FileDigest,
+    /// The seed of DARE's random pruning, as given or derived.
+    pub seed: u64,
 }
 
 impl Resolution {
@@ -108,15 +110,21 @@ impl Resolution {
         let store = open_store(cache, Some(&recipe))?;
         let device = resolve_device(recipe.device);
         let plan = Plan::new(&recipe)?;
+        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
+        // Without a seed in the recipe, DARE's is derived from the recipe itself.
+        let seed = recipe.merge.seed.unwrap_or_else(|| {
+            let digest = blake3::hash(recipe.text.as_bytes());
+            u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) >> 1
+        });
         let keys = Keys::new(
             &plan,
             &recipe_dir(&recipe),
             &store,
             cache.rehash,
             device_class(&device),
+            (&recipe.merge, seed),
         )
         .map_err(|source| ExecError::Hash { source })?;
-        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
         Ok(Resolution {
             recipe,
             store,
@@ -124,6 +132,7 @@ impl Resolution {
             keys,
             device,
             recipe_digest,
+            seed,
         })
     }
 
@@ -137,6 +146,8 @@ impl Resolution {
                 OutputDtype::Bf16 => "bf16",
             }
             .to_owned(),
+            merge: self.recipe.merge.method,
+            seed: self.seed,
         }
     }
 
@@ -332,7 +343,7 @@ fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
         .zip(statuses)
         .filter(|(_, status)| matches!(status, Status::Compute { .. }))
         .filter_map(|((tensor, key), _)| {
-            let (key, _) = key.as_ref()?;
+            let (key, parts) = key.as_ref()?;
             let origin = match &tensor.origin {
                 Origin::Base(meta) => {
                     let (file, _) = plan.inputs.base.weights.get(&tensor.out.name)?;
@@ -356,7 +367,8 @@ fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
                         DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
                     };
                     job::DeltaJob {
-                        factor: delta.factor,
+                        weight: delta.weight,
+                        scaling: delta.scaling,
                         values,
                     }
                 })
@@ -366,10 +378,26 @@ fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
                 name: tensor.out.name.clone(),
                 origin,
                 deltas,
+                merge: parts.merge.as_ref().map(merge_job),
                 out_dtype: tensor.out.dtype,
             })
         })
         .collect()
+}
+
+fn merge_job(key: &MergeKey) -> job::MergeJob {
+    job::MergeJob {
+        sparsify: key.method.sparsify().map(|p| match p {
+            Pruning::Magnitude => job::Sparsify::Magnitude,
+            Pruning::Random => job::Sparsify::Random,
+        }),
+        elect_sign: key.method.elects_sign().then_some(match key.majority_sign {
+            MajoritySign::Total => job::SignElection::Total,
+            MajoritySign::Frequency => job::SignElection::Frequency,
+        }),
+        density: key.density,
+        seed: key.seed,
+    }
 }
 
 fn slice(path: &Path, meta: &crate::io::safetensors::TensorMeta) -> job::Slice {

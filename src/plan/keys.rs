@@ -9,6 +9,7 @@ use super::{DeltaKind, Origin, Plan, TensorPlan};
 use crate::digest::{FileDigest, NodeKey};
 use crate::io::peft::LoraKind;
 use crate::io::safetensors::TensorMeta;
+use crate::recipe::{MajoritySign, Merge, MergeMethod};
 use crate::store::Store;
 
 /// Bumped whenever the fusion arithmetic changes, so that old cache entries are not reused.
@@ -32,6 +33,28 @@ pub(crate) struct TensorKey {
     pub deltas: Vec<DeltaKey>,
     pub dtype: String,
     pub device: String,
+    /// Absent for the plain weighted sum (`linear`, `cat`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeKey>,
+}
+
+/// A pruning or sign-electing merge: the per-adapter weights and scalings matter apart.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct MergeKey {
+    pub method: MergeMethod,
+    pub density: f64,
+    pub majority_sign: MajoritySign,
+    pub seed: i64,
+    pub weights: Vec<f64>,
+    pub scalings: Vec<f64>,
+}
+
+/// The seed of one tensor's random pruning: from the recipe's seed and the tensor's name, so
+/// that it does not depend on the order or the thread tensors are computed in.
+pub(crate) fn tensor_seed(seed: u64, tensor: &str) -> i64 {
+    let hash = blake3::hash(format!("{seed}:{tensor}").as_bytes());
+    let bytes: [u8; 8] = hash.as_bytes()[..8].try_into().expect("8 bytes");
+    (u64::from_le_bytes(bytes) >> 1) as i64
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -64,6 +87,7 @@ impl Keys {
         store: &Store,
         rehash: bool,
         device: &str,
+        merge: (&Merge, u64),
     ) -> std::io::Result<Keys> {
         let mut paths: Vec<PathBuf> = plan.inputs.base.weight_files();
         paths.push(plan.inputs.base.dir.join("config.json"));
@@ -98,7 +122,7 @@ impl Keys {
                 if tensor.is_copy() {
                     return None;
                 }
-                let key = tensor_key(plan, tensor, device, &slice);
+                let key = tensor_key(plan, tensor, device, merge, &slice);
                 Some((NodeKey::of_value(&key), key))
             })
             .collect();
@@ -110,6 +134,7 @@ fn tensor_key(
     plan: &Plan,
     tensor: &TensorPlan,
     device: &str,
+    (merge, seed): (&Merge, u64),
     slice: &dyn Fn(&Path, &str, &TensorMeta) -> SliceKey,
 ) -> TensorKey {
     let origin = match &tensor.origin {
@@ -141,13 +166,13 @@ fn tensor_key(
                         LoraKind::Embedding => "embedding",
                     }
                     .into(),
-                    factor: delta.factor,
+                    factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &name_of(a), a),
                     b: Some(slice(&file.path, &name_of(b), b)),
                 },
                 DeltaKind::Vector(v) => DeltaKey {
                     kind: "vector".into(),
-                    factor: delta.factor,
+                    factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &name_of(v), v),
                     b: None,
                 },
@@ -161,6 +186,16 @@ fn tensor_key(
         deltas,
         dtype: tensor.out.dtype.to_string(),
         device: device.to_owned(),
+        merge: (merge.method.sparsify().is_some() || merge.method.elects_sign()).then(|| {
+            MergeKey {
+                method: merge.method,
+                density: merge.density,
+                majority_sign: merge.majority_sign,
+                seed: tensor_seed(seed, &tensor.out.name),
+                weights: tensor.deltas.iter().map(|d| d.weight).collect(),
+                scalings: tensor.deltas.iter().map(|d| d.scaling).collect(),
+            }
+        }),
     }
 }
 
@@ -220,6 +255,9 @@ impl TensorKey {
                 "the device changed from {} to {}",
                 old.device, self.device
             ));
+        }
+        if self.merge != old.merge {
+            why.push("the merge settings changed".into());
         }
         if self.version != old.version {
             why.push("modelforge's fusion changed".into());

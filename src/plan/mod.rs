@@ -11,7 +11,7 @@ use safetensors::Dtype;
 
 pub(crate) use error::PlanError;
 pub(crate) use graph::{BuildGraph, Status};
-pub(crate) use keys::{pathdiff, Keys, TensorKey};
+pub(crate) use keys::{pathdiff, Keys, MergeKey, TensorKey};
 
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
@@ -40,8 +40,10 @@ pub(crate) enum Origin {
 #[derive(Clone, Debug)]
 pub(crate) struct Delta {
     pub adapter: usize,
-    /// weight × scaling.
-    pub factor: f64,
+    /// The recipe's weight for this adapter and module.
+    pub weight: f64,
+    /// The adapter's own scaling.
+    pub scaling: f64,
     pub kind: DeltaKind,
 }
 
@@ -216,7 +218,8 @@ impl Plan {
             }
 
             for (module, lora) in &adapter.modules {
-                let factor = weights[index].for_module(module, layer_of(module)) * lora.scaling;
+                let weight = weights[index].for_module(module, layer_of(module));
+                let factor = weight * lora.scaling;
                 let tensor = format!("{module}.weight");
                 let plan = tensors.get_mut(&tensor).ok_or_else(|| unknown(&tensor))?;
                 let (out, inner) = (lora.b.shape[0], lora.a.shape[1]);
@@ -233,7 +236,8 @@ impl Plan {
                 if factor != 0.0 {
                     plan.deltas.push(Delta {
                         adapter: index,
-                        factor,
+                        weight,
+                        scaling: lora.scaling,
                         kind: DeltaKind::LowRank {
                             kind: lora.kind,
                             a: lora.a.clone(),
@@ -251,7 +255,8 @@ impl Plan {
                     if factor != 0.0 {
                         plan.deltas.push(Delta {
                             adapter: index,
-                            factor,
+                            weight,
+                            scaling: lora.scaling,
                             kind: DeltaKind::Vector(bias.clone()),
                         });
                     }

@@ -14,7 +14,7 @@ use toml::Spanned;
 
 pub(crate) use error::{RecipeError, Src};
 pub(crate) use layers::LayerRange;
-pub(crate) use schema::OutputDtype;
+pub(crate) use schema::{MajoritySign, MergeMethod, OutputDtype};
 pub(crate) use weight::{layer_of, ResolvedRule, Weight, WeightRule};
 
 use schema::{RawRecipe, RawWeight};
@@ -32,6 +32,43 @@ pub(crate) struct Recipe {
     pub adapters: Vec<AdapterEntry>,
     pub output: Output,
     pub device: DeviceRequest,
+    pub merge: Merge,
+}
+
+/// `[merge]`, checked: every method is one task-arithmetic merge with a way to sparsify each
+/// delta and a way to elect signs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Merge {
+    pub method: MergeMethod,
+    /// The fraction of each delta's entries kept (1.0 when the method keeps all).
+    pub density: f64,
+    pub majority_sign: MajoritySign,
+    /// The seed of DARE's random pruning; `None` means derived from the recipe's digest.
+    pub seed: Option<u64>,
+}
+
+impl MergeMethod {
+    /// Whether the method prunes each delta, and whether by magnitude or at random.
+    pub fn sparsify(self) -> Option<Pruning> {
+        match self {
+            MergeMethod::Linear | MergeMethod::Cat => None,
+            MergeMethod::Ties | MergeMethod::MagnitudePrune => Some(Pruning::Magnitude),
+            MergeMethod::DareLinear | MergeMethod::DareTies => Some(Pruning::Random),
+        }
+    }
+
+    /// Whether the method elects a sign per entry and keeps only agreeing deltas.
+    pub fn elects_sign(self) -> bool {
+        matches!(self, MergeMethod::Ties | MergeMethod::DareTies)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pruning {
+    /// Keep the largest entries by magnitude (TIES, magnitude pruning).
+    Magnitude,
+    /// Keep each entry with probability `density` and rescale by 1/density (DARE).
+    Random,
 }
 
 /// A path the recipe names, with where it names it.
@@ -118,6 +155,7 @@ impl Recipe {
                 )
             })?,
         };
+        let merge = checker.merge(raw.merge.as_ref())?;
         Ok(Recipe {
             path: path.to_owned(),
             text,
@@ -125,6 +163,7 @@ impl Recipe {
             adapters,
             output,
             device,
+            merge,
         })
     }
 
@@ -297,6 +336,74 @@ impl Checker {
             value: self.finite(*rule.value.get_ref(), rule.value.span())?,
             layers,
             modules: rule.modules.as_ref().map(|m| m.get_ref().clone()),
+        })
+    }
+
+    fn merge(&self, raw: Option<&Spanned<schema::RawMerge>>) -> Result<Merge, RecipeError> {
+        let Some(raw) = raw else {
+            return Ok(Merge {
+                method: MergeMethod::Linear,
+                density: 1.0,
+                majority_sign: MajoritySign::Total,
+                seed: None,
+            });
+        };
+        let raw = raw.get_ref();
+        let method = raw
+            .method
+            .as_ref()
+            .map(|m| *m.get_ref())
+            .unwrap_or_default();
+        let density =
+            match &raw.density {
+                None if method.sparsify().is_some() => {
+                    let span = raw.method.as_ref().map(|m| m.span()).unwrap_or(0..0);
+                    return Err(self.invalid(
+                    format!(
+                        "`{}` needs a `density`",
+                        serde_json::to_value(method)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("")
+                    ),
+                    "add `density = 0.5` (the fraction of each delta's entries to keep) to [merge]",
+                    span,
+                ));
+                }
+                None => 1.0,
+                Some(d) if method.sparsify().is_none() => return Err(self.invalid(
+                    "`density` applies to ties, dare_linear, dare_ties and magnitude_prune only"
+                        .into(),
+                    "remove it, or choose a method that prunes",
+                    d.span(),
+                )),
+                Some(d) if !(*d.get_ref() > 0.0 && *d.get_ref() <= 1.0) => {
+                    return Err(self.invalid(
+                        format!("the density `{}` is not in (0, 1]", d.get_ref()),
+                        "density is the fraction of entries kept, e.g. `0.5`",
+                        d.span(),
+                    ))
+                }
+                Some(d) => *d.get_ref(),
+            };
+        if let Some(sign) = &raw.majority_sign {
+            if !method.elects_sign() {
+                return Err(self.invalid(
+                    "`majority_sign` applies to ties and dare_ties only".into(),
+                    "remove it, or use `method = \"ties\"` or `\"dare_ties\"`",
+                    sign.span(),
+                ));
+            }
+        }
+        Ok(Merge {
+            method,
+            density,
+            majority_sign: raw
+                .majority_sign
+                .as_ref()
+                .map(|s| *s.get_ref())
+                .unwrap_or_default(),
+            seed: raw.seed.as_ref().map(|s| *s.get_ref()),
         })
     }
 

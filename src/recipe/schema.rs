@@ -15,6 +15,46 @@ pub(crate) struct RawRecipe {
     pub output: Spanned<RawOutput>,
     #[serde(default)]
     pub build: Option<Spanned<RawBuild>>,
+    #[serde(default)]
+    pub merge: Option<Spanned<RawMerge>>,
+}
+
+/// How the adapters' deltas combine.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMerge {
+    #[serde(default)]
+    pub method: Option<Spanned<MergeMethod>>,
+    #[serde(default)]
+    pub density: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub majority_sign: Option<Spanned<MajoritySign>>,
+    #[serde(default)]
+    pub seed: Option<Spanned<u64>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum MergeMethod {
+    /// The weighted sum of the deltas.
+    #[default]
+    Linear,
+    /// For a fused model, the same as `linear`: the deltas' factors concatenated.
+    Cat,
+    Ties,
+    DareLinear,
+    DareTies,
+    MagnitudePrune,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum MajoritySign {
+    /// The sign of the sum of the deltas.
+    #[default]
+    Total,
+    /// The sign most deltas have.
+    Frequency,
 }
 
 #[derive(Debug, Deserialize)]

@@ -225,3 +225,29 @@ fn a_failed_build_keeps_the_previous_output() {
     after.retain(|(p, _)| !p.starts_with(ws.path("wide")));
     assert_eq!(before, after);
 }
+
+#[test]
+fn merge_method_without_density() {
+    let ws = workspace();
+    assert_snapshot!(fails(&ws, &format!("{GOOD}\n[merge]\nmethod = \"ties\"\n")));
+}
+
+#[test]
+fn majority_sign_without_sign_election() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &format!(
+            "{GOOD}\n[merge]\nmethod = \"dare_linear\"\ndensity = 0.5\nmajority_sign = \"total\"\n"
+        )
+    ));
+}
+
+#[test]
+fn density_out_of_range() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &format!("{GOOD}\n[merge]\nmethod = \"magnitude_prune\"\ndensity = 1.5\n")
+    ));
+}

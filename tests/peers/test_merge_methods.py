@@ -1,0 +1,129 @@
+"""Merge methods against PEFT's own merge utilities, applied to the full deltas.
+
+PEFT's `add_weighted_adapter` combines the A and B factors separately (cross terms, and equal
+ranks required), so the exact reference is `peft.utils.merge_utils` on each adapter's full delta
+scaling·B·A, with the recipe's weights: W' = W + merge([Δ₁, Δ₂], weights). DARE draws its masks
+from LibTorch's generator seeded per tensor; the test seeds torch the same way, so both sides
+draw the same masks (one LibTorch, one generator).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import blake3
+import pytest
+import torch
+from peft.utils import merge_utils
+from safetensors.torch import load_file, save_file
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("MODELFORGE_BIN", REPO / "target" / "debug" / "modelforge"))
+HIDDEN, LAYERS, RANK_A, RANK_B = 32, 2, 4, 6
+MODULES = ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"]
+SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HIDDEN, HIDDEN), "mlp.up_proj": (2 * HIDDEN, HIDDEN)}
+WEIGHTS = (0.7, 0.4)
+SEED = 1234
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """modelforge's per-tensor seed: the first 8 bytes of blake3("{seed}:{name}"), halved."""
+    return int.from_bytes(blake3.blake3(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("merge")
+    gen = torch.Generator().manual_seed(0)
+    base = {"model.embed_tokens.weight": torch.randn(16, HIDDEN, generator=gen)}
+    for layer in range(LAYERS):
+        for module, shape in SHAPES.items():
+            base[f"model.layers.{layer}.{module}.weight"] = torch.randn(*shape, generator=gen) * 0.1
+    (ws / "base").mkdir()
+    save_file(base, ws / "base" / "model.safetensors", metadata={"format": "pt"})
+    (ws / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": LAYERS}))
+    for name, rank, alpha in (("a", RANK_A, 8), ("b", RANK_B, 6)):
+        tensors = {}
+        for layer in range(LAYERS):
+            for module, (out, inp) in SHAPES.items():
+                key = f"base_model.model.model.layers.{layer}.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, generator=gen) * 0.3
+                tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * 0.3
+        (ws / name).mkdir()
+        save_file(tensors, ws / name / "adapter_model.safetensors", metadata={"format": "pt"})
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+        (ws / name / "adapter_config.json").write_text(json.dumps(config))
+    return ws
+
+
+def build(ws: Path, method: str, extra: str) -> dict[str, torch.Tensor]:
+    recipe = ws / f"{method}.toml"
+    recipe.write_text(
+        f'[base]\npath = "base"\n[[adapter]]\npath = "a"\nweight = {WEIGHTS[0]}\n'
+        f'[[adapter]]\npath = "b"\nweight = {WEIGHTS[1]}\n'
+        f'[output]\npath = "out-{method}"\n[merge]\nmethod = "{method}"\n{extra}'
+    )
+    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    return load_file(ws / f"out-{method}" / "model.safetensors")
+
+
+def deltas(ws: Path, name: str) -> list[torch.Tensor]:
+    module = name.removesuffix(".weight")
+    out = []
+    for adapter, rank, alpha in (("a", RANK_A, 8), ("b", RANK_B, 6)):
+        t = load_file(ws / adapter / "adapter_model.safetensors")
+        a, b = t[f"base_model.model.{module}.lora_A.weight"], t[f"base_model.model.{module}.lora_B.weight"]
+        out.append((b @ a) * (alpha / rank))
+    return out
+
+
+CASES = {
+    "linear": ("", lambda d, w: merge_utils.task_arithmetic(d, w)),
+    "ties": ("density = 0.5\n", lambda d, w: merge_utils.ties(d, w, 0.5, "total")),
+    "ties_frequency": (
+        'density = 0.3\nmajority_sign = "frequency"\n',
+        lambda d, w: merge_utils.ties(d, w, 0.3, "frequency"),
+    ),
+    "magnitude_prune": ("density = 0.4\n", lambda d, w: merge_utils.magnitude_prune(d, w, 0.4)),
+    "dare_linear": (f"density = 0.5\nseed = {SEED}\n", lambda d, w: merge_utils.dare_linear(d, w, 0.5)),
+    "dare_ties": (f"density = 0.6\nseed = {SEED}\n", lambda d, w: merge_utils.dare_ties(d, w, 0.6, "total")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_peft_merge_utils(workspace, case):
+    extra, reference = CASES[case]
+    method = "ties" if case == "ties_frequency" else case
+    ours = build(workspace, method, extra)
+    base = load_file(workspace / "base" / "model.safetensors")
+    weights = torch.tensor(WEIGHTS, dtype=torch.float32)
+    checked = 0
+    for name, w in base.items():
+        if "layers" not in name:
+            assert torch.equal(ours[name], w), name
+            continue
+        torch.manual_seed(tensor_seed(SEED, name))
+        want = w + reference(deltas(workspace, name), weights)
+        err = (ours[name] - want).abs().max().item()
+        assert err <= 1e-6 * want.abs().max().item(), f"{case} {name}: {err}"
+        checked += 1
+    assert checked == LAYERS * len(MODULES)
+
+
+def test_dare_is_reproducible_and_the_seed_matters(workspace):
+    first = build(workspace, "dare_ties", f"density = 0.5\nseed = {SEED}\n")
+    again = build(workspace, "dare_ties", f"density = 0.5\nseed = {SEED}\n")
+    other = build(workspace, "dare_ties", "density = 0.5\nseed = 99\n")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first[name], other[name])
+    # The kept fraction is the density, within sampling error (2 × 2048 entries per tensor).
+    d = deltas(workspace, name)
+    torch.manual_seed(tensor_seed(SEED, name))
+    masks = [torch.bernoulli(torch.full_like(t, 0.5)) for t in d]
+    kept = sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
+    assert abs(kept - 0.5) < 0.03
