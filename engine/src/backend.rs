@@ -1,6 +1,6 @@
 //! LibTorch through tch: device selection and the fusion arithmetic. Everything is computed in
 //! f32 and rounded to the output dtype once.
-use modelforge::exec::job::{MergeJob, SignElection, Sparsify};
+use modelforge::exec::job::{MergeJob, Refactor, SignElection, Sparsify, Truncation};
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
 
@@ -101,26 +101,28 @@ impl Backend {
         }
     }
 
-    /// A task-arithmetic merge of whole tensors, as PEFT's `merge_utils` computes it: each task
-    /// (`factor` · product, the factor being the adapter's scaling) is pruned, signs are
-    /// elected on the pruned tasks, then tasks are weighted and summed, or averaged over the
-    /// entries that agree with the elected sign. Returns `round(W + merged)` in `out_dtype`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn merge_tensor(
+    /// The combined delta of whole tensors. Without `merge`, Σ factor · product; with it, a
+    /// task-arithmetic merge as PEFT's `merge_utils` computes it: each task (factor · product,
+    /// the factor being the adapter's scaling) is pruned, signs are elected on the pruned tasks,
+    /// then tasks are weighted and summed, or averaged over the entries that agree.
+    pub fn merged_delta(
         &self,
-        base: &[u8],
-        in_dtype: Dtype,
         rows: usize,
         cols: usize,
         tasks: &[BlockDelta<'_>],
         weights: &[f64],
-        merge: &MergeJob,
-        out_dtype: Dtype,
-    ) -> Vec<u8> {
+        merge: Option<&MergeJob>,
+    ) -> Tensor {
         let shape = [rows as i64, cols as i64];
-        let w = tensor(base, in_dtype, &[rows, cols])
-            .to_device(self.device)
-            .to_kind(Kind::Float);
+        let Some(merge) = merge else {
+            let mut sum = Tensor::zeros(shape, (Kind::Float, self.device));
+            for task in tasks {
+                let mut product = self.product(task, rows, cols);
+                let _ = product.g_mul_scalar_(task.factor);
+                let _ = sum.g_add_(&product);
+            }
+            return sum;
+        };
         // The generator is seeded per tensor, so the masks do not depend on which tensors
         // were computed before.
         tch::manual_seed(merge.seed);
@@ -150,7 +152,7 @@ impl Backend {
             .view([-1, 1, 1])
             .to_device(self.device);
         let weighted = &stacked * &weights;
-        let merged = match merge.elect_sign {
+        match merge.elect_sign {
             None => weighted.sum_dim_intlist(0, false, Kind::Float),
             Some(election) => {
                 let sign = stacked.sign();
@@ -164,7 +166,66 @@ impl Backend {
                 let count = agrees.sum_dim_intlist(0, false, Kind::Float).clamp_min(1.0);
                 kept / count
             }
+        }
+    }
+
+    /// Factors the combined delta (transposed if asked) by a truncated SVD: returns A's then
+    /// B's f32 bytes, with B·A ≈ the delta, and the fraction of its energy kept.
+    pub fn refactor(&self, delta: &Tensor, refactor: &Refactor) -> (Vec<u8>, f64) {
+        let m = if refactor.transpose {
+            delta.t_copy()
+        } else {
+            delta.shallow_clone()
         };
+        let (u, s, v) = m.to_device(Device::Cpu).svd(true, true);
+        let energies = &s * &s;
+        let total = energies.sum(Kind::Double).double_value(&[]);
+        let cumulative: Vec<f64> =
+            Vec::<f64>::try_from(energies.to_kind(Kind::Double).cumsum(0, Kind::Double))
+                .unwrap_or_default();
+        let full = cumulative.len().max(1);
+        let k = match refactor.truncation {
+            Truncation::Rank(k) => k.clamp(1, full),
+            Truncation::Energy(e) => cumulative
+                .iter()
+                .position(|&c| c >= e * total)
+                .map_or(full, |i| i + 1),
+        };
+        let kept = if total > 0.0 {
+            cumulative.get(k - 1).copied().unwrap_or(total) / total
+        } else {
+            1.0
+        };
+        let k = k as i64;
+        let a = v.narrow(1, 0, k).t_copy().contiguous();
+        let b = (u.narrow(1, 0, k) * s.narrow(0, 0, k).unsqueeze(0)).contiguous();
+        let mut bytes = vec![0u8; (a.numel() + b.numel()) * 4];
+        let split = a.numel() * 4;
+        a.copy_data_u8(&mut bytes[..split], a.numel());
+        b.copy_data_u8(&mut bytes[split..], b.numel());
+        (bytes, kept)
+    }
+
+    /// A task-arithmetic merge of whole tensors, as PEFT's `merge_utils` computes it: each task
+    /// (`factor` · product, the factor being the adapter's scaling) is pruned, signs are
+    /// elected on the pruned tasks, then tasks are weighted and summed, or averaged over the
+    /// entries that agree with the elected sign. Returns `round(W + merged)` in `out_dtype`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_tensor(
+        &self,
+        base: &[u8],
+        in_dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        tasks: &[BlockDelta<'_>],
+        weights: &[f64],
+        merge: &MergeJob,
+        out_dtype: Dtype,
+    ) -> Vec<u8> {
+        let w = tensor(base, in_dtype, &[rows, cols])
+            .to_device(self.device)
+            .to_kind(Kind::Float);
+        let merged = self.merged_delta(rows, cols, tasks, weights, Some(merge));
         let out = (w + merged).to_kind(kind(out_dtype)).to_device(Device::Cpu);
         let mut bytes = vec![0u8; rows * cols * out_dtype.bitsize() / 8];
         out.copy_data_u8(&mut bytes, rows * cols);

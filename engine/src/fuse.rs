@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use modelforge::exec::job::{DeltaValues, Slice, TensorJob};
+use modelforge::exec::job::{DeltaJob, DeltaValues, Slice, TensorJob};
 use modelforge::store::{ActionEntry, Store};
 use rayon::prelude::*;
 
@@ -125,6 +125,31 @@ pub(crate) fn fuse(
     let cols = numel / rows;
     let deltas = prepare(backend, inputs, tensor)?;
     let file = inputs.file(&origin.path)?;
+
+    if let Some(refactor) = &tensor.refactor {
+        let factor = |d: &DeltaJob| {
+            if tensor.merge.is_some() {
+                d.scaling
+            } else {
+                d.factor()
+            }
+        };
+        let tasks: Vec<BlockDelta<'_>> = deltas
+            .iter()
+            .zip(&tensor.deltas)
+            .map(|(prepared, delta)| BlockDelta {
+                factor: factor(delta),
+                ..prepared.block(0, rows, cols)
+            })
+            .collect();
+        let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
+        let delta = backend.merged_delta(rows, cols, &tasks, &weights, tensor.merge.as_ref());
+        let (bytes, energy) = backend.refactor(&delta, refactor);
+        out.write(&bytes)?;
+        let mut entry = out.finish(sync)?;
+        entry.energy = Some(energy);
+        return Ok(entry);
+    }
 
     if let Some(merge) = &tensor.merge {
         // Pruning and sign election look at whole tensors: no blocks here.

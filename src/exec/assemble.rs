@@ -119,7 +119,175 @@ pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<O
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
         written.push((target.join(&name), FileDigest::of(&bytes)));
     }
+    if let Some(adapter) = &res.recipe.output.adapter {
+        match write_adapter(res, &adapter.path.path)? {
+            Outcome::Written(files) => written.extend(files),
+            corrupt => return Ok(corrupt),
+        }
+    }
     staging.commit().map_err(output_error(target))?;
     written.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Outcome::Written(written))
+}
+
+/// `[output] adapter`: the re-factored deltas as one PEFT adapter, with `refactor.json`
+/// reporting each module's rank and the fraction of its delta's energy kept.
+fn write_adapter(res: &Resolution, target: &std::path::Path) -> Result<Outcome, ExecError> {
+    use safetensors::Dtype;
+    use serde_json::{json, Map, Value};
+
+    let staging = StagingDir::new(target).map_err(output_error(target))?;
+    let mut tensors = Vec::new();
+    let mut report = Map::new();
+    let mut objects = Vec::new();
+    let mut fan_in_fan_out = false;
+    for (tensor, refactor) in res.plan.tensors.iter().zip(&res.refactors) {
+        let Some((key, refactor)) = refactor else {
+            continue;
+        };
+        let Some(entry) = res.store.action(key) else {
+            return Ok(Outcome::Corrupt(vec![tensor.out.name.clone()]));
+        };
+        // The factored matrix is the delta, or its transpose: (p × q) = B (p × k) · A (k × q).
+        let (rows, cols) = (tensor.out.shape[0], tensor.out.shape[1]);
+        let (p, q) = if refactor.transpose {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let k = (entry.len as usize / 4) / (p + q);
+        let module = tensor
+            .out
+            .name
+            .strip_suffix(".weight")
+            .unwrap_or(&tensor.out.name)
+            .to_owned();
+        let embedding = tensor.deltas.iter().any(|d| {
+            matches!(
+                &d.kind,
+                crate::plan::DeltaKind::LowRank {
+                    kind: crate::io::peft::LoraKind::Embedding,
+                    ..
+                }
+            )
+        });
+        fan_in_fan_out |= refactor.transpose && !embedding;
+        let (a_name, b_name) = if embedding {
+            (
+                format!("base_model.model.{module}.lora_embedding_A"),
+                format!("base_model.model.{module}.lora_embedding_B"),
+            )
+        } else {
+            (
+                format!("base_model.model.{module}.lora_A.weight"),
+                format!("base_model.model.{module}.lora_B.weight"),
+            )
+        };
+        tensors.push(writer::OutTensor {
+            name: a_name.clone(),
+            dtype: Dtype::F32,
+            shape: vec![k, q],
+        });
+        tensors.push(writer::OutTensor {
+            name: b_name.clone(),
+            dtype: Dtype::F32,
+            shape: vec![p, k],
+        });
+        objects.push((a_name, b_name, entry, tensor.out.name.clone()));
+        report.insert(module, json!({ "rank": k, "energy": entry.energy }));
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let shard = writer::Shard {
+        file_name: "adapter_model.safetensors".into(),
+        tensors,
+    };
+    // Both factors of a module come from one object: A's bytes, then B's.
+    let mut bytes_of: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
+    for (a_name, b_name, entry, tensor) in &objects {
+        let Some(mut reader) = VerifyingReader::open(&res.store, &entry.tensor) else {
+            return Ok(Outcome::Corrupt(vec![tensor.clone()]));
+        };
+        let mut all = vec![0u8; entry.len as usize];
+        if reader.read_exact(&mut all).is_err() || !reader.check() {
+            res.store.evict(&entry.tensor);
+            return Ok(Outcome::Corrupt(vec![tensor.clone()]));
+        }
+        let a_len = shard
+            .tensors
+            .iter()
+            .find(|t| &t.name == a_name)
+            .map(writer::OutTensor::len)
+            .unwrap_or(0) as usize;
+        let b = all.split_off(a_len);
+        bytes_of.insert(a_name.clone(), all);
+        bytes_of.insert(b_name.clone(), b);
+    }
+    let weights_path = staging.path().join(&shard.file_name);
+    let mut out =
+        ShardWriter::create(&weights_path, &shard).map_err(output_error(&weights_path))?;
+    for tensor in &shard.tensors {
+        out.begin(&tensor.name)
+            .map_err(output_error(&weights_path))?;
+        out.write(&bytes_of[&tensor.name])
+            .map_err(output_error(&weights_path))?;
+    }
+    let mut written = vec![(
+        target.join(&shard.file_name),
+        FileDigest::new(out.finish(false).map_err(output_error(&weights_path))?),
+    )];
+
+    // One rank for most modules; the others in rank_pattern, with alpha = rank everywhere so
+    // that every module's scaling is 1 and B·A is the delta itself.
+    let mut counts: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for value in report.values() {
+        *counts
+            .entry(value["rank"].as_u64().unwrap_or(0))
+            .or_default() += 1;
+    }
+    let r = counts
+        .iter()
+        .max_by_key(|(rank, n)| (**n, std::cmp::Reverse(**rank)))
+        .map(|(rank, _)| *rank)
+        .unwrap_or(1);
+    let mut rank_pattern = Map::new();
+    for (module, value) in &report {
+        let k = value["rank"].as_u64().unwrap_or(0);
+        if k != r {
+            rank_pattern.insert(regex::escape(module), Value::from(k));
+        }
+    }
+    let mut targets: Vec<String> = report
+        .keys()
+        .map(|m| m.rsplit('.').next().unwrap_or(m).to_owned())
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": res.recipe.base.written,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": rank_pattern.clone(),
+        "alpha_pattern": rank_pattern,
+        "target_modules": targets,
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": false,
+        "use_dora": false,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "inference_mode": true,
+    });
+    for (name, value) in [
+        ("adapter_config.json", config),
+        ("refactor.json", Value::Object(report)),
+    ] {
+        let mut bytes = serde_json::to_vec_pretty(&value).expect("JSON serialises");
+        bytes.push(b'\n');
+        let path = staging.path().join(name);
+        std::fs::write(&path, &bytes).map_err(output_error(&path))?;
+        written.push((target.join(name), FileDigest::of(&bytes)));
+    }
+    staging.commit().map_err(output_error(target))?;
     Ok(Outcome::Written(written))
 }

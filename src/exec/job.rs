@@ -32,7 +32,26 @@ pub struct TensorJob {
     pub deltas: Vec<DeltaJob>,
     /// `None`: the weighted sum, streamed block by block.
     pub merge: Option<MergeJob>,
+    /// Instead of fusing, factor the combined delta for a PEFT adapter.
+    pub refactor: Option<Refactor>,
     pub out_dtype: Dtype,
+}
+
+/// Factor the combined delta Δ (or Δᵀ when `transpose`), shaped (p × q), by a truncated SVD
+/// into A (k × q) and B (p × k) with B·A ≈ Δ; the result object holds A's then B's f32 bytes,
+/// and the action entry the fraction of ‖Δ‖²_F kept.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Refactor {
+    pub truncation: Truncation,
+    pub transpose: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    Rank(usize),
+    /// The smallest rank keeping this fraction of the squared singular values.
+    Energy(f64),
 }
 
 /// Where a tensor's bytes are.

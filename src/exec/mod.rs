@@ -15,10 +15,11 @@ use thiserror::Error;
 
 use crate::cli::{BuildArgs, CacheArgs, PlanArgs, PlanFormat};
 use crate::digest::FileDigest;
+use crate::io::peft::LoraKind;
 use crate::io::writer;
 use crate::lock::{self, Lock, Resolved};
 use crate::plan::{BuildGraph, DeltaKind, Keys, MergeKey, Origin, Plan, Status, TensorKey};
-use crate::recipe::{DeviceRequest, MajoritySign, OutputDtype, Pruning, Recipe};
+use crate::recipe::{DeviceRequest, MajoritySign, OutputDtype, Pruning, RankChoice, Recipe};
 use crate::store::Store;
 
 pub(crate) use summary::{Nodes, Summary};
@@ -102,6 +103,8 @@ pub(crate) struct Resolution {
     pub recipe_digest: FileDigest,
     /// The seed of DARE's random pruning, as given or derived.
     pub seed: u64,
+    /// Per tensor, with `[output] adapter`: the node re-factoring its delta.
+    pub refactors: Vec<Option<(crate::digest::NodeKey, job::Refactor)>>,
 }
 
 impl Resolution {
@@ -125,6 +128,10 @@ impl Resolution {
             (&recipe.merge, seed),
         )
         .map_err(|source| ExecError::Hash { source })?;
+        let refactors = match &recipe.output.adapter {
+            Some(adapter) => refactors(&plan, &keys, adapter.rank),
+            None => vec![None; plan.tensors.len()],
+        };
         Ok(Resolution {
             recipe,
             store,
@@ -133,6 +140,7 @@ impl Resolution {
             device,
             recipe_digest,
             seed,
+            refactors,
         })
     }
 
@@ -334,53 +342,132 @@ fn report(args: &BuildArgs, summary: &Summary) -> miette::Result<()> {
     Ok(())
 }
 
-/// The engine's work: every tensor whose result the cache lacks.
+/// The engine's work: every fused tensor and every re-factored delta the cache lacks.
 fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
-    let plan = &res.plan;
-    plan.tensors
+    let mut jobs: Vec<job::TensorJob> = res
+        .plan
+        .tensors
         .iter()
         .zip(&res.keys.tensors)
         .zip(statuses)
         .filter(|(_, status)| matches!(status, Status::Compute { .. }))
         .filter_map(|((tensor, key), _)| {
             let (key, parts) = key.as_ref()?;
-            let origin = match &tensor.origin {
-                Origin::Base(meta) => {
-                    let (file, _) = plan.inputs.base.weights.get(&tensor.out.name)?;
-                    slice(&file.path, meta)
-                }
-                Origin::Replacement { adapter, meta } => {
-                    slice(&plan.inputs.adapters[*adapter].file.path, meta)
-                }
+            tensor_job(res, tensor, *key, parts, None)
+        })
+        .collect();
+    for (tensor, (refactor, key)) in res
+        .plan
+        .tensors
+        .iter()
+        .zip(res.refactors.iter().zip(&res.keys.tensors))
+    {
+        if let (Some((node, refactor)), Some((_, parts))) = (refactor, key) {
+            if res.store.action(node).is_none() {
+                jobs.extend(tensor_job(res, tensor, *node, parts, Some(*refactor)));
+            }
+        }
+    }
+    jobs
+}
+
+fn tensor_job(
+    res: &Resolution,
+    tensor: &crate::plan::TensorPlan,
+    key: crate::digest::NodeKey,
+    parts: &TensorKey,
+    refactor: Option<job::Refactor>,
+) -> Option<job::TensorJob> {
+    let plan = &res.plan;
+    let origin = match &tensor.origin {
+        Origin::Base(meta) => {
+            let (file, _) = plan.inputs.base.weights.get(&tensor.out.name)?;
+            slice(&file.path, meta)
+        }
+        Origin::Replacement { adapter, meta } => {
+            slice(&plan.inputs.adapters[*adapter].file.path, meta)
+        }
+    };
+    let deltas = tensor
+        .deltas
+        .iter()
+        .map(|delta| {
+            let path = &plan.inputs.adapters[delta.adapter].file.path;
+            let values = match &delta.kind {
+                DeltaKind::LowRank { kind, a, b } => job::DeltaValues::LowRank {
+                    transposed: *kind != crate::io::peft::LoraKind::Linear,
+                    a: slice(path, a),
+                    b: slice(path, b),
+                },
+                DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
             };
-            let deltas = tensor
+            job::DeltaJob {
+                weight: delta.weight,
+                scaling: delta.scaling,
+                values,
+            }
+        })
+        .collect();
+    Some(job::TensorJob {
+        key,
+        name: tensor.out.name.clone(),
+        origin,
+        deltas,
+        merge: parts.merge.as_ref().map(merge_job),
+        refactor,
+        out_dtype: tensor.out.dtype,
+    })
+}
+
+/// For `[output] adapter`: per tensor, the node that factors its combined delta, when the
+/// delta is low-rank (a LoRA module's; bias vectors and replaced tensors have no factors).
+fn refactors(
+    plan: &Plan,
+    keys: &Keys,
+    rank: RankChoice,
+) -> Vec<Option<(crate::digest::NodeKey, job::Refactor)>> {
+    plan.tensors
+        .iter()
+        .zip(&keys.tensors)
+        .map(|(tensor, key)| {
+            let (node, _) = key.as_ref()?;
+            let kinds: Vec<LoraKind> = tensor
                 .deltas
                 .iter()
-                .map(|delta| {
-                    let path = &plan.inputs.adapters[delta.adapter].file.path;
-                    let values = match &delta.kind {
-                        DeltaKind::LowRank { kind, a, b } => job::DeltaValues::LowRank {
-                            transposed: *kind != crate::io::peft::LoraKind::Linear,
-                            a: slice(path, a),
-                            b: slice(path, b),
-                        },
-                        DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
-                    };
-                    job::DeltaJob {
-                        weight: delta.weight,
-                        scaling: delta.scaling,
-                        values,
-                    }
+                .filter_map(|d| match &d.kind {
+                    DeltaKind::LowRank { kind, .. } => Some(*kind),
+                    DeltaKind::Vector(_) => None,
                 })
                 .collect();
-            Some(job::TensorJob {
-                key: *key,
-                name: tensor.out.name.clone(),
-                origin,
-                deltas,
-                merge: parts.merge.as_ref().map(merge_job),
-                out_dtype: tensor.out.dtype,
-            })
+            if kinds.is_empty() || kinds.len() != tensor.deltas.len() || tensor.out.shape.len() != 2
+            {
+                return None;
+            }
+            let truncation = match rank {
+                RankChoice::Exact => job::Truncation::Rank(
+                    tensor
+                        .deltas
+                        .iter()
+                        .map(|d| match &d.kind {
+                            DeltaKind::LowRank { a, .. } => a.shape[0],
+                            DeltaKind::Vector(_) => 0,
+                        })
+                        .sum(),
+                ),
+                RankChoice::Rank(k) => job::Truncation::Rank(k),
+                RankChoice::Energy(e) => job::Truncation::Energy(e),
+            };
+            let refactor = job::Refactor {
+                truncation,
+                transpose: kinds[0] != LoraKind::Linear,
+            };
+            let key = crate::digest::NodeKey::of_value(&serde_json::json!({
+                "op": "refactor",
+                "version": 1,
+                "of": node,
+                "refactor": refactor,
+            }));
+            Some((key, refactor))
         })
         .collect()
 }

@@ -342,20 +342,23 @@ fn out_dtype(input: Dtype, requested: OutputDtype) -> Dtype {
 }
 
 fn check_output_is_not_an_input(recipe: &Recipe) -> Result<(), PlanError> {
-    let output = &recipe.output.path;
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    let Some(out) = canonical(&output.path) else {
-        return Ok(()); // does not exist yet, so it cannot be an input
-    };
-    let inputs = std::iter::once(&recipe.base).chain(recipe.adapters.iter().map(|a| &a.entry));
-    for input in inputs {
-        if let Some(input) = canonical(&input.path) {
-            if input.starts_with(&out) || out.starts_with(&input) {
-                return Err(PlanError::OutputOverInput {
-                    path: output.path.clone(),
-                    src: recipe.src(),
-                    span: output.span,
-                });
+    let outputs =
+        std::iter::once(&recipe.output.path).chain(recipe.output.adapter.as_ref().map(|a| &a.path));
+    for output in outputs {
+        let Some(out) = canonical(&output.path) else {
+            continue; // does not exist yet, so it cannot be an input
+        };
+        let inputs = std::iter::once(&recipe.base).chain(recipe.adapters.iter().map(|a| &a.entry));
+        for input in inputs {
+            if let Some(input) = canonical(&input.path) {
+                if input.starts_with(&out) || out.starts_with(&input) {
+                    return Err(PlanError::OutputOverInput {
+                        path: output.path.clone(),
+                        src: recipe.src(),
+                        span: output.span,
+                    });
+                }
             }
         }
     }

@@ -15,6 +15,7 @@ use toml::Spanned;
 pub(crate) use error::{RecipeError, Src};
 pub(crate) use layers::LayerRange;
 pub(crate) use schema::{MajoritySign, MergeMethod, OutputDtype};
+
 pub(crate) use weight::{layer_of, ResolvedRule, Weight, WeightRule};
 
 use schema::{RawRecipe, RawWeight};
@@ -93,6 +94,24 @@ pub(crate) struct Output {
     pub path: Entry,
     pub dtype: OutputDtype,
     pub max_shard_size: u64,
+    /// `[output] adapter`: the combined delta, re-factored into one PEFT adapter.
+    pub adapter: Option<AdapterOutput>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct AdapterOutput {
+    pub path: Entry,
+    pub rank: RankChoice,
+}
+
+/// How the combined delta of each module is truncated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum RankChoice {
+    /// The sum of the ranks of the adapters touching the module: exact for linear merges.
+    Exact,
+    Rank(usize),
+    /// The smallest rank keeping this fraction of ‖Δ‖²_F.
+    Energy(f64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +145,9 @@ impl Recipe {
             .map(|adapter| checker.adapter(adapter))
             .collect::<Result<_, _>>()?;
         let output = raw.output.get_ref();
+        let adapter_output = checker.adapter_output(output)?;
         let output = Output {
+            adapter: adapter_output,
             path: checker.entry(&output.path),
             dtype: output
                 .dtype
@@ -337,6 +358,57 @@ impl Checker {
             layers,
             modules: rule.modules.as_ref().map(|m| m.get_ref().clone()),
         })
+    }
+
+    fn adapter_output(
+        &self,
+        raw: &schema::RawOutput,
+    ) -> Result<Option<AdapterOutput>, RecipeError> {
+        let Some(path) = &raw.adapter else {
+            if let Some(span) = raw
+                .adapter_rank
+                .as_ref()
+                .map(|r| r.span())
+                .or(raw.adapter_energy.as_ref().map(|e| e.span()))
+            {
+                return Err(self.invalid(
+                    "`adapter_rank` and `adapter_energy` apply to `[output] adapter` only".into(),
+                    "add `adapter = \"build/combined-lora\"` to [output], or remove them",
+                    span,
+                ));
+            }
+            return Ok(None);
+        };
+        let rank = match (&raw.adapter_rank, &raw.adapter_energy) {
+            (Some(_), Some(energy)) => {
+                return Err(self.invalid(
+                    "give `adapter_rank` or `adapter_energy`, not both".into(),
+                    "keep the one that says how to truncate",
+                    energy.span(),
+                ))
+            }
+            (Some(rank), None) if *rank.get_ref() == 0 => {
+                return Err(self.invalid(
+                    "`adapter_rank` must be at least 1".into(),
+                    "e.g. `adapter_rank = 16`",
+                    rank.span(),
+                ))
+            }
+            (Some(rank), None) => RankChoice::Rank(*rank.get_ref() as usize),
+            (None, Some(energy)) if !(*energy.get_ref() > 0.0 && *energy.get_ref() <= 1.0) => {
+                return Err(self.invalid(
+                    format!("the energy `{}` is not in (0, 1]", energy.get_ref()),
+                    "it is the fraction of each delta's squared norm kept, e.g. `0.99`",
+                    energy.span(),
+                ))
+            }
+            (None, Some(energy)) => RankChoice::Energy(*energy.get_ref()),
+            (None, None) => RankChoice::Exact,
+        };
+        Ok(Some(AdapterOutput {
+            path: self.entry(path),
+            rank,
+        }))
     }
 
     fn merge(&self, raw: Option<&Spanned<schema::RawMerge>>) -> Result<Merge, RecipeError> {

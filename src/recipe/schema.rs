@@ -97,6 +97,15 @@ pub(crate) struct RawOutput {
     /// Largest shard, e.g. `"2GB"`; above it the weights are split and indexed.
     #[serde(default)]
     pub max_shard_size: Option<Spanned<String>>,
+    /// Also write the combined delta as one PEFT adapter for the base, here.
+    #[serde(default)]
+    pub adapter: Option<Spanned<String>>,
+    /// The adapter's rank for every module (truncated SVD).
+    #[serde(default)]
+    pub adapter_rank: Option<Spanned<u64>>,
+    /// Or the smallest rank per module that keeps this fraction of the delta's energy.
+    #[serde(default)]
+    pub adapter_energy: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

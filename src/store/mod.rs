@@ -37,10 +37,13 @@ pub struct Store {
 }
 
 /// What an action produced: the tensor's digest and byte count.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ActionEntry {
     pub tensor: TensorDigest,
     pub len: u64,
+    /// For a re-factored delta: the fraction of its energy the truncation kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -235,6 +238,7 @@ impl ObjectWriter {
         Ok(ActionEntry {
             tensor: digest,
             len: self.len,
+            energy: None,
         })
     }
 }

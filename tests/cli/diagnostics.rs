@@ -251,3 +251,21 @@ fn density_out_of_range() {
         &format!("{GOOD}\n[merge]\nmethod = \"magnitude_prune\"\ndensity = 1.5\n")
     ));
 }
+
+#[test]
+fn adapter_output_over_an_input() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"out\"\nadapter = \"lora\"")
+    ));
+}
+
+#[test]
+fn adapter_rank_without_adapter_output() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"out\"\nadapter_rank = 8")
+    ));
+}
