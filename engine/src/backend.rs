@@ -63,11 +63,20 @@ impl Backend {
         out_dtype: Dtype,
     ) -> Vec<u8> {
         let shape = [rows, cols];
-        let mut acc = tensor(base, in_dtype, &shape)
+        let w = tensor(base, in_dtype, &shape)
             .to_device(self.device)
             .to_kind(Kind::Float);
+        // A full model's delta is measured from the unchanged base, so keep it apart.
+        let differences = deltas
+            .iter()
+            .any(|d| matches!(d.values, BlockValues::Model(_)));
+        let mut acc = if differences {
+            w.copy()
+        } else {
+            w.shallow_clone()
+        };
         for delta in deltas {
-            let product = self.product(delta, rows, cols);
+            let product = self.product(delta, rows, cols, &w);
             // In place, to keep one f32 temporary per block; the same operations, in the same order,
             // as PEFT's `W + (B @ A) * scaling`.
             let mut product = product;
@@ -83,8 +92,9 @@ impl Backend {
 }
 
 impl Backend {
-    /// `left·right` (or the dense values) of one delta, as a (rows × cols) f32 tensor.
-    fn product(&self, delta: &BlockDelta<'_>, rows: usize, cols: usize) -> Tensor {
+    /// One delta as a (rows × cols) f32 tensor: `left·right`, the dense values, or a full
+    /// model's values minus the base's `w`.
+    fn product(&self, delta: &BlockDelta<'_>, rows: usize, cols: usize, w: &Tensor) -> Tensor {
         match delta.values {
             BlockValues::LowRank { left, right, rank } => {
                 let left = Tensor::from_slice(left)
@@ -98,6 +108,12 @@ impl Backend {
             BlockValues::Dense(values) => Tensor::from_slice(values)
                 .view([rows as i64, cols as i64])
                 .to_device(self.device),
+            BlockValues::Model(values) => {
+                Tensor::from_slice(values)
+                    .view([rows as i64, cols as i64])
+                    .to_device(self.device)
+                    - w
+            }
         }
     }
 
@@ -107,6 +123,7 @@ impl Backend {
     /// then tasks are weighted and summed, or averaged over the entries that agree.
     pub fn merged_delta(
         &self,
+        w: &Tensor,
         rows: usize,
         cols: usize,
         tasks: &[BlockDelta<'_>],
@@ -117,7 +134,7 @@ impl Backend {
         let Some(merge) = merge else {
             let mut sum = Tensor::zeros(shape, (Kind::Float, self.device));
             for task in tasks {
-                let mut product = self.product(task, rows, cols);
+                let mut product = self.product(task, rows, cols, w);
                 let _ = product.g_mul_scalar_(task.factor);
                 let _ = sum.g_add_(&product);
             }
@@ -129,7 +146,7 @@ impl Backend {
         let pruned: Vec<Tensor> = tasks
             .iter()
             .map(|task| {
-                let values = self.product(task, rows, cols) * task.factor;
+                let values = self.product(task, rows, cols, w) * task.factor;
                 match merge.sparsify {
                     None => values,
                     Some(Sparsify::Magnitude) => {
@@ -206,29 +223,19 @@ impl Backend {
         (bytes, kept)
     }
 
-    /// A task-arithmetic merge of whole tensors, as PEFT's `merge_utils` computes it: each task
-    /// (`factor` · product, the factor being the adapter's scaling) is pruned, signs are
-    /// elected on the pruned tasks, then tasks are weighted and summed, or averaged over the
-    /// entries that agree with the elected sign. Returns `round(W + merged)` in `out_dtype`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn merge_tensor(
-        &self,
-        base: &[u8],
-        in_dtype: Dtype,
-        rows: usize,
-        cols: usize,
-        tasks: &[BlockDelta<'_>],
-        weights: &[f64],
-        merge: &MergeJob,
-        out_dtype: Dtype,
-    ) -> Vec<u8> {
-        let w = tensor(base, in_dtype, &[rows, cols])
+    /// A whole base tensor in f32, on the device.
+    pub fn base(&self, bytes: &[u8], dtype: Dtype, rows: usize, cols: usize) -> Tensor {
+        tensor(bytes, dtype, &[rows, cols])
             .to_device(self.device)
-            .to_kind(Kind::Float);
-        let merged = self.merged_delta(rows, cols, tasks, weights, Some(merge));
-        let out = (w + merged).to_kind(kind(out_dtype)).to_device(Device::Cpu);
-        let mut bytes = vec![0u8; rows * cols * out_dtype.bitsize() / 8];
-        out.copy_data_u8(&mut bytes, rows * cols);
+            .to_kind(Kind::Float)
+    }
+
+    /// `round(w + delta)` in `out_dtype`, as bytes.
+    pub fn add_and_round(&self, w: Tensor, delta: Tensor, out_dtype: Dtype) -> Vec<u8> {
+        let out = (w + delta).to_kind(kind(out_dtype)).to_device(Device::Cpu);
+        let numel = out.numel();
+        let mut bytes = vec![0u8; numel * out_dtype.bitsize() / 8];
+        out.copy_data_u8(&mut bytes, numel);
         bytes
     }
 }
@@ -246,6 +253,8 @@ pub(crate) enum BlockValues<'a> {
         rank: usize,
     },
     Dense(&'a [f32]),
+    /// A full model's values: the delta is these minus the base's.
+    Model(&'a [f32]),
 }
 
 fn tensor(bytes: &[u8], dtype: Dtype, shape: &[usize]) -> Tensor {

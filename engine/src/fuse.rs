@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use modelforge::exec::job::{DeltaJob, DeltaValues, Slice, TensorJob};
+use modelforge::exec::job::{DeltaValues, Slice, TensorJob};
 use modelforge::store::{ActionEntry, Store};
 use rayon::prelude::*;
 
@@ -35,7 +35,8 @@ impl Inputs {
     }
 }
 
-/// A delta in f32, laid out so that any block of output rows is a contiguous slice.
+/// A delta in f32, laid out so that any block of output rows is a contiguous slice; or, for a
+/// full model, where to read its rows.
 struct Prepared {
     factor: f64,
     /// Row-major (rows × rank) for low-rank deltas, (rows × cols) for dense ones.
@@ -43,11 +44,39 @@ struct Prepared {
     /// (rank × cols) for low-rank deltas; empty for dense ones.
     right: Vec<f32>,
     rank: usize,
+    /// A full model's tensor, read block by block.
+    model: Option<(File, Slice)>,
 }
 
 impl Prepared {
-    fn block(&self, start: usize, n: usize, cols: usize) -> BlockDelta<'_> {
-        let values = if self.right.is_empty() {
+    /// The rows `start..start + n` of a full model's tensor, in f32.
+    fn model_rows(
+        &self,
+        backend: &Backend,
+        start: usize,
+        n: usize,
+        cols: usize,
+    ) -> std::io::Result<Option<Vec<f32>>> {
+        let Some((file, slice)) = &self.model else {
+            return Ok(None);
+        };
+        let row_bytes = cols * slice.dtype.bitsize() / 8;
+        let mut bytes = vec![0u8; n * row_bytes];
+        file.read_exact_at(&mut bytes, slice.start + (start * row_bytes) as u64)?;
+        Ok(Some(backend.f32_values(&bytes, slice.dtype, &[n, cols])))
+    }
+
+    /// This delta's share of rows `start..start + n`; `model` holds them for a full model.
+    fn block<'a>(
+        &'a self,
+        start: usize,
+        n: usize,
+        cols: usize,
+        model: Option<&'a [f32]>,
+    ) -> BlockDelta<'a> {
+        let values = if let Some(values) = model {
+            BlockValues::Model(values)
+        } else if self.right.is_empty() {
             BlockValues::Dense(&self.left[start * cols..(start + n) * cols])
         } else {
             BlockValues::LowRank {
@@ -73,37 +102,41 @@ fn prepare(
         let mut load = |slice: &Slice| -> std::io::Result<Vec<f32>> {
             Ok(backend.f32_values(&inputs.read(slice)?, slice.dtype, &slice.shape))
         };
+        let plain = |left, right, rank| Prepared {
+            factor: delta.factor(),
+            left,
+            right,
+            rank,
+            model: None,
+        };
         prepared.push(match &delta.values {
-            DeltaValues::Dense(v) => Prepared {
-                factor: delta.factor(),
-                left: load(v)?,
-                right: Vec::new(),
-                rank: 0,
+            DeltaValues::Dense(v) => plain(load(v)?, Vec::new(), 0),
+            DeltaValues::Model(m) => Prepared {
+                model: Some((open(&m.path)?, m.clone())),
+                ..plain(Vec::new(), Vec::new(), 0)
             },
             DeltaValues::LowRank { transposed, a, b } => {
                 let (rank, inner, outer) = (a.shape[0], a.shape[1], b.shape[0]);
                 let (a, b) = (load(a)?, load(b)?);
                 if *transposed {
                     // Δ = (B·A)ᵀ = Aᵀ·Bᵀ: rows of Aᵀ, all of Bᵀ.
-                    Prepared {
-                        factor: delta.factor(),
-                        left: backend.transpose(&a, rank, inner),
-                        right: backend.transpose(&b, outer, rank),
+                    plain(
+                        backend.transpose(&a, rank, inner),
+                        backend.transpose(&b, outer, rank),
                         rank,
-                    }
+                    )
                 } else {
                     // Δ = B·A: rows of B, all of A.
-                    Prepared {
-                        factor: delta.factor(),
-                        left: b,
-                        right: a,
-                        rank,
-                    }
+                    plain(b, a, rank)
                 }
             }
         });
     }
     Ok(prepared)
+}
+
+fn open(path: &PathBuf) -> std::io::Result<File> {
+    File::open(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Computes `tensor` into a new cache object.
@@ -126,55 +159,39 @@ pub(crate) fn fuse(
     let deltas = prepare(backend, inputs, tensor)?;
     let file = inputs.file(&origin.path)?;
 
-    if let Some(refactor) = &tensor.refactor {
-        let factor = |d: &DeltaJob| {
-            if tensor.merge.is_some() {
-                d.scaling
-            } else {
-                d.factor()
-            }
-        };
-        let tasks: Vec<BlockDelta<'_>> = deltas
-            .iter()
-            .zip(&tensor.deltas)
-            .map(|(prepared, delta)| BlockDelta {
-                factor: factor(delta),
-                ..prepared.block(0, rows, cols)
-            })
-            .collect();
-        let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
-        let delta = backend.merged_delta(rows, cols, &tasks, &weights, tensor.merge.as_ref());
-        let (bytes, energy) = backend.refactor(&delta, refactor);
-        out.write(&bytes)?;
-        let mut entry = out.finish(sync)?;
-        entry.energy = Some(energy);
-        return Ok(entry);
-    }
-
-    if let Some(merge) = &tensor.merge {
-        // Pruning and sign election look at whole tensors: no blocks here.
+    if tensor.refactor.is_some() || tensor.merge.is_some() {
+        // Pruning, sign election and SVD look at whole tensors: no blocks here.
         let mut base = vec![0u8; origin.len as usize];
         file.read_exact_at(&mut base, origin.start)?;
+        let models: Vec<Option<Vec<f32>>> = deltas
+            .iter()
+            .map(|d| d.model_rows(backend, 0, rows, cols))
+            .collect::<Result<_, _>>()?;
+        // A pruning merge weights the scaled deltas itself; the plain sum takes weight × scaling.
         let tasks: Vec<BlockDelta<'_>> = deltas
             .iter()
             .zip(&tensor.deltas)
-            .map(|(prepared, delta)| BlockDelta {
-                factor: delta.scaling,
-                ..prepared.block(0, rows, cols)
+            .zip(&models)
+            .map(|((prepared, delta), model)| BlockDelta {
+                factor: if tensor.merge.is_some() {
+                    delta.scaling
+                } else {
+                    delta.factor()
+                },
+                ..prepared.block(0, rows, cols, model.as_deref())
             })
             .collect();
         let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
-        let bytes = backend.merge_tensor(
-            &base,
-            origin.dtype,
-            rows,
-            cols,
-            &tasks,
-            &weights,
-            merge,
-            tensor.out_dtype,
-        );
-        out.write(&bytes)?;
+        let w = backend.base(&base, origin.dtype, rows, cols);
+        let delta = backend.merged_delta(&w, rows, cols, &tasks, &weights, tensor.merge.as_ref());
+        if let Some(refactor) = &tensor.refactor {
+            let (bytes, energy) = backend.refactor(&delta, refactor);
+            out.write(&bytes)?;
+            let mut entry = out.finish(sync)?;
+            entry.energy = Some(energy);
+            return Ok(entry);
+        }
+        out.write(&backend.add_and_round(w, delta, tensor.out_dtype))?;
         return out.finish(sync);
     }
 
@@ -195,8 +212,15 @@ pub(crate) fn fuse(
             .map(|&(start, n)| {
                 let mut base = vec![0u8; n * in_row_bytes];
                 file.read_exact_at(&mut base, origin.start + (start * in_row_bytes) as u64)?;
-                let block: Vec<BlockDelta<'_>> =
-                    deltas.iter().map(|d| d.block(start, n, cols)).collect();
+                let models: Vec<Option<Vec<f32>>> = deltas
+                    .iter()
+                    .map(|d| d.model_rows(backend, start, n, cols))
+                    .collect::<Result<_, _>>()?;
+                let block: Vec<BlockDelta<'_>> = deltas
+                    .iter()
+                    .zip(&models)
+                    .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
+                    .collect();
                 Ok(backend.fuse_block(&base, origin.dtype, n, cols, &block, tensor.out_dtype))
             })
             .collect();

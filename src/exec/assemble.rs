@@ -57,9 +57,12 @@ pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<O
                                 .expect("planned"),
                             meta,
                         ),
-                        Origin::Replacement { adapter, meta } => {
-                            (&res.plan.inputs.adapters[*adapter].file, meta)
-                        }
+                        Origin::Replacement { adapter, meta } => (
+                            res.plan.inputs.adapters[*adapter]
+                                .tensor_file(&tensor.name)
+                                .expect("planned"),
+                            meta,
+                        ),
                     };
                     let mut offset = 0;
                     while offset < len {
@@ -141,8 +144,12 @@ fn write_adapter(res: &Resolution, target: &std::path::Path) -> Result<Outcome, 
     let mut report = Map::new();
     let mut objects = Vec::new();
     let mut fan_in_fan_out = false;
+    let mut left_out = Vec::new();
     for (tensor, refactor) in res.plan.tensors.iter().zip(&res.refactors) {
         let Some((key, refactor)) = refactor else {
+            if !tensor.deltas.is_empty() {
+                left_out.push(tensor.out.name.clone());
+            }
             continue;
         };
         let Some(entry) = res.store.action(key) else {
@@ -162,15 +169,21 @@ fn write_adapter(res: &Resolution, target: &std::path::Path) -> Result<Outcome, 
             .strip_suffix(".weight")
             .unwrap_or(&tensor.out.name)
             .to_owned();
-        let embedding = tensor.deltas.iter().any(|d| {
-            matches!(
-                &d.kind,
-                crate::plan::DeltaKind::LowRank {
-                    kind: crate::io::peft::LoraKind::Embedding,
-                    ..
-                }
-            )
-        });
+        let embedding = crate::plan::difference_kind(&tensor.out.name)
+            == crate::io::peft::LoraKind::Embedding
+            && tensor
+                .deltas
+                .iter()
+                .all(|d| matches!(d.kind, crate::plan::DeltaKind::Difference(_)))
+            || tensor.deltas.iter().any(|d| {
+                matches!(
+                    &d.kind,
+                    crate::plan::DeltaKind::LowRank {
+                        kind: crate::io::peft::LoraKind::Embedding,
+                        ..
+                    }
+                )
+            });
         fan_in_fan_out |= refactor.transpose && !embedding;
         let (a_name, b_name) = if embedding {
             (
@@ -278,10 +291,10 @@ fn write_adapter(res: &Resolution, target: &std::path::Path) -> Result<Outcome, 
         "bias": "none",
         "inference_mode": true,
     });
-    for (name, value) in [
-        ("adapter_config.json", config),
-        ("refactor.json", Value::Object(report)),
-    ] {
+    // What changed in the fused model but has no LoRA form (bias vectors, norms, replaced
+    // tensors) is named, not silently dropped.
+    let report = json!({ "modules": report, "not_in_adapter": left_out });
+    for (name, value) in [("adapter_config.json", config), ("refactor.json", report)] {
         let mut bytes = serde_json::to_vec_pretty(&value).expect("JSON serialises");
         bytes.push(b'\n');
         let path = staging.path().join(name);

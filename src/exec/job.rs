@@ -122,6 +122,8 @@ pub enum DeltaValues {
     },
     /// A dense delta of the tensor's own shape (a `lora_bias` vector).
     Dense(Slice),
+    /// A full fine-tuned model's tensor: the delta is it minus the base's.
+    Model(Slice),
 }
 
 /// The engine's answer for one tensor, written to the cache under `key`.

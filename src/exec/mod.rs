@@ -384,15 +384,21 @@ fn tensor_job(
             let (file, _) = plan.inputs.base.weights.get(&tensor.out.name)?;
             slice(&file.path, meta)
         }
-        Origin::Replacement { adapter, meta } => {
-            slice(&plan.inputs.adapters[*adapter].file.path, meta)
-        }
+        Origin::Replacement { adapter, meta } => slice(
+            &plan.inputs.adapters[*adapter]
+                .tensor_file(&tensor.out.name)?
+                .path,
+            meta,
+        ),
     };
     let deltas = tensor
         .deltas
         .iter()
         .map(|delta| {
-            let path = &plan.inputs.adapters[delta.adapter].file.path;
+            let path = &plan.inputs.adapters[delta.adapter]
+                .tensor_file(&tensor.out.name)
+                .expect("planned tensors exist")
+                .path;
             let values = match &delta.kind {
                 DeltaKind::LowRank { kind, a, b } => job::DeltaValues::LowRank {
                     transposed: *kind != crate::io::peft::LoraKind::Linear,
@@ -400,6 +406,7 @@ fn tensor_job(
                     b: slice(path, b),
                 },
                 DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
+                DeltaKind::Difference(m) => job::DeltaValues::Model(slice(path, m)),
             };
             job::DeltaJob {
                 weight: delta.weight,
@@ -436,6 +443,9 @@ fn refactors(
                 .iter()
                 .filter_map(|d| match &d.kind {
                     DeltaKind::LowRank { kind, .. } => Some(*kind),
+                    DeltaKind::Difference(_) => {
+                        Some(crate::plan::difference_kind(&tensor.out.name))
+                    }
                     DeltaKind::Vector(_) => None,
                 })
                 .collect();
@@ -450,6 +460,10 @@ fn refactors(
                         .iter()
                         .map(|d| match &d.kind {
                             DeltaKind::LowRank { a, .. } => a.shape[0],
+                            // A full model's delta has no rank to speak of: keep it all.
+                            DeltaKind::Difference(_) => {
+                                tensor.out.shape[0].min(tensor.out.shape[1])
+                            }
                             DeltaKind::Vector(_) => 0,
                         })
                         .sum(),

@@ -34,10 +34,18 @@ pub(crate) fn model_card(recipe: &Recipe, plan: &Plan) -> String {
             "| adapter | weight | rank | alpha | modules | trained on |"
         );
         let _ = writeln!(card, "|---|---|---|---|---|---|");
-        for (entry, adapter) in recipe.adapters.iter().zip(&plan.inputs.adapters) {
+        for (entry, source) in recipe.adapters.iter().zip(&plan.inputs.adapters) {
             let weight = match entry.weight.as_slice() {
                 [rule] if rule.layers.is_none() && rule.modules.is_none() => rule.value.to_string(),
                 rules => format!("{} rules (see recipe)", rules.len()),
+            };
+            let Some(adapter) = source.lora() else {
+                let _ = writeln!(
+                    card,
+                    "| `{}` | {weight} | full model | - | all | - |",
+                    entry.entry.written
+                );
+                continue;
             };
             let _ = writeln!(
                 card,

@@ -91,9 +91,8 @@ impl Keys {
     ) -> std::io::Result<Keys> {
         let mut paths: Vec<PathBuf> = plan.inputs.base.weight_files();
         paths.push(plan.inputs.base.dir.join("config.json"));
-        for adapter in &plan.inputs.adapters {
-            paths.push(adapter.dir.join("adapter_config.json"));
-            paths.push(adapter.file.path.clone());
+        for source in &plan.inputs.adapters {
+            paths.extend(source.files());
         }
         let mut files = Vec::new();
         for path in paths {
@@ -148,7 +147,9 @@ fn tensor_key(
             slice(&file.path, &tensor.out.name, meta)
         }
         Origin::Replacement { adapter, meta } => {
-            let file = &plan.inputs.adapters[*adapter].file;
+            let file = plan.inputs.adapters[*adapter]
+                .tensor_file(&tensor.out.name)
+                .expect("planned tensors exist");
             slice(&file.path, &name_in(file, meta), meta)
         }
     };
@@ -156,7 +157,9 @@ fn tensor_key(
         .deltas
         .iter()
         .map(|delta| {
-            let file = &plan.inputs.adapters[delta.adapter].file;
+            let file = plan.inputs.adapters[delta.adapter]
+                .tensor_file(&tensor.out.name)
+                .expect("planned tensors exist");
             let name_of = |meta: &TensorMeta| name_in(file, meta);
             match &delta.kind {
                 DeltaKind::LowRank { kind, a, b } => DeltaKey {
@@ -174,6 +177,12 @@ fn tensor_key(
                     kind: "vector".into(),
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &name_of(v), v),
+                    b: None,
+                },
+                DeltaKind::Difference(m) => DeltaKey {
+                    kind: "difference".into(),
+                    factor: delta.weight * delta.scaling,
+                    a: slice(&file.path, &tensor.out.name, m),
                     b: None,
                 },
             }

@@ -22,7 +22,54 @@ use crate::recipe::{layer_of, OutputDtype, Recipe, ResolvedRule, Weight};
 /// The opened inputs of a recipe.
 pub(crate) struct Inputs {
     pub base: HfModel,
-    pub adapters: Vec<PeftAdapter>,
+    /// One per `[[adapter]]`, in the recipe's order.
+    pub adapters: Vec<Source>,
+}
+
+/// What an `[[adapter]]` names: a PEFT LoRA adapter, or a full fine-tuned model of the base's
+/// architecture whose delta is (model − base).
+pub(crate) enum Source {
+    Lora(PeftAdapter),
+    Model(HfModel),
+}
+
+impl Source {
+    fn open(dir: &Path) -> Result<Source, crate::io::InputError> {
+        if !dir.join("adapter_config.json").exists() && dir.join("config.json").exists() {
+            return Ok(Source::Model(HfModel::open(dir)?));
+        }
+        Ok(Source::Lora(PeftAdapter::open(dir)?))
+    }
+
+    pub fn lora(&self) -> Option<&PeftAdapter> {
+        match self {
+            Source::Lora(adapter) => Some(adapter),
+            Source::Model(_) => None,
+        }
+    }
+
+    /// The files whose digests stand for this source in node keys and the lock.
+    pub fn files(&self) -> Vec<std::path::PathBuf> {
+        match self {
+            Source::Lora(adapter) => vec![
+                adapter.dir.join("adapter_config.json"),
+                adapter.file.path.clone(),
+            ],
+            Source::Model(model) => {
+                let mut files = model.weight_files();
+                files.push(model.dir.join("config.json"));
+                files
+            }
+        }
+    }
+
+    /// The file and place of a tensor that a delta reads.
+    pub fn tensor_file(&self, tensor: &str) -> Option<&crate::io::safetensors::SafetensorsFile> {
+        match self {
+            Source::Lora(adapter) => Some(&adapter.file),
+            Source::Model(model) => model.weights.get(tensor).map(|(file, _)| file),
+        }
+    }
 }
 
 /// Where a tensor's starting value comes from.
@@ -57,6 +104,8 @@ pub(crate) enum DeltaKind {
     },
     /// A bias vector (`lora_bias`).
     Vector(TensorMeta),
+    /// A full model's tensor: the delta is it minus the base's.
+    Difference(TensorMeta),
 }
 
 /// What to write for one output tensor.
@@ -125,7 +174,7 @@ impl Plan {
             }
             weights.push(Weight::new(rules));
             adapters.push(
-                PeftAdapter::open(&entry.entry.path).map_err(|e| {
+                Source::open(&entry.entry.path).map_err(|e| {
                     PlanError::input(e, src.clone(), entry.entry.span, "this adapter")
                 })?,
             );
@@ -150,7 +199,14 @@ impl Plan {
             .collect();
 
         let mut warnings = Vec::new();
-        for (index, (adapter, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
+        for (index, (source, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
+            let adapter = match source {
+                Source::Lora(adapter) => adapter,
+                Source::Model(model) => {
+                    model_deltas(model, index, entry, &weights[index], &mut tensors, &src)?;
+                    continue;
+                }
+            };
             let made_for = adapter
                 .config
                 .base_model
@@ -272,6 +328,77 @@ impl Plan {
     }
 }
 
+/// A full fine-tuned model as a delta source: every tensor it shares with the base contributes
+/// weight × (model − base). It must have the base's architecture: no tensor the base lacks,
+/// none of another shape.
+fn model_deltas(
+    model: &HfModel,
+    index: usize,
+    entry: &crate::recipe::AdapterEntry,
+    weight: &Weight,
+    tensors: &mut std::collections::BTreeMap<String, TensorPlan>,
+    src: &crate::recipe::Src,
+) -> Result<(), PlanError> {
+    let made_for = format!(" (a full model, `{}`)", model.architecture());
+    for (name, (_, meta)) in &model.weights.tensors {
+        let Some(plan) = tensors.get_mut(name) else {
+            return Err(PlanError::UnknownTarget {
+                adapter: entry.entry.written.clone(),
+                tensor: name.clone(),
+                made_for,
+                src: src.clone(),
+                span: entry.span,
+            });
+        };
+        if meta.shape != plan.out.shape {
+            return Err(PlanError::Shape {
+                adapter: entry.entry.written.clone(),
+                tensor: name.clone(),
+                delta: meta.shape.clone(),
+                base: plan.out.shape.clone(),
+                made_for,
+                src: src.clone(),
+                span: entry.span,
+            });
+        }
+        let at = Located {
+            path: &model.dir,
+            src,
+            span: entry.span,
+        };
+        check_float(&at, name, meta)?;
+        check_float(&at, name, origin_meta(&plan.origin))?;
+        let module = name
+            .rsplit_once('.')
+            .map_or(name.as_str(), |(module, _)| module);
+        let w = weight.for_module(module, layer_of(module));
+        if w != 0.0 {
+            plan.deltas.push(Delta {
+                adapter: index,
+                weight: w,
+                scaling: 1.0,
+                kind: DeltaKind::Difference(meta.clone()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How a full model's delta of `tensor` becomes a LoRA module when re-factored: embeddings as
+/// PEFT's embedding LoRA, everything else as a linear layer.
+pub(crate) fn difference_kind(tensor: &str) -> LoraKind {
+    let module = tensor.rsplit_once('.').map_or(tensor, |(module, _)| module);
+    let leaf = module.rsplit('.').next().unwrap_or(module);
+    if matches!(
+        leaf,
+        "embed_tokens" | "wte" | "word_embeddings" | "embed_in"
+    ) {
+        LoraKind::Embedding
+    } else {
+        LoraKind::Linear
+    }
+}
+
 /// The files a tensor's bytes are read from.
 pub(crate) fn tensor_inputs(plan: &Plan, tensor: &TensorPlan) -> Vec<std::path::PathBuf> {
     let mut paths = vec![match &tensor.origin {
@@ -282,10 +409,18 @@ pub(crate) fn tensor_inputs(plan: &Plan, tensor: &TensorPlan) -> Vec<std::path::
             .get(&tensor.out.name)
             .map(|(file, _)| file.path.clone())
             .unwrap_or_default(),
-        Origin::Replacement { adapter, .. } => plan.inputs.adapters[*adapter].file.path.clone(),
+        Origin::Replacement { adapter, .. } => plan.inputs.adapters[*adapter]
+            .tensor_file(&tensor.out.name)
+            .map(|file| file.path.clone())
+            .unwrap_or_default(),
     }];
     for delta in &tensor.deltas {
-        let path = &plan.inputs.adapters[delta.adapter].file.path;
+        let Some(path) = plan.inputs.adapters[delta.adapter]
+            .tensor_file(&tensor.out.name)
+            .map(|file| &file.path)
+        else {
+            continue;
+        };
         if !paths.contains(path) {
             paths.push(path.clone());
         }

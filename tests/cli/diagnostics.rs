@@ -269,3 +269,10 @@ fn adapter_rank_without_adapter_output() {
         &GOOD.replace("path = \"out\"", "path = \"out\"\nadapter_rank = 8")
     ));
 }
+
+#[test]
+fn full_model_of_another_shape() {
+    let ws = workspace();
+    ws.model("wide", 8, Dtype::F32);
+    assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"wide\"")));
+}

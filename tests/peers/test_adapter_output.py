@@ -66,7 +66,7 @@ def test_exact_rank_reproduces_the_combined_delta(ws):
     out = build(ws, "exact", "")
     config = json.loads((out / "adapter_config.json").read_text())
     factors = load_file(out / "adapter_model.safetensors")
-    report = json.loads((out / "refactor.json").read_text())
+    report = json.loads((out / "refactor.json").read_text())["modules"]
     deltas = combined_deltas(ws)
     assert set(report) == set(deltas)
     for module, delta in deltas.items():
@@ -92,7 +92,7 @@ def test_written_adapter_loads_in_peft_with_the_fused_logits(ws):
 
 def test_reduced_rank_reports_the_svd_energy(ws):
     out = build(ws, "rank1", "adapter_rank = 1\n")
-    report = json.loads((out / "refactor.json").read_text())
+    report = json.loads((out / "refactor.json").read_text())["modules"]
     factors = load_file(out / "adapter_model.safetensors")
     for module, delta in combined_deltas(ws).items():
         s = torch.linalg.svdvals(delta.double())
@@ -104,10 +104,41 @@ def test_reduced_rank_reports_the_svd_energy(ws):
 
 def test_energy_picks_the_smallest_rank_that_keeps_it(ws):
     out = build(ws, "energy", "adapter_energy = 0.9\n")
-    report = json.loads((out / "refactor.json").read_text())
+    report = json.loads((out / "refactor.json").read_text())["modules"]
     for module, delta in combined_deltas(ws).items():
         s2 = torch.linalg.svdvals(delta.double()) ** 2
         kept = torch.cumsum(s2, 0) / s2.sum()
         want = int((kept < 0.9 - 1e-12).sum().item()) + 1
         assert report[module]["rank"] == want, module
         assert report[module]["energy"] >= 0.9 - 1e-6
+
+
+def test_extracting_an_adapter_from_a_full_fine_tune(ws):
+    """One full model as the only source: its delta from the base, factored (what
+    mergekit-extract-lora does). The fine-tune is the base with adapter `one` merged by PEFT."""
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ws / "base"), ws / "one")
+    peft.merge_and_unload().save_pretrained(ws / "tuned")
+    recipe = ws / "extract.toml"
+    recipe.write_text('[base]\npath = "base"\n[[adapter]]\npath = "tuned"\n[output]\npath = "fused-extract"\n'
+                      'adapter = "lora-extract"\nadapter_rank = 4\n')
+    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    out = ws / "lora-extract"
+    factors = load_file(out / "adapter_model.safetensors")
+    report = json.loads((out / "refactor.json").read_text())
+    base, tuned = load_file(ws / "base" / "model.safetensors"), load_file(ws / "tuned" / "model.safetensors")
+    for module, entry in report["modules"].items():
+        delta = tuned[f"{module}.weight"] - base[f"{module}.weight"]
+        if delta.abs().max() == 0:
+            continue
+        # The fine-tune's delta has rank 4 (r of adapter `one`): rank 4 keeps all of it.
+        assert entry["energy"] == pytest.approx(1.0, abs=1e-5), module
+        b, a = factors[f"base_model.model.{module}.lora_B.weight"], factors[f"base_model.model.{module}.lora_A.weight"]
+        assert (b @ a - delta).abs().max().item() <= 1e-5 * delta.abs().max().item() + 1e-7, module
+    # Norms changed nowhere, but they are full-model deltas without a LoRA form: named, not dropped.
+    assert all("norm" in name for name in report["not_in_adapter"])
+    extracted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ws / "base"), out).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(ws / "tuned").eval()(ids).logits
+        got = extracted(ids).logits
+    assert (want - got).abs().max().item() <= 1e-4

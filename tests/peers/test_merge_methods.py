@@ -57,21 +57,39 @@ def workspace(tmp_path_factory) -> Path:
         save_file(tensors, ws / name / "adapter_model.safetensors", metadata={"format": "pt"})
         config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj", "up_proj"]}
         (ws / name / "adapter_config.json").write_text(json.dumps(config))
+    # The same two fine-tunes as full models: the base with each adapter merged (in f32), a
+    # different norm too, so that full-model deltas reach beyond the LoRA modules.
+    for name, rank, alpha in (("a", RANK_A, 8), ("b", RANK_B, 6)):
+        t = load_file(ws / name / "adapter_model.safetensors")
+        model = dict(base)
+        for key, a in t.items():
+            if key.endswith("lora_A.weight"):
+                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                model[f"{module}.weight"] = base[f"{module}.weight"] + (t[key.replace("lora_A", "lora_B")] @ a) * (alpha / rank)
+        model["model.embed_tokens.weight"] = base["model.embed_tokens.weight"] + torch.randn(16, HIDDEN, generator=gen) * 0.01
+        (ws / f"full-{name}").mkdir()
+        save_file(model, ws / f"full-{name}" / "model.safetensors", metadata={"format": "pt"})
+        (ws / f"full-{name}" / "config.json").write_text((ws / "base" / "config.json").read_text())
     return ws
 
 
-def build(ws: Path, method: str, extra: str) -> dict[str, torch.Tensor]:
-    recipe = ws / f"{method}.toml"
+def build(ws: Path, method: str, extra: str, full: bool = False) -> dict[str, torch.Tensor]:
+    tag = f"{method}-full" if full else method
+    a, b = ("full-a", "full-b") if full else ("a", "b")
+    recipe = ws / f"{tag}.toml"
     recipe.write_text(
-        f'[base]\npath = "base"\n[[adapter]]\npath = "a"\nweight = {WEIGHTS[0]}\n'
-        f'[[adapter]]\npath = "b"\nweight = {WEIGHTS[1]}\n'
-        f'[output]\npath = "out-{method}"\n[merge]\nmethod = "{method}"\n{extra}'
+        f'[base]\npath = "base"\n[[adapter]]\npath = "{a}"\nweight = {WEIGHTS[0]}\n'
+        f'[[adapter]]\npath = "{b}"\nweight = {WEIGHTS[1]}\n'
+        f'[output]\npath = "out-{tag}"\n[merge]\nmethod = "{method}"\n{extra}'
     )
     subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
-    return load_file(ws / f"out-{method}" / "model.safetensors")
+    return load_file(ws / f"out-{tag}" / "model.safetensors")
 
 
-def deltas(ws: Path, name: str) -> list[torch.Tensor]:
+def deltas(ws: Path, name: str, full: bool = False) -> list[torch.Tensor]:
+    if full:
+        base = load_file(ws / "base" / "model.safetensors")[name]
+        return [load_file(ws / f"full-{m}" / "model.safetensors")[name] - base for m in ("a", "b")]
     module = name.removesuffix(".weight")
     out = []
     for adapter, rank, alpha in (("a", RANK_A, 8), ("b", RANK_B, 6)):
@@ -94,24 +112,37 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full-models"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_peft_merge_utils(workspace, case):
+def test_matches_peft_merge_utils(workspace, case, full):
     extra, reference = CASES[case]
     method = "ties" if case == "ties_frequency" else case
-    ours = build(workspace, method, extra)
+    ours = build(workspace, method, extra, full)
     base = load_file(workspace / "base" / "model.safetensors")
     weights = torch.tensor(WEIGHTS, dtype=torch.float32)
     checked = 0
     for name, w in base.items():
-        if "layers" not in name:
+        if "layers" not in name and not full:
             assert torch.equal(ours[name], w), name
             continue
         torch.manual_seed(tensor_seed(SEED, name))
-        want = w + reference(deltas(workspace, name), weights)
+        want = w + reference(deltas(workspace, name, full), weights)
         err = (ours[name] - want).abs().max().item()
         assert err <= 1e-6 * want.abs().max().item(), f"{case} {name}: {err}"
         checked += 1
-    assert checked == LAYERS * len(MODULES)
+    # A full model's delta reaches every tensor it changed, the embeddings too.
+    assert checked == LAYERS * len(MODULES) + (1 if full else 0)
+
+
+def test_a_full_model_alone_gives_itself_back(workspace):
+    recipe = workspace / "itself.toml"
+    recipe.write_text('[base]\npath = "base"\n[[adapter]]\npath = "full-a"\n[output]\npath = "out-itself"\n')
+    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    ours = load_file(workspace / "out-itself" / "model.safetensors")
+    model = load_file(workspace / "full-a" / "model.safetensors")
+    for name, m in model.items():
+        # W + (M − W) in f32 is M up to one rounding of the difference.
+        assert (ours[name] - m).abs().max().item() <= 1e-6 * m.abs().max().item(), name
 
 
 def test_dare_is_reproducible_and_the_seed_matters(workspace):
