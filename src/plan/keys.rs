@@ -198,7 +198,14 @@ fn tensor_key(
         merge: (merge.method.sparsify().is_some() || merge.method.elects_sign()).then(|| {
             MergeKey {
                 method: merge.method,
-                density: merge.density,
+                density: {
+                    let name = &tensor.out.name;
+                    let module = name
+                        .rsplit_once('.')
+                        .map_or(name.as_str(), |(module, _)| module);
+                    plan.density
+                        .for_module(module, crate::recipe::layer_of(module))
+                },
                 majority_sign: merge.majority_sign,
                 seed: tensor_seed(seed, &tensor.out.name),
                 weights: tensor.deltas.iter().map(|d| d.weight).collect(),

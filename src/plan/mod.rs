@@ -128,6 +128,8 @@ impl TensorPlan {
 
 pub(crate) struct Plan {
     pub inputs: Inputs,
+    /// `[merge] density`, per module and layer.
+    pub density: Weight,
     /// Sorted by name.
     pub tensors: Vec<TensorPlan>,
     pub warnings: Vec<String>,
@@ -145,34 +147,7 @@ impl Plan {
         let mut weights = Vec::new();
         let mut adapters = Vec::new();
         for entry in &recipe.adapters {
-            let mut rules = Vec::new();
-            for rule in &entry.weight {
-                let layers_range = match (&rule.layers, layers) {
-                    (None, _) => None,
-                    (Some((range, span)), Some(count)) => Some(range.resolve(count).map_err(
-                        |reason| PlanError::LayerRange {
-                            range: range.to_string(),
-                            reason,
-                            src: src.clone(),
-                            span: *span,
-                        },
-                    )?),
-                    (Some((range, span)), None) => {
-                        return Err(PlanError::LayerRange {
-                            range: range.to_string(),
-                            reason: "the base's config.json gives no layer count".into(),
-                            src: src.clone(),
-                            span: *span,
-                        })
-                    }
-                };
-                rules.push(ResolvedRule {
-                    value: rule.value,
-                    layers: layers_range,
-                    modules: rule.modules.clone(),
-                });
-            }
-            weights.push(Weight::new(rules));
+            weights.push(resolve_rules(&entry.weight, layers, &src)?);
             adapters.push(
                 Source::open(&entry.entry.path).map_err(|e| {
                     PlanError::input(e, src.clone(), entry.entry.span, "this adapter")
@@ -321,11 +296,49 @@ impl Plan {
         }
 
         Ok(Plan {
+            density: resolve_rules(&recipe.merge.density, layers, &src)?,
             inputs: Inputs { base, adapters },
             tensors: tensors.into_values().collect(),
             warnings,
         })
     }
+}
+
+/// Rules with their layer ranges resolved against the base's layer count.
+fn resolve_rules(
+    rules: &[crate::recipe::WeightRule],
+    layers: Option<usize>,
+    src: &crate::recipe::Src,
+) -> Result<Weight, PlanError> {
+    let mut resolved = Vec::new();
+    for rule in rules {
+        let layers_range =
+            match (&rule.layers, layers) {
+                (None, _) => None,
+                (Some((range, span)), Some(count)) => Some(range.resolve(count).map_err(
+                    |reason| PlanError::LayerRange {
+                        range: range.to_string(),
+                        reason,
+                        src: src.clone(),
+                        span: *span,
+                    },
+                )?),
+                (Some((range, span)), None) => {
+                    return Err(PlanError::LayerRange {
+                        range: range.to_string(),
+                        reason: "the base's config.json gives no layer count".into(),
+                        src: src.clone(),
+                        span: *span,
+                    })
+                }
+            };
+        resolved.push(ResolvedRule {
+            value: rule.value,
+            layers: layers_range,
+            modules: rule.modules.clone(),
+        });
+    }
+    Ok(Weight::new(resolved))
 }
 
 /// A full fine-tuned model as a delta source: every tensor it shares with the base contributes

@@ -38,11 +38,12 @@ pub(crate) struct Recipe {
 
 /// `[merge]`, checked: every method is one task-arithmetic merge with a way to sparsify each
 /// delta and a way to elect signs.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub(crate) struct Merge {
     pub method: MergeMethod,
-    /// The fraction of each delta's entries kept (1.0 when the method keeps all).
-    pub density: f64,
+    /// The fraction of each delta's entries kept, as rules over layers and modules like
+    /// `weight`'s (none: 1.0, keep all).
+    pub density: Vec<WeightRule>,
     pub majority_sign: MajoritySign,
     /// The seed of DARE's random pruning; `None` means derived from the recipe's digest.
     pub seed: Option<u64>,
@@ -310,23 +311,28 @@ impl Checker {
                 layers: None,
                 modules: None,
             }],
-            Some(weight) => match weight.get_ref() {
-                RawWeight::Scalar(value) => vec![WeightRule {
-                    value: self.finite(*value, weight.span())?,
-                    layers: None,
-                    modules: None,
-                }],
-                RawWeight::Rules(rules) => rules
-                    .iter()
-                    .map(|rule| self.weight_rule(rule.get_ref()))
-                    .collect::<Result<_, _>>()?,
-            },
+            Some(weight) => self.rules(weight)?,
         };
         Ok(AdapterEntry {
             entry,
             weight,
             span: raw.span().into(),
         })
+    }
+
+    /// `0.8`, or `[ { value = 1.0 }, { layers = "16..", value = 0.5 } ]`.
+    fn rules(&self, raw: &Spanned<RawWeight>) -> Result<Vec<WeightRule>, RecipeError> {
+        match raw.get_ref() {
+            RawWeight::Scalar(value) => Ok(vec![WeightRule {
+                value: self.finite(*value, raw.span())?,
+                layers: None,
+                modules: None,
+            }]),
+            RawWeight::Rules(rules) => rules
+                .iter()
+                .map(|rule| self.weight_rule(rule.get_ref()))
+                .collect(),
+        }
     }
 
     fn weight_rule(&self, rule: &schema::RawWeightRule) -> Result<WeightRule, RecipeError> {
@@ -415,7 +421,7 @@ impl Checker {
         let Some(raw) = raw else {
             return Ok(Merge {
                 method: MergeMethod::Linear,
-                density: 1.0,
+                density: Vec::new(),
                 majority_sign: MajoritySign::Total,
                 seed: None,
             });
@@ -430,33 +436,31 @@ impl Checker {
             match &raw.density {
                 None if method.sparsify().is_some() => {
                     let span = raw.method.as_ref().map(|m| m.span()).unwrap_or(0..0);
+                    let name = serde_json::to_value(method).unwrap_or_default();
                     return Err(self.invalid(
-                    format!(
-                        "`{}` needs a `density`",
-                        serde_json::to_value(method)
-                            .unwrap_or_default()
-                            .as_str()
-                            .unwrap_or("")
-                    ),
+                    format!("`{}` needs a `density`", name.as_str().unwrap_or("")),
                     "add `density = 0.5` (the fraction of each delta's entries to keep) to [merge]",
                     span,
                 ));
                 }
-                None => 1.0,
+                None => Vec::new(),
                 Some(d) if method.sparsify().is_none() => return Err(self.invalid(
                     "`density` applies to ties, dare_linear, dare_ties and magnitude_prune only"
                         .into(),
                     "remove it, or choose a method that prunes",
                     d.span(),
                 )),
-                Some(d) if !(*d.get_ref() > 0.0 && *d.get_ref() <= 1.0) => {
-                    return Err(self.invalid(
-                        format!("the density `{}` is not in (0, 1]", d.get_ref()),
-                        "density is the fraction of entries kept, e.g. `0.5`",
-                        d.span(),
-                    ))
+                Some(d) => {
+                    let rules = self.rules(d)?;
+                    if let Some(bad) = rules.iter().find(|r| !(r.value > 0.0 && r.value <= 1.0)) {
+                        return Err(self.invalid(
+                            format!("the density `{}` is not in (0, 1]", bad.value),
+                            "density is the fraction of entries kept, e.g. `0.5`",
+                            d.span(),
+                        ));
+                    }
+                    rules
                 }
-                Some(d) => *d.get_ref(),
             };
         if let Some(sign) = &raw.majority_sign {
             if !method.elects_sign() {

@@ -25,8 +25,9 @@ pub(crate) struct RawRecipe {
 pub(crate) struct RawMerge {
     #[serde(default)]
     pub method: Option<Spanned<MergeMethod>>,
+    /// A number, or rules like `weight`'s.
     #[serde(default)]
-    pub density: Option<Spanned<f64>>,
+    pub density: Option<Spanned<RawWeight>>,
     #[serde(default)]
     pub majority_sign: Option<Spanned<MajoritySign>>,
     #[serde(default)]

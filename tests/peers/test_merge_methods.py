@@ -107,6 +107,11 @@ CASES = {
         lambda d, w: merge_utils.ties(d, w, 0.3, "frequency"),
     ),
     "magnitude_prune": ("density = 0.4\n", lambda d, w: merge_utils.magnitude_prune(d, w, 0.4)),
+    # Density rules, like weight rules: layer 1 keeps less, q_proj of layer 0 more.
+    "magnitude_prune_rules": (
+        'density = [ { value = 0.4 }, { layers = "1..", value = 0.2 }, { modules = ["q_proj"], layers = "0", value = 0.7 } ]\n',
+        None,
+    ),
     "dare_linear": (f"density = 0.5\nseed = {SEED}\n", lambda d, w: merge_utils.dare_linear(d, w, 0.5)),
     "dare_ties": (f"density = 0.6\nseed = {SEED}\n", lambda d, w: merge_utils.dare_ties(d, w, 0.6, "total")),
 }
@@ -116,7 +121,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_peft_merge_utils(workspace, case, full):
     extra, reference = CASES[case]
-    method = "ties" if case == "ties_frequency" else case
+    method = {"ties_frequency": "ties", "magnitude_prune_rules": "magnitude_prune"}.get(case, case)
     ours = build(workspace, method, extra, full)
     base = load_file(workspace / "base" / "model.safetensors")
     weights = torch.tensor(WEIGHTS, dtype=torch.float32)
@@ -126,7 +131,11 @@ def test_matches_peft_merge_utils(workspace, case, full):
             assert torch.equal(ours[name], w), name
             continue
         torch.manual_seed(tensor_seed(SEED, name))
-        want = w + reference(deltas(workspace, name, full), weights)
+        if reference is None:
+            density = 0.7 if "layers.0.self_attn.q_proj" in name else 0.2 if "layers.1." in name else 0.4
+            want = w + merge_utils.magnitude_prune(deltas(workspace, name, full), weights, density)
+        else:
+            want = w + reference(deltas(workspace, name, full), weights)
         err = (ours[name] - want).abs().max().item()
         assert err <= 1e-6 * want.abs().max().item(), f"{case} {name}: {err}"
         checked += 1
