@@ -113,8 +113,9 @@ def test_energy_picks_the_smallest_rank_that_keeps_it(ws):
         assert report[module]["energy"] >= 0.9 - 1e-6
 
 
-def test_extracting_an_adapter_from_a_full_fine_tune(ws):
-    """One full model as the only source: its delta from the base, factored (what
+@pytest.fixture(scope="module")
+def extracted(ws) -> Path:
+    """One full model as the only source: its delta from the base, factored at rank 4 (what
     mergekit-extract-lora does). The fine-tune is the base with adapter `one` merged by PEFT."""
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ws / "base"), ws / "one")
     peft.merge_and_unload().save_pretrained(ws / "tuned")
@@ -122,7 +123,11 @@ def test_extracting_an_adapter_from_a_full_fine_tune(ws):
     recipe.write_text('[base]\npath = "base"\n[[adapter]]\npath = "tuned"\n[output]\npath = "fused-extract"\n'
                       'adapter = "lora-extract"\nadapter_rank = 4\n')
     subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
-    out = ws / "lora-extract"
+    return ws / "lora-extract"
+
+
+def test_extracting_an_adapter_from_a_full_fine_tune(ws, extracted):
+    out = extracted
     factors = load_file(out / "adapter_model.safetensors")
     report = json.loads((out / "refactor.json").read_text())
     base, tuned = load_file(ws / "base" / "model.safetensors"), load_file(ws / "tuned" / "model.safetensors")
@@ -142,3 +147,23 @@ def test_extracting_an_adapter_from_a_full_fine_tune(ws):
         want = AutoModelForCausalLM.from_pretrained(ws / "tuned").eval()(ids).logits
         got = extracted(ids).logits
     assert (want - got).abs().max().item() <= 1e-4
+
+
+def test_extraction_agrees_with_mergekit_extract_lora(ws, extracted):
+    """mergekit-extract-lora on the same fine-tune, same rank: the two adapters, merged by peft,
+    give the same weights (the factors may be split differently between A and B)."""
+    import sys
+
+    out = ws / "mergekit-extract"
+    tool = Path(sys.executable).with_name("mergekit-extract-lora")
+    subprocess.run([str(tool), "--model", str(ws / "tuned"), "--base-model", str(ws / "base"),
+                    "--out-path", str(out), "--max-rank", "4"], check=True, capture_output=True)
+
+    def merged(adapter: Path) -> dict[str, torch.Tensor]:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ws / "base"), adapter)
+        return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+    ours, theirs = merged(extracted), merged(out)
+    assert set(ours) == set(theirs)
+    for name, want in theirs.items():
+        assert (ours[name] - want).abs().max().item() <= 1e-5 * max(want.abs().max().item(), 1e-6), name
