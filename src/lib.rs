@@ -16,6 +16,7 @@ pub mod digest;
 pub mod exec;
 pub mod store;
 
+pub(crate) mod arch;
 pub(crate) mod inspect;
 pub(crate) mod io;
 pub(crate) mod lock;

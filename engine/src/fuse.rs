@@ -115,7 +115,32 @@ fn prepare(
                 model: Some((open(&m.path)?, m.clone())),
                 ..plain(Vec::new(), Vec::new(), 0)
             },
-            DeltaValues::LowRank { transposed, a, b } => {
+            DeltaValues::LowRank {
+                transposed,
+                a,
+                b,
+                rows: Some(map),
+            } if !*transposed => {
+                // A part of a fused tensor: B's rows scattered to where the part's rows are,
+                // zero rows elsewhere, so that the block loop sees one tensor-shaped delta.
+                let (rank, outer) = (a.shape[0], b.shape[0]);
+                let (a, b) = (load(a)?, load(b)?);
+                let total = tensor.origin.shape.first().copied().unwrap_or(0);
+                let mut left = vec![0f32; total * rank];
+                for row in 0..outer {
+                    let to = map.target(row);
+                    let Some(dst) = left.get_mut(to * rank..(to + 1) * rank) else {
+                        return Err(std::io::Error::other(format!(
+                            "row {to} is outside the target's {total} rows"
+                        )));
+                    };
+                    dst.copy_from_slice(&b[row * rank..(row + 1) * rank]);
+                }
+                plain(left, a, rank)
+            }
+            DeltaValues::LowRank {
+                transposed, a, b, ..
+            } => {
                 let (rank, inner, outer) = (a.shape[0], a.shape[1], b.shape[0]);
                 let (a, b) = (load(a)?, load(b)?);
                 if *transposed {

@@ -54,6 +54,37 @@ pub enum Truncation {
     Energy(f64),
 }
 
+/// Where the rows of a delta land in a fused target tensor: row i of the delta becomes row
+/// `target(i)` of the tensor; the other rows get nothing.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RowMap {
+    /// A stacked part ([Q; K; V]) starting at `offset`.
+    Offset { offset: usize },
+    /// Part `part` of `parts` interleaved per head, `head_dim` rows a head.
+    PerHead {
+        parts: usize,
+        part: usize,
+        head_dim: usize,
+    },
+}
+
+impl RowMap {
+    pub fn target(&self, row: usize) -> usize {
+        match *self {
+            RowMap::Offset { offset } => offset + row,
+            RowMap::PerHead {
+                parts,
+                part,
+                head_dim,
+            } => {
+                let (head, within) = (row / head_dim, row % head_dim);
+                (head * parts + part) * head_dim + within
+            }
+        }
+    }
+}
+
 /// Where a tensor's bytes are.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Slice {
@@ -119,6 +150,9 @@ pub enum DeltaValues {
         transposed: bool,
         a: Slice,
         b: Slice,
+        /// In a fused target, where B's rows go.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rows: Option<RowMap>,
     },
     /// A dense delta of the tensor's own shape (a `lora_bias` vector).
     Dense(Slice),

@@ -400,10 +400,11 @@ fn tensor_job(
                 .expect("planned tensors exist")
                 .path;
             let values = match &delta.kind {
-                DeltaKind::LowRank { kind, a, b } => job::DeltaValues::LowRank {
+                DeltaKind::LowRank { kind, a, b, rows } => job::DeltaValues::LowRank {
                     transposed: *kind != crate::io::peft::LoraKind::Linear,
                     a: slice(path, a),
                     b: slice(path, b),
+                    rows: *rows,
                 },
                 DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
                 DeltaKind::Difference(m) => job::DeltaValues::Model(slice(path, m)),

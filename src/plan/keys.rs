@@ -67,6 +67,9 @@ pub(crate) struct SliceKey {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub(crate) struct DeltaKey {
+    /// In a fused target, where the delta's rows go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<crate::exec::job::RowMap>,
     pub kind: String,
     pub factor: f64,
     pub a: SliceKey,
@@ -162,7 +165,8 @@ fn tensor_key(
                 .expect("planned tensors exist");
             let name_of = |meta: &TensorMeta| name_in(file, meta);
             match &delta.kind {
-                DeltaKind::LowRank { kind, a, b } => DeltaKey {
+                DeltaKind::LowRank { kind, a, b, rows } => DeltaKey {
+                    rows: *rows,
                     kind: match kind {
                         LoraKind::Linear => "linear",
                         LoraKind::LinearTransposed => "linear_transposed",
@@ -174,12 +178,14 @@ fn tensor_key(
                     b: Some(slice(&file.path, &name_of(b), b)),
                 },
                 DeltaKind::Vector(v) => DeltaKey {
+                    rows: None,
                     kind: "vector".into(),
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &name_of(v), v),
                     b: None,
                 },
                 DeltaKind::Difference(m) => DeltaKey {
+                    rows: None,
                     kind: "difference".into(),
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &tensor.out.name, m),

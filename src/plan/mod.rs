@@ -13,6 +13,8 @@ pub(crate) use error::PlanError;
 pub(crate) use graph::{BuildGraph, Status};
 pub(crate) use keys::{pathdiff, Keys, MergeKey, TensorKey};
 
+use crate::arch::{Dims, Place, Schema};
+use crate::exec::job::RowMap;
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 use crate::io::safetensors::TensorMeta;
@@ -101,6 +103,8 @@ pub(crate) enum DeltaKind {
         kind: LoraKind,
         a: TensorMeta,
         b: TensorMeta,
+        /// In a fused target tensor (another architecture's layout), where B's rows go.
+        rows: Option<RowMap>,
     },
     /// A bias vector (`lora_bias`).
     Vector(TensorMeta),
@@ -174,6 +178,10 @@ impl Plan {
             .collect();
 
         let mut warnings = Vec::new();
+        let schemas = crate::arch::builtin();
+        let target_schema = Schema::for_config(&schemas, &base.config);
+        let dims = Dims::from_config(&base.config);
+        let mut warnings_mapped = 0usize;
         for (index, (source, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
             let adapter = match source {
                 Source::Lora(adapter) => adapter,
@@ -211,11 +219,35 @@ impl Plan {
                 span: entry.span,
             };
 
-            let matched = adapter
+            // A module the base lacks by name may still have a place in it by role: a LLaMA
+            // q_proj goes to the q rows of a fused qkv_proj.
+            let place = |module: &str| -> Option<Place> {
+                let tensor = format!("{module}.weight");
+                if tensors.contains_key(&tensor) {
+                    return Some(Place {
+                        tensor,
+                        rows: None,
+                        part_rows: None,
+                    });
+                }
+                let (role, layer) = schemas.iter().find_map(|s| s.role_of(&tensor))?;
+                target_schema?.place_of(role, layer, dims.as_ref()?)
+            };
+            let places: std::collections::BTreeMap<&str, Option<Place>> = adapter
                 .modules
                 .keys()
-                .filter(|m| tensors.contains_key(&format!("{m}.weight")))
-                .count();
+                .map(|m| (m.as_str(), place(m)))
+                .collect();
+            // A role the base's architecture does not have at all (a SwiGLU gate going into a
+            // non-gated MLP) is skipped with a warning, never silently.
+            let no_counterpart = |module: &str| -> Option<String> {
+                let target = target_schema?;
+                let (role, _) = schemas
+                    .iter()
+                    .find_map(|s| s.role_of(&format!("{module}.weight")))?;
+                target.has_no(role).then(|| role.to_owned())
+            };
+            let matched = places.values().filter(|p| p.is_some()).count();
             if matched == 0 && !adapter.modules.is_empty() {
                 return Err(PlanError::NothingMatches {
                     adapter: name.clone(),
@@ -251,15 +283,47 @@ impl Plan {
             for (module, lora) in &adapter.modules {
                 let weight = weights[index].for_module(module, layer_of(module));
                 let factor = weight * lora.scaling;
-                let tensor = format!("{module}.weight");
-                let plan = tensors.get_mut(&tensor).ok_or_else(|| unknown(&tensor))?;
+                let target = places[module.as_str()].clone();
+                if target.is_none() {
+                    if let Some(role) = no_counterpart(module) {
+                        warnings.push(format!(
+                            "`{name}`: `{module}` ({role}) has no counterpart in the base's architecture; skipped"
+                        ));
+                        continue;
+                    }
+                }
+                let tensor = target
+                    .as_ref()
+                    .map_or_else(|| format!("{module}.weight"), |p| p.tensor.clone());
+                let plan = tensors
+                    .get_mut(&tensor)
+                    .ok_or_else(|| unknown(&format!("{module}.weight")))?;
                 let (out, inner) = (lora.b.shape[0], lora.a.shape[1]);
-                let delta_shape = match lora.kind {
-                    LoraKind::Linear => vec![out, inner],
-                    LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
-                };
-                if delta_shape != plan.out.shape {
-                    return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
+                let rows = target.as_ref().and_then(|p| p.rows);
+                match (rows, target.as_ref().and_then(|p| p.part_rows)) {
+                    // Into a part of a fused tensor: only plain linear layers, of the part's height.
+                    (Some(_), Some(part_rows)) => {
+                        if lora.kind != LoraKind::Linear
+                            || out != part_rows
+                            || inner != plan.out.shape[1]
+                        {
+                            return Err(shape_error(
+                                &tensor,
+                                vec![out, inner],
+                                &[part_rows, plan.out.shape[1]],
+                            ));
+                        }
+                        warnings_mapped += 1;
+                    }
+                    _ => {
+                        let delta_shape = match lora.kind {
+                            LoraKind::Linear => vec![out, inner],
+                            LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
+                        };
+                        if delta_shape != plan.out.shape {
+                            return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
+                        }
+                    }
                 }
                 check_float(&at, &tensor, origin_meta(&plan.origin))?;
                 check_float(&at, &tensor, &lora.a)?;
@@ -273,6 +337,7 @@ impl Plan {
                             kind: lora.kind,
                             a: lora.a.clone(),
                             b: lora.b.clone(),
+                            rows,
                         },
                     });
                 }
@@ -295,6 +360,12 @@ impl Plan {
             }
         }
 
+        if warnings_mapped > 0 {
+            warnings.push(format!(
+                "{warnings_mapped} LoRA modules were placed by role into fused tensors of the base ({})",
+                target_schema.map_or("?", |s| s.name.as_str())
+            ));
+        }
         Ok(Plan {
             density: resolve_rules(&recipe.merge.density, layers, &src)?,
             inputs: Inputs { base, adapters },
