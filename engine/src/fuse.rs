@@ -128,13 +128,14 @@ fn prepare(
                 let total = tensor.origin.shape.first().copied().unwrap_or(0);
                 let mut left = vec![0f32; total * rank];
                 for row in 0..outer {
-                    let to = map.target(row);
-                    let Some(dst) = left.get_mut(to * rank..(to + 1) * rank) else {
-                        return Err(std::io::Error::other(format!(
-                            "row {to} is outside the target's {total} rows"
-                        )));
-                    };
-                    dst.copy_from_slice(&b[row * rank..(row + 1) * rank]);
+                    for to in map.targets(row) {
+                        let Some(dst) = left.get_mut(to * rank..(to + 1) * rank) else {
+                            return Err(std::io::Error::other(format!(
+                                "row {to} is outside the target's {total} rows"
+                            )));
+                        };
+                        dst.copy_from_slice(&b[row * rank..(row + 1) * rank]);
+                    }
                 }
                 plain(left, a, rank)
             }

@@ -13,7 +13,12 @@ const BUILTIN: &[(&str, &str)] = &[
         "arch/gpt_neox.toml",
         include_str!("../../arch/gpt_neox.toml"),
     ),
+    ("arch/chatglm.toml", include_str!("../../arch/chatglm.toml")),
 ];
+
+/// Roles that do the same work in gated and non-gated MLPs: a SwiGLU `up` projection lands on a
+/// GELU MLP's input projection, `down` on its output one. (`gate` has no counterpart.)
+const COUNTERPARTS: &[(&str, &str)] = &[("mlp.up", "mlp.fc_in"), ("mlp.down", "mlp.fc_out")];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +26,9 @@ pub(crate) struct Schema {
     pub name: String,
     /// The `model_type` values of config.json this schema describes.
     pub model_types: Vec<String>,
+    /// config.json keys that must be present, to tell apart families sharing a model_type.
+    #[serde(default)]
+    requires: Vec<String>,
     #[serde(rename = "tensor")]
     tensors: Vec<TensorSchema>,
 }
@@ -87,7 +95,10 @@ impl Dims {
         Some(Dims {
             q: heads * head_dim,
             kv: kv_heads * head_dim,
-            intermediate: get("intermediate_size").unwrap_or(4 * hidden),
+            intermediate: get("intermediate_size")
+                .or_else(|| get("inner_hidden_size"))
+                .or_else(|| get("ffn_hidden_size"))
+                .unwrap_or(4 * hidden),
             hidden,
             head_dim,
         })
@@ -123,6 +134,14 @@ pub(crate) fn builtin() -> Vec<Schema> {
         .collect()
 }
 
+fn counterpart(role: &str) -> Option<&'static str> {
+    COUNTERPARTS.iter().find_map(|(a, b)| {
+        (*a == role)
+            .then_some(*b)
+            .or_else(|| (*b == role).then_some(*a))
+    })
+}
+
 /// `{layer}` in `template` matched against `name`: the layer index.
 fn layer_in(template: &str, name: &str) -> Option<usize> {
     let (prefix, suffix) = template.split_once("{layer}")?;
@@ -139,9 +158,10 @@ impl Schema {
         config: &Map<String, Value>,
     ) -> Option<&'a Schema> {
         let model_type = config.get("model_type").and_then(Value::as_str)?;
-        schemas
-            .iter()
-            .find(|s| s.model_types.iter().any(|t| t == model_type))
+        schemas.iter().find(|s| {
+            s.model_types.iter().any(|t| t == model_type)
+                && s.requires.iter().all(|k| config.contains_key(k))
+        })
     }
 
     /// The role and layer of a tensor that holds a single role.
@@ -152,16 +172,25 @@ impl Schema {
         })
     }
 
-    /// Whether no tensor of this schema holds `role`.
-    pub fn has_no(&self, role: &str) -> bool {
-        !self
-            .tensors
+    fn holds(&self, role: &str) -> bool {
+        self.tensors
             .iter()
             .any(|t| t.role.as_deref() == Some(role) || t.parts.iter().any(|p| p.role == role))
     }
 
-    /// Where `role` of `layer` lives in a model of this schema with widths `dims`.
+    /// Whether no tensor of this schema holds `role` or its counterpart.
+    pub fn has_no(&self, role: &str) -> bool {
+        !self.holds(role) && !self.holds(counterpart(role).unwrap_or(role))
+    }
+
+    /// Where `role` (or, when this schema lacks it, its counterpart) of `layer` lives in a model
+    /// of this schema with widths `dims`.
     pub fn place_of(&self, role: &str, layer: usize, dims: &Dims) -> Option<Place> {
+        let role = if self.holds(role) {
+            role
+        } else {
+            counterpart(role)?
+        };
         for t in &self.tensors {
             let name = t.name.replace("{layer}", &layer.to_string());
             if t.role.as_deref() == Some(role) {
@@ -182,6 +211,7 @@ impl Schema {
                     parts: t.parts.len(),
                     part: index,
                     head_dim: dims.head_dim,
+                    repeat: 1,
                 },
             };
             return Some(Place {
@@ -225,11 +255,26 @@ mod tests {
             Some(RowMap::PerHead {
                 parts: 3,
                 part: 2,
-                head_dim: 2
+                head_dim: 2,
+                repeat: 1
             })
         );
         // Head 1's row 0 of v sits after head 0's q, k, v and head 1's q and k.
-        assert_eq!(v.rows.unwrap().target(2), 6 + 4);
+        assert_eq!(v.rows.unwrap().targets(2).collect::<Vec<_>>(), [6 + 4]);
+        // A grouped-query head serving two query heads fills both.
+        let grouped = RowMap::PerHead {
+            parts: 3,
+            part: 1,
+            head_dim: 2,
+            repeat: 2,
+        };
+        assert_eq!(
+            grouped.targets(3).collect::<Vec<_>>(),
+            [2 * 6 + 2 + 1, 3 * 6 + 2 + 1]
+        );
+        // GPT-NeoX's non-gated MLP takes LLaMA's up and down projections as its own.
+        let fc_in = neox.place_of("mlp.up", 0, &dims()).unwrap();
+        assert_eq!(fc_in.tensor, "gpt_neox.layers.0.mlp.dense_h_to_4h.weight");
         assert!(
             neox.place_of("mlp.gate", 0, &dims()).is_none(),
             "GPT-NeoX has no gate"

@@ -61,27 +61,41 @@ pub enum Truncation {
 pub enum RowMap {
     /// A stacked part ([Q; K; V]) starting at `offset`.
     Offset { offset: usize },
-    /// Part `part` of `parts` interleaved per head, `head_dim` rows a head.
+    /// Part `part` of `parts` interleaved per head, `head_dim` rows a head; each source head
+    /// fills `repeat` target heads (grouped-query k/v going into a multi-head layout).
     PerHead {
         parts: usize,
         part: usize,
         head_dim: usize,
+        #[serde(default = "one")]
+        repeat: usize,
     },
 }
 
+fn one() -> usize {
+    1
+}
+
 impl RowMap {
-    pub fn target(&self, row: usize) -> usize {
-        match *self {
-            RowMap::Offset { offset } => offset + row,
+    /// The rows of the target that row `row` of the delta lands on.
+    pub fn targets(&self, row: usize) -> impl Iterator<Item = usize> {
+        let (first, count, step) = match *self {
+            RowMap::Offset { offset } => (offset + row, 1, 0),
             RowMap::PerHead {
                 parts,
                 part,
                 head_dim,
+                repeat,
             } => {
                 let (head, within) = (row / head_dim, row % head_dim);
-                (head * parts + part) * head_dim + within
+                (
+                    (head * repeat * parts + part) * head_dim + within,
+                    repeat,
+                    parts * head_dim,
+                )
             }
-        }
+        };
+        (0..count).map(move |i| first + i * step)
     }
 }
 

@@ -31,6 +31,8 @@ pub(crate) struct Summary {
     pub bytes: u64,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// Modules placed in another layer or tensor, skipped or dropped (see transfer.txt).
+    pub transferred: usize,
 }
 
 impl Summary {
@@ -56,6 +58,7 @@ impl Summary {
             bytes,
             seconds: elapsed.as_secs_f64(),
             warnings: res.plan.warnings.clone(),
+            transferred: res.plan.transfer.iter().filter(|f| !f.is_plain()).count(),
         }
     }
 
@@ -87,8 +90,16 @@ impl Summary {
         if self.up_to_date {
             return format!("{} is up to date ({:.2}s)", self.output, self.seconds);
         }
+        let transfer = if self.transferred > 0 {
+            format!(
+                "; {} adapter modules mapped, skipped or dropped (transfer.txt)",
+                self.transferred
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files",
+            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{transfer}",
             self.output,
             self.seconds,
             self.device,

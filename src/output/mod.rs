@@ -57,6 +57,18 @@ pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>>
         "README.md".into(),
         card::model_card(recipe, plan).into_bytes(),
     ));
+    if plan.transfer.iter().any(|f| !f.is_plain()) {
+        // Something was mapped, skipped or dropped: say what became of every module.
+        let mut json = serde_json::to_vec_pretty(&plan.transfer).map_err(std::io::Error::other)?;
+        json.push(b'\n');
+        files.push(("transfer.json".into(), json));
+        let text: String = plan
+            .transfer
+            .iter()
+            .map(|f| format!("{}: {}: {}\n", f.adapter, f.module, f.fate))
+            .collect();
+        files.push(("transfer.txt".into(), text.into_bytes()));
+    }
     let mut manifest = serde_json::to_vec_pretty(&manifest(res)).map_err(std::io::Error::other)?;
     manifest.push(b'\n');
     files.push((MANIFEST.into(), manifest));

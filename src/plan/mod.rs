@@ -132,6 +132,8 @@ impl TensorPlan {
 
 pub(crate) struct Plan {
     pub inputs: Inputs,
+    /// What became of every LoRA module: where it was fused, or why it was not.
+    pub transfer: Vec<Fate>,
     /// `[merge] density`, per module and layer.
     pub density: Weight,
     /// Sorted by name.
@@ -182,6 +184,7 @@ impl Plan {
         let target_schema = Schema::for_config(&schemas, &base.config);
         let dims = Dims::from_config(&base.config);
         let mut warnings_mapped = 0usize;
+        let mut transfer = Vec::new();
         for (index, (source, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
             let adapter = match source {
                 Source::Lora(adapter) => adapter,
@@ -233,10 +236,12 @@ impl Plan {
                 let (role, layer) = schemas.iter().find_map(|s| s.role_of(&tensor))?;
                 target_schema?.place_of(role, layer, dims.as_ref()?)
             };
-            let places: std::collections::BTreeMap<&str, Option<Place>> = adapter
-                .modules
-                .keys()
-                .map(|m| (m.as_str(), place(m)))
+            // Layers: each source module goes to the target layers its layer maps to, sharing
+            // its delta when several source layers meet in one target.
+            let mapped = map_layers(entry, adapter, layers, &mut transfer, &src)?;
+            let places: std::collections::BTreeMap<&str, Option<Place>> = mapped
+                .iter()
+                .map(|m| (m.target.as_str(), place(&m.target)))
                 .collect();
             // A role the base's architecture does not have at all (a SwiGLU gate going into a
             // non-gated MLP) is skipped with a warning, never silently.
@@ -248,7 +253,7 @@ impl Plan {
                 target.has_no(role).then(|| role.to_owned())
             };
             let matched = places.values().filter(|p| p.is_some()).count();
-            if matched == 0 && !adapter.modules.is_empty() {
+            if matched == 0 && !mapped.is_empty() {
                 return Err(PlanError::NothingMatches {
                     adapter: name.clone(),
                     count: adapter.modules.len(),
@@ -280,18 +285,45 @@ impl Plan {
                 };
             }
 
-            for (module, lora) in &adapter.modules {
-                let weight = weights[index].for_module(module, layer_of(module));
+            for Mapped {
+                source: source_module,
+                target: module,
+                lora,
+                share,
+            } in &mapped
+            {
+                let (module, lora) = (module.as_str(), *lora);
+                let weight = weights[index].for_module(module, layer_of(module)) * share;
                 let factor = weight * lora.scaling;
-                let target = places[module.as_str()].clone();
+                let target = places[module].clone();
                 if target.is_none() {
                     if let Some(role) = no_counterpart(module) {
                         warnings.push(format!(
                             "`{name}`: `{module}` ({role}) has no counterpart in the base's architecture; skipped"
                         ));
+                        transfer.push(Fate::new(
+                            &name,
+                            source_module,
+                            format!("skipped: {role} has no counterpart in the base"),
+                        ));
                         continue;
                     }
                 }
+                transfer.push(Fate::new(
+                    &name,
+                    source_module,
+                    match &target {
+                        Some(Place {
+                            tensor,
+                            rows: Some(_),
+                            ..
+                        }) => format!("fused by role into part of `{tensor}` (share {share})"),
+                        Some(Place { tensor, .. }) => {
+                            format!("fused into `{tensor}` (share {share})")
+                        }
+                        None => "no target".into(),
+                    },
+                ));
                 let tensor = target
                     .as_ref()
                     .map_or_else(|| format!("{module}.weight"), |p| p.tensor.clone());
@@ -299,12 +331,29 @@ impl Plan {
                     .get_mut(&tensor)
                     .ok_or_else(|| unknown(&format!("{module}.weight")))?;
                 let (out, inner) = (lora.b.shape[0], lora.a.shape[1]);
-                let rows = target.as_ref().and_then(|p| p.rows);
+                let mut rows = target.as_ref().and_then(|p| p.rows);
+                // Grouped-query k/v going into a multi-head layout: each kv head's rows fill the
+                // heads it serves.
+                if let (
+                    Some(RowMap::PerHead {
+                        repeat, head_dim, ..
+                    }),
+                    Some(part_rows),
+                ) = (rows.as_mut(), target.as_ref().and_then(|p| p.part_rows))
+                {
+                    if out < part_rows && out % *head_dim == 0 && part_rows % out == 0 {
+                        *repeat = part_rows / out;
+                    }
+                }
+                let repeat = match rows {
+                    Some(RowMap::PerHead { repeat, .. }) => repeat,
+                    _ => 1,
+                };
                 match (rows, target.as_ref().and_then(|p| p.part_rows)) {
                     // Into a part of a fused tensor: only plain linear layers, of the part's height.
                     (Some(_), Some(part_rows)) => {
                         if lora.kind != LoraKind::Linear
-                            || out != part_rows
+                            || out * repeat != part_rows
                             || inner != plan.out.shape[1]
                         {
                             return Err(shape_error(
@@ -366,13 +415,170 @@ impl Plan {
                 target_schema.map_or("?", |s| s.name.as_str())
             ));
         }
+        transfer.sort_by(|a, b| (&a.adapter, &a.module).cmp(&(&b.adapter, &b.module)));
         Ok(Plan {
+            transfer,
             density: resolve_rules(&recipe.merge.density, layers, &src)?,
             inputs: Inputs { base, adapters },
             tensors: tensors.into_values().collect(),
             warnings,
         })
     }
+}
+
+/// The fate of one source module, for the transfer report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct Fate {
+    pub adapter: String,
+    pub module: String,
+    pub fate: String,
+}
+
+impl Fate {
+    fn new(adapter: &str, module: &str, fate: String) -> Fate {
+        Fate {
+            adapter: adapter.to_owned(),
+            module: module.to_owned(),
+            fate,
+        }
+    }
+
+    /// Whether the module landed on its own name, with nothing mapped.
+    pub fn is_plain(&self) -> bool {
+        self.fate == format!("fused into `{}.weight` (share 1)", self.module)
+    }
+}
+
+/// A source module sent to one target layer.
+struct Mapped<'a> {
+    source: &'a str,
+    /// The module path with the target layer.
+    target: String,
+    lora: &'a crate::io::peft::LoraModule,
+    /// Its share of the target: 1, or 1/n when n source layers meet there.
+    share: f64,
+}
+
+/// Where each of an adapter's modules goes, layer by layer, as `[adapter.map]` says.
+fn map_layers<'a>(
+    entry: &crate::recipe::AdapterEntry,
+    adapter: &'a PeftAdapter,
+    target_layers: Option<usize>,
+    transfer: &mut Vec<Fate>,
+    src: &crate::recipe::Src,
+) -> Result<Vec<Mapped<'a>>, PlanError> {
+    use crate::recipe::{module_matches, LayerMap};
+    let name = &entry.entry.written;
+    let source_layers = match &entry.source {
+        Some(source) => crate::io::hf::read_json(&source.path.join("config.json"))
+            .ok()
+            .and_then(|c| {
+                ["num_hidden_layers", "n_layer", "num_layers"]
+                    .iter()
+                    .find_map(|k| c.get(*k).and_then(serde_json::Value::as_u64))
+            })
+            .map(|n| n as usize),
+        None => None,
+    }
+    .or_else(|| {
+        adapter
+            .modules
+            .keys()
+            .filter_map(|m| layer_of(m))
+            .max()
+            .map(|l| l + 1)
+    });
+    let (s_count, t_count) = (source_layers.unwrap_or(0), target_layers.unwrap_or(0));
+    let targets = |layer: usize| -> Vec<(usize, f64)> {
+        match &entry.map {
+            LayerMap::Same => vec![(layer, 1.0)],
+            LayerMap::Truncate => (layer < t_count)
+                .then_some((layer, 1.0))
+                .into_iter()
+                .collect(),
+            LayerMap::Interpolate => (0..t_count)
+                .filter(|&t| {
+                    let nearest = if t_count <= 1 {
+                        0.0
+                    } else {
+                        t as f64 * (s_count.saturating_sub(1)) as f64 / (t_count - 1) as f64
+                    };
+                    nearest.round() as usize == layer
+                })
+                .map(|t| (t, 1.0))
+                .collect(),
+            LayerMap::Table(pairs, _) => pairs
+                .iter()
+                .filter(|(s, _)| *s == layer)
+                .map(|(_, t)| {
+                    (
+                        *t,
+                        1.0 / pairs.iter().filter(|(_, u)| u == t).count() as f64,
+                    )
+                })
+                .collect(),
+        }
+    };
+    if let LayerMap::Table(pairs, span) = &entry.map {
+        if let Some((_, t)) = pairs.iter().find(|(_, t)| *t >= t_count) {
+            return Err(PlanError::LayerRange {
+                range: t.to_string(),
+                reason: format!("the base has {t_count} layers"),
+                src: src.clone(),
+                span: *span,
+            });
+        }
+    }
+    let mut mapped = Vec::new();
+    for (module, lora) in &adapter.modules {
+        if entry.skip.iter().any(|skip| module_matches(module, skip)) {
+            transfer.push(Fate::new(name, module, "skipped by the recipe".into()));
+            continue;
+        }
+        let Some(layer) = layer_of(module) else {
+            mapped.push(Mapped {
+                source: module,
+                target: module.clone(),
+                lora,
+                share: 1.0,
+            });
+            continue;
+        };
+        let to = targets(layer);
+        if to.is_empty() {
+            transfer.push(Fate::new(
+                name,
+                module,
+                format!("dropped: source layer {layer} maps to no layer of the base"),
+            ));
+        }
+        for (t, share) in to {
+            mapped.push(Mapped {
+                source: module,
+                target: with_layer(module, layer, t),
+                lora,
+                share,
+            });
+        }
+    }
+    Ok(mapped)
+}
+
+/// `model.layers.3.mlp.up_proj` with layer 3 replaced by `to`.
+fn with_layer(module: &str, from: usize, to: usize) -> String {
+    let mut replaced = false;
+    module
+        .split('.')
+        .map(|part| {
+            if !replaced && part.parse::<usize>().ok() == Some(from) {
+                replaced = true;
+                to.to_string()
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Rules with their layer ranges resolved against the base's layer count.

@@ -16,7 +16,7 @@ pub(crate) use error::{RecipeError, Src};
 pub(crate) use layers::LayerRange;
 pub(crate) use schema::{MajoritySign, MergeMethod, OutputDtype};
 
-pub(crate) use weight::{layer_of, ResolvedRule, Weight, WeightRule};
+pub(crate) use weight::{layer_of, module_matches, ResolvedRule, Weight, WeightRule};
 
 use schema::{RawRecipe, RawWeight};
 
@@ -73,6 +73,19 @@ pub(crate) enum Pruning {
     Random,
 }
 
+/// How an adapter's layers land on the base's.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum LayerMap {
+    /// Layer i to layer i; the layer counts must agree.
+    Same,
+    /// Target layer t takes the source layer nearest t·(S−1)/(T−1).
+    Interpolate,
+    /// Layer i to layer i while both exist; the rest of the source is dropped.
+    Truncate,
+    /// Source layer → target layer; several sources of one target are averaged.
+    Table(Vec<(usize, usize)>, SourceSpan),
+}
+
 /// A path the recipe names, with where it names it.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
@@ -86,6 +99,11 @@ pub(crate) struct Entry {
 pub(crate) struct AdapterEntry {
     pub entry: Entry,
     pub weight: Vec<WeightRule>,
+    /// The base the adapter was trained on, when the recipe names it.
+    pub source: Option<Entry>,
+    pub map: LayerMap,
+    /// Module names (last path components) the recipe skips.
+    pub skip: Vec<String>,
     /// The span of the whole `[[adapter]]` table.
     pub span: SourceSpan,
 }
@@ -313,11 +331,79 @@ impl Checker {
             }],
             Some(weight) => self.rules(weight)?,
         };
+        let source = match &adapter.source {
+            Some(path) => Some(self.existing_dir("source base", path)?),
+            None => None,
+        };
+        let (map, skip) = self.layer_map(adapter.map.as_ref())?;
         Ok(AdapterEntry {
             entry,
             weight,
+            source,
+            map,
+            skip,
             span: raw.span().into(),
         })
+    }
+
+    fn layer_map(
+        &self,
+        raw: Option<&Spanned<schema::RawMap>>,
+    ) -> Result<(LayerMap, Vec<String>), RecipeError> {
+        let Some(raw) = raw else {
+            return Ok((LayerMap::Same, Vec::new()));
+        };
+        let raw = raw.get_ref();
+        if let Some(dims) = &raw.dims {
+            if dims.get_ref() != "exact" {
+                return Err(self.invalid(
+                    format!("`dims = \"{}\"` is not implemented yet", dims.get_ref()),
+                    "only `dims = \"exact\"` (widths must agree) is available; truncate, pad and align are planned",
+                    dims.span(),
+                ));
+            }
+        }
+        let map = match raw.layers.as_ref().map(|l| (l.get_ref(), l.span())) {
+            None => LayerMap::Same,
+            Some((schema::RawLayers::Named(name), span)) => match name.as_str() {
+                "same" => LayerMap::Same,
+                "interpolate" => LayerMap::Interpolate,
+                "truncate" => LayerMap::Truncate,
+                other => {
+                    return Err(self.invalid(
+                        format!("unknown layer mapping `{other}`"),
+                        "use \"same\", \"interpolate\", \"truncate\", or a table such as `{ 0 = 0, 1 = 0, 2 = 1 }`",
+                        span,
+                    ))
+                }
+            },
+            Some((schema::RawLayers::Table(table), span)) => {
+                let mut pairs = Vec::new();
+                for (source, target) in table {
+                    let Ok(source) = source.trim().parse::<usize>() else {
+                        return Err(self.invalid(
+                            format!("`{source}` is not a layer number"),
+                            "keys are source layers, values target layers: `{ 0 = 0, 1 = 0 }`",
+                            target.span(),
+                        ));
+                    };
+                    pairs.push((source, *target.get_ref() as usize));
+                }
+                LayerMap::Table(pairs, span.into())
+            }
+        };
+        let mut skip = Vec::new();
+        for (module, action) in raw.modules.iter().flatten() {
+            if action.get_ref() != "skip" {
+                return Err(self.invalid(
+                    format!("unknown module action `{}`", action.get_ref()),
+                    "the only action is \"skip\": `modules = { gate_proj = \"skip\" }`",
+                    action.span(),
+                ));
+            }
+            skip.push(module.clone());
+        }
+        Ok((map, skip))
     }
 
     /// `0.8`, or `[ { value = 1.0 }, { layers = "16..", value = 0.5 } ]`.

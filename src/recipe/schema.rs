@@ -70,6 +70,59 @@ pub(crate) struct RawAdapter {
     pub path: Spanned<String>,
     #[serde(default)]
     pub weight: Option<Spanned<RawWeight>>,
+    /// The base the adapter was trained on (its layer count drives layer mapping).
+    #[serde(default)]
+    pub source: Option<Spanned<String>>,
+    /// How the adapter's layers and modules map onto the base.
+    #[serde(default)]
+    pub map: Option<Spanned<RawMap>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMap {
+    #[serde(default)]
+    pub layers: Option<Spanned<RawLayers>>,
+    #[serde(default)]
+    pub dims: Option<Spanned<String>>,
+    /// Module name → "skip".
+    #[serde(default)]
+    pub modules: Option<std::collections::BTreeMap<String, Spanned<String>>>,
+}
+
+/// `"same"`, `"interpolate"`, `"truncate"`, or `{ 0 = 0, 1 = 0, ... }` (source → target).
+#[derive(Debug)]
+pub(crate) enum RawLayers {
+    Named(String),
+    Table(std::collections::BTreeMap<String, Spanned<u64>>),
+}
+
+impl<'de> Deserialize<'de> for RawLayers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LayersVisitor;
+
+        impl<'de> Visitor<'de> for LayersVisitor {
+            type Value = RawLayers;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"same\", \"interpolate\", \"truncate\" or a table of source layer = target layer")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLayers, E> {
+                Ok(RawLayers::Named(v.to_owned()))
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawLayers, A::Error> {
+                let mut table = std::collections::BTreeMap::new();
+                while let Some((key, value)) = map.next_entry::<String, Spanned<u64>>()? {
+                    table.insert(key, value);
+                }
+                Ok(RawLayers::Table(table))
+            }
+        }
+
+        deserializer.deserialize_any(LayersVisitor)
+    }
 }
 
 /// `weight = 0.8` or `weight = [ { value = 1.0 }, { layers = "16..", value = 0.5 } ]`.

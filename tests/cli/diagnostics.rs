@@ -276,3 +276,27 @@ fn full_model_of_another_shape() {
     ws.model("wide", 8, Dtype::F32);
     assert_snapshot!(fails(&ws, &GOOD.replace("\"lora\"", "\"wide\"")));
 }
+
+#[test]
+fn width_adaptation_is_refused_for_now() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace(
+            "path = \"lora\"",
+            "path = \"lora\"\n[adapter.map]\ndims = \"align\""
+        )
+    ));
+}
+
+#[test]
+fn layer_table_beyond_the_base() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace(
+            "path = \"lora\"",
+            "path = \"lora\"\n[adapter.map]\nlayers = { 0 = 0, 1 = 5 }"
+        )
+    ));
+}
