@@ -217,23 +217,32 @@ def main(argv=None) -> int:
 
     model = d / "model"
     size_gb = sum(p.stat().st_size for p in model.iterdir()) / 1e9
-    steps = [("cp -r", ["cp", "-r", "model", "out-cp"], d / "out-cp")]
+    # Each step: label, command, and what to remove before each run (so that every run does
+    # the whole job). The cold modelforge build also starts from an empty cache and no lock file;
+    # the no-op build runs on what the cold build left.
+    steps = [("cp -r", ["cp", "-r", "model", "out-cp"], [d / "out-cp"])]
     if Path(args.bin).exists():
-        steps.append(("modelforge build", [args.bin, "build", "recipe.toml", "--quiet"], d / "out-modelforge"))
+        build = [args.bin, "build", "recipe.toml", "--quiet", "--cache", "bench-cache"]
+        steps.append(("modelforge build (cold cache)", build, [d / "out-modelforge", d / "bench-cache", d / "recipe.lock"]))
+        steps.append(("modelforge build (no-op)", build, []))
     else:
         print(f"note: no modelforge binary at {args.bin}; skipping it", file=sys.stderr)
     if not args.skip_peft:
         env_py = sys.executable
         steps.append(("PEFT merge_and_unload + save", [env_py, "peft_merge.py", "model", "lora", "out-peft"],
-                      d / "out-peft"))
+                      [d / "out-peft"]))
 
     warm(model)
     warm(d / "lora")
     results = {}
-    for label, cmd, out in steps:
+    for label, cmd, stale in steps:
         walls, rss = [], []
         for i in range(args.runs):
-            shutil.rmtree(out, ignore_errors=True)
+            for path in stale:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
             w, r = measure(cmd, d)
             walls.append(w)
             rss.append(r)
@@ -257,8 +266,12 @@ def main(argv=None) -> int:
     if agreement:
         print(f"\nmodelforge vs PEFT: {agreement}")
     if not args.keep_outputs:
-        for _, _, out in steps:
-            shutil.rmtree(out, ignore_errors=True)
+        for _, _, stale in steps:
+            for path in stale:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
     return 0
 
 
