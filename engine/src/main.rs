@@ -22,6 +22,15 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
+    // The engine works for one build: when that build dies, so does the engine, rather than
+    // computing on for nobody (its finished objects are in the cache either way).
+    // SAFETY: prctl with PR_SET_PDEATHSIG only sets a signal for this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    if std::os::unix::process::parent_id() == 1 {
+        return Err("the build that started the engine is gone".into());
+    }
     let mut request = Vec::new();
     std::io::stdin()
         .read_to_end(&mut request)
