@@ -11,6 +11,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cli;
+/// Entry points for the fuzz targets in fuzz/; not a stable API.
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub mod digest;
 pub mod exec;

@@ -8,14 +8,30 @@ use thiserror::Error;
 #[derive(Debug, Error, Diagnostic)]
 pub(crate) enum InputError {
     #[error("cannot read `{}`: {source}", path.display())]
-    #[diagnostic(
-        code(modelforge::input::io),
-        help("check that the file exists and is readable")
-    )]
+    #[diagnostic(code(modelforge::input::io), help("{help}"))]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+        help: &'static str,
+    },
+
+    #[error("`{}` is {found}, where a file is expected", path.display())]
+    #[diagnostic(
+        code(modelforge::input::not_a_file),
+        help("replace it with the file itself (a symbolic link to a file is fine)")
+    )]
+    NotAFile { path: PathBuf, found: &'static str },
+
+    #[error("`{}` is {size} bytes, too large for a JSON file of this kind (at most {limit} bytes)", path.display())]
+    #[diagnostic(
+        code(modelforge::input::too_large),
+        help("this is not the file its name says; re-download or re-export it")
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
     },
 
     #[error("`{}` has no config.json, so it is not a Hugging Face model directory", dir.display())]
@@ -60,16 +76,17 @@ pub(crate) enum InputError {
     Pickle { path: PathBuf, suggested: String },
 
     #[error("`{}` is not a valid safetensors file: {message}", path.display())]
-    #[diagnostic(
-        code(modelforge::input::safetensors),
-        help("the file is truncated or damaged; re-download or re-export it")
-    )]
-    Safetensors { path: PathBuf, message: String },
+    #[diagnostic(code(modelforge::input::safetensors), help("{help}"))]
+    Safetensors {
+        path: PathBuf,
+        message: String,
+        help: &'static str,
+    },
 
     #[error("the tensor `{name}` is stored twice: in `{}` and in `{}`", first.display(), second.display())]
     #[diagnostic(
         code(modelforge::input::duplicate_tensor),
-        help("the shards overlap; the model directory is inconsistent")
+        help("a tensor must live in one file: remove the stray file from the directory, or re-download the model")
     )]
     DuplicateTensor {
         name: String,
@@ -121,6 +138,25 @@ pub(crate) enum InputError {
         missing: String,
     },
 
+    #[error("the tensor `{tensor}` in `{}` holds {what} (at element {index})", path.display())]
+    #[diagnostic(
+        code(modelforge::input::non_finite),
+        help("the adapter diverged in training or is damaged, and would write {what} into every tensor it touches; train it again, or use an earlier checkpoint")
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        what: &'static str,
+        index: u64,
+    },
+
+    #[error("the adapter `{}` holds no tensors", path.display())]
+    #[diagnostic(
+        code(modelforge::input::empty_adapter),
+        help("a PEFT adapter holds the `lora_A`/`lora_B` matrices of each module it changes; re-save the adapter with PEFT")
+    )]
+    EmptyAdapter { path: PathBuf },
+
     #[error("the LoRA matrices of `{module}` in `{}` do not fit together: {detail}", path.display())]
     #[diagnostic(code(modelforge::input::lora_rank), help("{help}"))]
     LoraRank {
@@ -133,9 +169,24 @@ pub(crate) enum InputError {
 
 impl InputError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        let help = match (source.kind(), source.raw_os_error()) {
+            (ErrorKind::NotFound, _) => "check the path: the file is not there",
+            (ErrorKind::PermissionDenied, _) => {
+                "make the file (and the folders above it) readable by this user, e.g. `chmod a+r FILE`"
+            }
+            (_, Some(libc::ELOOP)) => {
+                "a symbolic link on this path leads back to itself; point it at the real file"
+            }
+            (ErrorKind::UnexpectedEof, _) => {
+                "the file changed or shrank while it was read; run again once nothing writes to it"
+            }
+            _ => "check that the file exists and is readable",
+        };
         InputError::Io {
             path: path.into(),
             source,
+            help,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::safetensors::{SafetensorsFile, TensorMeta};
+use super::safetensors::{describe, SafetensorsFile, TensorMeta};
 use super::InputError;
 
 pub(crate) const INDEX: &str = "model.safetensors.index.json";
@@ -54,7 +54,7 @@ impl Weights {
 impl HfModel {
     pub fn open(dir: &Path) -> Result<Self, InputError> {
         let config_path = dir.join("config.json");
-        if !config_path.is_file() {
+        if !present(&config_path)? {
             return Err(InputError::NoConfig {
                 dir: dir.to_owned(),
             });
@@ -62,9 +62,9 @@ impl HfModel {
         let config =
             match read_json(&config_path)? {
                 Value::Object(map) => map,
-                _ => return Err(InputError::BadConfig {
+                other => return Err(InputError::BadConfig {
                     path: config_path,
-                    message: "the top level is not a JSON object".into(),
+                    message: format!("the top level is `{}`, not a JSON object", shown(&other)),
                     help:
                         "config.json must be an object such as `{\"model_type\": \"llama\", ...}`"
                             .into(),
@@ -99,7 +99,7 @@ impl HfModel {
     /// The weight files, in the order their names sort.
     pub fn weight_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.weights.files.iter().map(|f| f.path.clone()).collect();
-        if self.dir.join(INDEX).is_file() {
+        if present(&self.dir.join(INDEX)).unwrap_or(false) {
             files.push(self.dir.join(INDEX));
         }
         files.sort();
@@ -107,7 +107,37 @@ impl HfModel {
     }
 }
 
+/// The most bytes a JSON input may have. The largest real ones, shard indexes of models with
+/// hundreds of thousands of tensors, are a few MB; anything near this is not what it says.
+const MAX_JSON_LEN: u64 = 100_000_000;
+
+/// Whether something is at `path` (which may be a symbolic link; it is followed). A path that
+/// cannot be looked at, a link that loops, say, is an error rather than absent.
+pub(crate) fn present(path: &Path) -> Result<bool, InputError> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(InputError::io(path, e)),
+    }
+}
+
+/// Reads a JSON file of at most `MAX_JSON_LEN` bytes. serde_json stops at 128 levels of
+/// nesting, so no document can exhaust the stack.
 pub(crate) fn read_json(path: &Path) -> Result<Value, InputError> {
+    let meta = std::fs::metadata(path).map_err(|e| InputError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(InputError::NotAFile {
+            path: path.to_owned(),
+            found: describe(&meta),
+        });
+    }
+    if meta.len() > MAX_JSON_LEN {
+        return Err(InputError::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+            limit: MAX_JSON_LEN,
+        });
+    }
     let bytes = std::fs::read(path).map_err(|e| InputError::io(path, e))?;
     serde_json::from_slice(&bytes).map_err(|e| InputError::BadJson {
         path: path.to_owned(),
@@ -117,11 +147,11 @@ pub(crate) fn read_json(path: &Path) -> Result<Value, InputError> {
 
 fn open_weights(dir: &Path) -> Result<Weights, InputError> {
     let index_path = dir.join(INDEX);
-    if index_path.is_file() {
+    if present(&index_path)? {
         return open_sharded(dir, &index_path);
     }
     let single = dir.join(SINGLE);
-    if single.exists() {
+    if present(&single)? {
         return Weights::from_files(vec![SafetensorsFile::open(&single)?]);
     }
     // Some exporters name the single file otherwise; take every .safetensors file.
@@ -168,7 +198,10 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Weights, InputError> {
         let Some(shard) = shard.as_str() else {
             return Err(InputError::BadConfig {
                 path: index_path.to_owned(),
-                message: format!("the entry for `{tensor}` is not a file name"),
+                message: format!(
+                    "the `weight_map` entry for `{tensor}` is `{}`, not a file name",
+                    shown(shard)
+                ),
                 help: "every `weight_map` value must be a shard's file name".into(),
             });
         };
@@ -182,16 +215,18 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Weights, InputError> {
             shard: shard.to_string(),
             problem,
         };
+        // `names` holds at least the tensor that brought the shard in.
+        let first = names.first().copied().unwrap_or_default();
         // A shard name is a plain file name in the same directory, never a path elsewhere.
-        if shard.contains('/') || shard.contains('\\') || *shard == ".." {
+        if !is_plain_file_name(shard) {
             return Err(index_error(
-                names[0],
-                "the shard name is not a plain file name".into(),
+                first,
+                "that is not a file name inside the model directory".into(),
             ));
         }
         let path = dir.join(shard);
-        if !path.is_file() {
-            return Err(index_error(names[0], "that file does not exist".into()));
+        if !present(&path)? {
+            return Err(index_error(first, "that file does not exist".into()));
         }
         let file = SafetensorsFile::open(&path)?;
         for name in names {
@@ -202,4 +237,46 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Weights, InputError> {
         files.push(file);
     }
     Weights::from_files(files)
+}
+
+/// A JSON value as a message quotes it: compact, and cut short when long.
+pub(crate) fn shown(value: &Value) -> String {
+    const MAX: usize = 60;
+    let text = value.to_string();
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
+/// `model-00001-of-00002.safetensors`, as opposed to `../x`, `/etc/x`, `a/b` or `.`.
+fn is_plain_file_name(name: &str) -> bool {
+    use std::path::Component;
+    let mut components = Path::new(name).components();
+    matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(c)), None) if c == name
+    ) && !name.contains('\\')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_stay_in_the_directory() {
+        assert!(is_plain_file_name("model-00001-of-00002.safetensors"));
+        for name in [
+            "../x.safetensors",
+            "/etc/x",
+            "a/b",
+            ".",
+            "..",
+            "",
+            "a\\b",
+            "x/",
+        ] {
+            assert!(!is_plain_file_name(name), "{name}");
+        }
+    }
 }

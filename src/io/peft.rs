@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use safetensors::Dtype;
 use serde_json::Value;
 
-use super::hf::read_json;
+use super::hf::{present, read_json, shown};
 use super::safetensors::{SafetensorsFile, TensorMeta};
 use super::InputError;
 
@@ -64,7 +65,7 @@ pub(crate) struct PeftAdapter {
 impl PeftAdapter {
     pub fn open(dir: &Path) -> Result<Self, InputError> {
         let config_path = dir.join(CONFIG);
-        if !config_path.is_file() {
+        if !present(&config_path)? {
             return Err(InputError::BadConfig {
                 path: dir.to_owned(),
                 message: format!("has no {CONFIG}, so it is not a PEFT adapter directory"),
@@ -73,9 +74,9 @@ impl PeftAdapter {
         }
         let config = LoraConfig::parse(&config_path, read_json(&config_path)?)?;
         let weights_path = dir.join(WEIGHTS);
-        if !weights_path.exists() {
+        if !present(&weights_path)? {
             let pickle = dir.join("adapter_model.bin");
-            if pickle.exists() {
+            if present(&pickle)? {
                 return Err(InputError::Pickle {
                     path: pickle,
                     suggested: weights_path.display().to_string(),
@@ -87,7 +88,11 @@ impl PeftAdapter {
             ));
         }
         let file = SafetensorsFile::open(&weights_path)?;
+        if file.tensors.is_empty() {
+            return Err(InputError::EmptyAdapter { path: weights_path });
+        }
         let (modules, replacements) = read_modules(&file, &config)?;
+        check_finite(&file)?;
         Ok(PeftAdapter {
             dir: dir.to_owned(),
             config,
@@ -99,7 +104,9 @@ impl PeftAdapter {
 }
 
 impl LoraConfig {
-    fn parse(path: &Path, value: Value) -> Result<Self, InputError> {
+    /// Reads adapter_config.json's value; `path` is only for messages. Every key modelforge uses
+    /// is checked for its type here, so that a wrong one is named instead of ignored.
+    pub(crate) fn parse(path: &Path, value: Value) -> Result<Self, InputError> {
         let bad = |message: String, help: &str| InputError::BadConfig {
             path: path.to_owned(),
             message,
@@ -107,32 +114,56 @@ impl LoraConfig {
         };
         let Value::Object(raw) = value else {
             return Err(bad(
-                "the top level is not a JSON object".into(),
-                "re-save the adapter with PEFT",
+                format!("the top level is `{}`, not a JSON object", shown(&value)),
+                "adapter_config.json is an object such as `{\"peft_type\": \"LORA\", \"r\": 8, ...}`; re-save the adapter with PEFT",
             ));
         };
-        let peft_type = raw
-            .get("peft_type")
-            .and_then(Value::as_str)
-            .unwrap_or("LORA");
+        let peft_type = match raw.get("peft_type") {
+            None | Some(Value::Null) => "LORA",
+            Some(Value::String(t)) => t.as_str(),
+            Some(other) => {
+                return Err(bad(
+                    format!("`peft_type` is `{}`, not a name", shown(other)),
+                    "`peft_type` names the kind of adapter, e.g. \"LORA\"",
+                ))
+            }
+        };
         if peft_type != "LORA" {
             return Err(bad(
                 format!("is a `{peft_type}` adapter; modelforge fuses LoRA adapters only"),
                 "use a LoRA adapter (peft_type \"LORA\")",
             ));
         }
-        if raw.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        let flag = |key: &str| -> Result<bool, InputError> {
+            match raw.get(key) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(bad(
+                    format!("`{key}` is `{}`, not true or false", shown(other)),
+                    "set it to true or false",
+                )),
+            }
+        };
+        if flag("use_dora")? {
             return Err(bad(
                 "is a DoRA adapter (`use_dora = true`), which modelforge does not fuse yet".into(),
                 "DoRA rescales each output row by a learned magnitude, so it cannot be fused as a plain delta; merge it with PEFT's merge_and_unload for now",
             ));
         }
-        let r = match raw.get("r").and_then(Value::as_u64) {
-            Some(r) if r > 0 => r as usize,
-            _ => {
+        let r = match raw.get("r") {
+            Some(v) => match v.as_u64() {
+                Some(r) if r > 0 => r as usize,
+                _ => {
+                    return Err(bad(
+                        format!("`r` is `{}`, not a positive integer", shown(v)),
+                        "`r` is the LoRA rank, an integer such as 8; it must match the tensors",
+                    ))
+                }
+            },
+            None => {
                 return Err(bad(
-                    "`r` is missing or not a positive integer".into(),
-                    "`r` is the LoRA rank, e.g. 8",
+                    "has no `r`".into(),
+                    "`r` is the LoRA rank, an integer such as 8; it must match the tensors",
                 ))
             }
         };
@@ -140,56 +171,76 @@ impl LoraConfig {
             None => 8.0,
             Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| {
                 bad(
-                    "`lora_alpha` is not a number".into(),
-                    "`lora_alpha` is a number, e.g. 16",
+                    format!("`lora_alpha` is `{}`, not a number", shown(v)),
+                    "`lora_alpha` is a number such as 16; the scaling is lora_alpha / r",
                 )
             })?,
         };
-        let flag = |key: &str| -> Result<bool, InputError> {
-            match raw.get(key) {
-                None | Some(Value::Null) => Ok(false),
-                Some(Value::Bool(b)) => Ok(*b),
-                Some(_) => Err(bad(
-                    format!("`{key}` is not true or false"),
-                    "set it to true or false",
-                )),
-            }
-        };
-        let pattern = |key: &str| -> Result<Vec<(String, f64)>, InputError> {
+        let pattern = |key: &str, integer: bool| -> Result<Vec<(String, f64)>, InputError> {
+            let (kind, example) = if integer {
+                ("a positive integer", "`{\"q_proj\": 16}`")
+            } else {
+                ("a positive number", "`{\"q_proj\": 32.0}`")
+            };
+            let help = format!(
+                "`{key}` maps module names (regular expressions) to numbers, e.g. {example}"
+            );
             match raw.get(key) {
                 None | Some(Value::Null) => Ok(Vec::new()),
                 Some(Value::Object(map)) => map
                     .iter()
-                    .map(|(k, v)| match v.as_f64() {
-                        Some(n) if n.is_finite() && n > 0.0 => Ok((k.clone(), n)),
-                        _ => Err(bad(
-                            format!("`{key}.{k}` is not a positive number"),
-                            "patterns map module names to numbers",
-                        )),
+                    .map(|(k, v)| {
+                        let n = if integer {
+                            v.as_u64().filter(|n| *n > 0).map(|n| n as f64)
+                        } else {
+                            v.as_f64().filter(|n| n.is_finite() && *n > 0.0)
+                        };
+                        n.map(|n| (k.clone(), n)).ok_or_else(|| {
+                            bad(format!("`{key}.{k}` is `{}`, not {kind}", shown(v)), &help)
+                        })
                     })
                     .collect(),
-                Some(_) => Err(bad(
-                    format!("`{key}` is not an object"),
-                    "patterns map module names to numbers",
+                Some(other) => Err(bad(
+                    format!("`{key}` is `{}`, not an object", shown(other)),
+                    &help,
                 )),
             }
         };
-        let rank_pattern = pattern("rank_pattern")?
+        let rank_pattern = pattern("rank_pattern", true)?
             .into_iter()
             .map(|(k, v)| (k, v as usize))
             .collect();
+        let target_modules = raw.get("target_modules").cloned().unwrap_or(Value::Null);
+        let is_names = match &target_modules {
+            Value::Null | Value::String(_) => true,
+            Value::Array(items) => items.iter().all(Value::is_string),
+            _ => false,
+        };
+        if !is_names {
+            return Err(bad(
+                format!("`target_modules` is `{}`, not a name or a list of names", shown(&target_modules)),
+                "`target_modules` names the modules the adapter changes, e.g. `[\"q_proj\", \"v_proj\"]`, or is one regular expression",
+            ));
+        }
+        let base_model = match raw.get("base_model_name_or_path") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(name)) => Some(name.clone()),
+            Some(other) => {
+                return Err(bad(
+                    format!("`base_model_name_or_path` is `{}`, not a name", shown(other)),
+                    "it names the model the adapter was trained on, e.g. \"meta-llama/Llama-3.2-1B\"; remove it if unknown",
+                ))
+            }
+        };
         Ok(LoraConfig {
             r,
             alpha,
             use_rslora: flag("use_rslora")?,
             fan_in_fan_out: flag("fan_in_fan_out")?,
             rank_pattern,
-            alpha_pattern: pattern("alpha_pattern")?,
-            target_modules: raw.get("target_modules").cloned().unwrap_or(Value::Null),
-            base_model: raw
-                .get("base_model_name_or_path")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            alpha_pattern: pattern("alpha_pattern", false)?,
+            target_modules,
+            base_model,
         })
     }
 
@@ -335,6 +386,86 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
         );
     }
     Ok((modules, replacements))
+}
+
+/// Every floating tensor of the adapter must be finite: a NaN or an infinity in A or B spreads
+/// to a whole row or column of each tensor it is fused into. Adapter files are small next to
+/// the base, so they are read once here, in blocks, before anything is computed.
+fn check_finite(file: &SafetensorsFile) -> Result<(), InputError> {
+    const BLOCK: usize = 1 << 20;
+    let mut buf = vec![0u8; BLOCK];
+    for (name, meta) in &file.tensors {
+        let Some(width) = float_width(meta.dtype) else {
+            continue;
+        };
+        // Blocks hold whole elements.
+        let block = (BLOCK / width * width) as u64;
+        let mut done = 0u64;
+        while done < meta.len {
+            let n = block.min(meta.len - done) as usize;
+            let bytes = &mut buf[..n];
+            file.read_into(meta.start + done, bytes)?;
+            if let Some((at, what)) = first_non_finite(meta.dtype, bytes) {
+                return Err(InputError::NonFinite {
+                    path: file.path.clone(),
+                    tensor: name.clone(),
+                    what,
+                    index: done / width as u64 + at as u64,
+                });
+            }
+            done += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The bytes per element of the floating dtypes modelforge computes with.
+fn float_width(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        Dtype::F32 => Some(4),
+        Dtype::F64 => Some(8),
+        _ => None,
+    }
+}
+
+/// The first element of `bytes` (little-endian `dtype`) that is NaN or infinite, by its bits:
+/// all exponent bits set.
+fn first_non_finite(dtype: Dtype, bytes: &[u8]) -> Option<(usize, &'static str)> {
+    fn scan<const N: usize>(
+        bytes: &[u8],
+        exponent: u64,
+        mantissa: u64,
+        bits: impl Fn([u8; N]) -> u64,
+    ) -> Option<(usize, &'static str)> {
+        bytes.chunks_exact(N).enumerate().find_map(|(i, chunk)| {
+            let mut raw = [0u8; N];
+            raw.copy_from_slice(chunk);
+            let b = bits(raw);
+            (b & exponent == exponent).then(|| {
+                let what = if b & mantissa != 0 {
+                    "NaN"
+                } else {
+                    "an infinity"
+                };
+                (i, what)
+            })
+        })
+    }
+    match dtype {
+        Dtype::F16 => scan::<2>(bytes, 0x7C00, 0x03FF, |b| u16::from_le_bytes(b).into()),
+        Dtype::BF16 => scan::<2>(bytes, 0x7F80, 0x007F, |b| u16::from_le_bytes(b).into()),
+        Dtype::F32 => scan::<4>(bytes, 0x7F80_0000, 0x007F_FFFF, |b| {
+            u32::from_le_bytes(b).into()
+        }),
+        Dtype::F64 => scan::<8>(
+            bytes,
+            0x7FF0_0000_0000_0000,
+            0x000F_FFFF_FFFF_FFFF,
+            u64::from_le_bytes,
+        ),
+        _ => None,
+    }
 }
 
 /// `lm_head.modules_to_save.default.weight` → `lm_head.weight`.

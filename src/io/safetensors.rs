@@ -1,13 +1,15 @@
-//! Reading safetensors files: the header is parsed and validated once (by the `safetensors`
-//! crate), tensor bytes are read on demand with positioned reads, so a file is never held in
-//! memory as a whole.
+//! Reading safetensors files: the header is parsed and validated once (`header`), tensor bytes
+//! are read on demand with positioned reads, so a file is never held in memory as a whole.
+pub(crate) mod header;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use super::InputError;
+use header::HeaderError;
 
 /// One tensor's place in a file.
 #[derive(Clone, Debug)]
@@ -35,41 +37,44 @@ pub(crate) struct SafetensorsFile {
 }
 
 impl SafetensorsFile {
+    /// Opens `path` and checks its header against the file's length; no tensor data is read.
     pub fn open(path: &Path) -> Result<Self, InputError> {
-        let file = File::open(path).map_err(|e| InputError::io(path, e))?;
-        if file
-            .metadata()
-            .map_err(|e| InputError::io(path, e))?
-            .is_dir()
-        {
-            return Err(InputError::io(
-                path,
-                std::io::Error::other("is a directory, expected a file"),
-            ));
-        }
-        // The crate validates the header against the whole buffer (offsets, sizes, trailing
-        // bytes); a map lets it do so without reading the data.
-        // SAFETY: the map is read-only and dropped before this function returns; a file changed
-        // underneath it can at worst make validation fail.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| InputError::io(path, e))?;
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&map).map_err(|e| InputError::Safetensors {
+        // Checked before opening: opening a FIFO would wait for a writer, and a directory or a
+        // device is never a weights file.
+        let kind = std::fs::metadata(path).map_err(|e| InputError::io(path, e))?;
+        if !kind.is_file() {
+            return Err(InputError::NotAFile {
                 path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-        drop(map);
-        let data_start = 8 + header_len as u64;
-        let mut tensors: Vec<(String, TensorMeta)> = metadata
-            .tensors()
+                found: describe(&kind),
+            });
+        }
+        let file = File::open(path).map_err(|e| InputError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| InputError::io(path, e))?.len();
+        let damaged = |fault: HeaderError| InputError::Safetensors {
+            path: path.to_owned(),
+            message: fault.to_string(),
+            help: fault.help(),
+        };
+        let mut prefix = [0u8; header::LEN_BYTES as usize];
+        let prefix_len = prefix.len().min(file_len as usize);
+        read_exact_at(&file, path, &mut prefix[..prefix_len], 0)?;
+        let json_len = header::json_len(&prefix[..prefix_len], file_len).map_err(damaged)?;
+        // At most 100 MB, and within the file.
+        let mut json = vec![0u8; json_len as usize];
+        read_exact_at(&file, path, &mut json, header::LEN_BYTES)?;
+        let data_start = header::LEN_BYTES + json_len;
+        let entries = header::entries(&json, file_len - data_start).map_err(damaged)?;
+        drop(json);
+        let mut tensors: Vec<(String, TensorMeta)> = entries
             .into_iter()
-            .map(|(name, info)| {
+            .map(|entry| {
                 let meta = TensorMeta {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start: data_start + info.data_offsets.0 as u64,
-                    len: (info.data_offsets.1 - info.data_offsets.0) as u64,
+                    dtype: entry.dtype,
+                    shape: entry.shape,
+                    start: data_start + entry.start,
+                    len: entry.end - entry.start,
                 };
-                (name, meta)
+                (entry.name, meta)
             })
             .collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -92,5 +97,27 @@ impl SafetensorsFile {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| InputError::io(&self.path, e))
+    }
+}
+
+fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), InputError> {
+    file.read_exact_at(buf, offset)
+        .map_err(|e| InputError::io(path, e))
+}
+
+/// What a path is, for a message that says it should be a file.
+pub(crate) fn describe(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a named pipe"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
     }
 }

@@ -21,6 +21,20 @@ pub(crate) enum RecipeError {
         source: std::io::Error,
     },
 
+    #[error("the recipe `{}` is larger than {limit} bytes", path.display())]
+    #[diagnostic(
+        code(modelforge::recipe::too_large),
+        help("a recipe is a short TOML file naming a base, its adapters and an output; check that this is the file you meant")
+    )]
+    TooLarge { path: PathBuf, limit: u64 },
+
+    #[error("the recipe `{}` is not UTF-8 text (invalid byte at offset {at})", path.display())]
+    #[diagnostic(
+        code(modelforge::recipe::not_utf8),
+        help("recipes are TOML, which is UTF-8; check that this is the file you meant, or re-save it as UTF-8")
+    )]
+    NotUtf8 { path: PathBuf, at: usize },
+
     #[error("{message}")]
     #[diagnostic(code(modelforge::recipe::invalid), help("{help}"))]
     Invalid {
@@ -44,6 +58,21 @@ pub(crate) enum RecipeError {
         #[source_code]
         src: Src,
         #[label("no such directory")]
+        span: SourceSpan,
+    },
+
+    #[error("cannot look at the {what} `{}`", path.display())]
+    #[diagnostic(
+        code(modelforge::recipe::inaccessible),
+        help("check the path: a symbolic link on it may lead back to itself, or a folder on it may not be readable")
+    )]
+    Inaccessible {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+        #[source_code]
+        src: Src,
+        #[label("this path")]
         span: SourceSpan,
     },
 

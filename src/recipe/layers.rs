@@ -20,9 +20,12 @@ impl LayerRange {
         let range = match text.split_once("..") {
             None => {
                 let n = number(text)?;
+                let end = n
+                    .checked_add(1)
+                    .ok_or_else(|| format!("`{n}` is past any model's last layer"))?;
                 LayerRange {
                     start: n,
-                    end: Some(n + 1),
+                    end: Some(end),
                 }
             }
             Some((start, end)) => {
@@ -68,7 +71,7 @@ impl LayerRange {
 impl fmt::Display for LayerRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.end {
-            Some(end) if end == self.start + 1 => write!(f, "{}", self.start),
+            Some(end) if self.start.checked_add(1) == Some(end) => write!(f, "{}", self.start),
             Some(end) => write!(f, "{}..{end}", self.start),
             None => write!(f, "{}..", self.start),
         }
@@ -117,6 +120,7 @@ mod tests {
         assert!(LayerRange::parse("4..4").is_err());
         assert!(LayerRange::parse("a..4").is_err());
         assert!(LayerRange::parse("0..=4").is_err());
+        assert!(LayerRange::parse(&usize::MAX.to_string()).is_err());
     }
 
     #[test]

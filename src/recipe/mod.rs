@@ -20,6 +20,10 @@ pub(crate) use weight::{layer_of, module_matches, ResolvedRule, Weight, WeightRu
 
 use schema::{RawRecipe, RawWeight};
 
+/// The largest recipe read: a recipe with thousands of adapters is still far below it, and
+/// parsing this much takes about a second.
+const MAX_RECIPE_LEN: u64 = 16 << 20;
+
 /// Shards above this size are split (the `transformers` default).
 const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
@@ -143,9 +147,28 @@ pub(crate) enum DeviceRequest {
 impl Recipe {
     /// Reads and checks the recipe at `path`.
     pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Unreadable {
+        let unreadable = |source| RecipeError::Unreadable {
             path: path.to_owned(),
             source,
+        };
+        let file = std::fs::File::open(path).map_err(unreadable)?;
+        // Read through a limit rather than by the file's length, so that a pipe
+        // (`build <(generate-recipe)`) works and `/dev/zero` does not fill the memory.
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, MAX_RECIPE_LEN + 1),
+            &mut bytes,
+        )
+        .map_err(unreadable)?;
+        if bytes.len() as u64 > MAX_RECIPE_LEN {
+            return Err(RecipeError::TooLarge {
+                path: path.to_owned(),
+                limit: MAX_RECIPE_LEN,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| RecipeError::NotUtf8 {
+            path: path.to_owned(),
+            at: e.utf8_error().valid_up_to(),
         })?;
         Recipe::parse(path, text)
     }
@@ -255,8 +278,15 @@ struct Checker {
 
 impl Checker {
     fn syntax(&self, err: toml::de::Error) -> RecipeError {
-        let message = err.message().to_owned();
-        let help = if message.starts_with("unknown field") {
+        let mut message = err.message().to_owned();
+        // The toml crate stops at a fixed depth (its parser and its deserializer each say so in
+        // their own words) rather than overflow the stack; say what that means for a recipe.
+        if message.contains("recursion") {
+            message = "tables or values are nested too deeply".into();
+        }
+        let help = if message.starts_with("tables or values are nested") {
+            "a recipe needs at most four levels, as in `[[adapter]] weight = [ { modules = [\"q_proj\"] } ]`; see README.md for the recipe format"
+        } else if message.starts_with("unknown field") {
             "remove the key or fix its spelling; see README.md for the recipe's keys"
         } else if message.starts_with("missing field") {
             "add the missing key"
@@ -296,7 +326,20 @@ impl Checker {
         path: &Spanned<String>,
     ) -> Result<Entry, RecipeError> {
         let entry = self.entry(path);
-        if !entry.path.exists() {
+        let found = match std::fs::metadata(&entry.path) {
+            Ok(meta) => Some(meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(RecipeError::Inaccessible {
+                    what,
+                    path: entry.path,
+                    source,
+                    src: self.src.clone(),
+                    span: entry.span,
+                })
+            }
+        };
+        let Some(found) = found else {
             return Err(RecipeError::MissingPath {
                 what,
                 path: entry.path,
@@ -308,8 +351,8 @@ impl Checker {
                 src: self.src.clone(),
                 span: entry.span,
             });
-        }
-        if !entry.path.is_dir() {
+        };
+        if !found.is_dir() {
             return Err(RecipeError::NotADirectory {
                 what,
                 path: entry.path,
@@ -441,6 +484,19 @@ impl Checker {
                 return Err(self.invalid(
                     "`modules = []` matches no module".into(),
                     "name at least one module, e.g. `modules = [\"q_proj\"]`, or drop the key to match all",
+                    modules.span(),
+                ));
+            }
+            let bad = modules.get_ref().iter().find(|name| {
+                name.is_empty()
+                    || name.starts_with('.')
+                    || name.ends_with('.')
+                    || name.contains("..")
+            });
+            if let Some(name) = bad {
+                return Err(self.invalid(
+                    format!("`{name:?}` is not a module name"),
+                    "name modules by the last parts of their path, such as `\"q_proj\"` or `\"self_attn.q_proj\"`",
                     modules.span(),
                 ));
             }

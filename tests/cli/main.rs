@@ -17,3 +17,6 @@ mod inspect;
 /// The content-addressed build: no-op and incremental rebuilds, the lock file, `verify`,
 /// reproducibility, a damaged cache, concurrent and killed builds.
 mod incremental;
+
+/// Damaged and hostile inputs: each refused with a diagnostic, leaving the previous output as it was.
+mod hostile;

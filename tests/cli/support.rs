@@ -103,6 +103,15 @@ pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     }
 }
 
+/// A safetensors file from a header written by hand and its data bytes, for files that the
+/// `safetensors` crate would refuse to write.
+pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
 /// Reads every tensor of a safetensors file as f32 (F32 only).
 pub fn read_f32(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -263,6 +272,63 @@ impl Workspace {
                 } else {
                     let hash = blake3::hash(&std::fs::read(&path).unwrap());
                     out.push((path, hash));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(self.dir.path(), &mut files);
+        files
+    }
+
+    /// What an interrupted or failed build could leave behind: staging directories
+    /// (`.NAME.modelforge-tmp-PID`) and anything in a `tmp` folder (the cache's).
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, in_tmp: bool, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if in_tmp || name.contains(".modelforge-tmp-") || name.ends_with(".tmp") {
+                    out.push(path.clone());
+                }
+                // Not through symbolic links: fixtures make loops on purpose.
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&path, in_tmp || name == "tmp", out);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(self.dir.path(), false, &mut found);
+        found.sort();
+        found
+    }
+
+    /// Like `snapshot_files`, for workspaces holding what it cannot read: symbolic links are
+    /// recorded by their target and not followed (fixtures make loops), other special files
+    /// (named pipes) and unreadable files by their kind.
+    pub fn snapshot_tree(&self) -> Vec<(PathBuf, String)> {
+        fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            entries.sort();
+            for path in entries {
+                let kind = std::fs::symlink_metadata(&path).unwrap().file_type();
+                if kind.is_symlink() {
+                    let target = std::fs::read_link(&path).unwrap();
+                    out.push((path, format!("-> {}", target.display())));
+                } else if kind.is_dir() {
+                    walk(&path, out);
+                } else if !kind.is_file() {
+                    out.push((path, "special".into()));
+                } else {
+                    let digest = std::fs::read(&path)
+                        .map(|bytes| blake3::hash(&bytes).to_string())
+                        .unwrap_or_else(|e| format!("unreadable: {e}"));
+                    out.push((path, digest));
                 }
             }
         }
