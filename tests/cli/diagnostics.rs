@@ -1,42 +1,15 @@
 use insta::assert_snapshot;
 use safetensors::Dtype;
 
-use crate::support::Workspace;
+use crate::support::{Workspace, GOOD};
 
-/// A base of width 4 and an adapter on both layers' q_proj and v_proj.
 fn workspace() -> Workspace {
-    let ws = Workspace::new();
-    ws.model("base", 4, Dtype::F32);
-    let modules: Vec<(String, usize, usize)> = (0..2)
-        .flat_map(|l| {
-            ["q_proj", "v_proj"]
-                .map(|m| (format!("model.layers.{l}.self_attn.{m}"), 4, 4))
-                .to_vec()
-        })
-        .collect();
-    let modules: Vec<(&str, usize, usize)> = modules
-        .iter()
-        .map(|(m, o, i)| (m.as_str(), *o, *i))
-        .collect();
-    ws.adapter("lora", &modules, 2, serde_json::json!({}));
-    ws
+    Workspace::with_lora()
 }
 
-/// Runs a build of `recipe` that must fail and must leave every file as it was.
 fn fails(ws: &Workspace, recipe: &str) -> String {
-    ws.write("recipe.toml", recipe);
-    let before = ws.snapshot_files();
-    let stderr = ws.fail(&["build", "recipe.toml"]);
-    assert_eq!(
-        before,
-        ws.snapshot_files(),
-        "a failed build changed or created files"
-    );
-    stderr
+    ws.refuse(recipe)
 }
-
-const GOOD: &str =
-    "[base]\npath = \"base\"\n\n[[adapter]]\npath = \"lora\"\n\n[output]\npath = \"out\"\n";
 
 #[test]
 fn the_good_recipe_builds() {

@@ -8,23 +8,13 @@ use insta::assert_snapshot;
 use safetensors::Dtype;
 use serde_json::json;
 
-use crate::support::{llama_tensors, raw_safetensors, safetensors_bytes, t, Workspace, T};
-
-const GOOD: &str =
-    "[base]\npath = \"base\"\n\n[[adapter]]\npath = \"lora\"\n\n[output]\npath = \"out\"\n";
+use crate::support::{llama_tensors, raw_safetensors, safetensors_bytes, t, Workspace, GOOD, T};
 
 const Q0: &str = "model.layers.0.self_attn.q_proj";
 
-/// A base of width 4, an adapter on both layers' q_proj and v_proj, and their fused output in
-/// `out/`.
+/// The shared base and adapter, with their fused output in `out/`.
 fn built() -> Workspace {
-    let ws = Workspace::new();
-    ws.model("base", 4, Dtype::F32);
-    let modules: Vec<String> = (0..2)
-        .flat_map(|l| ["q_proj", "v_proj"].map(|m| format!("model.layers.{l}.self_attn.{m}")))
-        .collect();
-    let modules: Vec<(&str, usize, usize)> = modules.iter().map(|m| (m.as_str(), 4, 4)).collect();
-    ws.adapter("lora", &modules, 2, json!({}));
+    let ws = Workspace::with_lora();
     ws.write("recipe.toml", GOOD);
     ws.ok(&["build", "recipe.toml", "--quiet"]);
     assert!(ws.path("out/model.safetensors").is_file());
@@ -33,16 +23,7 @@ fn built() -> Workspace {
 
 /// Builds `recipe` into the output of the good build; the build must fail and change nothing.
 fn refused(ws: &Workspace, recipe: &str) -> String {
-    ws.write("recipe.toml", recipe);
-    let before = ws.snapshot_files();
-    let stderr = ws.fail(&["build", "recipe.toml"]);
-    assert_eq!(
-        before,
-        ws.snapshot_files(),
-        "a failed build changed or created files"
-    );
-    assert_eq!(ws.leftovers(), Vec::<std::path::PathBuf>::new());
-    stderr
+    ws.refuse(recipe)
 }
 
 /// `refused`, for workspaces with symbolic link loops or named pipes, which `snapshot_files`

@@ -337,3 +337,37 @@ impl Workspace {
         files
     }
 }
+
+/// The recipe the fault tests start from: the `base` and `lora` of [`Workspace::with_lora`].
+pub const GOOD: &str =
+    "[base]\npath = \"base\"\n\n[[adapter]]\npath = \"lora\"\n\n[output]\npath = \"out\"\n";
+
+impl Workspace {
+    /// A base of width 4 and an adapter (`lora`) on both layers' q_proj and v_proj.
+    pub fn with_lora() -> Workspace {
+        let ws = Workspace::new();
+        ws.model("base", 4, Dtype::F32);
+        let modules: Vec<String> = (0..2)
+            .flat_map(|l| ["q_proj", "v_proj"].map(|m| format!("model.layers.{l}.self_attn.{m}")))
+            .collect();
+        let modules: Vec<(&str, usize, usize)> =
+            modules.iter().map(|m| (m.as_str(), 4, 4)).collect();
+        ws.adapter("lora", &modules, 2, serde_json::json!({}));
+        ws
+    }
+
+    /// Builds `recipe`, which must fail, change no file and leave no temporary directory;
+    /// returns the diagnostic with the workspace's path masked.
+    pub fn refuse(&self, recipe: &str) -> String {
+        self.write("recipe.toml", recipe);
+        let before = self.snapshot_files();
+        let stderr = self.fail(&["build", "recipe.toml"]);
+        assert_eq!(
+            before,
+            self.snapshot_files(),
+            "a failed build changed or created files"
+        );
+        assert_eq!(self.leftovers(), Vec::<std::path::PathBuf>::new());
+        stderr
+    }
+}
