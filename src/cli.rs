@@ -50,6 +50,19 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Re-hash every object and check every action; exits non-zero if an object's bytes do
+    /// not match its digest.
+    Verify {
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Remove damaged objects and the actions that point at them (the next build
+        /// recomputes them).
+        #[arg(long)]
+        repair: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where the cache is, and whether to trust its record of file digests.
@@ -84,6 +97,10 @@ pub struct BuildArgs {
     /// Print a JSON summary of the build on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Fuse adapters holding NaN or infinity, and write fused tensors that hold them, instead of
+    /// failing (both are errors by default).
+    #[arg(long)]
+    pub allow_non_finite: bool,
     /// Memory the engine may use for tensors in flight, e.g. `512MB` or `4GiB` (default 64MiB).
     /// Larger budgets compute larger blocks of rows at once; the engine's peak memory is this
     /// plus LibTorch's fixed overhead.

@@ -44,5 +44,10 @@ pub fn run(cli: Cli) -> miette::Result<()> {
             older_than,
         } => exec::gc(&cache, max_size, older_than),
         Command::Cache(CacheCommand::Stats { cache, json }) => exec::cache_stats(&cache, json),
+        Command::Cache(CacheCommand::Verify {
+            cache,
+            repair,
+            json,
+        }) => exec::cache_verify(&cache, repair, json),
     }
 }

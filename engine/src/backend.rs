@@ -61,7 +61,7 @@ impl Backend {
         cols: usize,
         deltas: &[BlockDelta<'_>],
         out_dtype: Dtype,
-    ) -> Vec<u8> {
+    ) -> Rounded {
         let shape = [rows, cols];
         let w = tensor(base, in_dtype, &shape)
             .to_device(self.device)
@@ -83,12 +83,49 @@ impl Backend {
             let _ = product.g_mul_scalar_(delta.factor);
             let _ = acc.g_add_(&product);
         }
-        let out = acc.to_kind(kind(out_dtype)).to_device(Device::Cpu);
-        let len = rows * cols * out_dtype.bitsize() / 8;
-        let mut bytes = vec![0u8; len];
-        out.copy_data_u8(&mut bytes, rows * cols);
-        bytes
+        Rounded::new(acc.to_kind(kind(out_dtype)), out_dtype)
     }
+}
+
+/// A result in its output dtype, and whether it is finite.
+pub(crate) struct Rounded {
+    pub bytes: Vec<u8>,
+    /// The first element that is NaN or infinite, and which of them it is.
+    pub non_finite: Option<(u64, &'static str)>,
+}
+
+impl Rounded {
+    fn new(out: Tensor, dtype: Dtype) -> Rounded {
+        let out = out.to_device(Device::Cpu);
+        let numel = out.numel();
+        let mut bytes = vec![0u8; numel * dtype.bitsize() / 8];
+        out.copy_data_u8(&mut bytes, numel);
+        Rounded {
+            bytes,
+            non_finite: first_non_finite(&out),
+        }
+    }
+}
+
+/// The first element of a floating tensor that is NaN or infinite (row-major), if any.
+fn first_non_finite(t: &Tensor) -> Option<(u64, &'static str)> {
+    if !t.is_floating_point() {
+        return None;
+    }
+    let bad = t.isfinite().logical_not_().flatten(0, -1);
+    if bad.any().int64_value(&[]) == 0 {
+        return None;
+    }
+    let index = bad.nonzero().int64_value(&[0, 0]);
+    let value = t.flatten(0, -1).double_value(&[index]);
+    let what = if value.is_nan() {
+        "NaN"
+    } else if value > 0.0 {
+        "+inf"
+    } else {
+        "-inf"
+    };
+    Some((index as u64, what))
 }
 
 impl Backend {
@@ -188,7 +225,7 @@ impl Backend {
 
     /// Factors the combined delta (transposed if asked) by a truncated SVD: returns A's then
     /// B's f32 bytes, with B·A ≈ the delta, and the fraction of its energy kept.
-    pub fn refactor(&self, delta: &Tensor, refactor: &Refactor) -> (Vec<u8>, f64) {
+    pub fn refactor(&self, delta: &Tensor, refactor: &Refactor) -> (Rounded, f64) {
         let m = if refactor.transpose {
             delta.t_copy()
         } else {
@@ -216,11 +253,9 @@ impl Backend {
         let k = k as i64;
         let a = v.narrow(1, 0, k).t_copy().contiguous();
         let b = (u.narrow(1, 0, k) * s.narrow(0, 0, k).unsqueeze(0)).contiguous();
-        let mut bytes = vec![0u8; (a.numel() + b.numel()) * 4];
-        let split = a.numel() * 4;
-        a.copy_data_u8(&mut bytes[..split], a.numel());
-        b.copy_data_u8(&mut bytes[split..], b.numel());
-        (bytes, kept)
+        // A then B, one object.
+        let both = Tensor::cat(&[a.flatten(0, -1), b.flatten(0, -1)], 0);
+        (Rounded::new(both, Dtype::F32), kept)
     }
 
     /// A whole base tensor in f32, on the device.
@@ -231,12 +266,8 @@ impl Backend {
     }
 
     /// `round(w + delta)` in `out_dtype`, as bytes.
-    pub fn add_and_round(&self, w: Tensor, delta: Tensor, out_dtype: Dtype) -> Vec<u8> {
-        let out = (w + delta).to_kind(kind(out_dtype)).to_device(Device::Cpu);
-        let numel = out.numel();
-        let mut bytes = vec![0u8; numel * out_dtype.bitsize() / 8];
-        out.copy_data_u8(&mut bytes, numel);
-        bytes
+    pub fn add_and_round(&self, w: Tensor, delta: Tensor, out_dtype: Dtype) -> Rounded {
+        Rounded::new((w + delta).to_kind(kind(out_dtype)), out_dtype)
     }
 }
 

@@ -9,7 +9,34 @@ use modelforge::exec::job::{DeltaValues, Slice, TensorJob};
 use modelforge::store::{ActionEntry, Store};
 use rayon::prelude::*;
 
-use crate::backend::{Backend, BlockDelta, BlockValues};
+use crate::backend::{Backend, BlockDelta, BlockValues, Rounded};
+
+/// Why a tensor could not be computed.
+pub(crate) enum FuseError {
+    Io(std::io::Error),
+    /// The result holds NaN or infinity at this element, and the job asked for finite results.
+    NonFinite {
+        index: u64,
+        what: &'static str,
+    },
+}
+
+impl From<std::io::Error> for FuseError {
+    fn from(e: std::io::Error) -> Self {
+        FuseError::Io(e)
+    }
+}
+
+/// The bytes of a result that starts at element `offset` of its tensor, or why they are refused.
+fn accept(rounded: Rounded, offset: u64, check_finite: bool) -> Result<Vec<u8>, FuseError> {
+    match rounded.non_finite {
+        Some((index, what)) if check_finite => Err(FuseError::NonFinite {
+            index: offset + index,
+            what,
+        }),
+        _ => Ok(rounded.bytes),
+    }
+}
 
 /// Input files, opened once each.
 #[derive(Default)]
@@ -173,12 +200,13 @@ pub(crate) fn fuse(
     tensor: &TensorJob,
     budget: u64,
     sync: bool,
-) -> std::io::Result<ActionEntry> {
+    check_finite: bool,
+) -> Result<ActionEntry, FuseError> {
     let origin = &tensor.origin;
     let mut out = store.object_writer()?;
     let numel: usize = origin.shape.iter().product();
     if numel == 0 {
-        return out.finish(sync);
+        return Ok(out.finish(sync)?);
     }
     let rows = origin.shape.first().copied().unwrap_or(1).max(1);
     let cols = numel / rows;
@@ -211,14 +239,15 @@ pub(crate) fn fuse(
         let w = backend.base(&base, origin.dtype, rows, cols);
         let delta = backend.merged_delta(&w, rows, cols, &tasks, &weights, tensor.merge.as_ref());
         if let Some(refactor) = &tensor.refactor {
-            let (bytes, energy) = backend.refactor(&delta, refactor);
-            out.write(&bytes)?;
+            let (factors, energy) = backend.refactor(&delta, refactor);
+            out.write(&accept(factors, 0, check_finite)?)?;
             let mut entry = out.finish(sync)?;
             entry.energy = Some(energy);
             return Ok(entry);
         }
-        out.write(&backend.add_and_round(w, delta, tensor.out_dtype))?;
-        return out.finish(sync);
+        let fused = backend.add_and_round(w, delta, tensor.out_dtype);
+        out.write(&accept(fused, 0, check_finite)?)?;
+        return Ok(out.finish(sync)?);
     }
 
     // Each block in flight holds its input, two f32 temporaries, its output and their copies
@@ -233,7 +262,7 @@ pub(crate) fn fuse(
         .map(|start| (start, rows_per_block.min(rows - start)))
         .collect();
     for window in blocks.chunks(in_flight) {
-        let results: Vec<std::io::Result<Vec<u8>>> = window
+        let results: Vec<Result<Vec<u8>, FuseError>> = window
             .par_iter()
             .map(|&(start, n)| {
                 let mut base = vec![0u8; n * in_row_bytes];
@@ -247,12 +276,14 @@ pub(crate) fn fuse(
                     .zip(&models)
                     .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
                     .collect();
-                Ok(backend.fuse_block(&base, origin.dtype, n, cols, &block, tensor.out_dtype))
+                let fused =
+                    backend.fuse_block(&base, origin.dtype, n, cols, &block, tensor.out_dtype);
+                accept(fused, (start * cols) as u64, check_finite)
             })
             .collect();
         for bytes in results {
             out.write(&bytes?)?;
         }
     }
-    out.finish(sync)
+    Ok(out.finish(sync)?)
 }

@@ -8,14 +8,16 @@ mod fuse;
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use modelforge::exec::job::{Done, Job};
+use modelforge::exec::job::{Done, Job, NonFinite, Reply};
 use modelforge::store::Store;
 
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("modelforge-engine: {message}");
+            if !message.is_empty() {
+                eprintln!("modelforge-engine: {message}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -29,7 +31,10 @@ fn run() -> Result<(), String> {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
     if std::os::unix::process::parent_id() == 1 {
-        return Err("the build that started the engine is gone".into());
+        // Nobody is listening. Leave at once: running LibTorch's and MKL's exit handlers while
+        // they are still initialising makes MKL print a spurious fatal error.
+        // SAFETY: _exit ends the process without touching any Rust state.
+        unsafe { libc::_exit(1) }
     }
     let mut request = Vec::new();
     std::io::stdin()
@@ -41,21 +46,42 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("cannot open the cache `{}`: {e}", job.cache.display()))?;
     let mut inputs = fuse::Inputs::default();
     let stdout = std::io::stdout();
-    for tensor in &job.tensors {
-        let entry = fuse::fuse(&backend, &store, &mut inputs, tensor, job.budget, job.fsync)
-            .map_err(|e| format!("`{}`: {e}", tensor.name))?;
-        store
-            .put_action(&tensor.key, &entry)
-            .map_err(|e| format!("cannot record `{}` in the cache: {e}", tensor.name))?;
-        let line = serde_json::to_string(&Done {
-            key: tensor.key,
-            entry,
-        })
-        .expect("a result serialises");
+    let answer = |reply: &Reply| {
+        let line = serde_json::to_string(reply).expect("a reply serialises");
         let mut out = stdout.lock();
         writeln!(out, "{line}")
             .and_then(|_| out.flush())
-            .map_err(|e| format!("cannot answer: {e}"))?;
+            .map_err(|e| format!("cannot answer: {e}"))
+    };
+    for tensor in &job.tensors {
+        let entry = match fuse::fuse(
+            &backend,
+            &store,
+            &mut inputs,
+            tensor,
+            job.budget,
+            job.fsync,
+            job.check_finite,
+        ) {
+            Ok(entry) => entry,
+            Err(fuse::FuseError::Io(e)) => return Err(format!("`{}`: {e}", tensor.name)),
+            Err(fuse::FuseError::NonFinite { index, what }) => {
+                answer(&Reply::NonFinite(NonFinite {
+                    tensor: tensor.name.clone(),
+                    index,
+                    what: what.into(),
+                }))?;
+                // The build explains it; nothing to add here.
+                return Err(String::new());
+            }
+        };
+        store
+            .put_action(&tensor.key, &entry)
+            .map_err(|e| format!("cannot record `{}` in the cache: {e}", tensor.name))?;
+        answer(&Reply::Done(Done {
+            key: tensor.key,
+            entry,
+        }))?;
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::{output_error, ExecError, Resolution};
 use crate::digest::FileDigest;
-use crate::io::atomic::StagingDir;
+use crate::io::atomic::{StagedFile, StagingDir};
 use crate::io::writer::{self, ShardWriter};
 use crate::plan::{Origin, TensorPlan};
 use crate::store::VerifyingReader;
@@ -15,10 +15,38 @@ use crate::store::VerifyingReader;
 const CHUNK: usize = 8 << 20;
 
 pub(crate) enum Outcome {
-    /// The output's files (final paths) and their digests.
-    Written(Vec<(PathBuf, FileDigest)>),
+    /// The output, complete but not yet in place.
+    Written(Staged),
     /// These tensors' cache objects were damaged and have been evicted; nothing was written.
     Corrupt(Vec<String>),
+}
+
+/// Complete output directories, each still hidden beside its final place.
+pub(crate) struct Staged {
+    /// The output's files (final paths) and their digests.
+    pub files: Vec<(PathBuf, FileDigest)>,
+    dirs: Vec<(PathBuf, StagingDir)>,
+}
+
+impl Staged {
+    /// Swaps every output into place, then renames the lock file over the old one: the window
+    /// in which a killed build leaves a new output beside an old lock is a few system calls.
+    /// The previous outputs are removed when the returned value is dropped.
+    pub fn commit(self, lock: Option<StagedFile>) -> Result<Vec<StagingDir>, ExecError> {
+        let mut old = Vec::new();
+        for (target, mut dir) in self.dirs {
+            dir.commit().map_err(output_error(&target))?;
+            old.push(dir);
+        }
+        if let Some(lock) = lock {
+            let path = lock.target().to_owned();
+            lock.commit().map_err(output_error(&path))?;
+        }
+        for dir in &old {
+            dir.sync_parent();
+        }
+        Ok(old)
+    }
 }
 
 pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<Outcome, ExecError> {
@@ -122,15 +150,21 @@ pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<O
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
         written.push((target.join(&name), FileDigest::of(&bytes)));
     }
+    let mut dirs = vec![(target.clone(), staging)];
     if let Some(adapter) = &res.recipe.output.adapter {
         match write_adapter(res, &adapter.path.path)? {
-            Outcome::Written(files) => written.extend(files),
+            Outcome::Written(staged) => {
+                written.extend(staged.files);
+                dirs.extend(staged.dirs);
+            }
             corrupt => return Ok(corrupt),
         }
     }
-    staging.commit().map_err(output_error(target))?;
     written.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Outcome::Written(written))
+    Ok(Outcome::Written(Staged {
+        files: written,
+        dirs,
+    }))
 }
 
 /// `[output] adapter`: the re-factored deltas as one PEFT adapter, with `refactor.json`
@@ -301,6 +335,8 @@ fn write_adapter(res: &Resolution, target: &std::path::Path) -> Result<Outcome, 
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
         written.push((target.join(name), FileDigest::of(&bytes)));
     }
-    staging.commit().map_err(output_error(target))?;
-    Ok(Outcome::Written(written))
+    Ok(Outcome::Written(Staged {
+        files: written,
+        dirs: vec![(target.to_owned(), staging)],
+    }))
 }

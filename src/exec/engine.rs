@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use super::job::{Done, Job};
+use super::job::{Done, Job, Reply};
 use super::ExecError;
 
 const NAME: &str = "modelforge-engine";
@@ -40,12 +40,17 @@ pub(crate) fn run(job: &Job, progress: bool) -> Result<Vec<Done>, ExecError> {
     }
     let bar = super::progress_bar(job.tensors.len(), "fusing ", progress);
     let mut done = Vec::new();
+    let mut refused = None;
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Ok(result) = serde_json::from_str::<Done>(&line) {
-                done.push(result);
-                bar.inc(1);
+            match serde_json::from_str::<Reply>(&line) {
+                Ok(Reply::Done(result)) => {
+                    done.push(result);
+                    bar.inc(1);
+                }
+                Ok(Reply::NonFinite(found)) => refused = Some(found),
+                Err(_) => {}
             }
         }
     }
@@ -54,6 +59,13 @@ pub(crate) fn run(job: &Job, progress: bool) -> Result<Vec<Done>, ExecError> {
         message: e.to_string(),
         help: "the engine could not be waited for".into(),
     })?;
+    if let Some(found) = refused {
+        return Err(ExecError::NonFinite {
+            tensor: found.tensor,
+            what: found.what,
+            index: found.index,
+        });
+    }
     if !status.success() || done.len() != job.tensors.len() {
         return Err(ExecError::Engine {
             message: format!("`{}` stopped ({status}) after {} of {} tensors", path.display(), done.len(), job.tensors.len()),

@@ -20,6 +20,8 @@ pub struct Job {
     pub budget: u64,
     /// Flush each object to disk before recording it (`build --fsync`).
     pub fsync: bool,
+    /// Refuse a result holding NaN or infinity (the default; `build --allow-non-finite`).
+    pub check_finite: bool,
     pub tensors: Vec<TensorJob>,
 }
 
@@ -179,4 +181,23 @@ pub enum DeltaValues {
 pub struct Done {
     pub key: NodeKey,
     pub entry: ActionEntry,
+}
+
+/// The engine's answer when a result holds NaN or infinity (and the job asks for the check):
+/// nothing of that tensor reaches the cache, and the engine stops.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NonFinite {
+    pub tensor: String,
+    /// The first such element, counted row-major from the tensor's start.
+    pub index: u64,
+    /// `NaN`, `+inf` or `-inf`.
+    pub what: String,
+}
+
+/// One line of the engine's answers.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Done(Done),
+    NonFinite(NonFinite),
 }

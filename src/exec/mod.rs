@@ -2,6 +2,7 @@
 //! and assembles the output from inputs and cache objects. A build whose recipe, inputs and
 //! outputs all match the lock file does nothing at all.
 mod assemble;
+mod cache;
 mod engine;
 pub mod job;
 mod summary;
@@ -22,6 +23,7 @@ use crate::plan::{BuildGraph, DeltaKind, Keys, MergeKey, Origin, Plan, Status, T
 use crate::recipe::{DeviceRequest, MajoritySign, OutputDtype, Pruning, RankChoice, Recipe};
 use crate::store::Store;
 
+pub use cache::{cache_stats, cache_verify, gc};
 pub(crate) use summary::{Nodes, Summary};
 
 #[derive(Debug, Error, Diagnostic)]
@@ -76,6 +78,42 @@ pub(crate) enum ExecError {
         span: Option<miette::SourceSpan>,
     },
 
+    #[error("{count} object(s) in the cache `{}` do not match their digest, first `{}`", path.display(), first.display())]
+    #[diagnostic(
+        code(modelforge::exec::cache_damaged),
+        help("builds evict such objects when they read them and recompute them; `modelforge cache verify --repair` removes them all now")
+    )]
+    CacheDamaged {
+        path: PathBuf,
+        count: usize,
+        first: PathBuf,
+    },
+
+    #[error("the fused tensor `{tensor}` holds {what} (at element {index})")]
+    #[diagnostic(
+        code(modelforge::exec::non_finite),
+        help("a weight or delta this large overflows the output's dtype, or the base already holds it: check the recipe's weights, write `[output] dtype = \"f32\"`, or pass `--allow-non-finite` to write it anyway")
+    )]
+    NonFinite {
+        tensor: String,
+        what: String,
+        index: u64,
+    },
+
+    #[error("the output `{}` would overlap the cache `{}`", output.display(), cache.display())]
+    #[diagnostic(
+        code(modelforge::exec::output_in_cache),
+        help("write the output to a folder outside the cache, or choose another cache with `--cache DIR` or MODELFORGE_CACHE")
+    )]
+    OutputInCache {
+        output: PathBuf,
+        cache: PathBuf,
+        #[source_code]
+        src: crate::recipe::Src,
+        #[label("this output")]
+        span: miette::SourceSpan,
+    },
+
     #[error(transparent)]
     #[diagnostic(transparent)]
     Input(#[from] crate::io::InputError),
@@ -108,11 +146,23 @@ pub(crate) struct Resolution {
 }
 
 impl Resolution {
-    pub fn new(recipe_path: &Path, cache: &CacheArgs) -> miette::Result<Resolution> {
+    /// Reads the recipe and its inputs; with `check_finite`, also refuses adapters holding NaN
+    /// or infinity.
+    pub fn new(
+        recipe_path: &Path,
+        cache: &CacheArgs,
+        check_finite: bool,
+    ) -> miette::Result<Resolution> {
         let recipe = Recipe::load(recipe_path)?;
+        check_outputs_outside_cache(&recipe, &cache_dir(cache, Some(&recipe)))?;
         let store = open_store(cache, Some(&recipe))?;
         let device = resolve_device(recipe.device);
         let plan = Plan::new(&recipe)?;
+        if check_finite {
+            for adapter in plan.inputs.adapters.iter().filter_map(|a| a.lora()) {
+                adapter.check_finite().map_err(ExecError::from)?;
+            }
+        }
         let recipe_digest = FileDigest::of(recipe.text.as_bytes());
         // Without a seed in the recipe, DARE's is derived from the recipe itself.
         let seed = recipe.merge.seed.unwrap_or_else(|| {
@@ -218,7 +268,7 @@ impl Resolution {
 /// `modelforge build`.
 pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let started = Instant::now();
-    let res = Resolution::new(&args.recipe, &args.cache)?;
+    let res = Resolution::new(&args.recipe, &args.cache, !args.allow_non_finite)?;
     let lock_path = lock::path_for(&res.recipe.path);
     let previous = Lock::read(&lock_path).and_then(Result::ok);
     if args.locked {
@@ -247,7 +297,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
     let mut computed = 0;
     let mut evicted = Vec::new();
-    let files = loop {
+    let staged = loop {
         let statuses = res.statuses();
         let jobs = jobs(&res, &statuses);
         computed += jobs.len();
@@ -262,12 +312,13 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
                 device: res.device.clone(),
                 budget,
                 fsync: args.fsync,
+                check_finite: !args.allow_non_finite,
                 tensors: jobs,
             };
             engine::run(&job, !args.quiet)?;
         }
         match assemble::assemble(&res, !args.quiet, args.fsync)? {
-            assemble::Outcome::Written(files) => break files,
+            assemble::Outcome::Written(staged) => break staged,
             assemble::Outcome::Corrupt(names) if evicted.is_empty() => {
                 for name in &names {
                     eprintln!(
@@ -288,12 +339,33 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         }
     };
 
-    // Remember the outputs and this build's keys, then write the lock.
+    // The lock, staged beside its place; then the outputs and the lock go into place together.
     let dir = recipe_dir(&res.recipe);
-    let mut outputs = BTreeMap::new();
+    let files = staged.files.clone();
+    let outputs: BTreeMap<String, FileDigest> = files
+        .iter()
+        .map(|(path, digest)| (crate::plan::pathdiff(path, &dir), *digest))
+        .collect();
+    let lock = Lock {
+        version: lock::VERSION,
+        modelforge: env!("CARGO_PKG_VERSION").to_owned(),
+        recipe: res.recipe_digest,
+        resolved: res.resolved(),
+        inputs: res.input_digests(),
+        outputs,
+    };
+    let staged_lock = match previous.as_ref() == Some(&lock) {
+        true => None,
+        false => Some(
+            crate::io::atomic::StagedFile::new(&lock_path, lock.to_toml().as_bytes(), true)
+                .map_err(output_error(&lock_path))?,
+        ),
+    };
+    let previous_outputs = staged.commit(staged_lock)?;
+
+    // Remember the outputs' digests (their inodes are final now) and this build's keys.
     for (path, digest) in &files {
         let _ = res.store.record_file_digest(path, *digest);
-        outputs.insert(crate::plan::pathdiff(path, &dir), *digest);
     }
     let record: BTreeMap<&str, &TensorKey> = res
         .plan
@@ -306,19 +378,8 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let _ = res
         .store
         .put_build_record(&res.recipe.output.path.path, &record);
-    let lock = Lock {
-        version: lock::VERSION,
-        modelforge: env!("CARGO_PKG_VERSION").to_owned(),
-        recipe: res.recipe_digest,
-        resolved: res.resolved(),
-        inputs: res.input_digests(),
-        outputs,
-    };
-    if previous.as_ref() != Some(&lock) {
-        res.store
-            .write_atomic(&lock_path, lock.to_toml().as_bytes(), true)
-            .map_err(output_error(&lock_path))?;
-    }
+    // The slow part last: removing the previous outputs.
+    drop(previous_outputs);
 
     let nodes = Nodes {
         total: res.plan.tensors.len(),
@@ -554,7 +615,8 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
 
 /// `modelforge plan`: what a build would do, without doing it.
 pub fn plan(args: &PlanArgs) -> miette::Result<()> {
-    let res = Resolution::new(&args.recipe, &args.cache)?;
+    // A plan computes nothing, so it does not read whole adapters to check their values.
+    let res = Resolution::new(&args.recipe, &args.cache, false)?;
     let statuses = res.statuses();
     let shards = res.shards();
     match args.format {
@@ -659,6 +721,25 @@ pub(crate) fn cache_dir(args: &CacheArgs, recipe: Option<&Recipe>) -> PathBuf {
         .join("cache")
 }
 
+/// A build replaces its outputs as a whole: one that held the cache (or lay in it) would
+/// destroy it.
+fn check_outputs_outside_cache(recipe: &Recipe, cache: &Path) -> Result<(), ExecError> {
+    use crate::io::paths::{nested, resolve};
+    let cache_resolved = resolve(cache);
+    match recipe
+        .output_dirs()
+        .find(|output| nested(&resolve(&output.path), &cache_resolved))
+    {
+        Some(output) => Err(ExecError::OutputInCache {
+            output: output.path.clone(),
+            cache: cache.to_owned(),
+            src: recipe.src(),
+            span: output.span,
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn open_store(args: &CacheArgs, recipe: Option<&Recipe>) -> Result<Store, ExecError> {
     let dir = cache_dir(args, recipe);
     Store::open(&dir).map_err(|source| ExecError::Cache { path: dir, source })
@@ -680,48 +761,4 @@ pub fn verify(args: &crate::cli::VerifyArgs) -> miette::Result<()> {
         None => return Err(crate::verify::VerifyError::NoLock { path: lock_path }.into()),
     };
     crate::verify::verify(&recipe_dir(&recipe), &recipe.output.path.path, &lock)
-}
-
-/// `modelforge cache stats`.
-pub fn cache_stats(cache: &CacheArgs, json: bool) -> miette::Result<()> {
-    let store = open_store(cache, None)?;
-    let stats = crate::store::stats(&store);
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&stats).expect("stats serialise")
-        );
-    } else {
-        println!(
-            "{}: {} objects ({:.1} MB), {} actions, {} file digests",
-            stats.path,
-            stats.objects,
-            stats.object_bytes as f64 / 1e6,
-            stats.actions,
-            stats.files
-        );
-    }
-    Ok(())
-}
-
-/// `modelforge gc`.
-pub fn gc(
-    cache: &CacheArgs,
-    max_size: Option<u64>,
-    older_than: Option<std::time::Duration>,
-) -> miette::Result<()> {
-    let store = open_store(cache, None)?;
-    let report =
-        crate::store::collect(&store, max_size, older_than).map_err(|source| ExecError::Cache {
-            path: store.root().to_owned(),
-            source,
-        })?;
-    println!(
-        "removed {} objects ({:.1} MB); kept {} ({:.1} MB)",
-        report.removed_objects,
-        report.removed_bytes as f64 / 1e6,
-        report.kept_objects,
-        report.kept_bytes as f64 / 1e6
-    );
-    Ok(())
 }

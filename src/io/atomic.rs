@@ -44,8 +44,10 @@ impl StagingDir {
         &self.staging
     }
 
-    /// Moves the staged directory into place, replacing an existing output in one step.
-    pub fn commit(mut self) -> std::io::Result<()> {
+    /// Moves the staged directory into place, replacing an existing output in one step. The
+    /// previous output, if any, now sits at the staging path and is removed on drop, so that
+    /// the caller can finish what must happen quickly (the lock file) before that slow part.
+    pub fn commit(&mut self) -> std::io::Result<()> {
         sync_dir(&self.staging)?;
         if self.target.exists() {
             exchange(&self.staging, &self.target)?;
@@ -54,14 +56,12 @@ impl StagingDir {
             std::fs::rename(&self.staging, &self.target)?;
             self.committed = true;
         }
-        if let Some(parent) = self.target.parent() {
-            let _ = sync_dir(if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            });
-        }
         Ok(())
+    }
+
+    /// Flushes the rename itself to disk (after [`StagingDir::commit`]).
+    pub fn sync_parent(&self) {
+        let _ = sync_parent(&self.target);
     }
 }
 
@@ -75,6 +75,13 @@ impl Drop for StagingDir {
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 /// Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`), falling back to two renames
@@ -105,7 +112,59 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     std::fs::rename(&aside, a)
 }
 
-/// Removes `.NAME.modelforge-tmp-PID` siblings whose process is gone.
+/// A small file (the lock) written completely beside its target, then renamed over it.
+pub(crate) struct StagedFile {
+    target: PathBuf,
+    staging: PathBuf,
+    committed: bool,
+}
+
+impl StagedFile {
+    /// Writes `bytes` beside `target`, flushed to disk when `durable`.
+    pub fn new(target: &Path, bytes: &[u8], durable: bool) -> std::io::Result<Self> {
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| std::io::Error::other("the path has no file name"))?
+            .to_string_lossy()
+            .into_owned();
+        remove_abandoned(&parent, &name);
+        let staged = StagedFile {
+            target: target.to_owned(),
+            staging: parent.join(format!(".{name}{MARK}{}", std::process::id())),
+            committed: false,
+        };
+        let mut file = std::fs::File::create(&staged.staging)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
+        Ok(staged)
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    pub fn commit(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.staging, &self.target)?;
+        self.committed = true;
+        sync_parent(&self.target)
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.staging);
+        }
+    }
+}
+
+/// Removes `.NAME.modelforge-tmp-PID` siblings (directories or files) whose process is gone.
 fn remove_abandoned(parent: &Path, name: &str) {
     let prefix = format!(".{name}{MARK}");
     let Ok(entries) = std::fs::read_dir(parent) else {
@@ -123,7 +182,8 @@ fn remove_abandoned(parent: &Path, name: &str) {
         let alive = unsafe { libc::kill(pid, 0) } == 0
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
         if !alive || pid == std::process::id() as i32 {
-            let _ = std::fs::remove_dir_all(entry.path());
+            let path = entry.path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
         }
     }
 }
@@ -147,9 +207,11 @@ mod tests {
             "an abandoned build leaves the output alone"
         );
 
-        let staged = StagingDir::new(&target).unwrap();
+        let mut staged = StagingDir::new(&target).unwrap();
         std::fs::write(staged.path().join("new"), "new").unwrap();
         staged.commit().unwrap();
+        assert!(target.join("new").exists());
+        drop(staged);
         assert!(target.join("new").exists() && !target.join("old").exists());
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),

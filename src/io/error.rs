@@ -141,7 +141,7 @@ pub(crate) enum InputError {
     #[error("the tensor `{tensor}` in `{}` holds {what} (at element {index})", path.display())]
     #[diagnostic(
         code(modelforge::input::non_finite),
-        help("the adapter diverged in training or is damaged, and would write {what} into every tensor it touches; train it again, or use an earlier checkpoint")
+        help("the adapter diverged in training or is damaged, and would write {what} into every tensor it touches; train it again, or use an earlier checkpoint (`build --allow-non-finite` fuses it anyway)")
     )]
     NonFinite {
         path: PathBuf,

@@ -92,7 +92,6 @@ impl PeftAdapter {
             return Err(InputError::EmptyAdapter { path: weights_path });
         }
         let (modules, replacements) = read_modules(&file, &config)?;
-        check_finite(&file)?;
         Ok(PeftAdapter {
             dir: dir.to_owned(),
             config,
@@ -388,9 +387,15 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
     Ok((modules, replacements))
 }
 
-/// Every floating tensor of the adapter must be finite: a NaN or an infinity in A or B spreads
-/// to a whole row or column of each tensor it is fused into. Adapter files are small next to
-/// the base, so they are read once here, in blocks, before anything is computed.
+impl PeftAdapter {
+    /// Every floating tensor of the adapter must be finite: a NaN or an infinity in A or B
+    /// spreads to a whole row or column of each tensor it is fused into. Adapter files are
+    /// small next to the base, so a build reads them once, in blocks, before computing anything.
+    pub fn check_finite(&self) -> Result<(), InputError> {
+        check_finite(&self.file)
+    }
+}
+
 fn check_finite(file: &SafetensorsFile) -> Result<(), InputError> {
     const BLOCK: usize = 1 << 20;
     let mut buf = vec![0u8; BLOCK];

@@ -82,19 +82,6 @@ pub(crate) enum PlanError {
         #[label("this range")]
         span: SourceSpan,
     },
-
-    #[error("the output `{}` would overwrite an input of this recipe", path.display())]
-    #[diagnostic(
-        code(modelforge::plan::output_over_input),
-        help("write the output to a directory of its own, e.g. under `build/`")
-    )]
-    OutputOverInput {
-        path: std::path::PathBuf,
-        #[source_code]
-        src: Src,
-        #[label("this output")]
-        span: SourceSpan,
-    },
 }
 
 impl PlanError {

@@ -144,7 +144,6 @@ pub(crate) struct Plan {
 impl Plan {
     pub fn new(recipe: &Recipe) -> Result<Plan, PlanError> {
         let src = recipe.src();
-        check_output_is_not_an_input(recipe)?;
 
         let base = HfModel::open(&recipe.base.path)
             .map_err(|e| PlanError::input(e, src.clone(), recipe.base.span, "this base model"))?;
@@ -764,28 +763,4 @@ fn out_dtype(input: Dtype, requested: OutputDtype) -> Dtype {
         OutputDtype::F16 => Dtype::F16,
         OutputDtype::Bf16 => Dtype::BF16,
     }
-}
-
-fn check_output_is_not_an_input(recipe: &Recipe) -> Result<(), PlanError> {
-    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    let outputs =
-        std::iter::once(&recipe.output.path).chain(recipe.output.adapter.as_ref().map(|a| &a.path));
-    for output in outputs {
-        let Some(out) = canonical(&output.path) else {
-            continue; // does not exist yet, so it cannot be an input
-        };
-        let inputs = std::iter::once(&recipe.base).chain(recipe.adapters.iter().map(|a| &a.entry));
-        for input in inputs {
-            if let Some(input) = canonical(&input.path) {
-                if input.starts_with(&out) || out.starts_with(&input) {
-                    return Err(PlanError::OutputOverInput {
-                        path: output.path.clone(),
-                        src: recipe.src(),
-                        span: output.span,
-                    });
-                }
-            }
-        }
-    }
-    Ok(())
 }

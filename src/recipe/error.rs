@@ -116,4 +116,21 @@ pub(crate) enum RecipeError {
         #[label("not finite")]
         span: SourceSpan,
     },
+
+    #[error("the output `{}` would overwrite {what} `{}`", output.display(), other.display())]
+    #[diagnostic(
+        code(modelforge::recipe::output_overlap),
+        help("outputs are replaced as a whole: write them to a folder of their own, beside the inputs, e.g. `build/<name>`")
+    )]
+    OutputOverlap {
+        output: PathBuf,
+        what: &'static str,
+        other: PathBuf,
+        #[source_code]
+        src: Src,
+        #[label("this output")]
+        span: SourceSpan,
+        #[label("overlaps this")]
+        other_span: Option<SourceSpan>,
+    },
 }

@@ -219,7 +219,7 @@ impl Recipe {
             })?,
         };
         let merge = checker.merge(raw.merge.as_ref())?;
-        Ok(Recipe {
+        let recipe = Recipe {
             path: path.to_owned(),
             text,
             base,
@@ -227,7 +227,48 @@ impl Recipe {
             output,
             device,
             merge,
-        })
+        };
+        recipe.check_outputs_stand_apart(&checker)?;
+        Ok(recipe)
+    }
+
+    /// The output directories, each replaced as a whole by a build.
+    pub fn output_dirs(&self) -> impl Iterator<Item = &Entry> {
+        std::iter::once(&self.output.path).chain(self.output.adapter.as_ref().map(|a| &a.path))
+    }
+
+    /// Refuses outputs that would replace an input, the recipe, or each other.
+    fn check_outputs_stand_apart(&self, checker: &Checker) -> Result<(), RecipeError> {
+        use crate::io::paths::{nested, resolve};
+        let mut others: Vec<(&'static str, &Path, Option<SourceSpan>)> =
+            vec![("the base model", &self.base.path, Some(self.base.span))];
+        for adapter in &self.adapters {
+            others.push(("the adapter", &adapter.entry.path, Some(adapter.entry.span)));
+            if let Some(source) = &adapter.source {
+                others.push(("the source base", &source.path, Some(source.span)));
+            }
+        }
+        others.push(("the recipe", &self.path, None));
+        let outputs: Vec<&Entry> = self.output_dirs().collect();
+        for (i, output) in outputs.iter().enumerate() {
+            let resolved = resolve(&output.path);
+            let earlier = outputs[..i]
+                .iter()
+                .map(|o| ("the output", o.path.as_path(), Some(o.span)));
+            for (what, other, other_span) in others.iter().copied().chain(earlier) {
+                if nested(&resolved, &resolve(other)) {
+                    return Err(RecipeError::OutputOverlap {
+                        output: output.path.clone(),
+                        what,
+                        other: other.to_owned(),
+                        src: checker.src.clone(),
+                        span: output.span,
+                        other_span,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The recipe's text as a diagnostic source.

@@ -23,7 +23,7 @@ pub struct GcReport {
     pub kept_bytes: u64,
 }
 
-fn walk(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+pub(super) fn walk(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
     let mut out = Vec::new();
     let Ok(fans) = std::fs::read_dir(dir) else {
         return out;

@@ -13,6 +13,7 @@
 //! temporary file, never a partial object. Objects are checked against their digest whenever
 //! they are read; a damaged one is evicted and recomputed. Entries are not fsynced: after a
 //! power loss the check catches what the disk lost, at the price of recomputing it.
+mod check;
 mod gc;
 mod stat;
 
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+pub use check::{check, CheckReport};
 pub use gc::{collect, parse_duration, stats, GcReport, Stats};
 pub use stat::hash_file;
 

@@ -736,3 +736,124 @@ fn empty_module_name() {
     );
     assert_snapshot!(refused(&ws, &recipe));
 }
+
+// --- outputs ----------------------------------------------------------------------------------
+
+#[test]
+fn output_over_the_base() {
+    let ws = built();
+    assert_snapshot!(refused(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"base\"")
+    ));
+}
+
+#[test]
+fn output_holding_the_recipe() {
+    let ws = built();
+    assert_snapshot!(refused(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \".\"")
+    ));
+}
+
+#[test]
+fn output_inside_an_adapter() {
+    let ws = built();
+    assert_snapshot!(refused(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"lora/fused\"")
+    ));
+}
+
+#[test]
+fn output_through_a_link_to_the_base() {
+    let ws = built();
+    std::os::unix::fs::symlink(ws.path("base"), ws.path("alias")).unwrap();
+    assert_snapshot!(refused(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"alias/fused\"")
+    ));
+}
+
+#[test]
+fn output_over_its_own_adapter_output() {
+    let ws = built();
+    assert_snapshot!(refused(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"out\"\nadapter = \"out/lora\"")
+    ));
+}
+
+#[test]
+fn output_over_the_cache() {
+    let ws = built();
+    assert!(ws.path("cache/v1/objects").is_dir());
+    assert_snapshot!(refused(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"cache\"")
+    ));
+    assert_snapshot!(
+        "output_inside_the_cache",
+        refused(
+            &ws,
+            &GOOD.replace("path = \"out\"", "path = \"cache/v1/fused\"")
+        )
+    );
+}
+
+// --- non-finite values, and the opt-out -------------------------------------------------------
+
+#[test]
+fn nan_in_an_adapter_is_fused_when_allowed() {
+    let ws = built();
+    let mut a = t(&lora_key(Q0, "A"), &[2, 4], 1);
+    a.values[5] = f32::NAN;
+    adapter_of(
+        &ws,
+        "lora",
+        &[a, t(&lora_key(Q0, "B"), &[4, 2], 2)],
+        json!({}),
+    );
+    // The result holds the NaN too, so one flag lets both through.
+    ws.ok(&["build", "recipe.toml", "--quiet", "--allow-non-finite"]);
+    let out = crate::support::read_f32(&ws.path("out/model.safetensors"));
+    let q = &out[&format!("{Q0}.weight")].1;
+    // A's element 5 is row 1, column 1: every row of B·A has a NaN in column 1.
+    assert!((0..4).all(|row| q[row * 4 + 1].is_nan()), "{q:?}");
+    assert!(q.iter().filter(|v| v.is_nan()).count() == 4, "{q:?}");
+}
+
+#[test]
+fn a_result_that_overflows_its_dtype() {
+    let ws = built();
+    // Finite inputs, but a weight that takes the fused q_proj past f16's largest value.
+    let recipe = GOOD
+        .replace("path = \"lora\"", "path = \"lora\"\nweight = 1e9")
+        .replace("path = \"out\"", "path = \"out\"\ndtype = \"f16\"");
+    ws.write("recipe.toml", &recipe);
+    let (out_before, lock_before) = (
+        std::fs::read(ws.path("out/model.safetensors")).unwrap(),
+        std::fs::read(ws.path("recipe.lock")).unwrap(),
+    );
+    // The tensors computed before the bad one are sound and stay cached; nothing is written.
+    assert_snapshot!(ws.fail(&["build", "recipe.toml"]));
+    assert_eq!(
+        out_before,
+        std::fs::read(ws.path("out/model.safetensors")).unwrap()
+    );
+    assert_eq!(lock_before, std::fs::read(ws.path("recipe.lock")).unwrap());
+    assert_eq!(ws.leftovers(), Vec::<std::path::PathBuf>::new());
+    ws.ok(&["cache", "verify"]);
+    ws.ok(&["build", "recipe.toml", "--quiet", "--allow-non-finite"]);
+    let bytes = std::fs::read(ws.path("out/model.safetensors")).unwrap();
+    let out = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let q = out.tensor(&format!("{Q0}.weight")).unwrap();
+    assert_eq!(q.dtype(), Dtype::F16);
+    let infinite = q
+        .data()
+        .chunks(2)
+        .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7fff == 0x7c00)
+        .count();
+    assert!(infinite > 0);
+}

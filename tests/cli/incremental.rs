@@ -169,28 +169,12 @@ fn verify_compares_the_output_with_the_lock() {
     ws.ok(&["verify", "recipe.toml"]);
 }
 
-/// Every object in the cache hashes to its name. (A build killed before it opened the cache
-/// leaves none.)
-fn cache_is_sound(cache: &Path) -> usize {
-    let mut count = 0;
-    let Ok(fans) = std::fs::read_dir(cache.join("v1/objects")) else {
-        return 0;
-    };
-    for fan in fans {
-        for object in std::fs::read_dir(fan.unwrap().path()).unwrap() {
-            let path = object.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            assert_eq!(
-                blake3::hash(&std::fs::read(&path).unwrap())
-                    .to_hex()
-                    .as_str(),
-                name,
-                "{path:?}"
-            );
-            count += 1;
-        }
-    }
-    count
+/// `modelforge cache verify` finds every object sound; returns how many there are.
+fn cache_is_sound(ws: &Workspace, cache: &str) -> u64 {
+    let report: Value =
+        serde_json::from_str(&ws.ok(&["cache", "verify", "--json", "--cache", cache])).unwrap();
+    assert_eq!(report["bad_objects"], json!([]), "{report}");
+    report["objects"].as_u64().unwrap()
 }
 
 #[test]
@@ -215,6 +199,8 @@ fn a_corrupt_cache_object_is_evicted_and_recomputed() {
     bytes[0] ^= 0xff;
     std::fs::write(&object, bytes).unwrap();
     std::fs::remove_dir_all(ws.path("out")).unwrap();
+    let err = ws.fail(&["cache", "verify", "--cache", "cache"]);
+    assert!(err.contains("1 object(s) in the cache"), "{err}");
 
     let out = ws.command(&["build", "recipe.toml"]).output().unwrap();
     assert!(out.status.success());
@@ -224,7 +210,7 @@ fn a_corrupt_cache_object_is_evicted_and_recomputed() {
         "{stderr}"
     );
     assert_eq!(good, read(&ws, "out/model.safetensors"));
-    assert_eq!(cache_is_sound(&ws.path("cache")), 4);
+    assert_eq!(cache_is_sound(&ws, "cache"), 4);
 }
 
 #[test]
@@ -247,31 +233,22 @@ fn concurrent_builds_share_a_cache() {
     ws.ok(&["build", "other.toml", "--quiet", "--cache", "fresh"]);
     assert_eq!(first, read(&ws, "out/model.safetensors"));
     assert_eq!(other, read(&ws, "other/model.safetensors"));
-    cache_is_sound(&ws.path("cache"));
+    cache_is_sound(&ws, "cache");
 }
 
-#[test]
-fn a_killed_build_leaves_no_trace_but_its_cache() {
-    // A model large enough that a build takes a while: width 256.
+/// A model large enough that a build takes a while (width 256), an adapter on three modules of
+/// each layer, and a recipe fusing it with `weight` into `out`.
+fn killable(weight: &str) -> Workspace {
     let ws = Workspace::new();
     ws.model("base", 256, Dtype::F32);
     let modules: Vec<(String, usize, usize)> = (0..2)
         .flat_map(|l| {
             [
-                ("q_proj", 256, 256),
-                ("v_proj", 256, 256),
-                ("up_proj", 512, 256),
+                ("self_attn.q_proj", 256, 256),
+                ("self_attn.v_proj", 256, 256),
+                ("mlp.up_proj", 512, 256),
             ]
-            .map(|(m, o, i)| {
-                (
-                    format!(
-                        "model.layers.{l}.{}.{m}",
-                        if m == "up_proj" { "mlp" } else { "self_attn" }
-                    ),
-                    o,
-                    i,
-                )
-            })
+            .map(|(m, o, i)| (format!("model.layers.{l}.{m}"), o, i))
         })
         .collect();
     let modules: Vec<(&str, usize, usize)> = modules
@@ -279,22 +256,71 @@ fn a_killed_build_leaves_no_trace_but_its_cache() {
         .map(|(m, o, i)| (m.as_str(), *o, *i))
         .collect();
     ws.adapter("a", &modules, 8, json!({}));
+    write_killable_recipe(&ws, weight);
+    ws
+}
+
+fn write_killable_recipe(ws: &Workspace, weight: &str) {
     ws.write(
         "recipe.toml",
-        "[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\n[output]\npath = \"out\"\n",
+        format!("[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\nweight = {weight}\n[output]\npath = \"out\"\n"),
     );
-    ws.ok(&["build", "recipe.toml", "--quiet", "--cache", "clean"]);
-    let clean = read(&ws, "out/model.safetensors");
-    let clean_lock = read(&ws, "recipe.lock");
+}
 
-    for (round, delay_ms) in [5u64, 30, 80, 150, 300, 600].into_iter().enumerate() {
-        // Alternate between a changed and the clean recipe, so that each build has work to do.
-        let weight = if round % 2 == 0 { "0.5" } else { "1.0" };
-        ws.write(
-            "recipe.toml",
-            format!("[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\nweight = {weight}\n[output]\npath = \"out\"\n"),
-        );
-        let before = std::fs::read(ws.path("out/model.safetensors")).ok();
+/// Every file of `out/`, by name, with its digest.
+fn output_files(ws: &Workspace) -> std::collections::BTreeMap<String, blake3::Hash> {
+    std::fs::read_dir(ws.path("out"))
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap())
+                .map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    (name, blake3::hash(&std::fs::read(e.path()).unwrap()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_killed_build_leaves_no_trace_but_its_cache() {
+    const WEIGHTS: [&str; 3] = ["0.5", "1.0", "0.25"];
+    // The complete output of each recipe, built alone in a workspace of its own.
+    let complete: Vec<_> = WEIGHTS
+        .iter()
+        .map(|weight| {
+            let ws = killable(weight);
+            ws.ok(&["build", "recipe.toml", "--quiet"]);
+            output_files(&ws)
+        })
+        .collect();
+
+    let ws = killable("0.75");
+    let started = std::time::Instant::now();
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    // 20 moments spread at random over a build's whole run (and a little past it), in builds
+    // that cycle through three recipes, so that each has work to do or finds some of it cached
+    // by an earlier killed build. The seed is printed so that a failure can be replayed.
+    let span_ms = (started.elapsed().as_millis() as u64 * 6 / 5).max(50);
+    let seed = std::env::var("MODELFORGE_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("kill moments: MODELFORGE_KILL_SEED={seed}, over {span_ms} ms");
+    let mut rng = seed | 1;
+    for round in 0..20 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let delay_ms = rng % span_ms;
+        let weight = round % WEIGHTS.len();
+        write_killable_recipe(&ws, WEIGHTS[weight]);
+        let before = output_files(&ws);
         let mut child = ws
             .command(&["build", "recipe.toml", "--quiet"])
             .spawn()
@@ -304,22 +330,21 @@ fn a_killed_build_leaves_no_trace_but_its_cache() {
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         let _ = child.wait();
         // The output is the previous one or the complete new one, never a mixture.
-        let after = std::fs::read(ws.path("out/model.safetensors")).ok();
-        if after != before {
-            ws.ok(&["verify", "recipe.toml"]);
-        }
-        cache_is_sound(&ws.path("cache"));
+        let after = output_files(&ws);
+        assert!(
+            after == before || after == complete[weight],
+            "round {round}, killed at {delay_ms} ms: the output is neither the previous nor the new one"
+        );
+        cache_is_sound(&ws, "cache");
     }
-    // The engine may outlive a killed build for a moment; then the next build succeeds.
+    // The engine may outlive a killed build for a moment; then the next build succeeds, and
+    // gives what a clean build gives.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    ws.write(
-        "recipe.toml",
-        "[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\n[output]\npath = \"out\"\n",
-    );
+    write_killable_recipe(&ws, WEIGHTS[0]);
     ws.ok(&["build", "recipe.toml", "--quiet"]);
-    assert_eq!(clean, read(&ws, "out/model.safetensors"));
-    assert_eq!(clean_lock, read(&ws, "recipe.lock"));
-    cache_is_sound(&ws.path("cache"));
+    assert_eq!(complete[0], output_files(&ws));
+    ws.ok(&["verify", "recipe.toml"]);
+    assert!(cache_is_sound(&ws, "cache") > 0);
     let leftovers: Vec<_> = std::fs::read_dir(ws.path(""))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
