@@ -297,6 +297,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
     let mut computed = 0;
     let mut evicted = Vec::new();
+    let mut engine_peak = 0;
     let staged = loop {
         let statuses = res.statuses();
         let jobs = jobs(&res, &statuses);
@@ -315,7 +316,8 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
                 check_finite: !args.allow_non_finite,
                 tensors: jobs,
             };
-            engine::run(&job, !args.quiet)?;
+            let run = engine::run(&job, !args.quiet)?;
+            engine_peak = engine_peak.max(run.peak_rss);
         }
         match assemble::assemble(&res, !args.quiet, args.fsync)? {
             assemble::Outcome::Written(staged) => break staged,
@@ -387,7 +389,8 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         reused: (res.plan.tensors.len() - copied).saturating_sub(computed),
         copied,
     };
-    let summary = Summary::built(&res, nodes, &files, started.elapsed());
+    let mut summary = Summary::built(&res, nodes, &files, started.elapsed());
+    summary.peak_rss.engine = (engine_peak > 0).then_some(engine_peak);
     report(args, &summary)
 }
 

@@ -33,6 +33,14 @@ pub(crate) struct Summary {
     pub warnings: Vec<String>,
     /// Modules placed in another layer or tensor, skipped or dropped (see transfer.txt).
     pub transferred: usize,
+    /// Peak resident memory of `modelforge` itself and of the engine (when it ran), in bytes.
+    pub peak_rss: PeakRss,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct PeakRss {
+    pub build: u64,
+    pub engine: Option<u64>,
 }
 
 impl Summary {
@@ -59,6 +67,10 @@ impl Summary {
             seconds: elapsed.as_secs_f64(),
             warnings: res.plan.warnings.clone(),
             transferred: res.plan.transfer.iter().filter(|f| !f.is_plain()).count(),
+            peak_rss: PeakRss {
+                build: super::engine::own_peak_rss(),
+                engine: None,
+            },
         }
     }
 

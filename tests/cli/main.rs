@@ -20,3 +20,6 @@ mod incremental;
 
 /// Damaged and hostile inputs: each refused with a diagnostic, leaving the previous output as it was.
 mod hostile;
+
+/// Resource limits: a large model under a small memory budget, and a disk that fills up.
+mod limits;
