@@ -37,7 +37,7 @@ fn large_model(ws: &Workspace, rel: &str, hidden: usize) -> u64 {
         offset += len;
     }
     let mut header = serde_json::to_vec(&header).unwrap();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     ws.write(
