@@ -21,15 +21,15 @@ pub(crate) enum PlanError {
         label: &'static str,
     },
 
-    #[error("none of the {count} modules of the adapter `{adapter}` exist in the base model (first: `{example}`)")]
+    #[error("the base model has no module that the adapter `{adapter}` changes ({modules})")]
     #[diagnostic(
         code(modelforge::plan::no_target),
         help("the adapter was made for another model{made_for}; fuse it into the base it was trained on")
     )]
     NothingMatches {
         adapter: String,
-        count: usize,
-        example: String,
+        /// "`name`", or "N modules, first `name`".
+        modules: String,
         made_for: String,
         #[source_code]
         src: Src,

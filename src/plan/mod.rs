@@ -255,8 +255,13 @@ impl Plan {
             if matched == 0 && !mapped.is_empty() {
                 return Err(PlanError::NothingMatches {
                     adapter: name.clone(),
-                    count: adapter.modules.len(),
-                    example: adapter.modules.keys().next().cloned().unwrap_or_default(),
+                    modules: {
+                        let first = adapter.modules.keys().next().cloned().unwrap_or_default();
+                        match adapter.modules.len() {
+                            1 => format!("`{first}`"),
+                            n => format!("{n} modules, first `{first}`"),
+                        }
+                    },
                     made_for,
                     src: src.clone(),
                     span: entry.span,
