@@ -100,32 +100,109 @@ impl Rounded {
         let numel = out.numel();
         let mut bytes = vec![0u8; numel * dtype.bitsize() / 8];
         out.copy_data_u8(&mut bytes, numel);
-        Rounded {
-            bytes,
-            non_finite: first_non_finite(&out),
-        }
+        let non_finite = first_non_finite(&bytes, dtype);
+        Rounded { bytes, non_finite }
     }
 }
 
-/// The first element of a floating tensor that is NaN or infinite (row-major), if any.
-fn first_non_finite(t: &Tensor) -> Option<(u64, &'static str)> {
-    if !t.is_floating_point() {
-        return None;
+/// The first element of little-endian floats in `bytes` that is NaN or infinite, if any: a
+/// scan of the exponent bits at memory speed (LibTorch's `isfinite` took 15% of a build).
+fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<(u64, &'static str)> {
+    match dtype {
+        Dtype::F64 => scan::<8>(bytes, 0x7ff0 << 48, (1 << 52) - 1),
+        Dtype::F32 => scan::<4>(bytes, 0x7f80_0000, 0x007f_ffff),
+        Dtype::F16 => scan::<2>(bytes, 0x7c00, 0x03ff),
+        Dtype::BF16 => scan::<2>(bytes, 0x7f80, 0x007f),
+        _ => None,
     }
-    let bad = t.isfinite().logical_not_().flatten(0, -1);
-    if bad.any().int64_value(&[]) == 0 {
-        return None;
-    }
-    let index = bad.nonzero().int64_value(&[0, 0]);
-    let value = t.flatten(0, -1).double_value(&[index]);
-    let what = if value.is_nan() {
-        "NaN"
-    } else if value > 0.0 {
-        "+inf"
-    } else {
-        "-inf"
+}
+
+/// `first_non_finite` for `W`-byte floats with these exponent and mantissa masks. Blocks are
+/// checked without early exit, which the compiler vectorises; only a block holding a
+/// non-finite value is searched element by element.
+fn scan<const W: usize>(bytes: &[u8], exponent: u64, mantissa: u64) -> Option<(u64, &'static str)> {
+    const BLOCK: usize = 4096;
+    let bits = |chunk: &[u8]| {
+        let mut word = [0u8; 8];
+        word[..W].copy_from_slice(chunk);
+        u64::from_le_bytes(word)
     };
-    Some((index as u64, what))
+    let bad = |chunk: &[u8]| bits(chunk) & exponent == exponent;
+    for (n, block) in bytes.chunks(BLOCK * W).enumerate() {
+        if !block.chunks_exact(W).fold(false, |any, c| any | bad(c)) {
+            continue;
+        }
+        let at = block.chunks_exact(W).position(bad)?;
+        let value = bits(&block[at * W..(at + 1) * W]);
+        let what = if value & mantissa != 0 {
+            "NaN"
+        } else if value >> (8 * W - 1) != 0 {
+            "-inf"
+        } else {
+            "+inf"
+        };
+        return Some(((n * BLOCK + at) as u64, what));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        let cases: [(Dtype, Vec<u8>); 4] = [
+            (
+                Dtype::F32,
+                [1.0f32, f32::NEG_INFINITY]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            (
+                Dtype::F64,
+                [2.0f64, 3.0, f64::NAN]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            // f16: 1.0, 65504 (the largest finite), +inf
+            (
+                Dtype::F16,
+                [0x3c00u16, 0x7bff, 0x7c00]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            // bf16: 1.0, NaN
+            (
+                Dtype::BF16,
+                [0x3f80u16, 0x7fc0]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+        ];
+        let found: Vec<_> = cases
+            .iter()
+            .map(|(dtype, bytes)| first_non_finite(bytes, *dtype))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                Some((1, "-inf")),
+                Some((2, "NaN")),
+                Some((2, "+inf")),
+                Some((1, "NaN"))
+            ]
+        );
+        let finite: Vec<u8> = [0.5f32, -3.0e38]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(first_non_finite(&finite, Dtype::F32), None);
+    }
 }
 
 impl Backend {

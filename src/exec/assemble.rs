@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use super::engine::Engine;
 use super::{output_error, ExecError, Resolution};
 use crate::digest::FileDigest;
+use crate::digest::NodeKey;
 use crate::io::atomic::{StagedFile, StagingDir};
 use crate::io::writer::{self, ShardWriter};
 use crate::plan::{Origin, TensorPlan};
@@ -19,6 +21,8 @@ pub(crate) enum Outcome {
     Written(Staged),
     /// These tensors' cache objects were damaged and have been evicted; nothing was written.
     Corrupt(Vec<String>),
+    /// The engine stopped before computing a tensor the output needs; nothing was written.
+    EngineStopped,
 }
 
 /// Complete output directories, each still hidden beside its final place.
@@ -49,7 +53,22 @@ impl Staged {
     }
 }
 
-pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<Outcome, ExecError> {
+/// Waits, if the engine is computing `key`, until its result is in the cache.
+fn ready(engine: Option<&Engine>, res: &Resolution, key: &NodeKey) -> bool {
+    match engine {
+        Some(engine) if res.store.action(key).is_none() => engine.wait_for(key),
+        _ => true,
+    }
+}
+
+/// Writes the output into staging directories, reading computed tensors from the cache as the
+/// engine (when it runs) puts them there.
+pub(crate) fn assemble(
+    res: &Resolution,
+    engine: Option<&Engine>,
+    progress: bool,
+    sync: bool,
+) -> Result<Outcome, ExecError> {
     let target = &res.recipe.output.path.path;
     let staging = StagingDir::new(target).map_err(output_error(target))?;
     let shards = res.shards();
@@ -101,9 +120,17 @@ pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<O
                     }
                 }
                 Some(key) => {
+                    if !ready(engine, res, key) {
+                        return Ok(Outcome::EngineStopped);
+                    }
                     let entry = res.store.action(key);
-                    let reader = entry
-                        .and_then(|e| VerifyingReader::open(&res.store, &e.tensor).map(|r| (e, r)));
+                    // What the engine computed in this build was hashed as it was written;
+                    // what earlier builds left is checked against its digest as it is read.
+                    let open = match engine.is_some_and(|e| e.computed(key)) {
+                        true => VerifyingReader::open_fresh,
+                        false => VerifyingReader::open,
+                    };
+                    let reader = entry.and_then(|e| open(&res.store, &e.tensor).map(|r| (e, r)));
                     let Some((entry, mut reader)) = reader.filter(|(e, _)| e.len == len) else {
                         corrupt.push(tensor.name.clone());
                         break;
@@ -152,7 +179,7 @@ pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<O
     }
     let mut dirs = vec![(target.clone(), staging)];
     if let Some(adapter) = &res.recipe.output.adapter {
-        match write_adapter(res, &adapter.path.path)? {
+        match write_adapter(res, engine, &adapter.path.path)? {
             Outcome::Written(staged) => {
                 written.extend(staged.files);
                 dirs.extend(staged.dirs);
@@ -169,7 +196,11 @@ pub(crate) fn assemble(res: &Resolution, progress: bool, sync: bool) -> Result<O
 
 /// `[output] adapter`: the re-factored deltas as one PEFT adapter, with `refactor.json`
 /// reporting each module's rank and the fraction of its delta's energy kept.
-fn write_adapter(res: &Resolution, target: &std::path::Path) -> Result<Outcome, ExecError> {
+fn write_adapter(
+    res: &Resolution,
+    engine: Option<&Engine>,
+    target: &std::path::Path,
+) -> Result<Outcome, ExecError> {
     use safetensors::Dtype;
     use serde_json::{json, Map, Value};
 
@@ -186,6 +217,9 @@ fn write_adapter(res: &Resolution, target: &std::path::Path) -> Result<Outcome, 
             }
             continue;
         };
+        if !ready(engine, res, key) {
+            return Ok(Outcome::EngineStopped);
+        }
         let Some(entry) = res.store.action(key) else {
             return Ok(Outcome::Corrupt(vec![tensor.out.name.clone()]));
         };

@@ -1,12 +1,15 @@
 //! Running `modelforge-engine`, the separate program that links LibTorch: starting LibTorch
 //! costs about 0.2 s and 115 MB, which a build that computes nothing never pays.
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 
-use super::job::{Job, Reply};
+use super::job::{Job, NonFinite, Reply};
 use super::ExecError;
+use crate::digest::NodeKey;
 
 const NAME: &str = "modelforge-engine";
 
@@ -22,65 +25,160 @@ fn engine_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(NAME))
 }
 
+/// A running engine. A thread reads its answers, so that the build can assemble the output
+/// while the engine computes: [`Engine::wait_for`] blocks until one node is in the cache.
+pub(crate) struct Engine {
+    child: Child,
+    reader: Option<std::thread::JoinHandle<()>>,
+    state: Arc<(Mutex<State>, Condvar)>,
+    path: PathBuf,
+    expected: usize,
+}
+
+#[derive(Default)]
+struct State {
+    done: HashSet<NodeKey>,
+    /// The engine refused a result holding NaN or infinity.
+    refused: Option<NonFinite>,
+    /// The engine's standard output is closed: nothing more will come.
+    closed: bool,
+    /// How long the engine ran (until it closed its output).
+    seconds: f64,
+}
+
 /// What the engine did.
 pub(crate) struct Run {
     /// The engine's peak resident memory, in bytes.
     pub peak_rss: u64,
+    pub seconds: f64,
 }
 
-/// Has the engine compute `job`; each result is in the cache when this returns.
-pub(crate) fn run(job: &Job, progress: bool) -> Result<Run, ExecError> {
-    let path = engine_path();
-    let mut child = Command::new(&path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| ExecError::Engine {
-            message: format!("cannot start `{}`: {e}", path.display()),
-            help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
-        })?;
-    let request = serde_json::to_vec(job).expect("a job serialises");
-    if let Some(mut stdin) = child.stdin.take() {
-        // A failed write means the engine died; its exit status says why.
-        let _ = stdin.write_all(&request);
-    }
-    let bar = super::progress_bar(job.tensors.len(), "fusing ", progress);
-    let mut done = 0;
-    let mut refused = None;
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            match serde_json::from_str::<Reply>(&line) {
-                // The result itself is in the cache; the build reads it from there.
-                Ok(Reply::Done(_)) => {
-                    done += 1;
-                    bar.inc(1);
+impl Engine {
+    /// Starts the engine on `job`; its results land in the cache one by one.
+    pub fn start(job: &Job, progress: bool) -> Result<Engine, ExecError> {
+        let path = engine_path();
+        let started = std::time::Instant::now();
+        let mut child = Command::new(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| ExecError::Engine {
+                message: format!("cannot start `{}`: {e}", path.display()),
+                help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
+            })?;
+        let request = serde_json::to_vec(job).expect("a job serialises");
+        if let Some(mut stdin) = child.stdin.take() {
+            // A failed write means the engine died; its exit status says why.
+            let _ = stdin.write_all(&request);
+        }
+        let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
+        let bar = super::progress_bar(job.tensors.len(), "fusing ", progress);
+        let stdout = child.stdout.take();
+        let shared = state.clone();
+        let reader = std::thread::spawn(move || {
+            let (lock, changed) = &*shared;
+            for line in stdout
+                .into_iter()
+                .flat_map(|out| BufReader::new(out).lines())
+            {
+                let Ok(line) = line else { break };
+                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                match serde_json::from_str::<Reply>(&line) {
+                    Ok(Reply::Done(done)) => {
+                        state.done.insert(done.key);
+                        bar.inc(1);
+                    }
+                    Ok(Reply::NonFinite(found)) => state.refused = Some(found),
+                    Err(_) => {}
                 }
-                Ok(Reply::NonFinite(found)) => refused = Some(found),
-                Err(_) => {}
+                changed.notify_all();
+            }
+            bar.finish_and_clear();
+            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            state.closed = true;
+            state.seconds = started.elapsed().as_secs_f64();
+            changed.notify_all();
+        });
+        Ok(Engine {
+            child,
+            reader: Some(reader),
+            state,
+            path,
+            expected: job.tensors.len(),
+        })
+    }
+
+    /// Whether this engine computed `key` (so far).
+    pub fn computed(&self, key: &NodeKey) -> bool {
+        let (lock, _) = &*self.state;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        state.done.contains(key)
+    }
+
+    /// Blocks until the engine has put `key` in the cache; `false` if it stopped without.
+    pub fn wait_for(&self, key: &NodeKey) -> bool {
+        let (lock, changed) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if state.done.contains(key) {
+                return true;
+            }
+            if state.closed {
+                return false;
+            }
+            state = changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits for the engine to exit; an error if it did not compute everything it was given.
+    pub fn finish(mut self) -> Result<Run, ExecError> {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let (status, peak_rss) = wait_with_peak(&self.child).map_err(|e| ExecError::Engine {
+            message: e.to_string(),
+            help: "the engine could not be waited for".into(),
+        })?;
+        let (lock, _) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = state.refused.take() {
+            return Err(ExecError::NonFinite {
+                tensor: found.tensor,
+                what: found.what,
+                index: found.index,
+            });
+        }
+        let done = state.done.len();
+        if !status.success() || done != self.expected {
+            return Err(ExecError::Engine {
+                message: format!(
+                    "`{}` stopped ({status}) after {done} of {} tensors",
+                    self.path.display(),
+                    self.expected
+                ),
+                help: "its own message is above; what it finished is cached, so the next build resumes there".into(),
+            });
+        }
+        Ok(Run {
+            peak_rss,
+            seconds: state.seconds,
+        })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // A build that fails while the engine runs (the output could not be written, say)
+        // stops it; a finished engine is already reaped, and this does nothing.
+        if self.reader.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
             }
         }
     }
-    bar.finish_and_clear();
-    let (status, peak_rss) = wait_with_peak(&child).map_err(|e| ExecError::Engine {
-        message: e.to_string(),
-        help: "the engine could not be waited for".into(),
-    })?;
-    if let Some(found) = refused {
-        return Err(ExecError::NonFinite {
-            tensor: found.tensor,
-            what: found.what,
-            index: found.index,
-        });
-    }
-    if !status.success() || done != job.tensors.len() {
-        return Err(ExecError::Engine {
-            message: format!("`{}` stopped ({status}) after {} of {} tensors", path.display(), done, job.tensors.len()),
-            help: "its own message is above; what it finished is cached, so the next build resumes there".into(),
-        });
-    }
-    Ok(Run { peak_rss })
 }
 
 /// Waits for `child` like `Child::wait`, also returning its peak resident memory in bytes.

@@ -24,7 +24,7 @@ use crate::recipe::{DeviceRequest, MajoritySign, OutputDtype, Pruning, RankChoic
 use crate::store::Store;
 
 pub use cache::{cache_stats, cache_verify, gc};
-pub(crate) use summary::{Nodes, Summary};
+pub(crate) use summary::{Nodes, Phases, Summary};
 
 #[derive(Debug, Error, Diagnostic)]
 pub(crate) enum ExecError {
@@ -268,8 +268,16 @@ impl Resolution {
 /// `modelforge build`.
 pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let started = Instant::now();
+    let mut phases = Phases::default();
     let res = Resolution::new(&args.recipe, &args.cache, !args.allow_non_finite)?;
+    phases.resolve = started.elapsed().as_secs_f64();
     let lock_path = lock::path_for(&res.recipe.path);
+    // What killed builds left: a staged lock, staged outputs, or a replaced output whose
+    // removal was interrupted. (A no-op build would otherwise never clear them.)
+    crate::io::atomic::remove_abandoned_beside(&lock_path);
+    for output in res.recipe.output_dirs() {
+        crate::io::atomic::remove_abandoned_beside(&output.path);
+    }
     let previous = Lock::read(&lock_path).and_then(Result::ok);
     if args.locked {
         check_locked(&res, &lock_path, previous.as_ref())?;
@@ -302,6 +310,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         let statuses = res.statuses();
         let jobs = jobs(&res, &statuses);
         computed += jobs.len();
+        let mut engine = None;
         if !jobs.is_empty() {
             let job = job::Job {
                 cache: res
@@ -316,10 +325,26 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
                 check_finite: !args.allow_non_finite,
                 tensors: jobs,
             };
-            let run = engine::run(&job, !args.quiet)?;
-            engine_peak = engine_peak.max(run.peak_rss);
+            engine = Some(engine::Engine::start(&job, false)?);
         }
-        match assemble::assemble(&res, !args.quiet, args.fsync)? {
+        // The output is written while the engine computes, each computed tensor as soon as it
+        // is in the cache. A failed assembly stops the engine (dropping it kills it).
+        let assemble_started = Instant::now();
+        let outcome = assemble::assemble(&res, engine.as_ref(), !args.quiet, args.fsync)?;
+        phases.assemble += assemble_started.elapsed().as_secs_f64();
+        if let Some(engine) = engine.take() {
+            let run = engine.finish()?;
+            engine_peak = engine_peak.max(run.peak_rss);
+            phases.engine += run.seconds;
+        }
+        match outcome {
+            assemble::Outcome::EngineStopped => {
+                return Err(ExecError::Engine {
+                    message: "the engine stopped before computing every tensor".into(),
+                    help: "its own message is above; what it finished is cached, so the next build resumes there".into(),
+                }
+                .into())
+            }
             assemble::Outcome::Written(staged) => break staged,
             assemble::Outcome::Corrupt(names) if evicted.is_empty() => {
                 for name in &names {
@@ -364,6 +389,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         ),
     };
     let previous_outputs = staged.commit(staged_lock)?;
+    let commit_started = Instant::now();
 
     // Remember the outputs' digests (their inodes are final now) and this build's keys.
     for (path, digest) in &files {
@@ -382,6 +408,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         .put_build_record(&res.recipe.output.path.path, &record);
     // The slow part last: removing the previous outputs.
     drop(previous_outputs);
+    phases.commit = commit_started.elapsed().as_secs_f64();
 
     let nodes = Nodes {
         total: res.plan.tensors.len(),
@@ -391,6 +418,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     };
     let mut summary = Summary::built(&res, nodes, &files, started.elapsed());
     summary.peak_rss.engine = (engine_peak > 0).then_some(engine_peak);
+    summary.phases = Some(phases);
     report(args, &summary)
 }
 
@@ -420,6 +448,20 @@ fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
             tensor_job(res, tensor, *key, parts, None)
         })
         .collect();
+    // In the order the output is written, so that writing can follow computing closely.
+    let shards = res.shards();
+    let position: std::collections::HashMap<&str, usize> = shards
+        .iter()
+        .flat_map(|shard| shard.tensors.iter())
+        .enumerate()
+        .map(|(i, tensor)| (tensor.name.as_str(), i))
+        .collect();
+    jobs.sort_by_key(|job| {
+        position
+            .get(job.name.as_str())
+            .copied()
+            .unwrap_or(usize::MAX)
+    });
     for (tensor, (refactor, key)) in res
         .plan
         .tensors

@@ -35,6 +35,23 @@ pub(crate) struct Summary {
     pub transferred: usize,
     /// Peak resident memory of `modelforge` itself and of the engine (when it ran), in bytes.
     pub peak_rss: PeakRss,
+    /// Where the time went, in seconds (absent for an up-to-date build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
+}
+
+/// Seconds spent in each phase of a build.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct Phases {
+    /// Reading the recipe, opening and checking the inputs, hashing them (or trusting the stat
+    /// cache), keying the nodes.
+    pub resolve: f64,
+    /// The engine computing what the cache lacked.
+    pub engine: f64,
+    /// Writing the output (from inputs and cache objects) into its staging directory.
+    pub assemble: f64,
+    /// Recording digests and removing the previous output, after the swap.
+    pub commit: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -71,6 +88,7 @@ impl Summary {
                 build: super::engine::own_peak_rss(),
                 engine: None,
             },
+            phases: None,
         }
     }
 

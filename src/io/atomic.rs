@@ -112,6 +112,17 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     std::fs::rename(&aside, a)
 }
 
+/// Removes what killed builds left beside `target` (`.NAME.modelforge-tmp-PID`).
+pub(crate) fn remove_abandoned_beside(target: &Path) {
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Some(name) = target.file_name() {
+        remove_abandoned(parent, &name.to_string_lossy());
+    }
+}
+
 /// A small file (the lock) written completely beside its target, then renamed over it.
 pub(crate) struct StagedFile {
     target: PathBuf,
