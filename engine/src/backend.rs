@@ -146,65 +146,6 @@ fn scan<const W: usize>(bytes: &[u8], exponent: u64, mantissa: u64) -> Option<(u
     None
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn non_finite_values_are_found_in_every_float_dtype() {
-        let cases: [(Dtype, Vec<u8>); 4] = [
-            (
-                Dtype::F32,
-                [1.0f32, f32::NEG_INFINITY]
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            (
-                Dtype::F64,
-                [2.0f64, 3.0, f64::NAN]
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            // f16: 1.0, 65504 (the largest finite), +inf
-            (
-                Dtype::F16,
-                [0x3c00u16, 0x7bff, 0x7c00]
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            // bf16: 1.0, NaN
-            (
-                Dtype::BF16,
-                [0x3f80u16, 0x7fc0]
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-        ];
-        let found: Vec<_> = cases
-            .iter()
-            .map(|(dtype, bytes)| first_non_finite(bytes, *dtype))
-            .collect();
-        assert_eq!(
-            found,
-            [
-                Some((1, "-inf")),
-                Some((2, "NaN")),
-                Some((2, "+inf")),
-                Some((1, "NaN"))
-            ]
-        );
-        let finite: Vec<u8> = [0.5f32, -3.0e38]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(first_non_finite(&finite, Dtype::F32), None);
-    }
-}
-
 impl Backend {
     /// One delta as a (rows × cols) f32 tensor: `left·right`, the dense values, or a full
     /// model's values minus the base's `w`.
@@ -377,5 +318,64 @@ pub(crate) fn kind(dtype: Dtype) -> Kind {
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F64 => Kind::Double,
         _ => Kind::Float,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        let cases: [(Dtype, Vec<u8>); 4] = [
+            (
+                Dtype::F32,
+                [1.0f32, f32::NEG_INFINITY]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            (
+                Dtype::F64,
+                [2.0f64, 3.0, f64::NAN]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            // f16: 1.0, 65504 (the largest finite), +inf
+            (
+                Dtype::F16,
+                [0x3c00u16, 0x7bff, 0x7c00]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            // bf16: 1.0, NaN
+            (
+                Dtype::BF16,
+                [0x3f80u16, 0x7fc0]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+        ];
+        let found: Vec<_> = cases
+            .iter()
+            .map(|(dtype, bytes)| first_non_finite(bytes, *dtype))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                Some((1, "-inf")),
+                Some((2, "NaN")),
+                Some((2, "+inf")),
+                Some((1, "NaN"))
+            ]
+        );
+        let finite: Vec<u8> = [0.5f32, -3.0e38]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(first_non_finite(&finite, Dtype::F32), None);
     }
 }
