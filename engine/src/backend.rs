@@ -15,6 +15,9 @@ impl Backend {
     pub fn select(name: &str) -> Result<Backend, String> {
         // rayon spreads blocks over the cores; LibTorch's own pool would only oversubscribe them.
         tch::set_num_threads(1);
+        if name.starts_with("cuda") {
+            load_cuda()?;
+        }
         let device = match name.strip_prefix("cuda:").map(str::parse::<usize>) {
             None if name == "cpu" => Device::Cpu,
             Some(Ok(n)) if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize => Device::Cuda(n),
@@ -85,6 +88,33 @@ impl Backend {
         }
         Rounded::new(acc.to_kind(kind(out_dtype)), out_dtype)
     }
+}
+
+/// Loads LibTorch's CUDA half. Nothing in the engine calls into `libtorch_cuda.so` directly, so
+/// the linker leaves it out and the same binary runs with a CPU-only LibTorch; loading it
+/// registers its CUDA kernels and hooks with LibTorch, after which `tch::Cuda` sees the GPUs.
+/// It is found through the engine's run path to LibTorch, or LD_LIBRARY_PATH.
+fn load_cuda() -> Result<(), String> {
+    let name = c"libtorch_cuda.so";
+    // SAFETY: a valid NUL-terminated name; the handle is kept open for the process's life.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if !handle.is_null() {
+        return Ok(());
+    }
+    // SAFETY: dlerror returns a thread-local message or null.
+    let reason = unsafe {
+        let message = libc::dlerror();
+        if message.is_null() {
+            "unknown error".to_owned()
+        } else {
+            std::ffi::CStr::from_ptr(message)
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    Err(format!(
+        "this LibTorch has no CUDA support ({reason}); set `device = \"cpu\"` in the recipe's [build], or point LD_LIBRARY_PATH at a CUDA build of LibTorch 2.11"
+    ))
 }
 
 /// A result in its output dtype, and whether it is finite.
