@@ -54,8 +54,9 @@ pub enum Truncation {
     Energy(f64),
 }
 
-/// Where the rows of a delta land in a fused target tensor: row i of the delta becomes row
-/// `target(i)` of the tensor; the other rows get nothing.
+/// Where the rows of a delta (its output features) land in a fused target tensor: row i of the
+/// delta becomes row `target(i)` of the tensor (its column, when the tensor is stored
+/// transposed, as GPT-2's Conv1D); the other rows get nothing.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RowMap {
@@ -164,9 +165,12 @@ pub enum DeltaValues {
         transposed: bool,
         a: Slice,
         b: Slice,
-        /// In a fused target, where B's rows go.
+        /// In a fused target, where B's rows go (the columns of a transposed target).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rows: Option<RowMap>,
+        /// q/k rows carried into the target's rotary convention, before `rows` places them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rotary: Option<crate::exec::rotary::RotaryMap>,
     },
     /// A dense delta of the tensor's own shape (a `lora_bias` vector).
     Dense(Slice),

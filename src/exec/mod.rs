@@ -4,6 +4,7 @@
 mod assemble;
 mod engine;
 pub mod job;
+pub mod rotary;
 mod summary;
 
 use std::collections::BTreeMap;
@@ -108,11 +109,16 @@ pub(crate) struct Resolution {
 }
 
 impl Resolution {
-    pub fn new(recipe_path: &Path, cache: &CacheArgs) -> miette::Result<Resolution> {
+    pub fn new(
+        recipe_path: &Path,
+        cache: &CacheArgs,
+        arch: &[PathBuf],
+    ) -> miette::Result<Resolution> {
         let recipe = Recipe::load(recipe_path)?;
+        let schemas = crate::arch::Schemas::load(arch)?;
         let store = open_store(cache, Some(&recipe))?;
         let device = resolve_device(recipe.device);
-        let plan = Plan::new(&recipe)?;
+        let plan = Plan::new(&recipe, &schemas)?;
         let recipe_digest = FileDigest::of(recipe.text.as_bytes());
         // Without a seed in the recipe, DARE's is derived from the recipe itself.
         let seed = recipe.merge.seed.unwrap_or_else(|| {
@@ -218,7 +224,7 @@ impl Resolution {
 /// `modelforge build`.
 pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let started = Instant::now();
-    let res = Resolution::new(&args.recipe, &args.cache)?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch)?;
     let lock_path = lock::path_for(&res.recipe.path);
     let previous = Lock::read(&lock_path).and_then(Result::ok);
     if args.locked {
@@ -400,11 +406,18 @@ fn tensor_job(
                 .expect("planned tensors exist")
                 .path;
             let values = match &delta.kind {
-                DeltaKind::LowRank { kind, a, b, rows } => job::DeltaValues::LowRank {
+                DeltaKind::LowRank {
+                    kind,
+                    a,
+                    b,
+                    rows,
+                    rotary,
+                } => job::DeltaValues::LowRank {
                     transposed: *kind != crate::io::peft::LoraKind::Linear,
                     a: slice(path, a),
                     b: slice(path, b),
                     rows: *rows,
+                    rotary: *rotary,
                 },
                 DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
                 DeltaKind::Difference(m) => job::DeltaValues::Model(slice(path, m)),
@@ -554,7 +567,7 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
 
 /// `modelforge plan`: what a build would do, without doing it.
 pub fn plan(args: &PlanArgs) -> miette::Result<()> {
-    let res = Resolution::new(&args.recipe, &args.cache)?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch)?;
     let statuses = res.statuses();
     let shards = res.shards();
     match args.format {

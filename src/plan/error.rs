@@ -83,6 +83,71 @@ pub(crate) enum PlanError {
         span: SourceSpan,
     },
 
+    #[error("unknown architecture `{name}`")]
+    #[diagnostic(
+        code(modelforge::plan::unknown_arch),
+        help("known architectures: {known}; add your own schema with `--arch FILE`")
+    )]
+    UnknownArch {
+        name: String,
+        known: String,
+        #[source_code]
+        src: Src,
+        #[label("no schema of this name")]
+        span: SourceSpan,
+    },
+
+    #[error("`{tensor}` is {found} wide where the `{arch}` schema expects {expected} ({what})")]
+    #[diagnostic(
+        code(modelforge::plan::schema_mismatch),
+        help("the base's config.json and weights do not fit the `{arch}` schema; check the config's widths, or name the right schema with `[base] arch = \"...\"`")
+    )]
+    SchemaMismatch {
+        tensor: String,
+        found: usize,
+        expected: usize,
+        what: String,
+        arch: String,
+        #[source_code]
+        src: Src,
+        #[label("this base")]
+        span: SourceSpan,
+    },
+
+    #[error("the adapter `{adapter}` has {source_heads} key/value heads in `{module}`, but the base's `{tensor}` has {target_heads}")]
+    #[diagnostic(
+        code(modelforge::plan::kv_heads),
+        help("grouped-query k and v carry over when the head counts agree, or (in a per-head layout) when each source head serves whole target heads; average or split heads by hand, or skip the module with `[adapter.map] modules = {{ k_proj = \"skip\", v_proj = \"skip\" }}`")
+    )]
+    KvHeads {
+        adapter: String,
+        module: String,
+        tensor: String,
+        source_heads: usize,
+        target_heads: usize,
+        #[source_code]
+        src: Src,
+        #[label("this adapter")]
+        span: SourceSpan,
+    },
+
+    #[error("cannot carry `{module}` of `{adapter}` from the `{from}` rotary convention into `{to}`: {reason}")]
+    #[diagnostic(
+        code(modelforge::plan::rotary),
+        help("the q and k rows must be permuted head by head; check that the adapter and the base have the same head size")
+    )]
+    Rotary {
+        adapter: String,
+        module: String,
+        from: String,
+        to: String,
+        reason: String,
+        #[source_code]
+        src: Src,
+        #[label("this adapter")]
+        span: SourceSpan,
+    },
+
     #[error("the output `{}` would overwrite an input of this recipe", path.display())]
     #[diagnostic(
         code(modelforge::plan::output_over_input),
