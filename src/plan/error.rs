@@ -97,7 +97,7 @@ pub(crate) enum PlanError {
         span: SourceSpan,
     },
 
-    #[error("`{tensor}` is {found} wide where the `{arch}` schema expects {expected} ({what})")]
+    #[error("`{tensor}` has {found} output features where the `{arch}` schema expects {expected} ({what})")]
     #[diagnostic(
         code(modelforge::plan::schema_mismatch),
         help("the base's config.json and weights do not fit the `{arch}` schema; check the config's widths, or name the right schema with `[base] arch = \"...\"`")
@@ -134,7 +134,7 @@ pub(crate) enum PlanError {
     #[error("cannot carry `{module}` of `{adapter}` from the `{from}` rotary convention into `{to}`: {reason}")]
     #[diagnostic(
         code(modelforge::plan::rotary),
-        help("the q and k rows must be permuted head by head; check that the adapter and the base have the same head size")
+        help("q and k rows are permuted head by head: the conventions need heads of a size divisible by 4 (2 for `half`), and the adapter's rows whole heads of the base's size; if the base does not use this convention, remove `rotary` from its schema")
     )]
     Rotary {
         adapter: String,

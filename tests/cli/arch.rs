@@ -156,3 +156,20 @@ fn schema_file_missing() {
     ws.write("recipe.toml", GOOD);
     assert_snapshot!(ws.fail(&["plan", "recipe.toml", "--arch", "nowhere.toml"]));
 }
+
+#[test]
+fn schema_that_does_not_fit_the_base() {
+    // Three parts of 4 rows each, where `qv` has 8 rows.
+    assert_snapshot!(schema_fails(&STACKED_QV.replace(
+        "  { role = \"attn.v\", rows = \"q\" },",
+        "  { role = \"attn.k\", rows = \"q\" },\n  { role = \"attn.v\", rows = \"q\" },"
+    )));
+}
+
+#[test]
+fn rotary_pairs_that_do_not_fit_a_head() {
+    // Heads of 2 rows cannot hold ChatGLM's pairs of quarter heads.
+    assert_snapshot!(schema_fails(
+        &STACKED_QV.replace("\n\n[[tensor]]", "\nrotary = \"glm_2d\"\n\n[[tensor]]")
+    ));
+}
