@@ -24,13 +24,15 @@ pub(crate) enum PlanError {
     #[error("none of the {count} modules of the adapter `{adapter}` exist in the base model (first: `{example}`)")]
     #[diagnostic(
         code(modelforge::plan::no_target),
-        help("the adapter was made for another model{made_for}; fuse it into the base it was trained on")
+        help("the adapter was made for another model{made_for}; fuse it into the base it was trained on{unknown_arch}")
     )]
     NothingMatches {
         adapter: String,
         count: usize,
         example: String,
         made_for: String,
+        /// A hint when no schema describes the base.
+        unknown_arch: String,
         #[source_code]
         src: Src,
         #[label("this adapter")]

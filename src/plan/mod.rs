@@ -276,6 +276,13 @@ impl Plan {
                     count: adapter.modules.len(),
                     example: adapter.modules.keys().next().cloned().unwrap_or_default(),
                     made_for,
+                    unknown_arch: match target_schema {
+                        Some(_) => String::new(),
+                        None => format!(
+                            "; or, if it can be placed by role, tell modelforge the base's architecture (its config.json's model_type `{}` matches no schema): `[base] arch = \"...\"`, or a schema of your own with `--arch FILE`",
+                            base.config.get("model_type").and_then(serde_json::Value::as_str).unwrap_or("?")
+                        ),
+                    },
                     src: src.clone(),
                     span: entry.span,
                 });
