@@ -173,3 +173,66 @@ fn rotary_pairs_that_do_not_fit_a_head() {
         &STACKED_QV.replace("\n\n[[tensor]]", "\nrotary = \"glm_2d\"\n\n[[tensor]]")
     ));
 }
+
+#[test]
+fn llama_q_and_v_land_in_the_columns_of_gpt2_c_attn() {
+    // GPT-2's Conv1D weights are (in × out): c_attn holds [Q | K | V] side by side, so the
+    // adapter's q and v deltas, transposed, land in its first and last four columns.
+    let ws = workspace();
+    ws.write("recipe.toml", GOOD);
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    let base = read_f32(&ws.path("base/model.safetensors"));
+    let plain = read_f32(&ws.path("out/model.safetensors"));
+    let transposed = |m: &[f32]| -> Vec<f32> { (0..16).map(|i| m[(i % 4) * 4 + i / 4]).collect() };
+    let c_attn = |q: &[f32], v: &[f32]| -> Vec<f32> {
+        let (q, v) = (transposed(q), transposed(v));
+        (0..4)
+            .flat_map(|row| {
+                let k = [0.25f32; 4];
+                [&q[row * 4..row * 4 + 4], &k[..], &v[row * 4..row * 4 + 4]].concat()
+            })
+            .collect()
+    };
+    let layer = |w: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>, l: usize| {
+        let get = |m: &str| {
+            w[&format!("model.layers.{l}.self_attn.{m}.weight")]
+                .1
+                .clone()
+        };
+        c_attn(&get("q_proj"), &get("v_proj"))
+    };
+    let tensors: Vec<T> = (0..2)
+        .map(|l| T {
+            name: format!("transformer.h.{l}.attn.c_attn.weight"),
+            shape: vec![4, 12],
+            values: layer(&base, l),
+        })
+        .collect();
+    ws.write(
+        "gpt2/model.safetensors",
+        safetensors_bytes(&tensors, Dtype::F32),
+    );
+    ws.write(
+        "gpt2/config.json",
+        r#"{"model_type": "gpt2", "n_embd": 4, "n_head": 2, "n_layer": 2}"#,
+    );
+    ws.write(
+        "gpt2.toml",
+        GOOD.replace("\"base\"", "\"gpt2\"")
+            .replace("\"out\"", "\"out-gpt2\""),
+    );
+    ws.ok(&["build", "gpt2.toml", "--quiet"]);
+    let fused = read_f32(&ws.path("out-gpt2/model.safetensors"));
+    for l in 0..2 {
+        let got = &fused[&format!("transformer.h.{l}.attn.c_attn.weight")].1;
+        let want = layer(&plain, l);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "layer {l}: off by {worst}");
+    }
+    let report = std::fs::read_to_string(ws.path("out-gpt2/transfer.txt")).unwrap();
+    assert!(report.contains("c_attn.weight`, as columns"), "{report}");
+}
