@@ -107,10 +107,10 @@ pub fn arch_schema(bytes: &[u8]) -> Result<(), String> {
         "intermediate_size": 48,
     });
     let config = config.as_object().expect("an object");
-    if let Some(dims) = schema.dims(config) {
-        for role in crate::arch::ROLES {
-            let _ = schema.place_of(role, 3, &dims);
-        }
+    let dims = schema.dims(config);
+    for role in crate::arch::ROLES {
+        let _ = schema.place_of(role, 3, dims.as_ref());
+        let _ = schema.needs_widths(role);
     }
     let _ = schema.role_of("model.layers.3.self_attn.q_proj.weight");
     Ok(())

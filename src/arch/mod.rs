@@ -210,9 +210,23 @@ impl Schema {
         !self.holds(role) && !self.holds(counterpart(role).unwrap_or(role))
     }
 
+    /// Whether placing `role` (or its counterpart) needs the model's widths: it is a part of a
+    /// fused tensor.
+    pub fn needs_widths(&self, role: &str) -> bool {
+        let role = if self.holds(role) {
+            role
+        } else {
+            counterpart(role).unwrap_or(role)
+        };
+        self.tensors.iter().any(|t| match &t.holds {
+            Holds::Role(_) => false,
+            Holds::Parts { parts, .. } => parts.iter().any(|p| p.role.get_ref() == role),
+        })
+    }
+
     /// Where `role` (or, when this schema lacks it, its counterpart) of `layer` lives in a model
-    /// of this schema with widths `dims`.
-    pub fn place_of(&self, role: &str, layer: usize, dims: &Dims) -> Option<Place> {
+    /// of this schema with widths `dims` (needed for parts of fused tensors only).
+    pub fn place_of(&self, role: &str, layer: usize, dims: Option<&Dims>) -> Option<Place> {
         let role = if self.holds(role) {
             role
         } else {
@@ -233,6 +247,7 @@ impl Schema {
             let Some(index) = parts.iter().position(|p| p.role.get_ref() == role) else {
                 continue;
             };
+            let dims = dims?;
             let rows = match layout {
                 Layout::Stacked => RowMap::Offset {
                     offset: parts[..index].iter().map(|p| dims.rows(p.rows)).sum(),
@@ -282,15 +297,15 @@ mod tests {
             Some(("attn.k", 3))
         );
         let phi3 = schemas.named("phi3").unwrap();
-        let k = phi3.place_of("attn.k", 1, &dims()).unwrap();
+        let k = phi3.place_of("attn.k", 1, Some(&dims())).unwrap();
         assert_eq!(k.tensor, "model.layers.1.self_attn.qkv_proj.weight");
         assert_eq!(k.rows, Some(RowMap::Offset { offset: 8 }));
         assert_eq!(k.part_rows, Some(4));
         assert_eq!(k.fused_rows, Some(16));
-        let up = phi3.place_of("mlp.up", 0, &dims()).unwrap();
+        let up = phi3.place_of("mlp.up", 0, Some(&dims())).unwrap();
         assert_eq!(up.rows, Some(RowMap::Offset { offset: 12 }));
         let neox = schemas.named("gpt_neox").unwrap();
-        let v = neox.place_of("attn.v", 0, &dims()).unwrap();
+        let v = neox.place_of("attn.v", 0, Some(&dims())).unwrap();
         assert_eq!(
             v.rows,
             Some(RowMap::PerHead {
@@ -314,10 +329,10 @@ mod tests {
             [2 * 6 + 2 + 1, 3 * 6 + 2 + 1]
         );
         // GPT-NeoX's non-gated MLP takes LLaMA's up and down projections as its own.
-        let fc_in = neox.place_of("mlp.up", 0, &dims()).unwrap();
+        let fc_in = neox.place_of("mlp.up", 0, Some(&dims())).unwrap();
         assert_eq!(fc_in.tensor, "gpt_neox.layers.0.mlp.dense_h_to_4h.weight");
         assert!(
-            neox.place_of("mlp.gate", 0, &dims()).is_none(),
+            neox.place_of("mlp.gate", 0, Some(&dims())).is_none(),
             "GPT-NeoX has no gate"
         );
     }
@@ -347,10 +362,10 @@ mod tests {
             "multi_query_attention": true, "multi_query_group_num": 2, "ffn_hidden_size": 48});
         let dims = glm2.dims(config.as_object().unwrap()).unwrap();
         assert_eq!((dims.q, dims.kv, dims.intermediate), (32, 16, 48));
-        let v = glm2.place_of("attn.v", 0, &dims).unwrap();
+        let v = glm2.place_of("attn.v", 0, Some(&dims)).unwrap();
         assert_eq!(v.rows, Some(RowMap::Offset { offset: 48 }));
         assert_eq!(v.fused_rows, Some(64));
-        let up = glm2.place_of("mlp.up", 0, &dims).unwrap();
+        let up = glm2.place_of("mlp.up", 0, Some(&dims)).unwrap();
         assert_eq!(up.rows, Some(RowMap::Offset { offset: 48 }));
         // Without multi-query attention every head has its own k and v.
         let mha = serde_json::json!({"hidden_size": 32, "num_attention_heads": 4, "kv_channels": 8,
@@ -365,11 +380,11 @@ mod tests {
         let config = serde_json::json!({"n_embd": 8, "n_head": 2, "n_layer": 2, "n_inner": null});
         let dims = gpt2.dims(config.as_object().unwrap()).unwrap();
         assert_eq!(dims.intermediate, 32);
-        let k = gpt2.place_of("attn.k", 1, &dims).unwrap();
+        let k = gpt2.place_of("attn.k", 1, Some(&dims)).unwrap();
         assert_eq!(k.tensor, "transformer.h.1.attn.c_attn.weight");
         assert!(k.transposed);
         assert_eq!(k.rows, Some(RowMap::Offset { offset: 8 }));
-        let fc_in = gpt2.place_of("mlp.up", 0, &dims).unwrap();
+        let fc_in = gpt2.place_of("mlp.up", 0, Some(&dims)).unwrap();
         assert_eq!(fc_in.tensor, "transformer.h.0.mlp.c_fc.weight");
         assert!(fc_in.transposed);
     }

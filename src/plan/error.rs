@@ -116,6 +116,19 @@ pub(crate) enum PlanError {
         span: SourceSpan,
     },
 
+    #[error("the base's config.json does not give the widths the `{arch}` schema needs to place adapter modules by role")]
+    #[diagnostic(
+        code(modelforge::plan::no_widths),
+        help("the hidden size and the number of attention heads must be in config.json, under the keys the schema's `[config]` names (by default `hidden_size` or `n_embd`, `num_attention_heads` or `n_head`)")
+    )]
+    NoWidths {
+        arch: String,
+        #[source_code]
+        src: Src,
+        #[label("this base")]
+        span: SourceSpan,
+    },
+
     #[error("the adapter `{adapter}` has {source_heads} key/value heads in `{module}`, but the base's `{tensor}` has {target_heads}")]
     #[diagnostic(
         code(modelforge::plan::kv_heads),

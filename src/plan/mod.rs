@@ -253,7 +253,9 @@ impl Plan {
                     return Some(Place::named(tensor));
                 }
                 let (role, layer, _) = source_role(module)?;
-                target_schema?.place_of(role, layer, dims.as_ref()?)
+                target_schema?
+                    .place_of(role, layer, dims.as_ref())
+                    .filter(|p| tensors.contains_key(&p.tensor))
             };
             // Layers: each source module goes to the target layers its layer maps to, sharing
             // its delta when several source layers meet in one target.
@@ -269,6 +271,20 @@ impl Plan {
                 let (role, _, _) = source_role(module)?;
                 target.has_no(role).then(|| role.to_owned())
             };
+            // Placing by role needs the base's widths: say so rather than that nothing matches.
+            if let (Some(schema), None) = (target_schema, dims) {
+                let needs_role = places.iter().any(|(module, p)| {
+                    p.is_none()
+                        && source_role(module).is_some_and(|(role, _, _)| schema.needs_widths(role))
+                });
+                if needs_role {
+                    return Err(PlanError::NoWidths {
+                        arch: schema.name.clone(),
+                        src: src.clone(),
+                        span: recipe.base.span,
+                    });
+                }
+            }
             let matched = places.values().filter(|p| p.is_some()).count();
             if matched == 0 && !mapped.is_empty() {
                 return Err(PlanError::NothingMatches {

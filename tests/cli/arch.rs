@@ -236,3 +236,18 @@ fn llama_q_and_v_land_in_the_columns_of_gpt2_c_attn() {
     let report = std::fs::read_to_string(ws.path("out-gpt2/transfer.txt")).unwrap();
     assert!(report.contains("c_attn.weight`, as columns"), "{report}");
 }
+
+#[test]
+fn a_base_config_without_the_widths_its_schema_reads() {
+    let ws = workspace();
+    ws.write("stacked_qv.toml", STACKED_QV);
+    ws.write(
+        "qv/config.json",
+        r#"{"model_type": "mystery", "num_hidden_layers": 2}"#,
+    );
+    ws.write(
+        "recipe.toml",
+        GOOD.replace("\"base\"", "\"qv\"\narch = \"stacked_qv\""),
+    );
+    assert_snapshot!(ws.fail(&["build", "recipe.toml", "--arch", "stacked_qv.toml"]));
+}
