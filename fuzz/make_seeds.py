@@ -69,9 +69,11 @@ path = "out"
 """)
 write("recipe", "every_key.toml", """[base]
 path = "../models/base"
+arch = "chatglm2"
 
 [[adapter]]
 path = "a"
+arch = "llama"
 weight = [ { value = 1.0 }, { layers = "16..", value = 0.5 }, { modules = ["q_proj", "v_proj"], layers = "0..4", value = 0.0 } ]
 
 [[adapter]]
