@@ -251,3 +251,29 @@ fn a_base_config_without_the_widths_its_schema_reads() {
     );
     assert_snapshot!(ws.fail(&["build", "recipe.toml", "--arch", "stacked_qv.toml"]));
 }
+
+#[test]
+fn an_adapter_named_as_following_an_unknown_architecture() {
+    let ws = workspace();
+    assert_snapshot!(ws.refuse(&GOOD.replace("\"lora\"", "\"lora\"\narch = \"llama3\"")));
+}
+
+#[test]
+fn an_adapter_whose_architecture_is_named() {
+    // `arch = "llama"` on the adapter: its module names are read with the LLaMA schema only.
+    let ws = workspace();
+    ws.write("recipe.toml", GOOD);
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    ws.write("stacked_qv.toml", STACKED_QV);
+    ws.write(
+        "qv.toml",
+        GOOD.replace("\"base\"", "\"qv\"\narch = \"stacked_qv\"")
+            .replace("\"lora\"", "\"lora\"\narch = \"llama\"")
+            .replace("\"out\"", "\"out-qv\""),
+    );
+    ws.ok(&["build", "qv.toml", "--quiet", "--arch", "stacked_qv.toml"]);
+    let plain = read_f32(&ws.path("out/model.safetensors"));
+    let fused = read_f32(&ws.path("out-qv/model.safetensors"));
+    let (_, q) = &plain["model.layers.1.self_attn.q_proj.weight"];
+    assert_eq!(&fused["blocks.1.qv.weight"].1[..16], &q[..]);
+}
