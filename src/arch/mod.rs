@@ -328,6 +328,17 @@ mod tests {
             grouped.targets(3).collect::<Vec<_>>(),
             [2 * 6 + 2 + 1, 3 * 6 + 2 + 1]
         );
+        // In a stacked layout, a source kv head serving two groups fills both, one after the
+        // other: row 1 of source head 1 goes to groups 2 and 3, after the 8 rows of q.
+        let stacked = RowMap::Repeated {
+            offset: 8,
+            head_dim: 2,
+            repeat: 2,
+        };
+        assert_eq!(
+            stacked.targets(3).collect::<Vec<_>>(),
+            [8 + 4 + 1, 8 + 6 + 1]
+        );
         // GPT-NeoX's non-gated MLP takes LLaMA's up and down projections as its own.
         let fc_in = neox.place_of("mlp.up", 0, Some(&dims())).unwrap();
         assert_eq!(fc_in.tensor, "gpt_neox.layers.0.mlp.dense_h_to_4h.weight");

@@ -71,6 +71,14 @@ pub enum RowMap {
         #[serde(default = "one")]
         repeat: usize,
     },
+    /// A stacked part starting at `offset` whose source heads (`head_dim` rows each) each fill
+    /// `repeat` consecutive target heads: grouped-query k/v going into more groups (ChatGLM2's
+    /// `multi_query_group_num`).
+    Repeated {
+        offset: usize,
+        head_dim: usize,
+        repeat: usize,
+    },
 }
 
 fn one() -> usize {
@@ -82,6 +90,14 @@ impl RowMap {
     pub fn targets(&self, row: usize) -> impl Iterator<Item = usize> {
         let (first, count, step) = match *self {
             RowMap::Offset { offset } => (offset + row, 1, 0),
+            RowMap::Repeated {
+                offset,
+                head_dim,
+                repeat,
+            } => {
+                let (head, within) = (row / head_dim, row % head_dim);
+                (offset + head * repeat * head_dim + within, repeat, head_dim)
+            }
             RowMap::PerHead {
                 parts,
                 part,

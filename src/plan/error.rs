@@ -132,7 +132,7 @@ pub(crate) enum PlanError {
     #[error("the adapter `{adapter}` has {source_heads} key/value heads in `{module}`, but the base's `{tensor}` has {target_heads}")]
     #[diagnostic(
         code(modelforge::plan::kv_heads),
-        help("grouped-query k and v carry over when the head counts agree, or (in a per-head layout) when each source head serves whole target heads; average or split heads by hand, or skip the module with `[adapter.map] modules = {{ k_proj = \"skip\", v_proj = \"skip\" }}`")
+        help("grouped-query k and v carry over when the head counts agree, or when each source head fills whole target heads or groups (fewer source heads than the target's); average or split heads by hand, or skip the module with `[adapter.map] modules = {{ k_proj = \"skip\", v_proj = \"skip\" }}`")
     )]
     KvHeads {
         adapter: String,

@@ -373,25 +373,45 @@ impl Plan {
                 let mut rows = target.as_ref().and_then(|p| p.rows);
                 let part_rows = target.as_ref().and_then(|p| p.part_rows);
                 let role = source_role(module).map(|(role, _, _)| role);
-                // Grouped-query k/v going into a multi-head layout: each kv head's rows fill the
-                // heads it serves.
-                if let (
-                    Some(RowMap::PerHead {
-                        repeat, head_dim, ..
-                    }),
-                    Some(part_rows),
-                ) = (rows.as_mut(), part_rows)
+                // Grouped-query k/v going into a layout of more kv heads: each source head's rows
+                // fill the target heads it serves (per head), or its share of the groups
+                // (stacked).
+                if let (Some(map), Some(part_rows), Some(head_dim)) =
+                    (rows.as_mut(), part_rows, dims.map(|d| d.head_dim))
                 {
-                    if out < part_rows
-                        && *head_dim > 0
-                        && out % *head_dim == 0
-                        && part_rows % out == 0
-                    {
-                        *repeat = part_rows / out;
+                    let repeat = (matches!(role, Some("attn.k" | "attn.v"))
+                        && out > 0
+                        && out < part_rows
+                        && head_dim > 0
+                        && out % head_dim == 0
+                        && part_rows % out == 0)
+                        .then_some(part_rows / out.max(1));
+                    if let Some(repeat) = repeat {
+                        *map = match *map {
+                            RowMap::PerHead {
+                                parts,
+                                part,
+                                head_dim,
+                                ..
+                            } => RowMap::PerHead {
+                                parts,
+                                part,
+                                head_dim,
+                                repeat,
+                            },
+                            RowMap::Offset { offset } => RowMap::Repeated {
+                                offset,
+                                head_dim,
+                                repeat,
+                            },
+                            other => other,
+                        };
                     }
                 }
                 let repeat = match rows {
-                    Some(RowMap::PerHead { repeat, .. }) => repeat,
+                    Some(RowMap::PerHead { repeat, .. } | RowMap::Repeated { repeat, .. }) => {
+                        repeat
+                    }
                     _ => 1,
                 };
                 // The axis of the target that a delta's rows (output features) run along.

@@ -231,8 +231,10 @@ def layer_of(w, layer):
     return {k: w[f"{p}.{n}.weight"] for k, n in names.items()}
 
 
-def to_layout(arch, w, kv):
-    """The target architecture's tensors holding LLaMA weights `w`, and its config.json."""
+def to_layout(arch, w, kv, groups=None):
+    """The target architecture's tensors holding LLaMA weights `w`, and its config.json;
+    ChatGLM2's `groups` (default: kv) repeat each of LLaMA's kv heads for the groups it fills."""
+    groups = groups or kv
     out = {}
     for layer in range(2):
         t = layer_of(w, layer)
@@ -250,7 +252,8 @@ def to_layout(arch, w, kv):
             out[f"{n}.mlp.dense_h_to_4h.weight"], out[f"{n}.mlp.dense_4h_to_h.weight"] = t["up"], t["down"]
         elif arch == "chatglm2":
             n = f"transformer.encoder.layers.{layer}"
-            qkv = torch.cat([permuted(t["q"], INTERLEAVED_ROWS), permuted(t["k"], INTERLEAVED_ROWS), t["v"]])
+            k, v = (heads_of(t[n], kv).repeat_interleave(groups // kv, 0).reshape(groups * HEAD_DIM, -1) for n in "kv")
+            qkv = torch.cat([permuted(t["q"], INTERLEAVED_ROWS), permuted(k, INTERLEAVED_ROWS), v])
             out[f"{n}.self_attention.query_key_value.weight"] = qkv
             out[f"{n}.self_attention.query_key_value.bias"] = torch.zeros(qkv.shape[0])
             out[f"{n}.self_attention.dense.weight"] = t["o"]
@@ -272,7 +275,7 @@ def to_layout(arch, w, kv):
         "gpt_neox": dict(model_type="gpt_neox", num_hidden_layers=2, intermediate_size=48, rotary_pct=1.0, **common),
         "chatglm": dict(model_type="chatglm", position_encoding_2d=True, num_layers=2, inner_hidden_size=48, **common),
         "chatglm2": dict(model_type="chatglm", num_layers=2, kv_channels=HEAD_DIM, multi_query_attention=True,
-                         multi_query_group_num=kv, ffn_hidden_size=48, add_qkv_bias=True, **common),
+                         multi_query_group_num=groups, ffn_hidden_size=48, add_qkv_bias=True, **common),
         "phi3": dict(model_type="phi3", num_hidden_layers=2, num_key_value_heads=kv, intermediate_size=48, **common),
         "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=HIDDEN, n_head=HEADS, n_layer=2, n_inner=48),
     }[arch]
@@ -407,6 +410,26 @@ def test_llama_adapter_into_every_fused_layout(tmp_path, arch):
         assert "rotary" not in q_fate, q_fate
     if arch == "gpt2":
         assert "as columns" in q_fate, q_fate
+
+
+def test_fewer_kv_heads_fill_chatglm2_groups(tmp_path):
+    """A LLaMA with one kv head into a ChatGLM2 base with 2 query groups, each holding LLaMA's
+    head: the adapter's k and v fill both groups, and attention matches."""
+    base, adapter, merged = llama_with_adapter(tmp_path, 1, SEVEN)
+    fused, config = to_layout("chatglm2", load_file(base / "model.safetensors"), 1, groups=2)
+    want, _ = to_layout("chatglm2", merged, 1, groups=2)
+    (tmp_path / "glm2").mkdir()
+    save_file({k: v.contiguous() for k, v in fused.items()}, tmp_path / "glm2" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "glm2" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "r.toml").write_text(f'[base]\npath = "glm2"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out"\n')
+    subprocess.run([str(BIN), "build", str(tmp_path / "r.toml"), "--quiet"], check=True)
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    for name, t in want.items():
+        assert (ours[name] - t).abs().max().item() <= 1e-6 * max(t.abs().max().item(), 1.0), name
+    x = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for layer in range(2):
+        got, ref = target_attention("chatglm2", ours, layer, x, 2), reference_attention("chatglm2", merged, layer, x)
+        assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), layer
 
 
 def test_grouped_kv_heads_that_do_not_fit_a_chatglm2_base(tmp_path):
