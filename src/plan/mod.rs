@@ -448,33 +448,18 @@ impl Plan {
                 }
                 // q and k rows carried into the base's rotary convention, head by head.
                 let rotary = match (by_role, source_role(module), target_schema) {
-                    (true, Some(("attn.q" | "attn.k", _, Some(from))), Some(schema)) => {
-                        match schema.rotary {
-                            Some(to) if to != from => {
-                                let reason = if !from.fits(head_dim) || !to.fits(head_dim) {
-                                    Some(format!("a head of {head_dim} rows cannot hold both conventions' pairs"))
-                                } else if out % head_dim != 0 {
-                                    Some(format!(
-                                        "its {out} rows are not whole heads of {head_dim}"
-                                    ))
-                                } else {
-                                    None
-                                };
-                                if let Some(reason) = reason {
-                                    return Err(PlanError::Rotary {
-                                        adapter: name.clone(),
-                                        module: source_module.to_string(),
-                                        from: from.name().into(),
-                                        to: to.name().into(),
-                                        reason,
-                                        src: src.clone(),
-                                        span: entry.span,
-                                    });
-                                }
-                                Some(RotaryMap { from, to, head_dim })
-                            }
-                            _ => None,
-                        }
+                    (true, Some((role, _, from)), Some(schema)) => {
+                        rotary_between(role, from, schema.rotary, head_dim, out).map_err(
+                            |(from, to, reason)| PlanError::Rotary {
+                                adapter: name.clone(),
+                                module: source_module.to_string(),
+                                from: from.name().into(),
+                                to: to.name().into(),
+                                reason,
+                                src: src.clone(),
+                                span: entry.span,
+                            },
+                        )?
                     }
                     _ => None,
                 };
@@ -482,32 +467,7 @@ impl Plan {
                     &name,
                     source_module,
                     match &target {
-                        Some(Place {
-                            tensor,
-                            rows: Some(_),
-                            ..
-                        }) => format!(
-                            "fused by role into part of `{tensor}`{} (share {share}){}",
-                            if transposed { ", as columns" } else { "" },
-                            rotary.map_or(String::new(), |r| format!(
-                                "; rows permuted from `{}` into `{}` rotary pairs",
-                                r.from.name(),
-                                r.to.name()
-                            ))
-                        ),
-                        Some(Place { tensor, .. }) => format!(
-                            "fused into `{tensor}`{} (share {share}){}",
-                            if by_role && transposed {
-                                ", transposed"
-                            } else {
-                                ""
-                            },
-                            rotary.map_or(String::new(), |r| format!(
-                                "; rows permuted from `{}` into `{}` rotary pairs",
-                                r.from.name(),
-                                r.to.name()
-                            ))
-                        ),
+                        Some(place) => Fate::fused(place, by_role, *share, rotary),
                         None => "no target".into(),
                     },
                 ));
@@ -611,6 +571,33 @@ fn resolve_arch<'a>(
         })
 }
 
+/// The permutation carrying a `role` delta's rows from the adapter's rotary convention into the
+/// base's: only q and k, and only when the two differ. `Err`: the conventions and why a delta of
+/// `out` rows cannot be carried.
+fn rotary_between(
+    role: &str,
+    from: Option<Rotary>,
+    to: Option<Rotary>,
+    head_dim: usize,
+    out: usize,
+) -> Result<Option<RotaryMap>, (Rotary, Rotary, String)> {
+    let (Some(from), Some(to)) = (from, to) else {
+        return Ok(None);
+    };
+    if from == to || !matches!(role, "attn.q" | "attn.k") {
+        return Ok(None);
+    }
+    if !from.fits(head_dim) || !to.fits(head_dim) {
+        let reason = format!("a head of {head_dim} rows cannot hold both conventions' pairs");
+        return Err((from, to, reason));
+    }
+    if !out.is_multiple_of(head_dim) {
+        let reason = format!("its {out} rows are not whole heads of {head_dim}");
+        return Err((from, to, reason));
+    }
+    Ok(Some(RotaryMap { from, to, head_dim }))
+}
+
 /// The fate of one source module, for the transfer report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub(crate) struct Fate {
@@ -625,6 +612,28 @@ impl Fate {
             adapter: adapter.to_owned(),
             module: module.to_owned(),
             fate,
+        }
+    }
+
+    /// Where a module was fused, and how.
+    fn fused(place: &Place, by_role: bool, share: f64, rotary: Option<RotaryMap>) -> String {
+        let tensor = &place.tensor;
+        let permuted = rotary.map_or(String::new(), |r| {
+            format!(
+                "; rows permuted from `{}` into `{}` rotary pairs",
+                r.from.name(),
+                r.to.name()
+            )
+        });
+        match (place.rows, place.transposed && by_role) {
+            (Some(_), columns) => format!(
+                "fused by role into part of `{tensor}`{} (share {share}){permuted}",
+                if columns { ", as columns" } else { "" }
+            ),
+            (None, transposed) => format!(
+                "fused into `{tensor}`{} (share {share}){permuted}",
+                if transposed { ", transposed" } else { "" }
+            ),
         }
     }
 
