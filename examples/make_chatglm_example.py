@@ -6,7 +6,9 @@ two-layer LLaMA adapter examples/tiny-llama-lora into it with `layers = "interpo
 
 Grouped-query k/v heads are repeated for the query heads they serve (ChatGLM-6B has none), the
 SwiGLU MLP's up and down projections become dense_h_to_4h and dense_4h_to_h (the gate has no
-place), norms get zero biases. Deterministic: re-running rewrites the same files.
+place), norms get zero biases. q and k rows are permuted head by head into ChatGLM-6B's 2D rotary
+convention, as modelforge permutes a LLaMA adapter's (src/exec/rotary.rs): LLaMA's pair
+(i, i + d/2) lands on ChatGLM's pair of slot i. Deterministic: re-running rewrites the same files.
 
     .venv/bin/python examples/make_chatglm_example.py
 """
@@ -31,9 +33,20 @@ def main() -> None:
     def mha(t: torch.Tensor) -> torch.Tensor:
         return t.view(kv_heads, 1, head_dim, hidden).expand(kv_heads, group, head_dim, hidden).reshape(heads * head_dim, hidden)
 
+    def glm_2d(t: torch.Tensor) -> torch.Tensor:
+        # LLaMA row r of a head: pair i = r mod d/2, element r div d/2. ChatGLM-6B slot i: pair
+        # i/2 of the first half (i even) or of the second (i odd), pairs (j, j + d/4) in a half.
+        d = head_dim
+        rows = [(i % 2) * (d // 2) + i // 2 + e * (d // 4) for e in range(2) for i in range(d // 2)]
+        h = t.view(-1, d, hidden)
+        out = torch.empty_like(h)
+        out[:, rows] = h
+        return out.reshape(t.shape)
+
     p, n = "model.layers.0", "transformer.layers.0"
     q, k, v = (llama[f"{p}.self_attn.{m}_proj.weight"] for m in "qkv")
-    qkv = torch.stack([q.view(heads, head_dim, hidden), mha(k).view(heads, head_dim, hidden),
+    q, k = glm_2d(q), glm_2d(mha(k))
+    qkv = torch.stack([q.view(heads, head_dim, hidden), k.view(heads, head_dim, hidden),
                        mha(v).view(heads, head_dim, hidden)], 1).reshape(3 * heads * head_dim, hidden)
     zeros = lambda n: torch.zeros(n)  # noqa: E731
     tensors = {

@@ -69,9 +69,11 @@ path = "out"
 """)
 write("recipe", "every_key.toml", """[base]
 path = "../models/base"
+arch = "chatglm2"
 
 [[adapter]]
 path = "a"
+arch = "llama"
 weight = [ { value = 1.0 }, { layers = "16..", value = 0.5 }, { modules = ["q_proj", "v_proj"], layers = "0..4", value = 0.0 } ]
 
 [[adapter]]
@@ -85,3 +87,7 @@ max_shard_size = "2GB"
 [build]
 device = "cuda:1"
 """)
+
+# Every shipped schema is a seed for the schema reader.
+for schema in sorted((HERE.parent / "arch").glob("*.toml")):
+    write("arch_schema", schema.name, schema.read_text())

@@ -83,6 +83,10 @@ pub struct BuildArgs {
     pub recipe: PathBuf,
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// An architecture schema (TOML, like those in arch/) to know besides the shipped ones;
+    /// repeatable. A schema named like a shipped one replaces it.
+    #[arg(long = "arch", value_name = "FILE")]
+    pub arch: Vec<PathBuf>,
     /// Fail if the recipe or any input differs from the lock file.
     #[arg(long)]
     pub locked: bool,
@@ -114,6 +118,10 @@ pub struct PlanArgs {
     pub recipe: PathBuf,
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// An architecture schema (TOML, like those in arch/) to know besides the shipped ones;
+    /// repeatable. A schema named like a shipped one replaces it.
+    #[arg(long = "arch", value_name = "FILE")]
+    pub arch: Vec<PathBuf>,
     /// How to print the plan.
     #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
     pub format: PlanFormat,

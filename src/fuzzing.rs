@@ -96,6 +96,26 @@ pub fn recipe(bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| render(&e))
 }
 
+/// Reads an architecture schema as `--arch FILE` does, then asks it what a build asks: the
+/// widths of a model and the place of every role. Returns a rendered diagnostic on refusal.
+pub fn arch_schema(bytes: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(bytes);
+    let schema = crate::arch::parse("schema.toml", &text).map_err(|e| render(&e))?;
+    let config = serde_json::json!({
+        "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "kv_channels": 8,
+        "multi_query_attention": true, "multi_query_group_num": 2, "n_embd": 32, "n_head": 4,
+        "intermediate_size": 48,
+    });
+    let config = config.as_object().expect("an object");
+    let dims = schema.dims(config);
+    for role in crate::arch::ROLES {
+        let _ = schema.place_of(role, 3, dims.as_ref());
+        let _ = schema.needs_widths(role);
+    }
+    let _ = schema.role_of("model.layers.3.self_attn.q_proj.weight");
+    Ok(())
+}
+
 /// The report a person would see, without colour.
 fn render(diagnostic: &dyn Diagnostic) -> String {
     let mut out = String::new();

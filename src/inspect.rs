@@ -37,6 +37,10 @@ fn model(model: &HfModel) -> Value {
         "path": model.dir.display().to_string(),
         "architecture": model.architecture(),
         "model_type": model.config.get("model_type"),
+        // The shipped schema a recipe would place adapters by (`[base] arch` overrides it).
+        "schema": crate::arch::Schemas::load(&[])
+            .ok()
+            .and_then(|s| s.detect(&model.config).map(|s| s.name.clone())),
         "layers": model.layer_count(),
         "hidden_size": model.config.get("hidden_size").or_else(|| model.config.get("n_embd")),
         "parameters": parameters,

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use modelforge::exec::job::{DeltaValues, Slice, TensorJob};
+use modelforge::exec::job::{DeltaValues, RowMap, Slice, TensorJob};
 use modelforge::store::{ActionEntry, Store};
 use rayon::prelude::*;
 
@@ -146,25 +146,42 @@ fn prepare(
                 transposed,
                 a,
                 b,
-                rows: Some(map),
-            } if !*transposed => {
-                // A part of a fused tensor: B's rows scattered to where the part's rows are,
-                // zero rows elsewhere, so that the block loop sees one tensor-shaped delta.
-                let (rank, outer) = (a.shape[0], b.shape[0]);
+                rows,
+                rotary,
+            } if rows.is_some() || rotary.is_some() => {
+                // A part of a fused tensor: B's rows (the delta's output features) scattered to
+                // where the part's are, zero elsewhere, so that the block loop sees one
+                // tensor-shaped delta. In a transposed target (GPT-2's Conv1D) they are columns:
+                // Δ = Aᵀ · (Bᵀ scattered into columns).
+                let (rank, inner, outer) = (a.shape[0], a.shape[1], b.shape[0]);
                 let (a, b) = (load(a)?, load(b)?);
-                let total = tensor.origin.shape.first().copied().unwrap_or(0);
-                let mut left = vec![0f32; total * rank];
+                let axis = usize::from(*transposed);
+                let total = tensor.origin.shape.get(axis).copied().unwrap_or(0);
+                let map = rows.unwrap_or(RowMap::Offset { offset: 0 });
+                let mut scattered = vec![0f32; total * rank];
                 for row in 0..outer {
-                    for to in map.targets(row) {
-                        let Some(dst) = left.get_mut(to * rank..(to + 1) * rank) else {
+                    let from = rotary.map_or(row, |r| r.row(row));
+                    for to in map.targets(from) {
+                        if to >= total {
                             return Err(std::io::Error::other(format!(
                                 "row {to} is outside the target's {total} rows"
                             )));
-                        };
-                        dst.copy_from_slice(&b[row * rank..(row + 1) * rank]);
+                        }
+                        for k in 0..rank {
+                            let value = b[row * rank + k];
+                            if *transposed {
+                                scattered[k * total + to] = value;
+                            } else {
+                                scattered[to * rank + k] = value;
+                            }
+                        }
                     }
                 }
-                plain(left, a, rank)
+                if *transposed {
+                    plain(backend.transpose(&a, rank, inner), scattered, rank)
+                } else {
+                    plain(scattered, a, rank)
+                }
             }
             DeltaValues::LowRank {
                 transposed, a, b, ..

@@ -56,8 +56,9 @@ pub enum Truncation {
     Energy(f64),
 }
 
-/// Where the rows of a delta land in a fused target tensor: row i of the delta becomes row
-/// `target(i)` of the tensor; the other rows get nothing.
+/// Where the rows of a delta (its output features) land in a fused target tensor: row i of the
+/// delta becomes row `target(i)` of the tensor (its column, when the tensor is stored
+/// transposed, as GPT-2's Conv1D); the other rows get nothing.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RowMap {
@@ -72,6 +73,14 @@ pub enum RowMap {
         #[serde(default = "one")]
         repeat: usize,
     },
+    /// A stacked part starting at `offset` whose source heads (`head_dim` rows each) each fill
+    /// `repeat` consecutive target heads: grouped-query k/v going into more groups (ChatGLM2's
+    /// `multi_query_group_num`).
+    Repeated {
+        offset: usize,
+        head_dim: usize,
+        repeat: usize,
+    },
 }
 
 fn one() -> usize {
@@ -83,6 +92,14 @@ impl RowMap {
     pub fn targets(&self, row: usize) -> impl Iterator<Item = usize> {
         let (first, count, step) = match *self {
             RowMap::Offset { offset } => (offset + row, 1, 0),
+            RowMap::Repeated {
+                offset,
+                head_dim,
+                repeat,
+            } => {
+                let (head, within) = (row / head_dim, row % head_dim);
+                (offset + head * repeat * head_dim + within, repeat, head_dim)
+            }
             RowMap::PerHead {
                 parts,
                 part,
@@ -166,9 +183,12 @@ pub enum DeltaValues {
         transposed: bool,
         a: Slice,
         b: Slice,
-        /// In a fused target, where B's rows go.
+        /// In a fused target, where B's rows go (the columns of a transposed target).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rows: Option<RowMap>,
+        /// q/k rows carried into the target's rotary convention, before `rows` places them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rotary: Option<crate::exec::rotary::RotaryMap>,
     },
     /// A dense delta of the tensor's own shape (a `lora_bias` vector).
     Dense(Slice),

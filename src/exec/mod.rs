@@ -5,6 +5,7 @@ mod assemble;
 mod cache;
 mod engine;
 pub mod job;
+pub mod rotary;
 mod summary;
 
 use std::collections::BTreeMap;
@@ -146,18 +147,20 @@ pub(crate) struct Resolution {
 }
 
 impl Resolution {
-    /// Reads the recipe and its inputs; with `check_finite`, also refuses adapters holding NaN
-    /// or infinity.
+    /// Reads the recipe, the schemas (`--arch` files besides the shipped ones) and the
+    /// inputs; with `check_finite`, also refuses adapters holding NaN or infinity.
     pub fn new(
         recipe_path: &Path,
         cache: &CacheArgs,
+        arch: &[PathBuf],
         check_finite: bool,
     ) -> miette::Result<Resolution> {
         let recipe = Recipe::load(recipe_path)?;
+        let schemas = crate::arch::Schemas::load(arch)?;
         check_outputs_outside_cache(&recipe, &cache_dir(cache, Some(&recipe)))?;
         let store = open_store(cache, Some(&recipe))?;
         let device = resolve_device(recipe.device);
-        let plan = Plan::new(&recipe)?;
+        let plan = Plan::new(&recipe, &schemas)?;
         if check_finite {
             for adapter in plan.inputs.adapters.iter().filter_map(|a| a.lora()) {
                 adapter.check_finite().map_err(ExecError::from)?;
@@ -269,7 +272,12 @@ impl Resolution {
 pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let started = Instant::now();
     let mut phases = Phases::default();
-    let res = Resolution::new(&args.recipe, &args.cache, !args.allow_non_finite)?;
+    let res = Resolution::new(
+        &args.recipe,
+        &args.cache,
+        &args.arch,
+        !args.allow_non_finite,
+    )?;
     phases.resolve = started.elapsed().as_secs_f64();
     let lock_path = lock::path_for(&res.recipe.path);
     // What killed builds left: a staged lock, staged outputs, or a replaced output whose
@@ -506,11 +514,18 @@ fn tensor_job(
                 .expect("planned tensors exist")
                 .path;
             let values = match &delta.kind {
-                DeltaKind::LowRank { kind, a, b, rows } => job::DeltaValues::LowRank {
+                DeltaKind::LowRank {
+                    kind,
+                    a,
+                    b,
+                    rows,
+                    rotary,
+                } => job::DeltaValues::LowRank {
                     transposed: *kind != crate::io::peft::LoraKind::Linear,
                     a: slice(path, a),
                     b: slice(path, b),
                     rows: *rows,
+                    rotary: *rotary,
                 },
                 DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
                 DeltaKind::Difference(m) => job::DeltaValues::Model(slice(path, m)),
@@ -661,7 +676,7 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
 /// `modelforge plan`: what a build would do, without doing it.
 pub fn plan(args: &PlanArgs) -> miette::Result<()> {
     // A plan computes nothing, so it does not read whole adapters to check their values.
-    let res = Resolution::new(&args.recipe, &args.cache, false)?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false)?;
     let statuses = res.statuses();
     let shards = res.shards();
     match args.format {

@@ -24,13 +24,15 @@ pub(crate) enum PlanError {
     #[error("the base model has no module that the adapter `{adapter}` changes ({modules})")]
     #[diagnostic(
         code(modelforge::plan::no_target),
-        help("the adapter was made for another model{made_for}; fuse it into the base it was trained on")
+        help("the adapter was made for another model{made_for}; fuse it into the base it was trained on{unknown_arch}")
     )]
     NothingMatches {
         adapter: String,
         /// "`name`", or "N modules, first `name`".
         modules: String,
         made_for: String,
+        /// A hint when no schema describes the base.
+        unknown_arch: String,
         #[source_code]
         src: Src,
         #[label("this adapter")]
@@ -80,6 +82,84 @@ pub(crate) enum PlanError {
         #[source_code]
         src: Src,
         #[label("this range")]
+        span: SourceSpan,
+    },
+
+    #[error("unknown architecture `{name}`")]
+    #[diagnostic(
+        code(modelforge::plan::unknown_arch),
+        help("known architectures: {known}; add your own schema with `--arch FILE`")
+    )]
+    UnknownArch {
+        name: String,
+        known: String,
+        #[source_code]
+        src: Src,
+        #[label("no schema of this name")]
+        span: SourceSpan,
+    },
+
+    #[error("`{tensor}` has {found} output features where the `{arch}` schema expects {expected} ({what})")]
+    #[diagnostic(
+        code(modelforge::plan::schema_mismatch),
+        help("the base's config.json and weights do not fit the `{arch}` schema; check the config's widths, or name the right schema with `[base] arch = \"...\"`")
+    )]
+    SchemaMismatch {
+        tensor: String,
+        found: usize,
+        expected: usize,
+        what: String,
+        arch: String,
+        #[source_code]
+        src: Src,
+        #[label("this base")]
+        span: SourceSpan,
+    },
+
+    #[error("the base's config.json does not give the widths the `{arch}` schema needs to place adapter modules by role")]
+    #[diagnostic(
+        code(modelforge::plan::no_widths),
+        help("the hidden size and the number of attention heads must be in config.json, under the keys the schema's `[config]` names (by default `hidden_size` or `n_embd`, `num_attention_heads` or `n_head`)")
+    )]
+    NoWidths {
+        arch: String,
+        #[source_code]
+        src: Src,
+        #[label("this base")]
+        span: SourceSpan,
+    },
+
+    #[error("the adapter `{adapter}` has {source_heads} key/value heads in `{module}`, but the base's `{tensor}` has {target_heads}")]
+    #[diagnostic(
+        code(modelforge::plan::kv_heads),
+        help("grouped-query k and v carry over when the head counts agree, or when each source head fills whole target heads or groups (fewer source heads than the target's); average or split heads by hand, or skip the module with `[adapter.map] modules = {{ k_proj = \"skip\", v_proj = \"skip\" }}`")
+    )]
+    KvHeads {
+        adapter: String,
+        module: String,
+        tensor: String,
+        source_heads: usize,
+        target_heads: usize,
+        #[source_code]
+        src: Src,
+        #[label("this adapter")]
+        span: SourceSpan,
+    },
+
+    #[error("cannot carry `{module}` of `{adapter}` from the `{from}` rotary convention into `{to}`: {reason}")]
+    #[diagnostic(
+        code(modelforge::plan::rotary),
+        help("q and k rows are permuted head by head: the conventions need heads of a size divisible by 4 (2 for `half`), and the adapter's rows whole heads of the base's size; if the base does not use this convention, remove `rotary` from its schema")
+    )]
+    Rotary {
+        adapter: String,
+        module: String,
+        from: String,
+        to: String,
+        reason: String,
+        #[source_code]
+        src: Src,
+        #[label("this adapter")]
         span: SourceSpan,
     },
 }

@@ -70,6 +70,9 @@ pub(crate) struct DeltaKey {
     /// In a fused target, where the delta's rows go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<crate::exec::job::RowMap>,
+    /// q/k rows permuted into the target's rotary convention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary: Option<crate::exec::rotary::RotaryMap>,
     pub kind: String,
     pub factor: f64,
     pub a: SliceKey,
@@ -97,6 +100,7 @@ impl Keys {
         for source in &plan.inputs.adapters {
             paths.extend(source.files());
         }
+        paths.extend(plan.arch_files.iter().cloned());
         let mut files = Vec::new();
         for path in paths {
             let digest = store
@@ -165,8 +169,15 @@ fn tensor_key(
                 .expect("planned tensors exist");
             let name_of = |meta: &TensorMeta| name_in(file, meta);
             match &delta.kind {
-                DeltaKind::LowRank { kind, a, b, rows } => DeltaKey {
+                DeltaKind::LowRank {
+                    kind,
+                    a,
+                    b,
+                    rows,
+                    rotary,
+                } => DeltaKey {
                     rows: *rows,
+                    rotary: *rotary,
                     kind: match kind {
                         LoraKind::Linear => "linear",
                         LoraKind::LinearTransposed => "linear_transposed",
@@ -179,6 +190,7 @@ fn tensor_key(
                 },
                 DeltaKind::Vector(v) => DeltaKey {
                     rows: None,
+                    rotary: None,
                     kind: "vector".into(),
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &name_of(v), v),
@@ -186,6 +198,7 @@ fn tensor_key(
                 },
                 DeltaKind::Difference(m) => DeltaKey {
                     rows: None,
+                    rotary: None,
                     kind: "difference".into(),
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &tensor.out.name, m),

@@ -13,8 +13,9 @@ pub(crate) use error::PlanError;
 pub(crate) use graph::{BuildGraph, Status};
 pub(crate) use keys::{pathdiff, Keys, MergeKey, TensorKey};
 
-use crate::arch::{Dims, Place, Schema};
+use crate::arch::{Place, Schema, Schemas};
 use crate::exec::job::RowMap;
+use crate::exec::rotary::{Rotary, RotaryMap};
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 use crate::io::safetensors::TensorMeta;
@@ -105,6 +106,8 @@ pub(crate) enum DeltaKind {
         b: TensorMeta,
         /// In a fused target tensor (another architecture's layout), where B's rows go.
         rows: Option<RowMap>,
+        /// q/k rows carried into the target's rotary convention, before `rows` places them.
+        rotary: Option<RotaryMap>,
     },
     /// A bias vector (`lora_bias`).
     Vector(TensorMeta),
@@ -132,6 +135,8 @@ impl TensorPlan {
 
 pub(crate) struct Plan {
     pub inputs: Inputs,
+    /// The user's schema files (`--arch`), inputs of the build like the models.
+    pub arch_files: Vec<std::path::PathBuf>,
     /// What became of every LoRA module: where it was fused, or why it was not.
     pub transfer: Vec<Fate>,
     /// `[merge] density`, per module and layer.
@@ -142,7 +147,7 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub fn new(recipe: &Recipe) -> Result<Plan, PlanError> {
+    pub fn new(recipe: &Recipe, schemas: &Schemas) -> Result<Plan, PlanError> {
         let src = recipe.src();
 
         let base = HfModel::open(&recipe.base.path)
@@ -179,9 +184,11 @@ impl Plan {
             .collect();
 
         let mut warnings = Vec::new();
-        let schemas = crate::arch::builtin();
-        let target_schema = Schema::for_config(&schemas, &base.config);
-        let dims = Dims::from_config(&base.config);
+        let target_schema = match &recipe.base_arch {
+            Some(named) => Some(resolve_arch(schemas, named, &src)?),
+            None => schemas.detect(&base.config),
+        };
+        let dims = target_schema.and_then(|s| s.dims(&base.config));
         let mut warnings_mapped = 0usize;
         let mut transfer = Vec::new();
         for (index, (source, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
@@ -221,19 +228,33 @@ impl Plan {
                 span: entry.span,
             };
 
+            // The schema the adapter's module names follow: as the recipe says, else as its
+            // source base's config.json says, else whichever schema knows the name.
+            let source_schema = match &entry.arch {
+                Some(named) => Some(resolve_arch(schemas, named, &src)?),
+                None => entry
+                    .source
+                    .as_ref()
+                    .and_then(|s| crate::io::hf::read_json(&s.path.join("config.json")).ok())
+                    .and_then(|config| config.as_object().and_then(|c| schemas.detect(c))),
+            };
+            let source_role = |module: &str| -> Option<(&str, usize, Option<Rotary>)> {
+                let tensor = format!("{module}.weight");
+                let schema = source_schema.or_else(|| schemas.schema_of(&tensor))?;
+                let (role, layer) = schema.role_of(&tensor)?;
+                Some((role, layer, schema.rotary))
+            };
             // A module the base lacks by name may still have a place in it by role: a LLaMA
             // q_proj goes to the q rows of a fused qkv_proj.
             let place = |module: &str| -> Option<Place> {
                 let tensor = format!("{module}.weight");
                 if tensors.contains_key(&tensor) {
-                    return Some(Place {
-                        tensor,
-                        rows: None,
-                        part_rows: None,
-                    });
+                    return Some(Place::named(tensor));
                 }
-                let (role, layer) = schemas.iter().find_map(|s| s.role_of(&tensor))?;
-                target_schema?.place_of(role, layer, dims.as_ref()?)
+                let (role, layer, _) = source_role(module)?;
+                target_schema?
+                    .place_of(role, layer, dims.as_ref())
+                    .filter(|p| tensors.contains_key(&p.tensor))
             };
             // Layers: each source module goes to the target layers its layer maps to, sharing
             // its delta when several source layers meet in one target.
@@ -246,11 +267,23 @@ impl Plan {
             // non-gated MLP) is skipped with a warning, never silently.
             let no_counterpart = |module: &str| -> Option<String> {
                 let target = target_schema?;
-                let (role, _) = schemas
-                    .iter()
-                    .find_map(|s| s.role_of(&format!("{module}.weight")))?;
+                let (role, _, _) = source_role(module)?;
                 target.has_no(role).then(|| role.to_owned())
             };
+            // Placing by role needs the base's widths: say so rather than that nothing matches.
+            if let (Some(schema), None) = (target_schema, dims) {
+                let needs_role = places.iter().any(|(module, p)| {
+                    p.is_none()
+                        && source_role(module).is_some_and(|(role, _, _)| schema.needs_widths(role))
+                });
+                if needs_role {
+                    return Err(PlanError::NoWidths {
+                        arch: schema.name.clone(),
+                        src: src.clone(),
+                        span: recipe.base.span,
+                    });
+                }
+            }
             let matched = places.values().filter(|p| p.is_some()).count();
             if matched == 0 && !mapped.is_empty() {
                 return Err(PlanError::NothingMatches {
@@ -263,6 +296,13 @@ impl Plan {
                         }
                     },
                     made_for,
+                    unknown_arch: match target_schema {
+                        Some(_) => String::new(),
+                        None => format!(
+                            "; or, if it can be placed by role, tell modelforge the base's architecture (its config.json's model_type `{}` matches no schema): `[base] arch = \"...\"`, or a schema of your own with `--arch FILE`",
+                            base.config.get("model_type").and_then(serde_json::Value::as_str).unwrap_or("?")
+                        ),
+                    },
                     src: src.clone(),
                     span: entry.span,
                 });
@@ -313,63 +353,145 @@ impl Plan {
                         continue;
                     }
                 }
-                transfer.push(Fate::new(
-                    &name,
-                    source_module,
-                    match &target {
-                        Some(Place {
-                            tensor,
-                            rows: Some(_),
-                            ..
-                        }) => format!("fused by role into part of `{tensor}` (share {share})"),
-                        Some(Place { tensor, .. }) => {
-                            format!("fused into `{tensor}` (share {share})")
-                        }
-                        None => "no target".into(),
-                    },
-                ));
                 let tensor = target
                     .as_ref()
                     .map_or_else(|| format!("{module}.weight"), |p| p.tensor.clone());
                 let plan = tensors
                     .get_mut(&tensor)
                     .ok_or_else(|| unknown(&format!("{module}.weight")))?;
+                let by_role = tensor != format!("{module}.weight");
+                let transposed = target.as_ref().is_some_and(|p| p.transposed);
+                // Placed by role, a linear layer's delta takes the target's orientation: a
+                // LLaMA q_proj going into GPT-2's Conv1D c_attn is transposed.
+                let kind = match lora.kind {
+                    LoraKind::Linear | LoraKind::LinearTransposed if by_role => {
+                        if transposed {
+                            LoraKind::LinearTransposed
+                        } else {
+                            LoraKind::Linear
+                        }
+                    }
+                    kind => kind,
+                };
                 let (out, inner) = (lora.b.shape[0], lora.a.shape[1]);
                 let mut rows = target.as_ref().and_then(|p| p.rows);
-                // Grouped-query k/v going into a multi-head layout: each kv head's rows fill the
-                // heads it serves.
-                if let (
-                    Some(RowMap::PerHead {
-                        repeat, head_dim, ..
-                    }),
-                    Some(part_rows),
-                ) = (rows.as_mut(), target.as_ref().and_then(|p| p.part_rows))
+                let part_rows = target.as_ref().and_then(|p| p.part_rows);
+                let role = source_role(module).map(|(role, _, _)| role);
+                // Grouped-query k/v going into a layout of more kv heads: each source head's rows
+                // fill the target heads it serves (per head), or its share of the groups
+                // (stacked).
+                if let (Some(map), Some(part_rows), Some(head_dim)) =
+                    (rows.as_mut(), part_rows, dims.map(|d| d.head_dim))
                 {
-                    if out < part_rows && out % *head_dim == 0 && part_rows % out == 0 {
-                        *repeat = part_rows / out;
+                    let repeat = (matches!(role, Some("attn.k" | "attn.v"))
+                        && out > 0
+                        && out < part_rows
+                        && head_dim > 0
+                        && out % head_dim == 0
+                        && part_rows % out == 0)
+                        .then_some(part_rows / out.max(1));
+                    if let Some(repeat) = repeat {
+                        *map = match *map {
+                            RowMap::PerHead {
+                                parts,
+                                part,
+                                head_dim,
+                                ..
+                            } => RowMap::PerHead {
+                                parts,
+                                part,
+                                head_dim,
+                                repeat,
+                            },
+                            RowMap::Offset { offset } => RowMap::Repeated {
+                                offset,
+                                head_dim,
+                                repeat,
+                            },
+                            other => other,
+                        };
                     }
                 }
                 let repeat = match rows {
-                    Some(RowMap::PerHead { repeat, .. }) => repeat,
+                    Some(RowMap::PerHead { repeat, .. } | RowMap::Repeated { repeat, .. }) => {
+                        repeat
+                    }
                     _ => 1,
                 };
-                match (rows, target.as_ref().and_then(|p| p.part_rows)) {
-                    // Into a part of a fused tensor: only plain linear layers, of the part's height.
+                // The axis of the target that a delta's rows (output features) run along.
+                let (out_axis, in_axis) = if transposed { (1, 0) } else { (0, 1) };
+                let extent = |axis: usize| plan.out.shape.get(axis).copied().unwrap_or(0);
+                if let (Some(place), Some(schema)) = (&target, target_schema) {
+                    if let Some(expected) = place.fused_rows {
+                        if extent(out_axis) != expected {
+                            return Err(PlanError::SchemaMismatch {
+                                tensor: tensor.clone(),
+                                found: extent(out_axis),
+                                expected,
+                                what: "the sum of its parts".into(),
+                                arch: schema.name.clone(),
+                                src: src.clone(),
+                                span: recipe.base.span,
+                            });
+                        }
+                    }
+                }
+                let head_dim = dims.map_or(0, |d| d.head_dim);
+                if let (Some(part_rows), Some("attn.k" | "attn.v")) = (part_rows, role) {
+                    if out * repeat != part_rows && head_dim > 0 && out % head_dim == 0 {
+                        return Err(PlanError::KvHeads {
+                            adapter: name.clone(),
+                            module: source_module.to_string(),
+                            tensor: tensor.clone(),
+                            source_heads: out / head_dim,
+                            target_heads: part_rows / head_dim,
+                            src: src.clone(),
+                            span: entry.span,
+                        });
+                    }
+                }
+                // q and k rows carried into the base's rotary convention, head by head.
+                let rotary = match (by_role, source_role(module), target_schema) {
+                    (true, Some((role, _, from)), Some(schema)) => {
+                        rotary_between(role, from, schema.rotary, head_dim, out).map_err(
+                            |(from, to, reason)| PlanError::Rotary {
+                                adapter: name.clone(),
+                                module: source_module.to_string(),
+                                from: from.name().into(),
+                                to: to.name().into(),
+                                reason,
+                                src: src.clone(),
+                                span: entry.span,
+                            },
+                        )?
+                    }
+                    _ => None,
+                };
+                transfer.push(Fate::new(
+                    &name,
+                    source_module,
+                    match &target {
+                        Some(place) => Fate::fused(place, by_role, *share, rotary),
+                        None => "no target".into(),
+                    },
+                ));
+                match (rows, part_rows) {
+                    // Into a part of a fused tensor: only linear layers, of the part's height.
                     (Some(_), Some(part_rows)) => {
-                        if lora.kind != LoraKind::Linear
+                        if kind == LoraKind::Embedding
                             || out * repeat != part_rows
-                            || inner != plan.out.shape[1]
+                            || inner != extent(in_axis)
                         {
                             return Err(shape_error(
                                 &tensor,
                                 vec![out, inner],
-                                &[part_rows, plan.out.shape[1]],
+                                &[part_rows, extent(in_axis)],
                             ));
                         }
                         warnings_mapped += 1;
                     }
                     _ => {
-                        let delta_shape = match lora.kind {
+                        let delta_shape = match kind {
                             LoraKind::Linear => vec![out, inner],
                             LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
                         };
@@ -387,10 +509,11 @@ impl Plan {
                         weight,
                         scaling: lora.scaling,
                         kind: DeltaKind::LowRank {
-                            kind: lora.kind,
+                            kind,
                             a: lora.a.clone(),
                             b: lora.b.clone(),
                             rows,
+                            rotary,
                         },
                     });
                 }
@@ -421,6 +544,7 @@ impl Plan {
         }
         transfer.sort_by(|a, b| (&a.adapter, &a.module).cmp(&(&b.adapter, &b.module)));
         Ok(Plan {
+            arch_files: schemas.files.clone(),
             transfer,
             density: resolve_rules(&recipe.merge.density, layers, &src)?,
             inputs: Inputs { base, adapters },
@@ -428,6 +552,54 @@ impl Plan {
             warnings,
         })
     }
+}
+
+/// The schema `named` names, or a diagnostic listing the known ones.
+fn resolve_arch<'a>(
+    schemas: &'a Schemas,
+    named: &crate::recipe::Named,
+    src: &crate::recipe::Src,
+) -> Result<&'a Schema, PlanError> {
+    schemas
+        .named(&named.name)
+        .ok_or_else(|| PlanError::UnknownArch {
+            name: named.name.clone(),
+            known: schemas
+                .names()
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            src: src.clone(),
+            span: named.span,
+        })
+}
+
+/// The permutation carrying a `role` delta's rows from the adapter's rotary convention into the
+/// base's: only q and k, and only when the two differ. `Err`: the conventions and why a delta of
+/// `out` rows cannot be carried.
+fn rotary_between(
+    role: &str,
+    from: Option<Rotary>,
+    to: Option<Rotary>,
+    head_dim: usize,
+    out: usize,
+) -> Result<Option<RotaryMap>, (Rotary, Rotary, String)> {
+    let (Some(from), Some(to)) = (from, to) else {
+        return Ok(None);
+    };
+    if from == to || !matches!(role, "attn.q" | "attn.k") {
+        return Ok(None);
+    }
+    if !from.fits(head_dim) || !to.fits(head_dim) {
+        let reason = format!("a head of {head_dim} rows cannot hold both conventions' pairs");
+        return Err((from, to, reason));
+    }
+    if !out.is_multiple_of(head_dim) {
+        let reason = format!("its {out} rows are not whole heads of {head_dim}");
+        return Err((from, to, reason));
+    }
+    Ok(Some(RotaryMap { from, to, head_dim }))
 }
 
 /// The fate of one source module, for the transfer report.
@@ -444,6 +616,28 @@ impl Fate {
             adapter: adapter.to_owned(),
             module: module.to_owned(),
             fate,
+        }
+    }
+
+    /// Where a module was fused, and how.
+    fn fused(place: &Place, by_role: bool, share: f64, rotary: Option<RotaryMap>) -> String {
+        let tensor = &place.tensor;
+        let permuted = rotary.map_or(String::new(), |r| {
+            format!(
+                "; rows permuted from `{}` into `{}` rotary pairs",
+                r.from.name(),
+                r.to.name()
+            )
+        });
+        match (place.rows, place.transposed && by_role) {
+            (Some(_), columns) => format!(
+                "fused by role into part of `{tensor}`{} (share {share}){permuted}",
+                if columns { ", as columns" } else { "" }
+            ),
+            (None, transposed) => format!(
+                "fused into `{tensor}`{} (share {share}){permuted}",
+                if transposed { ", transposed" } else { "" }
+            ),
         }
     }
 

@@ -34,6 +34,8 @@ pub(crate) struct Recipe {
     /// The text as read, for the lock file, the model card and diagnostics.
     pub text: Arc<String>,
     pub base: Entry,
+    /// `[base] arch`: the base's schema by name, unchecked until the schemas are known.
+    pub base_arch: Option<Named>,
     pub adapters: Vec<AdapterEntry>,
     pub output: Output,
     pub device: DeviceRequest,
@@ -90,6 +92,22 @@ pub(crate) enum LayerMap {
     Table(Vec<(usize, usize)>, SourceSpan),
 }
 
+/// A name the recipe gives (an architecture schema's), with where it gives it.
+#[derive(Clone, Debug)]
+pub(crate) struct Named {
+    pub name: String,
+    pub span: SourceSpan,
+}
+
+impl Named {
+    fn of(value: &Spanned<String>) -> Named {
+        Named {
+            name: value.get_ref().clone(),
+            span: value.span().into(),
+        }
+    }
+}
+
 /// A path the recipe names, with where it names it.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
@@ -105,6 +123,8 @@ pub(crate) struct AdapterEntry {
     pub weight: Vec<WeightRule>,
     /// The base the adapter was trained on, when the recipe names it.
     pub source: Option<Entry>,
+    /// `arch`: the schema the adapter's module names follow.
+    pub arch: Option<Named>,
     pub map: LayerMap,
     /// Module names (last path components) the recipe skips.
     pub skip: Vec<String>,
@@ -223,6 +243,7 @@ impl Recipe {
             path: path.to_owned(),
             text,
             base,
+            base_arch: raw.base.get_ref().arch.as_ref().map(Named::of),
             adapters,
             output,
             device,
@@ -424,6 +445,7 @@ impl Checker {
             entry,
             weight,
             source,
+            arch: adapter.arch.as_ref().map(Named::of),
             map,
             skip,
             span: raw.span().into(),

@@ -62,6 +62,9 @@ pub(crate) enum MajoritySign {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBase {
     pub path: Spanned<String>,
+    /// The base's architecture schema by name, instead of the one its config.json suggests.
+    #[serde(default)]
+    pub arch: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +76,9 @@ pub(crate) struct RawAdapter {
     /// The base the adapter was trained on (its layer count drives layer mapping).
     #[serde(default)]
     pub source: Option<Spanned<String>>,
+    /// The architecture schema the adapter's module names follow, by name.
+    #[serde(default)]
+    pub arch: Option<Spanned<String>>,
     /// How the adapter's layers and modules map onto the base.
     #[serde(default)]
     pub map: Option<Spanned<RawMap>>,

@@ -9,6 +9,7 @@ fn describes_a_model() {
     let report: serde_json::Value =
         serde_json::from_str(&ws.ok(&["inspect", "base", "--json"])).unwrap();
     assert_eq!(report["architecture"], "LlamaForCausalLM");
+    assert_eq!(report["schema"], "llama");
     assert_eq!(report["layers"], 2);
     // 2 × 16×4 (embeddings, head) + 4 (norm) + 2 × (16 + 16 + 32 + 4)
     assert_eq!(report["parameters"], 128 + 4 + 2 * 68);

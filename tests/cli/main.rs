@@ -11,6 +11,10 @@ mod diagnostics;
 /// Fused values against answers computed by hand, and the shape of the output directory.
 mod build;
 
+/// Architecture schemas: the user's (`--arch FILE`) and `arch =` in recipes, what they place,
+/// and every fault in a schema pinned as the person sees it.
+mod arch;
+
 /// `modelforge inspect`.
 mod inspect;
 

@@ -4,7 +4,8 @@ Known answers: the Phi-3 base is the LLaMA base with q/k/v stacked into `qkv_pro
 into `gate_up_proj` (the two models give the same logits), so the LLaMA adapter fused into it
 must give exactly the Phi-3 layout of LLaMA + adapter, and the same logits. The GPT-NeoX-shaped
 base interleaves q/k/v per head in `query_key_value`; the fused tensor must be the per-head
-interleave of the LLaMA + adapter projections.
+interleave of the LLaMA + adapter projections. Then every fused layout (GPT-NeoX, ChatGLM-6B,
+ChatGLM2, Phi-3, GPT-2) against one LLaMA + adapter, weights and attention outputs.
 """
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ def test_llama_adapter_into_chatglm_with_fewer_layers(tmp_path):
         return t.view(2, 1, head_dim, -1).expand(2, 2, head_dim, t.shape[-1]).reshape(heads * head_dim, -1)
 
     def interleave(q, k, v):
-        return torch.stack([q.view(heads, head_dim, -1), mha(k).view(heads, head_dim, -1), mha(v).view(heads, head_dim, -1)], 1).reshape(3 * heads * head_dim, -1)
+        # q and k rows in ChatGLM-6B's 2D rotary convention (see GLM_2D_ROWS below).
+        q, k = permuted(q, GLM_2D_ROWS), permuted(mha(k), GLM_2D_ROWS)
+        return torch.stack([q.view(heads, head_dim, -1), k.view(heads, head_dim, -1), mha(v).view(heads, head_dim, -1)], 1).reshape(3 * heads * head_dim, -1)
 
     glm, want = {}, {}
     for target, source in ((0, 0), (1, 3)):
@@ -175,3 +178,275 @@ def test_llama_adapter_into_chatglm_with_fewer_layers(tmp_path):
     assert "transformer.layers.1.attention.query_key_value" in fate["model.layers.3.self_attn.k_proj"], fate
     assert sum(r["fate"].startswith("dropped") for r in report) == 2 * 7
     assert sum(r["fate"].startswith("skipped") for r in report) == 2, "the two kept layers' gates"
+
+
+# --- Every fused layout against one LLaMA + adapter -------------------------------------------
+#
+# Each target model's fused tensors are exactly the LLaMA base's q/k/v (and MLP) rearranged as
+# its architecture lays them out; the LLaMA adapter transferred onto it must give exactly the
+# same rearrangement of LLaMA + adapter. Then the target's attention, computed from its weights
+# the way its own modeling code does (ChatGLM's is remote code, never executed: it is written out
+# below from THUDM's modeling_chatglm.py), must equal LLaMA + adapter's attention.
+#
+# Rotary embeddings: ChatGLM pairs q/k rows differently from LLaMA's rotate_half, so its q and k
+# rows are permuted head by head (below, the known answers for head_dim 8). ChatGLM has only
+# LLaMA's even-indexed frequencies (base^(-4j/d)); LLaMA's odd pairs land where ChatGLM-6B
+# rotates with the block position (0 over a prompt) and ChatGLM2 does not rotate. So ChatGLM's
+# attention equals LLaMA + adapter's with the odd frequencies switched off: what the permutation
+# can preserve, and only if it is right. GPT-2 has no rotary embedding: compared with LLaMA's
+# attention without one.
+
+HEADS, HEAD_DIM, HIDDEN = 4, 8, 32
+# LLaMA row r of a head → ChatGLM row: LLaMA pair (i, i + 4) lands on a ChatGLM pair.
+GLM_2D_ROWS = [0, 4, 1, 5, 2, 6, 3, 7]  # pairs (0,2) (1,3) | (4,6) (5,7)
+INTERLEAVED_ROWS = [0, 4, 2, 6, 1, 5, 3, 7]  # pairs (0,1) (2,3) | second half unrotated
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def heads_of(t, n):
+    return t.reshape(n, HEAD_DIM, -1)
+
+
+def permuted(t, rows):
+    """Each head's rows placed as `rows` says: LLaMA row r goes to row rows[r]."""
+    h = heads_of(t, t.shape[0] // HEAD_DIM)
+    out = torch.empty_like(h)
+    out[:, rows] = h
+    return out.reshape(t.shape)
+
+
+def repeated(t, kv):
+    """Grouped k/v heads repeated for the query heads they serve."""
+    return heads_of(t, kv).repeat_interleave(HEADS // kv, 0).reshape(HEADS * HEAD_DIM, -1)
+
+
+def per_head(*parts):
+    return torch.stack([heads_of(p, HEADS) for p in parts], 1).reshape(len(parts) * HEADS * HEAD_DIM, -1)
+
+
+def layer_of(w, layer):
+    p = f"model.layers.{layer}"
+    names = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+                 gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
+    return {k: w[f"{p}.{n}.weight"] for k, n in names.items()}
+
+
+def to_layout(arch, w, kv, groups=None):
+    """The target architecture's tensors holding LLaMA weights `w`, and its config.json;
+    ChatGLM2's `groups` (default: kv) repeat each of LLaMA's kv heads for the groups it fills."""
+    groups = groups or kv
+    out = {}
+    for layer in range(2):
+        t = layer_of(w, layer)
+        if arch == "gpt_neox":
+            n = f"gpt_neox.layers.{layer}"
+            out[f"{n}.attention.query_key_value.weight"] = per_head(t["q"], repeated(t["k"], kv), repeated(t["v"], kv))
+            out[f"{n}.attention.dense.weight"] = t["o"]
+            out[f"{n}.mlp.dense_h_to_4h.weight"], out[f"{n}.mlp.dense_4h_to_h.weight"] = t["up"], t["down"]
+        elif arch == "chatglm":
+            n = f"transformer.layers.{layer}"
+            out[f"{n}.attention.query_key_value.weight"] = per_head(
+                permuted(t["q"], GLM_2D_ROWS), permuted(repeated(t["k"], kv), GLM_2D_ROWS), repeated(t["v"], kv))
+            out[f"{n}.attention.query_key_value.bias"] = torch.zeros(3 * HIDDEN)
+            out[f"{n}.attention.dense.weight"] = t["o"]
+            out[f"{n}.mlp.dense_h_to_4h.weight"], out[f"{n}.mlp.dense_4h_to_h.weight"] = t["up"], t["down"]
+        elif arch == "chatglm2":
+            n = f"transformer.encoder.layers.{layer}"
+            k, v = (heads_of(t[n], kv).repeat_interleave(groups // kv, 0).reshape(groups * HEAD_DIM, -1) for n in "kv")
+            qkv = torch.cat([permuted(t["q"], INTERLEAVED_ROWS), permuted(k, INTERLEAVED_ROWS), v])
+            out[f"{n}.self_attention.query_key_value.weight"] = qkv
+            out[f"{n}.self_attention.query_key_value.bias"] = torch.zeros(qkv.shape[0])
+            out[f"{n}.self_attention.dense.weight"] = t["o"]
+            out[f"{n}.mlp.dense_h_to_4h.weight"] = torch.cat([t["gate"], t["up"]])
+            out[f"{n}.mlp.dense_4h_to_h.weight"] = t["down"]
+        elif arch == "phi3":
+            n = f"model.layers.{layer}"
+            out[f"{n}.self_attn.qkv_proj.weight"] = torch.cat([t["q"], t["k"], t["v"]])
+            out[f"{n}.self_attn.o_proj.weight"] = t["o"]
+            out[f"{n}.mlp.gate_up_proj.weight"] = torch.cat([t["gate"], t["up"]])
+            out[f"{n}.mlp.down_proj.weight"] = t["down"]
+        elif arch == "gpt2":  # Conv1D: (in × out), [Q | K | V] side by side
+            n = f"transformer.h.{layer}"
+            out[f"{n}.attn.c_attn.weight"] = torch.cat([t["q"], t["k"], t["v"]]).T
+            out[f"{n}.attn.c_proj.weight"] = t["o"].T
+            out[f"{n}.mlp.c_fc.weight"], out[f"{n}.mlp.c_proj.weight"] = t["up"].T, t["down"].T
+    common = dict(hidden_size=HIDDEN, num_attention_heads=HEADS)
+    config = {
+        "gpt_neox": dict(model_type="gpt_neox", num_hidden_layers=2, intermediate_size=48, rotary_pct=1.0, **common),
+        "chatglm": dict(model_type="chatglm", position_encoding_2d=True, num_layers=2, inner_hidden_size=48, **common),
+        "chatglm2": dict(model_type="chatglm", num_layers=2, kv_channels=HEAD_DIM, multi_query_attention=True,
+                         multi_query_group_num=groups, ffn_hidden_size=48, add_qkv_bias=True, **common),
+        "phi3": dict(model_type="phi3", num_hidden_layers=2, num_key_value_heads=kv, intermediate_size=48, **common),
+        "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=HIDDEN, n_head=HEADS, n_layer=2, n_inner=48),
+    }[arch]
+    return out, config
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def llama_rope(x, pos, odd=True, base=10000.0):
+    """HF LLaMA's rotary embedding on x [T, heads, d]; `odd=False` switches off the odd pairs."""
+    inv_freq = 1.0 / base ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
+    if not odd:
+        inv_freq[1::2] = 0
+    angles = torch.cat([pos[:, None] * inv_freq] * 2, -1)[:, None, :]
+    return x * angles.cos() + rotate_half(x) * angles.sin()
+
+
+def glm_2d_rope(x, pos, base=10000.0):
+    """ChatGLM-6B's 2D rotary: rotate_half within each half of a head, the first half with the
+    position ids, the second with the block position ids (0 over a prompt)."""
+    dim = HEAD_DIM // 2
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+    def rope(x, p):
+        angles = torch.cat([p[:, None] * inv_freq] * 2, -1)[:, None, :]
+        return x * angles.cos() + rotate_half(x) * angles.sin()
+
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([rope(x1, pos), rope(x2, torch.zeros_like(pos))], -1)
+
+
+def glm2_rope(x, pos, base=10000.0):
+    """ChatGLM2/3's rotary: adjacent pairs of the first half of each head; the rest passes."""
+    n_elem = HEAD_DIM // 2
+    theta = 1.0 / base ** (torch.arange(0, n_elem, 2, dtype=torch.float64) / n_elem)
+    angles = pos[:, None] * theta  # [T, d/4]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    rot, rest = x[..., :n_elem], x[..., n_elem:]
+    pairs = rot.reshape(*rot.shape[:-1], n_elem // 2, 2)
+    out = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
+    return torch.cat([out.flatten(-2), rest], -1)
+
+
+def attention(x, q, k, v, o, rope):
+    """Causal multi-head attention of x [T, hidden] from (out × in) projections; k/v may have
+    fewer heads than q (grouped-query)."""
+    T = x.shape[0]
+    pos = torch.arange(T, dtype=torch.float64)
+    qh, kh, vh = (x @ w.T for w in (q, k, v))
+    qh, kh, vh = (t.reshape(T, -1, HEAD_DIM) for t in (qh, kh, vh))
+    qh, kh = rope(qh, pos), rope(kh, pos)
+    group = HEADS // kh.shape[1]
+    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    scores = torch.einsum("thd,shd->hts", qh, kh) / HEAD_DIM ** 0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    out = torch.einsum("hts,shd->thd", scores.softmax(-1), vh).reshape(T, -1)
+    return out @ o.T
+
+
+def target_attention(arch, w, layer, x, kv):
+    """The attention of layer `layer` of a model of `arch` with weights `w`, split as its own
+    modeling code splits its fused tensors."""
+    d = torch.float64
+    if arch == "gpt_neox":
+        qkv = w[f"gpt_neox.layers.{layer}.attention.query_key_value.weight"].to(d).reshape(HEADS, 3, HEAD_DIM, -1)
+        q, k, v = (qkv[:, i].reshape(HIDDEN, -1) for i in range(3))
+        return attention(x, q, k, v, w[f"gpt_neox.layers.{layer}.attention.dense.weight"].to(d), llama_rope)
+    if arch == "chatglm":
+        qkv = w[f"transformer.layers.{layer}.attention.query_key_value.weight"].to(d).reshape(HEADS, 3, HEAD_DIM, -1)
+        q, k, v = (qkv[:, i].reshape(HIDDEN, -1) for i in range(3))
+        return attention(x, q, k, v, w[f"transformer.layers.{layer}.attention.dense.weight"].to(d), glm_2d_rope)
+    if arch == "chatglm2":
+        n = f"transformer.encoder.layers.{layer}.self_attention"
+        q, k, v = w[f"{n}.query_key_value.weight"].to(d).split([HIDDEN, kv * HEAD_DIM, kv * HEAD_DIM])
+        return attention(x, q, k, v, w[f"{n}.dense.weight"].to(d), glm2_rope)
+    if arch == "phi3":
+        n = f"model.layers.{layer}.self_attn"
+        q, k, v = w[f"{n}.qkv_proj.weight"].to(d).split([HIDDEN, kv * HEAD_DIM, kv * HEAD_DIM])
+        return attention(x, q, k, v, w[f"{n}.o_proj.weight"].to(d), llama_rope)
+    if arch == "gpt2":
+        n = f"transformer.h.{layer}.attn"
+        q, k, v = w[f"{n}.c_attn.weight"].to(d).T.split([HIDDEN] * 3)
+        return attention(x, q, k, v, w[f"{n}.c_proj.weight"].to(d).T, lambda t, pos: t)
+    raise ValueError(arch)
+
+
+def reference_attention(arch, merged, layer, x):
+    """LLaMA + adapter's attention, with the rotary frequencies the target can hold."""
+    t = {k: v.to(torch.float64) for k, v in layer_of(merged, layer).items()}
+    rope = {
+        "chatglm": lambda y, pos: llama_rope(y, pos, odd=False),
+        "chatglm2": lambda y, pos: llama_rope(y, pos, odd=False),
+        "gpt2": lambda y, pos: y,
+    }.get(arch, llama_rope)
+    return attention(x, t["q"], t["k"], t["v"], t["o"], rope)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "chatglm", "chatglm2", "phi3", "gpt2"])
+def test_llama_adapter_into_every_fused_layout(tmp_path, arch):
+    # GPT-2's c_attn stacks full-height K and V: it takes a multi-head LLaMA only.
+    kv = 4 if arch == "gpt2" else 2
+    base, adapter, merged = llama_with_adapter(tmp_path, kv, SEVEN)
+    fused_base, config = to_layout(arch, load_file(base / "model.safetensors"), kv)
+    want, _ = to_layout(arch, merged, kv)
+    (tmp_path / arch).mkdir()
+    save_file({k: v.contiguous() for k, v in fused_base.items()}, tmp_path / arch / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / arch / "config.json").write_text(json.dumps(config))
+    (tmp_path / f"{arch}.toml").write_text(
+        f'[base]\npath = "{arch}"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out-{arch}"\n')
+    subprocess.run([str(BIN), "build", str(tmp_path / f"{arch}.toml"), "--quiet"], check=True)
+
+    ours = load_file(tmp_path / f"out-{arch}" / "model.safetensors")
+    assert set(ours) == set(want)
+    for name, t in want.items():
+        assert (ours[name] - t).abs().max().item() <= 1e-6 * max(t.abs().max().item(), 1.0), name
+
+    x = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for layer in range(2):
+        got, ref = target_attention(arch, ours, layer, x, kv), reference_attention(arch, merged, layer, x)
+        assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), (arch, layer)
+
+    report = {r["module"]: r["fate"] for r in json.loads((tmp_path / f"out-{arch}" / "transfer.json").read_text())}
+    q_fate = report["model.layers.0.self_attn.q_proj"]
+    if arch.startswith("chatglm"):
+        convention = "glm_2d" if arch == "chatglm" else "interleaved_first_half"
+        assert f"rows permuted from `half` into `{convention}` rotary pairs" in q_fate, q_fate
+        assert "rotary" not in report["model.layers.0.self_attn.v_proj"]
+    else:
+        assert "rotary" not in q_fate, q_fate
+    if arch == "gpt2":
+        assert "as columns" in q_fate, q_fate
+
+
+def test_fewer_kv_heads_fill_chatglm2_groups(tmp_path):
+    """A LLaMA with one kv head into a ChatGLM2 base with 2 query groups, each holding LLaMA's
+    head: the adapter's k and v fill both groups, and attention matches."""
+    base, adapter, merged = llama_with_adapter(tmp_path, 1, SEVEN)
+    fused, config = to_layout("chatglm2", load_file(base / "model.safetensors"), 1, groups=2)
+    want, _ = to_layout("chatglm2", merged, 1, groups=2)
+    (tmp_path / "glm2").mkdir()
+    save_file({k: v.contiguous() for k, v in fused.items()}, tmp_path / "glm2" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "glm2" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "r.toml").write_text(f'[base]\npath = "glm2"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out"\n')
+    subprocess.run([str(BIN), "build", str(tmp_path / "r.toml"), "--quiet"], check=True)
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    for name, t in want.items():
+        assert (ours[name] - t).abs().max().item() <= 1e-6 * max(t.abs().max().item(), 1.0), name
+    x = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for layer in range(2):
+        got, ref = target_attention("chatglm2", ours, layer, x, 2), reference_attention("chatglm2", merged, layer, x)
+        assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), layer
+
+
+def test_grouped_kv_heads_that_do_not_fit_a_chatglm2_base(tmp_path):
+    """A multi-head LLaMA adapter (4 kv heads) into a ChatGLM2 base with 2 query groups: its k
+    and v cannot be placed exactly, and the build says so."""
+    base, adapter, merged = llama_with_adapter(tmp_path, 4, ["k_proj"])
+    fused, config = to_layout("chatglm2", load_file(base / "model.safetensors"), 4)
+    config["multi_query_group_num"] = 2
+    for name in list(fused):
+        if name.endswith("query_key_value.weight"):
+            fused[name] = fused[name][: HIDDEN + 2 * 2 * HEAD_DIM]
+        if name.endswith("query_key_value.bias"):
+            fused[name] = fused[name][: HIDDEN + 2 * 2 * HEAD_DIM]
+    (tmp_path / "glm2").mkdir()
+    save_file({k: v.contiguous() for k, v in fused.items()}, tmp_path / "glm2" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "glm2" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "r.toml").write_text(f'[base]\npath = "glm2"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out"\n')
+    run = subprocess.run([str(BIN), "build", str(tmp_path / "r.toml")], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "has 4 key/value heads" in run.stderr and "has 2" in run.stderr, run.stderr
