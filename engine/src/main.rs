@@ -2,6 +2,7 @@
 //! block of rows by block of rows, writes each result into the cache, and answers one JSON line
 //! per finished tensor. It is the only modelforge program that loads LibTorch; `modelforge`
 //! starts it only when some tensor must be computed.
+mod align;
 mod backend;
 mod fuse;
 
@@ -41,21 +42,33 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("cannot open the cache `{}`: {e}", job.cache.display()))?;
     let mut inputs = fuse::Inputs::default();
     let stdout = std::io::stdout();
+    let answer = |done: &Done| {
+        let line = serde_json::to_string(done).expect("a result serialises");
+        let mut out = stdout.lock();
+        writeln!(out, "{line}")
+            .and_then(|_| out.flush())
+            .map_err(|e| format!("cannot answer: {e}"))
+    };
+    // Alignment maps first: the aligned deltas read them, and the tensors read those.
+    for step in &job.align {
+        let key = step.key();
+        let entry = align::step(&backend, &store, &mut inputs, step, job.fsync)
+            .map_err(|e| format!("alignment node {}: {e}", key.hex()))?;
+        store
+            .put_action(&key, &entry)
+            .map_err(|e| format!("cannot record alignment node {}: {e}", key.hex()))?;
+        answer(&Done { key, entry })?;
+    }
     for tensor in &job.tensors {
         let entry = fuse::fuse(&backend, &store, &mut inputs, tensor, job.budget, job.fsync)
             .map_err(|e| format!("`{}`: {e}", tensor.name))?;
         store
             .put_action(&tensor.key, &entry)
             .map_err(|e| format!("cannot record `{}` in the cache: {e}", tensor.name))?;
-        let line = serde_json::to_string(&Done {
+        answer(&Done {
             key: tensor.key,
             entry,
-        })
-        .expect("a result serialises");
-        let mut out = stdout.lock();
-        writeln!(out, "{line}")
-            .and_then(|_| out.flush())
-            .map_err(|e| format!("cannot answer: {e}"))?;
+        })?;
     }
     Ok(())
 }

@@ -38,7 +38,7 @@ pub(crate) fn run(job: &Job, progress: bool) -> Result<Vec<Done>, ExecError> {
         // A failed write means the engine died; its exit status says why.
         let _ = stdin.write_all(&request);
     }
-    let bar = super::progress_bar(job.tensors.len(), "fusing ", progress);
+    let bar = super::progress_bar(job.align.len() + job.tensors.len(), "fusing ", progress);
     let mut done = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines() {
@@ -54,9 +54,10 @@ pub(crate) fn run(job: &Job, progress: bool) -> Result<Vec<Done>, ExecError> {
         message: e.to_string(),
         help: "the engine could not be waited for".into(),
     })?;
-    if !status.success() || done.len() != job.tensors.len() {
+    let expected = job.align.len() + job.tensors.len();
+    if !status.success() || done.len() != expected {
         return Err(ExecError::Engine {
-            message: format!("`{}` stopped ({status}) after {} of {} tensors", path.display(), done.len(), job.tensors.len()),
+            message: format!("`{}` stopped ({status}) after {} of {expected} nodes", path.display(), done.len()),
             help: "its own message is above; what it finished is cached, so the next build resumes there".into(),
         });
     }

@@ -1,6 +1,7 @@
 //! Planning: the opened inputs and the recipe resolved into what each output tensor is made of.
 //! Everything that can be checked before computing is checked here, so execution only fails on
 //! I/O.
+mod dims;
 mod error;
 mod graph;
 mod keys;
@@ -9,6 +10,7 @@ use std::path::Path;
 
 use safetensors::Dtype;
 
+pub(crate) use dims::{Alignment, TensorRef};
 pub(crate) use error::PlanError;
 pub(crate) use graph::{BuildGraph, Status};
 pub(crate) use keys::{pathdiff, Keys, MergeKey, TensorKey};
@@ -19,7 +21,7 @@ use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 use crate::io::safetensors::TensorMeta;
 use crate::io::writer::OutTensor;
-use crate::recipe::{layer_of, OutputDtype, Recipe, ResolvedRule, Weight};
+use crate::recipe::{layer_of, DimsMap, OutputDtype, Recipe, ResolvedRule, Weight};
 
 /// The opened inputs of a recipe.
 pub(crate) struct Inputs {
@@ -105,11 +107,22 @@ pub(crate) enum DeltaKind {
         b: TensorMeta,
         /// In a fused target tensor (another architecture's layout), where B's rows go.
         rows: Option<RowMap>,
+        /// Made for other widths (`[adapter.map] dims`).
+        adapt: Option<Adapt>,
     },
     /// A bias vector (`lora_bias`).
     Vector(TensorMeta),
     /// A full model's tensor: the delta is it minus the base's.
     Difference(TensorMeta),
+}
+
+/// How a delta made for other widths fits its tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Adapt {
+    /// Its leading rows and columns, zeros after (`truncate`, `pad`).
+    Fit,
+    /// `Plan::align.deltas[i]`, computed before fusing (`align`).
+    Aligned(usize),
 }
 
 /// What to write for one output tensor.
@@ -134,6 +147,8 @@ pub(crate) struct Plan {
     pub inputs: Inputs,
     /// What became of every LoRA module: where it was fused, or why it was not.
     pub transfer: Vec<Fate>,
+    /// What `dims = "align"` computes before fusing.
+    pub align: Alignment,
     /// `[merge] density`, per module and layer.
     pub density: Weight,
     /// Sorted by name.
@@ -185,6 +200,7 @@ impl Plan {
         let dims = Dims::from_config(&base.config);
         let mut warnings_mapped = 0usize;
         let mut transfer = Vec::new();
+        let mut align = Alignment::default();
         for (index, (source, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
             let adapter = match source {
                 Source::Lora(adapter) => adapter,
@@ -235,6 +251,21 @@ impl Plan {
                 }
                 let (role, layer) = schemas.iter().find_map(|s| s.role_of(&tensor))?;
                 target_schema?.place_of(role, layer, dims.as_ref()?)
+            };
+            // `dims = "align"`: one residual map per pair of bases, shared by their adapters.
+            let residual = match (entry.dims.map, &entry.source) {
+                (DimsMap::Align { .. }, Some(source)) => {
+                    Some(align.residual(&source.path, &base).map_err(|message| {
+                        PlanError::Dims {
+                            message: format!("cannot align `{name}`: {message}"),
+                            help: "alignment maps the residual stream through the embeddings of the tokens both bases share; give both a tokenizer.json, or use `dims = \"truncate\"` or `\"pad\"`".into(),
+                            src: src.clone(),
+                            span: source.span,
+                            label: "this source base",
+                        }
+                    })?)
+                }
+                _ => None,
             };
             // Layers: each source module goes to the target layers its layer maps to, sharing
             // its delta when several source layers meet in one target.
@@ -309,7 +340,7 @@ impl Plan {
                         continue;
                     }
                 }
-                transfer.push(Fate::new(
+                let fate = Fate::new(
                     &name,
                     source_module,
                     match &target {
@@ -323,7 +354,7 @@ impl Plan {
                         }
                         None => "no target".into(),
                     },
-                ));
+                );
                 let tensor = target
                     .as_ref()
                     .map_or_else(|| format!("{module}.weight"), |p| p.tensor.clone());
@@ -349,7 +380,22 @@ impl Plan {
                     Some(RowMap::PerHead { repeat, .. }) => repeat,
                     _ => 1,
                 };
+                let dims_error = |message: String, help: &str| PlanError::Dims {
+                    message,
+                    help: help.into(),
+                    src: src.clone(),
+                    span: entry.dims.span,
+                    label: "this width adaptation",
+                };
+                let mut adapt = None;
+                let mut dims_note = None;
                 match (rows, target.as_ref().and_then(|p| p.part_rows)) {
+                    (Some(_), Some(_)) if matches!(entry.dims.map, DimsMap::Align { .. }) => {
+                        return Err(dims_error(
+                            format!("`{module}` goes into part of the fused tensor `{tensor}`; `dims = \"align\"` into fused tensors is not implemented yet"),
+                            "align into a base that keeps the module as a tensor of its own, or use `dims = \"exact\"`",
+                        ));
+                    }
                     // Into a part of a fused tensor: only plain linear layers, of the part's height.
                     (Some(_), Some(part_rows)) => {
                         if lora.kind != LoraKind::Linear
@@ -369,11 +415,108 @@ impl Plan {
                             LoraKind::Linear => vec![out, inner],
                             LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
                         };
-                        if delta_shape != plan.out.shape {
-                            return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
+                        match entry.dims.map {
+                            _ if delta_shape == plan.out.shape
+                                && !matches!(entry.dims.map, DimsMap::Align { .. }) => {}
+                            DimsMap::Exact => {
+                                return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
+                            }
+                            DimsMap::Truncate | DimsMap::Pad => {
+                                let truncate = entry.dims.map == DimsMap::Truncate;
+                                if let Err(dim) =
+                                    dims::fits(truncate, &delta_shape, &plan.out.shape)
+                                {
+                                    let what = if dim == 0 { "rows" } else { "columns" };
+                                    let (more, cannot, other) = if truncate {
+                                        (
+                                            "more",
+                                            "`truncate` cannot widen a delta",
+                                            "`dims = \"pad\"` (zeros) for a wider base",
+                                        )
+                                    } else {
+                                        (
+                                            "fewer",
+                                            "`pad` cannot narrow a delta",
+                                            "`dims = \"truncate\"` for a narrower base",
+                                        )
+                                    };
+                                    return Err(dims_error(
+                                        format!(
+                                            "`{module}`'s delta is {delta_shape:?} but `{tensor}` is {:?}, with {more} {what}: {cannot}",
+                                            plan.out.shape
+                                        ),
+                                        &format!("use {other}, or `\"align\"`"),
+                                    ));
+                                }
+                                adapt = Some(Adapt::Fit);
+                                dims_note = Some(format!(
+                                    "{} {delta_shape:?} -> {:?}",
+                                    if truncate { "truncate" } else { "pad" },
+                                    plan.out.shape
+                                ));
+                            }
+                            DimsMap::Align { rank } => {
+                                let source_tensor = format!("{source_module}.weight");
+                                let role = schemas.iter().find_map(|s| s.role_of(&source_tensor));
+                                let Some((role, _)) =
+                                    role.filter(|_| lora.kind == LoraKind::Linear)
+                                else {
+                                    warnings.push(format!(
+                                        "`{name}`: `{source_module}` is not a linear layer of a known architecture; `dims = \"align\"` has no map for it, so it is skipped"
+                                    ));
+                                    transfer.push(Fate::new(
+                                        &name,
+                                        source_module,
+                                        "skipped: dims = align has no map for it (not a linear layer of a known architecture)".into(),
+                                    ));
+                                    continue;
+                                };
+                                if lora.bias.is_some() {
+                                    return Err(dims_error(
+                                        format!("`{source_module}` has a `lora_bias`, which `dims = \"align\"` does not map yet"),
+                                        "skip the module with `modules = { <name> = \"skip\" }` or use `dims = \"truncate\"` or `\"pad\"`",
+                                    ));
+                                }
+                                let residual =
+                                    residual.expect("align plans a residual map per adapter");
+                                let Some(target_ref) = TensorRef::of(&base, &tensor) else {
+                                    return Err(unknown(&tensor));
+                                };
+                                let inner = align
+                                    .inner(residual, dims::side_of(role), &source_tensor, target_ref)
+                                    .map_err(|m| dims_error(m, "the source base must be the model the adapter was trained on"))?;
+                                let source_shape = &align.inners[inner].source.meta.shape;
+                                if *source_shape != delta_shape {
+                                    return Err(dims_error(
+                                        format!("`{source_module}`'s delta is {delta_shape:?} but the source base's `{source_tensor}` is {source_shape:?}"),
+                                        "`source` must be the base the adapter was trained on",
+                                    ));
+                                }
+                                let rank = rank.unwrap_or(lora.a.shape[0]);
+                                align.deltas.push(dims::AlignedPlan {
+                                    inner,
+                                    adapter: index,
+                                    a: lora.a.clone(),
+                                    b: lora.b.clone(),
+                                    rank,
+                                });
+                                adapt = Some(Adapt::Aligned(align.deltas.len() - 1));
+                                dims_note = Some(format!(
+                                    "align rank {rank}: {}",
+                                    align.residuals[residual].describe()
+                                ));
+                            }
                         }
                     }
                 }
+                transfer.push(Fate {
+                    dims: dims_note,
+                    aligned: match adapt {
+                        Some(Adapt::Aligned(i)) => Some(i),
+                        _ => None,
+                    },
+                    ..fate
+                });
                 check_float(&at, &tensor, origin_meta(&plan.origin))?;
                 check_float(&at, &tensor, &lora.a)?;
                 check_float(&at, &tensor, &lora.b)?;
@@ -387,6 +530,7 @@ impl Plan {
                             a: lora.a.clone(),
                             b: lora.b.clone(),
                             rows,
+                            adapt,
                         },
                     });
                 }
@@ -418,6 +562,7 @@ impl Plan {
         transfer.sort_by(|a, b| (&a.adapter, &a.module).cmp(&(&b.adapter, &b.module)));
         Ok(Plan {
             transfer,
+            align,
             density: resolve_rules(&recipe.merge.density, layers, &src)?,
             inputs: Inputs { base, adapters },
             tensors: tensors.into_values().collect(),
@@ -432,6 +577,22 @@ pub(crate) struct Fate {
     pub adapter: String,
     pub module: String,
     pub fate: String,
+    /// The width adaptation used, when widths were adapted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dims: Option<String>,
+    /// ‖ΔW_t‖_F / ‖ΔW_s‖_F of an aligned delta (filled in after the build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
+    /// Mean cosine of the principal angles between the mapped source weight's and the target
+    /// weight's leading residual-side subspaces (filled in after the build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<f64>,
+    /// The relative residual of the residual map's fit on the shared tokens' embeddings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residual_fit: Option<f64>,
+    /// `Plan::align.deltas` index of the aligned delta.
+    #[serde(skip)]
+    pub aligned: Option<usize>,
 }
 
 impl Fate {
@@ -440,12 +601,17 @@ impl Fate {
             adapter: adapter.to_owned(),
             module: module.to_owned(),
             fate,
+            dims: None,
+            energy: None,
+            overlap: None,
+            residual_fit: None,
+            aligned: None,
         }
     }
 
     /// Whether the module landed on its own name, with nothing mapped.
     pub fn is_plain(&self) -> bool {
-        self.fate == format!("fused into `{}.weight` (share 1)", self.module)
+        self.dims.is_none() && self.fate == format!("fused into `{}.weight` (share 1)", self.module)
     }
 }
 
