@@ -625,10 +625,15 @@ pub fn plan(args: &PlanArgs) -> miette::Result<()> {
     match args.format {
         PlanFormat::Dot => print!(
             "{}",
-            BuildGraph::new(&res.plan, &res.keys, &statuses, &shards).dot()
+            BuildGraph::new(&res.plan, &res.keys, &statuses, &shards, &|key| {
+                res.store.action(key).is_some()
+            })
+            .dot()
         ),
         PlanFormat::Json => {
-            let graph = BuildGraph::new(&res.plan, &res.keys, &statuses, &shards);
+            let graph = BuildGraph::new(&res.plan, &res.keys, &statuses, &shards, &|key| {
+                res.store.action(key).is_some()
+            });
             let nodes: Vec<_> = graph.graph.node_weights().collect();
             let value = serde_json::json!({
                 "recipe": res.recipe.path.display().to_string(),
