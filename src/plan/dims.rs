@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::exec::job::Side;
 use crate::io::hf::HfModel;
+use crate::io::peft::LoraModule;
 use crate::io::safetensors::TensorMeta;
 
 /// Embedding tensors' module names, by family.
@@ -146,7 +147,7 @@ impl Alignment {
     }
 
     /// The inner map of a module pair, planned once per pair of weights.
-    pub fn inner(
+    fn inner(
         &mut self,
         residual: usize,
         side: Side,
@@ -176,6 +177,44 @@ impl Alignment {
             target,
         });
         Ok(self.inners.len() - 1)
+    }
+
+    /// Plans the aligned delta of one LoRA module (`adapter`'s `lora`, on `source_tensor` of
+    /// the source base) onto `target`: its inner map, shared with any other adapter on the
+    /// same weights, then the delta itself, re-factored to `rank` (default: its own).
+    /// Returns its index in `deltas`.
+    pub fn module(
+        &mut self,
+        residual: usize,
+        side: Side,
+        source_tensor: &str,
+        target: TensorRef,
+        (adapter, lora): (usize, &LoraModule),
+        rank: Option<usize>,
+    ) -> Result<usize, String> {
+        let inner = self.inner(residual, side, source_tensor, target)?;
+        let source_shape = &self.inners[inner].source.meta.shape;
+        let delta_shape = [lora.b.shape[0], lora.a.shape[1]];
+        if source_shape[..] != delta_shape {
+            return Err(format!(
+                "the delta on `{source_tensor}` is {delta_shape:?} but the source base's tensor is {source_shape:?}"
+            ));
+        }
+        self.deltas.push(AlignedPlan {
+            inner,
+            adapter,
+            a: lora.a.clone(),
+            b: lora.b.clone(),
+            rank: rank.unwrap_or(lora.a.shape[0]),
+        });
+        Ok(self.deltas.len() - 1)
+    }
+
+    /// How the report names the adaptation of aligned delta `i`.
+    pub fn describe(&self, i: usize) -> String {
+        let delta = &self.deltas[i];
+        let residual = &self.residuals[self.inners[delta.inner].residual];
+        format!("align rank {}: {}", delta.rank, residual.describe())
     }
 
     /// All files the alignment reads beyond the target base and the adapters.

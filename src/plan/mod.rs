@@ -477,34 +477,26 @@ impl Plan {
                                         "skip the module with `modules = { <name> = \"skip\" }` or use `dims = \"truncate\"` or `\"pad\"`",
                                     ));
                                 }
-                                let residual =
-                                    residual.expect("align plans a residual map per adapter");
                                 let Some(target_ref) = TensorRef::of(&base, &tensor) else {
                                     return Err(unknown(&tensor));
                                 };
-                                let inner = align
-                                    .inner(residual, dims::side_of(role), &source_tensor, target_ref)
-                                    .map_err(|m| dims_error(m, "the source base must be the model the adapter was trained on"))?;
-                                let source_shape = &align.inners[inner].source.meta.shape;
-                                if *source_shape != delta_shape {
-                                    return Err(dims_error(
-                                        format!("`{source_module}`'s delta is {delta_shape:?} but the source base's `{source_tensor}` is {source_shape:?}"),
-                                        "`source` must be the base the adapter was trained on",
-                                    ));
-                                }
-                                let rank = rank.unwrap_or(lora.a.shape[0]);
-                                align.deltas.push(dims::AlignedPlan {
-                                    inner,
-                                    adapter: index,
-                                    a: lora.a.clone(),
-                                    b: lora.b.clone(),
-                                    rank,
-                                });
-                                adapt = Some(Adapt::Aligned(align.deltas.len() - 1));
-                                dims_note = Some(format!(
-                                    "align rank {rank}: {}",
-                                    align.residuals[residual].describe()
-                                ));
+                                let aligned = align
+                                    .module(
+                                        residual.expect("align plans a residual map per adapter"),
+                                        dims::side_of(role),
+                                        &source_tensor,
+                                        target_ref,
+                                        (index, lora),
+                                        rank,
+                                    )
+                                    .map_err(|m| {
+                                        dims_error(
+                                            m,
+                                            "`source` must be the base the adapter was trained on",
+                                        )
+                                    })?;
+                                adapt = Some(Adapt::Aligned(aligned));
+                                dims_note = Some(align.describe(aligned));
                             }
                         }
                     }
