@@ -84,6 +84,16 @@ pub(crate) fn step(
             };
             (vec![a_t, b_t], None, Some(energy))
         }
+        AlignStep::Fit { a, b, to, .. } => {
+            let (a, b) = (load(a)?, load(b)?);
+            let kept = low_rank_norm(&fitted(&b, 0, to[0]), &fitted(&a, 1, to[1]))?;
+            let source = low_rank_norm(&b, &a)?;
+            (
+                Vec::new(),
+                None,
+                Some(if source > 0.0 { kept / source } else { 0.0 }),
+            )
+        }
     };
     let mut out = store.object_writer().map_err(|e| e.to_string())?;
     for t in result {
@@ -183,28 +193,26 @@ fn aligned_delta(
     } else {
         0.0
     };
-    let pad = rank as i64 - k;
-    let (b_new, a_new) = if pad > 0 {
-        (
-            Tensor::cat(
-                &[
-                    b_new.shallow_clone(),
-                    b_new.zeros_like().narrow(1, 0, 1).repeat([1, pad]),
-                ],
-                1,
-            ),
-            Tensor::cat(
-                &[
-                    a_new.shallow_clone(),
-                    a_new.zeros_like().narrow(0, 0, 1).repeat([pad, 1]),
-                ],
-                0,
-            ),
-        )
-    } else {
-        (b_new, a_new)
-    };
+    // Fewer directions than `rank`: zero columns of B and rows of A.
+    let (b_new, a_new) = (fitted(&b_new, 1, rank), fitted(&a_new, 0, rank));
     Ok((b_new, a_new, energy))
+}
+
+/// `t` cut to `len` along `dim`, or zero-padded to it.
+fn fitted(t: &Tensor, dim: i64, len: usize) -> Tensor {
+    let (have, len) = (t.size()[dim as usize], len as i64);
+    if len <= have {
+        return t.narrow(dim, 0, len);
+    }
+    let mut shape = t.size();
+    shape[dim as usize] = len - have;
+    Tensor::cat(
+        &[
+            t.shallow_clone(),
+            Tensor::zeros(shape, (t.kind(), t.device())),
+        ],
+        dim,
+    )
 }
 
 /// ‖B·A‖_F without forming B·A.

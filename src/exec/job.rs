@@ -63,6 +63,14 @@ pub enum AlignStep {
         b: Slice,
         rank: usize,
     },
+    /// What `truncate` or `pad` keeps of B·A cut or zero-padded to `to` (out, in): an empty
+    /// object whose entry's `energy` is ‖ΔW_t‖_F / ‖ΔW_s‖_F.
+    Fit {
+        key: NodeKey,
+        a: Slice,
+        b: Slice,
+        to: [usize; 2],
+    },
 }
 
 impl AlignStep {
@@ -70,7 +78,8 @@ impl AlignStep {
         match self {
             AlignStep::Residual { key, .. }
             | AlignStep::Inner { key, .. }
-            | AlignStep::Delta { key, .. } => *key,
+            | AlignStep::Delta { key, .. }
+            | AlignStep::Fit { key, .. } => *key,
         }
     }
 }

@@ -481,9 +481,23 @@ fn align_steps(res: &Resolution) -> Vec<job::AlignStep> {
             rank: d.rank,
         }
     });
+    let fits = align.fits.iter().zip(&keys.fits).map(|(f, key)| {
+        let path = &res.plan.inputs.adapters[f.adapter]
+            .lora()
+            .expect("only LoRA modules are adapted")
+            .file
+            .path;
+        job::AlignStep::Fit {
+            key: *key,
+            a: slice(path, &f.a),
+            b: slice(path, &f.b),
+            to: f.to,
+        }
+    });
     residuals
         .chain(inners)
         .chain(deltas)
+        .chain(fits)
         .filter(|step| res.store.action(&step.key()).is_none())
         .collect()
 }

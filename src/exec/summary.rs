@@ -50,7 +50,7 @@ impl Aligned {
     fn of(res: &Resolution) -> Option<Aligned> {
         let fates: Vec<_> = crate::output::transfer(res)
             .into_iter()
-            .filter(|f| f.aligned.is_some())
+            .filter(|f| matches!(f.adapted, Some(crate::plan::Adapt::Aligned(_))))
             .collect();
         let mean = |f: fn(&crate::plan::Fate) -> Option<f64>| {
             fates.iter().filter_map(f).sum::<f64>() / fates.len() as f64

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::exec::Resolution;
-use crate::plan::Plan;
+use crate::plan::{Adapt, Plan};
 use crate::recipe::OutputDtype;
 
 pub(crate) const MANIFEST: &str = "modelforge.json";
@@ -81,12 +81,16 @@ pub(crate) fn transfer(res: &Resolution) -> Vec<crate::plan::Fate> {
         .iter()
         .map(|fate| {
             let mut fate = fate.clone();
-            if let Some(i) = fate.aligned {
-                let inner = align.deltas[i].inner;
-                let residual = align.inners[inner].residual;
-                fate.energy = figure(&keys.deltas[i]);
-                fate.overlap = figure(&keys.inners[inner]);
-                fate.residual_fit = figure(&keys.residuals[residual]);
+            match fate.adapted {
+                Some(Adapt::Aligned(i)) => {
+                    let inner = align.deltas[i].inner;
+                    let residual = align.inners[inner].residual;
+                    fate.energy = figure(&keys.deltas[i]);
+                    fate.overlap = figure(&keys.inners[inner]);
+                    fate.residual_fit = figure(&keys.residuals[residual]);
+                }
+                Some(Adapt::Fit(i)) => fate.energy = figure(&keys.fits[i]),
+                None => {}
             }
             fate
         })

@@ -93,7 +93,18 @@ pub(crate) struct AlignedPlan {
     pub rank: usize,
 }
 
-/// Everything `dims = "align"` computes before fusing, deduplicated.
+/// A delta cut or zero-padded by `truncate` or `pad` (the fusion does that); this node only
+/// measures the energy it keeps, for the report.
+#[derive(Debug)]
+pub(crate) struct FitPlan {
+    pub adapter: usize,
+    pub a: TensorMeta,
+    pub b: TensorMeta,
+    /// The target's (out, in), in the LoRA's orientation.
+    pub to: [usize; 2],
+}
+
+/// Everything width adaptation computes before fusing, deduplicated.
 #[derive(Debug, Default)]
 pub(crate) struct Alignment {
     /// The source bases opened, one per distinct folder.
@@ -101,6 +112,7 @@ pub(crate) struct Alignment {
     pub residuals: Vec<ResidualPlan>,
     pub inners: Vec<InnerPlan>,
     pub deltas: Vec<AlignedPlan>,
+    pub fits: Vec<FitPlan>,
 }
 
 impl Alignment {
@@ -208,6 +220,18 @@ impl Alignment {
             rank: rank.unwrap_or(lora.a.shape[0]),
         });
         Ok(self.deltas.len() - 1)
+    }
+
+    /// Plans measuring what `truncate` or `pad` keeps of a LoRA module's delta when it is cut
+    /// or padded to `to` (out, in); returns its index in `fits`.
+    pub fn fit(&mut self, adapter: usize, lora: &LoraModule, to: [usize; 2]) -> usize {
+        self.fits.push(FitPlan {
+            adapter,
+            a: lora.a.clone(),
+            b: lora.b.clone(),
+            to,
+        });
+        self.fits.len() - 1
     }
 
     /// How the report names the adaptation of aligned delta `i`.

@@ -88,13 +88,14 @@ pub(crate) struct AlignKeys {
     pub residuals: Vec<NodeKey>,
     pub inners: Vec<NodeKey>,
     pub deltas: Vec<NodeKey>,
+    pub fits: Vec<NodeKey>,
 }
 
 impl AlignKeys {
     /// What the engine is told about an adapted delta.
     pub fn adapt(&self, plan: &Plan, adapt: Adapt) -> crate::exec::job::Adapt {
         match adapt {
-            Adapt::Fit => crate::exec::job::Adapt::Fit,
+            Adapt::Fit(_) => crate::exec::job::Adapt::Fit,
             Adapt::Aligned(i) => crate::exec::job::Adapt::Aligned {
                 node: self.deltas[i],
                 rank: plan.align.deltas[i].rank,
@@ -141,14 +142,29 @@ impl AlignKeys {
                 }))
             })
             .collect();
+        let lora_file = |adapter: usize| match &plan.inputs.adapters[adapter] {
+            super::Source::Lora(adapter) => &adapter.file,
+            super::Source::Model(_) => unreachable!("only LoRA modules are adapted"),
+        };
+        let fits = align
+            .fits
+            .iter()
+            .map(|f| {
+                let file = lora_file(f.adapter);
+                NodeKey::of_value(&serde_json::json!({
+                    "op": "fit_energy",
+                    "version": ALIGN_VERSION,
+                    "a": slice(&file.path, &name_in(file, &f.a), &f.a),
+                    "b": slice(&file.path, &name_in(file, &f.b), &f.b),
+                    "to": f.to,
+                }))
+            })
+            .collect();
         let deltas = align
             .deltas
             .iter()
             .map(|d| {
-                let file = match &plan.inputs.adapters[d.adapter] {
-                    super::Source::Lora(adapter) => &adapter.file,
-                    super::Source::Model(_) => unreachable!("only LoRA modules are aligned"),
-                };
+                let file = lora_file(d.adapter);
                 let inner = &align.inners[d.inner];
                 NodeKey::of_value(&serde_json::json!({
                     "op": "align_delta",
@@ -166,6 +182,7 @@ impl AlignKeys {
             residuals,
             inners,
             deltas,
+            fits,
         }
     }
 }

@@ -119,8 +119,9 @@ pub(crate) enum DeltaKind {
 /// How a delta made for other widths fits its tensor.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Adapt {
-    /// Its leading rows and columns, zeros after (`truncate`, `pad`).
-    Fit,
+    /// Its leading rows and columns, zeros after (`truncate`, `pad`); the energy this keeps
+    /// is measured by `Plan::align.fits[i]`.
+    Fit(usize),
     /// `Plan::align.deltas[i]`, computed before fusing (`align`).
     Aligned(usize),
 }
@@ -448,7 +449,11 @@ impl Plan {
                                         &format!("use {other}, or `\"align\"`"),
                                     ));
                                 }
-                                adapt = Some(Adapt::Fit);
+                                let to = match lora.kind {
+                                    LoraKind::Linear => [plan.out.shape[0], plan.out.shape[1]],
+                                    _ => [plan.out.shape[1], plan.out.shape[0]],
+                                };
+                                adapt = Some(Adapt::Fit(align.fit(index, lora, to)));
                                 dims_note = Some(format!(
                                     "{} {delta_shape:?} -> {:?}",
                                     if truncate { "truncate" } else { "pad" },
@@ -503,10 +508,7 @@ impl Plan {
                 }
                 transfer.push(Fate {
                     dims: dims_note,
-                    aligned: match adapt {
-                        Some(Adapt::Aligned(i)) => Some(i),
-                        _ => None,
-                    },
+                    adapted: adapt,
                     ..fate
                 });
                 check_float(&at, &tensor, origin_meta(&plan.origin))?;
@@ -582,9 +584,9 @@ pub(crate) struct Fate {
     /// The relative residual of the residual map's fit on the shared tokens' embeddings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub residual_fit: Option<f64>,
-    /// `Plan::align.deltas` index of the aligned delta.
+    /// How its widths were adapted, when they were.
     #[serde(skip)]
-    pub aligned: Option<usize>,
+    pub adapted: Option<Adapt>,
 }
 
 impl Fate {
@@ -597,7 +599,7 @@ impl Fate {
             energy: None,
             overlap: None,
             residual_fit: None,
-            aligned: None,
+            adapted: None,
         }
     }
 

@@ -244,11 +244,14 @@ def test_truncate_and_pad_crop_and_zero_pad_the_delta(ws):
         run = build(ws, name, base, "truncate" if name == "truncated" else "pad")
         assert run.returncode == 0, run.stderr
         got = fused_deltas(ws, f"out-{name}", base)
+        figures = report(ws, f"out-{name}")
         for tensor, d in deltas(ws).items():
             want = torch.zeros_like(got[tensor])
             rows, cols = min(d.shape[0], want.shape[0]), min(d.shape[1], want.shape[1])
             want[:rows, :cols] = d[:rows, :cols]
             assert (got[tensor] - want).abs().max() <= 1e-6 * d.abs().max() + 1e-7, tensor
+            energy = figures[tensor.removesuffix(".weight")]["energy"]
+            assert abs(energy - (want.norm() / d.norm()).item()) < 1e-5, (tensor, energy)
     refused = build(ws, "too-wide", "wide", "truncate")
     assert refused.returncode != 0 and "cannot widen" in " ".join(refused.stderr.replace("│", " ").split()), refused.stderr
 
