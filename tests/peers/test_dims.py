@@ -278,3 +278,15 @@ def test_tokens_are_matched_by_string(ws):
     assert all("256 shared tokens matched by string" in r["dims"] for r in figures.values()), figures
     got = fused_deltas(ws, "out-renumbered", "renumbered")
     assert min(cosine(got[n], ideal(n, d, q)) for n, d in deltas(ws).items()) >= 0.99
+
+
+def test_alignment_is_deterministic(ws):
+    """The same inputs give the same bytes, from an empty cache too."""
+    ws, _ = ws
+    assert build(ws, "twice", "sliced", "align").returncode == 0
+    (ws / "twice.toml").write_text((ws / "twice.toml").read_text().replace("out-twice", "out-twice2"))
+    run = subprocess.run([str(BIN), "build", str(ws / "twice.toml"), "--cache", str(ws / "fresh-cache")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for file in ("model.safetensors", "transfer.json"):
+        assert (ws / "out-twice" / file).read_bytes() == (ws / "out-twice2" / file).read_bytes(), file
