@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use modelforge::exec::job::{DeltaValues, RowMap, Slice, TensorJob};
+use modelforge::exec::job::{Adapt, DeltaValues, RowMap, Slice, TensorJob};
 use modelforge::store::{ActionEntry, Store};
 use rayon::prelude::*;
 
@@ -54,7 +54,7 @@ impl Inputs {
         Ok(&self.files[path])
     }
 
-    fn read(&mut self, slice: &Slice) -> std::io::Result<Vec<u8>> {
+    pub(crate) fn read(&mut self, slice: &Slice) -> std::io::Result<Vec<u8>> {
         let mut bytes = vec![0u8; slice.len as usize];
         self.file(&slice.path)?
             .read_exact_at(&mut bytes, slice.start)?;
@@ -121,9 +121,14 @@ impl Prepared {
 
 fn prepare(
     backend: &Backend,
+    store: &Store,
     inputs: &mut Inputs,
     tensor: &TensorJob,
 ) -> std::io::Result<Vec<Prepared>> {
+    let (rows, cols) = match tensor.origin.shape[..] {
+        [rows, cols] => (rows, cols),
+        _ => (tensor.origin.shape.first().copied().unwrap_or(1), 1),
+    };
     let mut prepared = Vec::new();
     for delta in &tensor.deltas {
         let mut load = |slice: &Slice| -> std::io::Result<Vec<f32>> {
@@ -137,6 +142,25 @@ fn prepare(
             model: None,
         };
         prepared.push(match &delta.values {
+            DeltaValues::LowRank {
+                adapt: Some(Adapt::Aligned { node, rank }),
+                ..
+            } => {
+                // The aligned factors, A (rank × cols) then B (rows × rank), made by an
+                // alignment step of this job or an earlier build.
+                let bytes =
+                    crate::align::cached_bytes(store, node).map_err(std::io::Error::other)?;
+                let values =
+                    backend.f32_values(&bytes, safetensors::Dtype::F32, &[bytes.len() / 4]);
+                if values.len() != rank * (rows + cols) {
+                    return Err(std::io::Error::other(format!(
+                        "the aligned delta {} does not fit a {rows} × {cols} tensor at rank {rank}",
+                        node.hex()
+                    )));
+                }
+                let (a, b) = values.split_at(rank * cols);
+                plain(b.to_vec(), a.to_vec(), *rank)
+            }
             DeltaValues::Dense(v) => plain(load(v)?, Vec::new(), 0),
             DeltaValues::Model(m) => Prepared {
                 model: Some((open(&m.path)?, m.clone())),
@@ -148,6 +172,7 @@ fn prepare(
                 b,
                 rows,
                 rotary,
+                ..
             } if rows.is_some() || rotary.is_some() => {
                 // A part of a fused tensor: B's rows (the delta's output features) scattered to
                 // where the part's are, zero elsewhere, so that the block loop sees one
@@ -184,25 +209,52 @@ fn prepare(
                 }
             }
             DeltaValues::LowRank {
-                transposed, a, b, ..
+                transposed,
+                a,
+                b,
+                adapt,
+                ..
             } => {
                 let (rank, inner, outer) = (a.shape[0], a.shape[1], b.shape[0]);
                 let (a, b) = (load(a)?, load(b)?);
-                if *transposed {
+                let (left, right) = if *transposed {
                     // Δ = (B·A)ᵀ = Aᵀ·Bᵀ: rows of Aᵀ, all of Bᵀ.
-                    plain(
+                    (
                         backend.transpose(&a, rank, inner),
                         backend.transpose(&b, outer, rank),
-                        rank,
                     )
                 } else {
                     // Δ = B·A: rows of B, all of A.
-                    plain(b, a, rank)
+                    (b, a)
+                };
+                if *adapt == Some(Adapt::Fit) {
+                    // Made for other widths: its leading rows and columns, zeros after.
+                    let (left_rows, right_cols) =
+                        (left.len() / rank.max(1), right.len() / rank.max(1));
+                    plain(
+                        fit(&left, left_rows, rank, rows, rank),
+                        fit(&right, rank, right_cols, rank, cols),
+                        rank,
+                    )
+                } else {
+                    plain(left, right, rank)
                 }
             }
         });
     }
     Ok(prepared)
+}
+
+/// A row-major (rows × cols) matrix cut or zero-padded to (to_rows × to_cols), keeping its
+/// leading block.
+fn fit(values: &[f32], rows: usize, cols: usize, to_rows: usize, to_cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; to_rows * to_cols];
+    let width = cols.min(to_cols);
+    for row in 0..rows.min(to_rows) {
+        out[row * to_cols..row * to_cols + width]
+            .copy_from_slice(&values[row * cols..row * cols + width]);
+    }
+    out
 }
 
 fn open(path: &PathBuf) -> std::io::Result<File> {
@@ -227,7 +279,7 @@ pub(crate) fn fuse(
     }
     let rows = origin.shape.first().copied().unwrap_or(1).max(1);
     let cols = numel / rows;
-    let deltas = prepare(backend, inputs, tensor)?;
+    let deltas = prepare(backend, store, inputs, tensor)?;
     let file = inputs.file(&origin.path)?;
 
     if tensor.refactor.is_some() || tensor.merge.is_some() {

@@ -2,6 +2,7 @@
 //! block of rows by block of rows, writes each result into the cache, and answers one JSON line
 //! per finished tensor. It is the only modelforge program that loads LibTorch; `modelforge`
 //! starts it only when some tensor must be computed.
+mod align;
 mod backend;
 mod fuse;
 
@@ -53,6 +54,16 @@ fn run() -> Result<(), String> {
             .and_then(|_| out.flush())
             .map_err(|e| format!("cannot answer: {e}"))
     };
+    // Alignment maps first: the aligned deltas read them, and the tensors read those.
+    for step in &job.align {
+        let key = step.key();
+        let entry = align::step(&backend, &store, &mut inputs, step, job.fsync)
+            .map_err(|e| format!("alignment node {}: {e}", key.hex()))?;
+        store
+            .put_action(&key, &entry)
+            .map_err(|e| format!("cannot record alignment node {}: {e}", key.hex()))?;
+        answer(&Reply::Done(Done { key, entry }))?;
+    }
     for tensor in &job.tensors {
         let entry = match fuse::fuse(
             &backend,

@@ -73,7 +73,7 @@ impl Engine {
             let _ = stdin.write_all(&request);
         }
         let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
-        let bar = super::progress_bar(job.tensors.len(), "fusing ", progress);
+        let bar = super::progress_bar(job.align.len() + job.tensors.len(), "fusing ", progress);
         let stdout = child.stdout.take();
         let shared = state.clone();
         let reader = std::thread::spawn(move || {
@@ -105,7 +105,7 @@ impl Engine {
             reader: Some(reader),
             state,
             path,
-            expected: job.tensors.len(),
+            expected: job.align.len() + job.tensors.len(),
         })
     }
 

@@ -22,7 +22,88 @@ pub struct Job {
     pub fsync: bool,
     /// Refuse a result holding NaN or infinity (the default; `build --allow-non-finite`).
     pub check_finite: bool,
+    /// Alignment maps and aligned deltas, computed in this order before the tensors, which
+    /// may read them from the cache.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub align: Vec<AlignStep>,
     pub tensors: Vec<TensorJob>,
+}
+
+/// One node of `dims = "align"`; each writes an f32 object and answers like a tensor.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlignStep {
+    /// R (d_t × d_s), orthonormal rows or columns, from the embedding rows of the tokens both
+    /// vocabularies share (`[source id, target id]`): the polar factor of the least-squares map
+    /// of source rows onto target rows. The entry's `overlap` is the fit's relative residual.
+    Residual {
+        key: NodeKey,
+        source: Slice,
+        target: Slice,
+        pairs: Vec<[u32; 2]>,
+    },
+    /// M (inner_t × inner_s) for one module: the orthogonal map closest to taking the
+    /// residual-mapped source weight onto the target's, with ties broken toward the identity.
+    /// The entry's `overlap` is the mean cosine of the principal angles between the two
+    /// weights' leading residual-side subspaces.
+    Inner {
+        key: NodeKey,
+        residual: NodeKey,
+        side: Side,
+        source: Slice,
+        target: Slice,
+    },
+    /// A LoRA module's B·A carried across: M·B·A·Rᵀ (input side) or R·B·A·Mᵀ (output side),
+    /// re-factored to `rank`; the object holds A's then B's f32 bytes, the entry's `energy` is
+    /// ‖ΔW_t‖_F / ‖ΔW_s‖_F.
+    Delta {
+        key: NodeKey,
+        residual: NodeKey,
+        inner: NodeKey,
+        side: Side,
+        a: Slice,
+        b: Slice,
+        rank: usize,
+    },
+    /// What `truncate` or `pad` keeps of B·A cut or zero-padded to `to` (out, in): an empty
+    /// object whose entry's `energy` is ‖ΔW_t‖_F / ‖ΔW_s‖_F.
+    Fit {
+        key: NodeKey,
+        a: Slice,
+        b: Slice,
+        to: [usize; 2],
+    },
+}
+
+impl AlignStep {
+    pub fn key(&self) -> NodeKey {
+        match self {
+            AlignStep::Residual { key, .. }
+            | AlignStep::Inner { key, .. }
+            | AlignStep::Delta { key, .. }
+            | AlignStep::Fit { key, .. } => *key,
+        }
+    }
+}
+
+/// Which side of a weight (out × in) faces the residual stream.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// Reads the residual stream: its columns (q, k, v, gate, up).
+    Input,
+    /// Writes it: its rows (o, down).
+    Output,
+}
+
+/// How a low-rank delta of other widths is made to fit its tensor.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Adapt {
+    /// The leading rows and columns kept, zeros after (`truncate`, `pad`).
+    Fit,
+    /// The aligned factors in the cache object of node `node`, of rank `rank`.
+    Aligned { node: NodeKey, rank: usize },
 }
 
 /// One output tensor: `round(origin + Σ factor · delta)` in `out_dtype`.
@@ -189,6 +270,9 @@ pub enum DeltaValues {
         /// q/k rows carried into the target's rotary convention, before `rows` places them.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rotary: Option<crate::exec::rotary::RotaryMap>,
+        /// Made for other widths: how it fits the tensor.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        adapt: Option<Adapt>,
     },
     /// A dense delta of the tensor's own shape (a `lora_bias` vector).
     Dense(Slice),

@@ -317,9 +317,10 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let staged = loop {
         let statuses = res.statuses();
         let jobs = jobs(&res, &statuses);
+        let align = align_steps(&res);
         computed += jobs.len();
         let mut engine = None;
-        if !jobs.is_empty() {
+        if !jobs.is_empty() || !align.is_empty() {
             let job = job::Job {
                 cache: res
                     .store
@@ -331,6 +332,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
                 budget,
                 fsync: args.fsync,
                 check_finite: !args.allow_non_finite,
+                align,
                 tensors: jobs,
             };
             engine = Some(engine::Engine::start(&job, false)?);
@@ -520,12 +522,14 @@ fn tensor_job(
                     b,
                     rows,
                     rotary,
+                    adapt,
                 } => job::DeltaValues::LowRank {
                     transposed: *kind != crate::io::peft::LoraKind::Linear,
                     a: slice(path, a),
                     b: slice(path, b),
                     rows: *rows,
                     rotary: *rotary,
+                    adapt: adapt.map(|adapt| res.keys.align.adapt(plan, adapt)),
                 },
                 DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
                 DeltaKind::Difference(m) => job::DeltaValues::Model(slice(path, m)),
@@ -546,6 +550,72 @@ fn tensor_job(
         refactor,
         out_dtype: tensor.out.dtype,
     })
+}
+
+/// The alignment nodes (`dims = "align"`) the cache lacks, in the order they depend on each
+/// other: residual maps, inner maps, aligned deltas. All are computed even when the tensors
+/// using them are cached, for the transfer report reads their figures.
+fn align_steps(res: &Resolution) -> Vec<job::AlignStep> {
+    let (align, keys) = (&res.plan.align, &res.keys.align);
+    let tensor = |t: &crate::plan::TensorRef| slice(&t.path, &t.meta);
+    let residuals =
+        align
+            .residuals
+            .iter()
+            .zip(&keys.residuals)
+            .map(|(r, key)| job::AlignStep::Residual {
+                key: *key,
+                source: tensor(&r.source),
+                target: tensor(&r.target),
+                pairs: r.pairs.clone(),
+            });
+    let inners = align
+        .inners
+        .iter()
+        .zip(&keys.inners)
+        .map(|(m, key)| job::AlignStep::Inner {
+            key: *key,
+            residual: keys.residuals[m.residual],
+            side: m.side,
+            source: tensor(&m.source),
+            target: tensor(&m.target),
+        });
+    let deltas = align.deltas.iter().zip(&keys.deltas).map(|(d, key)| {
+        let inner = &align.inners[d.inner];
+        let path = &res.plan.inputs.adapters[d.adapter]
+            .lora()
+            .expect("only LoRA modules are aligned")
+            .file
+            .path;
+        job::AlignStep::Delta {
+            key: *key,
+            residual: keys.residuals[inner.residual],
+            inner: keys.inners[d.inner],
+            side: inner.side,
+            a: slice(path, &d.a),
+            b: slice(path, &d.b),
+            rank: d.rank,
+        }
+    });
+    let fits = align.fits.iter().zip(&keys.fits).map(|(f, key)| {
+        let path = &res.plan.inputs.adapters[f.adapter]
+            .lora()
+            .expect("only LoRA modules are adapted")
+            .file
+            .path;
+        job::AlignStep::Fit {
+            key: *key,
+            a: slice(path, &f.a),
+            b: slice(path, &f.b),
+            to: f.to,
+        }
+    });
+    residuals
+        .chain(inners)
+        .chain(deltas)
+        .chain(fits)
+        .filter(|step| res.store.action(&step.key()).is_none())
+        .collect()
 }
 
 /// For `[output] adapter`: per tensor, the node that factors its combined delta, when the
@@ -581,6 +651,10 @@ fn refactors(
                         .deltas
                         .iter()
                         .map(|d| match &d.kind {
+                            DeltaKind::LowRank {
+                                adapt: Some(crate::plan::Adapt::Aligned(i)),
+                                ..
+                            } => plan.align.deltas[*i].rank,
                             DeltaKind::LowRank { a, .. } => a.shape[0],
                             // A full model's delta has no rank to speak of: keep it all.
                             DeltaKind::Difference(_) => {
@@ -682,10 +756,15 @@ pub fn plan(args: &PlanArgs) -> miette::Result<()> {
     match args.format {
         PlanFormat::Dot => print!(
             "{}",
-            BuildGraph::new(&res.plan, &res.keys, &statuses, &shards).dot()
+            BuildGraph::new(&res.plan, &res.keys, &statuses, &shards, &|key| {
+                res.store.action(key).is_some()
+            })
+            .dot()
         ),
         PlanFormat::Json => {
-            let graph = BuildGraph::new(&res.plan, &res.keys, &statuses, &shards);
+            let graph = BuildGraph::new(&res.plan, &res.keys, &statuses, &shards, &|key| {
+                res.store.action(key).is_some()
+            });
             let nodes: Vec<_> = graph.graph.node_weights().collect();
             let value = serde_json::json!({
                 "recipe": res.recipe.path.display().to_string(),

@@ -35,6 +35,9 @@ pub(crate) struct Summary {
     pub transferred: usize,
     /// Peak resident memory of `modelforge` itself and of the engine (when it ran), in bytes.
     pub peak_rss: PeakRss,
+    /// `dims = "align"`: how much of the deltas survived, and how alike the bases are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aligned: Option<Aligned>,
     /// Where the time went, in seconds (absent for an up-to-date build).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<Phases>,
@@ -58,6 +61,31 @@ pub(crate) struct Phases {
 pub(crate) struct PeakRss {
     pub build: u64,
     pub engine: Option<u64>,
+}
+
+/// The means over aligned modules of the transfer report's figures.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct Aligned {
+    pub modules: usize,
+    pub energy: f64,
+    pub overlap: f64,
+}
+
+impl Aligned {
+    fn of(res: &Resolution) -> Option<Aligned> {
+        let fates: Vec<_> = crate::output::transfer(res)
+            .into_iter()
+            .filter(|f| matches!(f.adapted, Some(crate::plan::Adapt::Aligned(_))))
+            .collect();
+        let mean = |f: fn(&crate::plan::Fate) -> Option<f64>| {
+            fates.iter().filter_map(f).sum::<f64>() / fates.len() as f64
+        };
+        (!fates.is_empty()).then(|| Aligned {
+            modules: fates.len(),
+            energy: mean(|f| f.energy),
+            overlap: mean(|f| f.overlap),
+        })
+    }
 }
 
 impl Summary {
@@ -89,6 +117,7 @@ impl Summary {
                 engine: None,
             },
             phases: None,
+            aligned: Aligned::of(res),
         }
     }
 
@@ -120,13 +149,13 @@ impl Summary {
         if self.up_to_date {
             return format!("{} is up to date ({:.2}s)", self.output, self.seconds);
         }
-        let transfer = if self.transferred > 0 {
-            format!(
-                "; {} adapter modules mapped, skipped or dropped (transfer.txt)",
-                self.transferred
-            )
-        } else {
-            String::new()
+        let transfer = match (self.transferred, self.aligned) {
+            (0, _) => String::new(),
+            (n, Some(a)) => format!(
+                "; {n} adapter modules mapped, skipped or dropped, {} aligned: energy kept {:.3}, subspace overlap {:.3} on average (transfer.txt)",
+                a.modules, a.energy, a.overlap
+            ),
+            (n, None) => format!("; {n} adapter modules mapped, skipped or dropped (transfer.txt)"),
         };
         format!(
             "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{transfer}",

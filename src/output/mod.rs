@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::exec::Resolution;
-use crate::plan::Plan;
+use crate::plan::{Adapt, Plan};
 use crate::recipe::OutputDtype;
 
 pub(crate) const MANIFEST: &str = "modelforge.json";
@@ -59,20 +59,59 @@ pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>>
     ));
     if plan.transfer.iter().any(|f| !f.is_plain()) {
         // Something was mapped, skipped or dropped: say what became of every module.
-        let mut json = serde_json::to_vec_pretty(&plan.transfer).map_err(std::io::Error::other)?;
+        let transfer = transfer(res);
+        let mut json = serde_json::to_vec_pretty(&transfer).map_err(std::io::Error::other)?;
         json.push(b'\n');
         files.push(("transfer.json".into(), json));
-        let text: String = plan
-            .transfer
-            .iter()
-            .map(|f| format!("{}: {}: {}\n", f.adapter, f.module, f.fate))
-            .collect();
+        let text: String = transfer.iter().map(transfer_line).collect();
         files.push(("transfer.txt".into(), text.into_bytes()));
     }
     let mut manifest = serde_json::to_vec_pretty(&manifest(res)).map_err(std::io::Error::other)?;
     manifest.push(b'\n');
     files.push((MANIFEST.into(), manifest));
     Ok(files)
+}
+
+/// The fate of every module, with the figures of aligned ones read from their cache entries.
+pub(crate) fn transfer(res: &Resolution) -> Vec<crate::plan::Fate> {
+    let (align, keys) = (&res.plan.align, &res.keys.align);
+    let figure = |key| res.store.action(key).and_then(|e| e.energy.or(e.overlap));
+    res.plan
+        .transfer
+        .iter()
+        .map(|fate| {
+            let mut fate = fate.clone();
+            match fate.adapted {
+                Some(Adapt::Aligned(i)) => {
+                    let inner = align.deltas[i].inner;
+                    let residual = align.inners[inner].residual;
+                    fate.energy = figure(&keys.deltas[i]);
+                    fate.overlap = figure(&keys.inners[inner]);
+                    fate.residual_fit = figure(&keys.residuals[residual]);
+                }
+                Some(Adapt::Fit(i)) => fate.energy = figure(&keys.fits[i]),
+                None => {}
+            }
+            fate
+        })
+        .collect()
+}
+
+fn transfer_line(fate: &crate::plan::Fate) -> String {
+    let mut line = format!("{}: {}: {}", fate.adapter, fate.module, fate.fate);
+    if let Some(dims) = &fate.dims {
+        line += &format!("; dims {dims}");
+    }
+    if let Some(fit) = fate.residual_fit {
+        line += &format!(" (embedding fit residual {fit:.3})");
+    }
+    if let Some(energy) = fate.energy {
+        line += &format!("; energy kept {energy:.3}");
+    }
+    if let Some(overlap) = fate.overlap {
+        line += &format!("; subspace overlap {overlap:.3}");
+    }
+    line + "\n"
 }
 
 /// The base's config.json with the dtype the recipe asks for.

@@ -71,6 +71,19 @@ pub(crate) enum PlanError {
         span: SourceSpan,
     },
 
+    /// A width adaptation that cannot be planned.
+    #[error("{message}")]
+    #[diagnostic(code(modelforge::plan::dims), help("{help}"))]
+    Dims {
+        message: String,
+        help: String,
+        #[source_code]
+        src: Src,
+        #[label("{label}")]
+        span: SourceSpan,
+        label: &'static str,
+    },
+
     #[error("layer range `{range}` does not fit the base model: {reason}")]
     #[diagnostic(
         code(modelforge::plan::layer_range),

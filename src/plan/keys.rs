@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DeltaKind, Origin, Plan, TensorPlan};
+use super::{Adapt, DeltaKind, Origin, Plan, TensorPlan};
 use crate::digest::{FileDigest, NodeKey};
 use crate::io::peft::LoraKind;
 use crate::io::safetensors::TensorMeta;
@@ -14,6 +14,9 @@ use crate::store::Store;
 
 /// Bumped whenever the fusion arithmetic changes, so that old cache entries are not reused.
 const FUSE_VERSION: u32 = 1;
+
+/// Bumped whenever the alignment arithmetic (`dims = "align"`) changes.
+const ALIGN_VERSION: u32 = 1;
 
 /// An input file of the build.
 #[derive(Clone, Debug)]
@@ -77,6 +80,114 @@ pub(crate) struct DeltaKey {
     pub factor: f64,
     pub a: SliceKey,
     pub b: Option<SliceKey>,
+    /// Made for other widths: fitted, or replaced by an aligned delta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<crate::exec::job::Adapt>,
+}
+
+/// The node keys of `dims = "align"`'s maps and deltas, by their index in `Plan::align`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AlignKeys {
+    pub residuals: Vec<NodeKey>,
+    pub inners: Vec<NodeKey>,
+    pub deltas: Vec<NodeKey>,
+    pub fits: Vec<NodeKey>,
+}
+
+impl AlignKeys {
+    /// What the engine is told about an adapted delta.
+    pub fn adapt(&self, plan: &Plan, adapt: Adapt) -> crate::exec::job::Adapt {
+        match adapt {
+            Adapt::Fit(_) => crate::exec::job::Adapt::Fit,
+            Adapt::Aligned(i) => crate::exec::job::Adapt::Aligned {
+                node: self.deltas[i],
+                rank: plan.align.deltas[i].rank,
+            },
+        }
+    }
+
+    /// Each key depends on the digests of what its node reads and on the keys of the nodes
+    /// it reads, never on paths: moving a base changes nothing, and a second adapter on the
+    /// same pair of bases finds the maps already made.
+    fn new(plan: &Plan, slice: &dyn Fn(&Path, &str, &TensorMeta) -> SliceKey) -> AlignKeys {
+        let align = &plan.align;
+        let tensor = |t: &super::TensorRef| slice(&t.path, &t.name, &t.meta);
+        let residuals: Vec<NodeKey> = align
+            .residuals
+            .iter()
+            .map(|r| {
+                let pairs: Vec<u8> = r
+                    .pairs
+                    .iter()
+                    .flatten()
+                    .flat_map(|i| i.to_le_bytes())
+                    .collect();
+                NodeKey::of_value(&serde_json::json!({
+                    "op": "residual_map",
+                    "version": ALIGN_VERSION,
+                    "source": tensor(&r.source),
+                    "target": tensor(&r.target),
+                    "pairs": blake3::hash(&pairs).to_hex().as_str(),
+                }))
+            })
+            .collect();
+        let inners: Vec<NodeKey> = align
+            .inners
+            .iter()
+            .map(|m| {
+                NodeKey::of_value(&serde_json::json!({
+                    "op": "inner_map",
+                    "version": ALIGN_VERSION,
+                    "residual": residuals[m.residual],
+                    "side": m.side,
+                    "source": tensor(&m.source),
+                    "target": tensor(&m.target),
+                }))
+            })
+            .collect();
+        let lora_file = |adapter: usize| match &plan.inputs.adapters[adapter] {
+            super::Source::Lora(adapter) => &adapter.file,
+            super::Source::Model(_) => unreachable!("only LoRA modules are adapted"),
+        };
+        let fits = align
+            .fits
+            .iter()
+            .map(|f| {
+                let file = lora_file(f.adapter);
+                NodeKey::of_value(&serde_json::json!({
+                    "op": "fit_energy",
+                    "version": ALIGN_VERSION,
+                    "a": slice(&file.path, &name_in(file, &f.a), &f.a),
+                    "b": slice(&file.path, &name_in(file, &f.b), &f.b),
+                    "to": f.to,
+                }))
+            })
+            .collect();
+        let deltas = align
+            .deltas
+            .iter()
+            .map(|d| {
+                let file = lora_file(d.adapter);
+                let inner = &align.inners[d.inner];
+                NodeKey::of_value(&serde_json::json!({
+                    "op": "align_delta",
+                    "version": ALIGN_VERSION,
+                    "residual": residuals[inner.residual],
+                    "inner": inners[d.inner],
+                    "side": inner.side,
+                    "a": slice(&file.path, &name_in(file, &d.a), &d.a),
+                    "b": slice(&file.path, &name_in(file, &d.b), &d.b),
+                    "rank": d.rank,
+                }))
+            })
+            .collect();
+        AlignKeys {
+            residuals,
+            inners,
+            deltas,
+            fits,
+        }
+    }
 }
 
 /// Digests every input file (through the stat cache) and keys every computed tensor.
@@ -84,6 +195,7 @@ pub(crate) struct Keys {
     pub files: Vec<InputFile>,
     /// Per tensor of the plan: `None` when the tensor is copied byte for byte.
     pub tensors: Vec<Option<(NodeKey, TensorKey)>>,
+    pub align: AlignKeys,
 }
 
 impl Keys {
@@ -101,6 +213,7 @@ impl Keys {
             paths.extend(source.files());
         }
         paths.extend(plan.arch_files.iter().cloned());
+        paths.extend(plan.align.files());
         let mut files = Vec::new();
         for path in paths {
             let digest = store
@@ -121,6 +234,7 @@ impl Keys {
             dtype: meta.dtype.to_string(),
             shape: meta.shape.clone(),
         };
+        let align = AlignKeys::new(plan, &slice);
         let tensors = plan
             .tensors
             .iter()
@@ -128,11 +242,15 @@ impl Keys {
                 if tensor.is_copy() {
                     return None;
                 }
-                let key = tensor_key(plan, tensor, device, merge, &slice);
+                let key = tensor_key(plan, tensor, device, merge, &slice, &align);
                 Some((NodeKey::of_value(&key), key))
             })
             .collect();
-        Ok(Keys { files, tensors })
+        Ok(Keys {
+            files,
+            tensors,
+            align,
+        })
     }
 }
 
@@ -142,6 +260,7 @@ fn tensor_key(
     device: &str,
     (merge, seed): (&Merge, u64),
     slice: &dyn Fn(&Path, &str, &TensorMeta) -> SliceKey,
+    align: &AlignKeys,
 ) -> TensorKey {
     let origin = match &tensor.origin {
         Origin::Base(meta) => {
@@ -175,6 +294,7 @@ fn tensor_key(
                     b,
                     rows,
                     rotary,
+                    adapt,
                 } => DeltaKey {
                     rows: *rows,
                     rotary: *rotary,
@@ -187,6 +307,7 @@ fn tensor_key(
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &name_of(a), a),
                     b: Some(slice(&file.path, &name_of(b), b)),
+                    adapt: adapt.map(|adapt| align.adapt(plan, adapt)),
                 },
                 DeltaKind::Vector(v) => DeltaKey {
                     rows: None,
@@ -195,6 +316,7 @@ fn tensor_key(
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &name_of(v), v),
                     b: None,
+                    adapt: None,
                 },
                 DeltaKind::Difference(m) => DeltaKey {
                     rows: None,
@@ -203,6 +325,7 @@ fn tensor_key(
                     factor: delta.weight * delta.scaling,
                     a: slice(&file.path, &tensor.out.name, m),
                     b: None,
+                    adapt: None,
                 },
             }
         })

@@ -1,6 +1,7 @@
 //! Planning: the opened inputs and the recipe resolved into what each output tensor is made of.
 //! Everything that can be checked before computing is checked here, so execution only fails on
 //! I/O.
+mod dims;
 mod error;
 mod graph;
 mod keys;
@@ -9,6 +10,7 @@ use std::path::Path;
 
 use safetensors::Dtype;
 
+pub(crate) use dims::{Alignment, TensorRef};
 pub(crate) use error::PlanError;
 pub(crate) use graph::{BuildGraph, Status};
 pub(crate) use keys::{pathdiff, Keys, MergeKey, TensorKey};
@@ -20,7 +22,7 @@ use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 use crate::io::safetensors::TensorMeta;
 use crate::io::writer::OutTensor;
-use crate::recipe::{layer_of, OutputDtype, Recipe, ResolvedRule, Weight};
+use crate::recipe::{layer_of, DimsMap, OutputDtype, Recipe, ResolvedRule, Weight};
 
 /// The opened inputs of a recipe.
 pub(crate) struct Inputs {
@@ -108,11 +110,23 @@ pub(crate) enum DeltaKind {
         rows: Option<RowMap>,
         /// q/k rows carried into the target's rotary convention, before `rows` places them.
         rotary: Option<RotaryMap>,
+        /// Made for other widths (`[adapter.map] dims`).
+        adapt: Option<Adapt>,
     },
     /// A bias vector (`lora_bias`).
     Vector(TensorMeta),
     /// A full model's tensor: the delta is it minus the base's.
     Difference(TensorMeta),
+}
+
+/// How a delta made for other widths fits its tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Adapt {
+    /// Its leading rows and columns, zeros after (`truncate`, `pad`); the energy this keeps
+    /// is measured by `Plan::align.fits[i]`.
+    Fit(usize),
+    /// `Plan::align.deltas[i]`, computed before fusing (`align`).
+    Aligned(usize),
 }
 
 /// What to write for one output tensor.
@@ -139,6 +153,8 @@ pub(crate) struct Plan {
     pub arch_files: Vec<std::path::PathBuf>,
     /// What became of every LoRA module: where it was fused, or why it was not.
     pub transfer: Vec<Fate>,
+    /// What `dims = "align"` computes before fusing.
+    pub align: Alignment,
     /// `[merge] density`, per module and layer.
     pub density: Weight,
     /// Sorted by name.
@@ -191,6 +207,7 @@ impl Plan {
         let dims = target_schema.and_then(|s| s.dims(&base.config));
         let mut warnings_mapped = 0usize;
         let mut transfer = Vec::new();
+        let mut align = Alignment::default();
         for (index, (source, entry)) in adapters.iter().zip(&recipe.adapters).enumerate() {
             let adapter = match source {
                 Source::Lora(adapter) => adapter,
@@ -255,6 +272,21 @@ impl Plan {
                 target_schema?
                     .place_of(role, layer, dims.as_ref())
                     .filter(|p| tensors.contains_key(&p.tensor))
+            };
+            // `dims = "align"`: one residual map per pair of bases, shared by their adapters.
+            let residual = match (entry.dims.map, &entry.source) {
+                (DimsMap::Align { .. }, Some(source)) => {
+                    Some(align.residual(&source.path, &base).map_err(|message| {
+                        PlanError::Dims {
+                            message: format!("cannot align `{name}`: {message}"),
+                            help: "alignment maps the residual stream through the embeddings of the tokens both bases share; give both a tokenizer.json, or use `dims = \"truncate\"` or `\"pad\"`".into(),
+                            src: src.clone(),
+                            span: source.span,
+                            label: "this source base",
+                        }
+                    })?)
+                }
+                _ => None,
             };
             // Layers: each source module goes to the target layers its layer maps to, sharing
             // its delta when several source layers meet in one target.
@@ -467,15 +499,30 @@ impl Plan {
                     }
                     _ => None,
                 };
-                transfer.push(Fate::new(
+                let fate = Fate::new(
                     &name,
                     source_module,
                     match &target {
                         Some(place) => Fate::fused(place, by_role, *share, rotary),
                         None => "no target".into(),
                     },
-                ));
+                );
+                let dims_error = |message: String, help: &str| PlanError::Dims {
+                    message,
+                    help: help.into(),
+                    src: src.clone(),
+                    span: entry.dims.span,
+                    label: "this width adaptation",
+                };
+                let mut adapt = None;
+                let mut dims_note = None;
                 match (rows, part_rows) {
+                    (Some(_), Some(_)) if matches!(entry.dims.map, DimsMap::Align { .. }) => {
+                        return Err(dims_error(
+                            format!("`{module}` goes into part of the fused tensor `{tensor}`; `dims = \"align\"` into fused tensors is not implemented yet"),
+                            "align into a base that keeps the module as a tensor of its own, or use `dims = \"exact\"`",
+                        ));
+                    }
                     // Into a part of a fused tensor: only linear layers, of the part's height.
                     (Some(_), Some(part_rows)) => {
                         if kind == LoraKind::Embedding
@@ -495,11 +542,102 @@ impl Plan {
                             LoraKind::Linear => vec![out, inner],
                             LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
                         };
-                        if delta_shape != plan.out.shape {
-                            return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
+                        match entry.dims.map {
+                            _ if delta_shape == plan.out.shape
+                                && !matches!(entry.dims.map, DimsMap::Align { .. }) => {}
+                            DimsMap::Exact => {
+                                return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
+                            }
+                            DimsMap::Truncate | DimsMap::Pad => {
+                                let truncate = entry.dims.map == DimsMap::Truncate;
+                                if let Err(dim) =
+                                    dims::fits(truncate, &delta_shape, &plan.out.shape)
+                                {
+                                    let what = if dim == 0 { "rows" } else { "columns" };
+                                    let (more, cannot, other) = if truncate {
+                                        (
+                                            "more",
+                                            "`truncate` cannot widen a delta",
+                                            "`dims = \"pad\"` (zeros) for a wider base",
+                                        )
+                                    } else {
+                                        (
+                                            "fewer",
+                                            "`pad` cannot narrow a delta",
+                                            "`dims = \"truncate\"` for a narrower base",
+                                        )
+                                    };
+                                    return Err(dims_error(
+                                        format!(
+                                            "`{module}`'s delta is {delta_shape:?} but `{tensor}` is {:?}, with {more} {what}: {cannot}",
+                                            plan.out.shape
+                                        ),
+                                        &format!("use {other}, or `\"align\"`"),
+                                    ));
+                                }
+                                let to = match kind {
+                                    LoraKind::Linear => [plan.out.shape[0], plan.out.shape[1]],
+                                    _ => [plan.out.shape[1], plan.out.shape[0]],
+                                };
+                                adapt = Some(Adapt::Fit(align.fit(index, lora, to)));
+                                dims_note = Some(format!(
+                                    "{} {delta_shape:?} -> {:?}",
+                                    if truncate { "truncate" } else { "pad" },
+                                    plan.out.shape
+                                ));
+                            }
+                            DimsMap::Align { rank } => {
+                                let source_tensor = format!("{source_module}.weight");
+                                let role = source_role(source_module)
+                                    .map(|(role, layer, _)| (role, layer));
+                                let Some((role, _)) =
+                                    role.filter(|_| lora.kind == LoraKind::Linear)
+                                else {
+                                    warnings.push(format!(
+                                        "`{name}`: `{source_module}` is not a linear layer of a known architecture; `dims = \"align\"` has no map for it, so it is skipped"
+                                    ));
+                                    transfer.push(Fate::new(
+                                        &name,
+                                        source_module,
+                                        "skipped: dims = align has no map for it (not a linear layer of a known architecture)".into(),
+                                    ));
+                                    continue;
+                                };
+                                if lora.bias.is_some() {
+                                    return Err(dims_error(
+                                        format!("`{source_module}` has a `lora_bias`, which `dims = \"align\"` does not map yet"),
+                                        "skip the module with `modules = { <name> = \"skip\" }` or use `dims = \"truncate\"` or `\"pad\"`",
+                                    ));
+                                }
+                                let Some(target_ref) = TensorRef::of(&base, &tensor) else {
+                                    return Err(unknown(&tensor));
+                                };
+                                let aligned = align
+                                    .module(
+                                        residual.expect("align plans a residual map per adapter"),
+                                        dims::side_of(role),
+                                        &source_tensor,
+                                        target_ref,
+                                        (index, lora),
+                                        rank,
+                                    )
+                                    .map_err(|m| {
+                                        dims_error(
+                                            m,
+                                            "`source` must be the base the adapter was trained on",
+                                        )
+                                    })?;
+                                adapt = Some(Adapt::Aligned(aligned));
+                                dims_note = Some(align.describe(aligned));
+                            }
                         }
                     }
                 }
+                transfer.push(Fate {
+                    dims: dims_note,
+                    adapted: adapt,
+                    ..fate
+                });
                 check_float(&at, &tensor, origin_meta(&plan.origin))?;
                 check_float(&at, &tensor, &lora.a)?;
                 check_float(&at, &tensor, &lora.b)?;
@@ -514,6 +652,7 @@ impl Plan {
                             b: lora.b.clone(),
                             rows,
                             rotary,
+                            adapt,
                         },
                     });
                 }
@@ -546,6 +685,7 @@ impl Plan {
         Ok(Plan {
             arch_files: schemas.files.clone(),
             transfer,
+            align,
             density: resolve_rules(&recipe.merge.density, layers, &src)?,
             inputs: Inputs { base, adapters },
             tensors: tensors.into_values().collect(),
@@ -608,6 +748,22 @@ pub(crate) struct Fate {
     pub adapter: String,
     pub module: String,
     pub fate: String,
+    /// The width adaptation used, when widths were adapted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dims: Option<String>,
+    /// ‖ΔW_t‖_F / ‖ΔW_s‖_F of an aligned delta (filled in after the build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
+    /// Mean cosine of the principal angles between the mapped source weight's and the target
+    /// weight's leading residual-side subspaces (filled in after the build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<f64>,
+    /// The relative residual of the residual map's fit on the shared tokens' embeddings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residual_fit: Option<f64>,
+    /// How its widths were adapted, when they were.
+    #[serde(skip)]
+    pub adapted: Option<Adapt>,
 }
 
 impl Fate {
@@ -616,6 +772,11 @@ impl Fate {
             adapter: adapter.to_owned(),
             module: module.to_owned(),
             fate,
+            dims: None,
+            energy: None,
+            overlap: None,
+            residual_fit: None,
+            adapted: None,
         }
     }
 
@@ -643,7 +804,7 @@ impl Fate {
 
     /// Whether the module landed on its own name, with nothing mapped.
     pub fn is_plain(&self) -> bool {
-        self.fate == format!("fused into `{}.weight` (share 1)", self.module)
+        self.dims.is_none() && self.fate == format!("fused into `{}.weight` (share 1)", self.module)
     }
 }
 

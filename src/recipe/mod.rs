@@ -108,6 +108,28 @@ impl Named {
     }
 }
 
+/// How an adapter's delta meets a base of other widths (`[adapter.map] dims`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum DimsMap {
+    /// The widths must agree.
+    Exact,
+    /// Keep the leading rows and columns of each delta; the base may only be narrower.
+    Truncate,
+    /// Zero rows and columns after each delta's own; the base may only be wider.
+    Pad,
+    /// Map each delta through the two bases' spaces (residual stream by the shared tokens'
+    /// embeddings, each module's inner space by its two base weights), re-factored to `rank`
+    /// (default: the adapter module's own).
+    Align { rank: Option<usize> },
+}
+
+/// `dims` with where the recipe says it (its span, or the `[adapter.map]` table's).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DimsChoice {
+    pub map: DimsMap,
+    pub span: SourceSpan,
+}
+
 /// A path the recipe names, with where it names it.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
@@ -126,6 +148,7 @@ pub(crate) struct AdapterEntry {
     /// `arch`: the schema the adapter's module names follow.
     pub arch: Option<Named>,
     pub map: LayerMap,
+    pub dims: DimsChoice,
     /// Module names (last path components) the recipe skips.
     pub skip: Vec<String>,
     /// The span of the whole `[[adapter]]` table.
@@ -441,12 +464,14 @@ impl Checker {
             None => None,
         };
         let (map, skip) = self.layer_map(adapter.map.as_ref())?;
+        let dims = self.dims(adapter.map.as_ref(), source.is_some(), raw.span())?;
         Ok(AdapterEntry {
             entry,
             weight,
             source,
             arch: adapter.arch.as_ref().map(Named::of),
             map,
+            dims,
             skip,
             span: raw.span().into(),
         })
@@ -460,15 +485,6 @@ impl Checker {
             return Ok((LayerMap::Same, Vec::new()));
         };
         let raw = raw.get_ref();
-        if let Some(dims) = &raw.dims {
-            if dims.get_ref() != "exact" {
-                return Err(self.invalid(
-                    format!("`dims = \"{}\"` is not implemented yet", dims.get_ref()),
-                    "only `dims = \"exact\"` (widths must agree) is available; truncate, pad and align are planned",
-                    dims.span(),
-                ));
-            }
-        }
         let map = match raw.layers.as_ref().map(|l| (l.get_ref(), l.span())) {
             None => LayerMap::Same,
             Some((schema::RawLayers::Named(name), span)) => match name.as_str() {
@@ -510,6 +526,77 @@ impl Checker {
             skip.push(module.clone());
         }
         Ok((map, skip))
+    }
+
+    /// `[adapter.map] dims` and `rank`: how widths adapt. `align` needs the adapter's source
+    /// base, whose weights it maps from.
+    fn dims(
+        &self,
+        raw: Option<&Spanned<schema::RawMap>>,
+        has_source: bool,
+        adapter_span: std::ops::Range<usize>,
+    ) -> Result<DimsChoice, RecipeError> {
+        let exact = DimsChoice {
+            map: DimsMap::Exact,
+            span: adapter_span.into(),
+        };
+        let Some(raw) = raw.map(Spanned::get_ref) else {
+            return Ok(exact);
+        };
+        let rank = match &raw.rank {
+            Some(rank) if *rank.get_ref() == 0 => {
+                return Err(self.invalid(
+                    "`rank` must be at least 1".into(),
+                    "e.g. `rank = 16`, or drop it to keep each module's own rank",
+                    rank.span(),
+                ))
+            }
+            Some(rank) => Some((*rank.get_ref() as usize, rank.span())),
+            None => None,
+        };
+        let Some(dims) = &raw.dims else {
+            if let Some((_, span)) = rank {
+                return Err(self.invalid(
+                    "`rank` applies to `dims = \"align\"` only".into(),
+                    "add `dims = \"align\"` to [adapter.map], or remove `rank`",
+                    span,
+                ));
+            }
+            return Ok(exact);
+        };
+        let map = match dims.get_ref().as_str() {
+            "exact" => DimsMap::Exact,
+            "truncate" => DimsMap::Truncate,
+            "pad" => DimsMap::Pad,
+            "align" => DimsMap::Align {
+                rank: rank.as_ref().map(|(r, _)| *r),
+            },
+            other => {
+                return Err(self.invalid(
+                    format!("unknown width adaptation `{other}`"),
+                    "use \"exact\" (widths must agree), \"truncate\", \"pad\" or \"align\"",
+                    dims.span(),
+                ))
+            }
+        };
+        if let (Some((_, span)), false) = (rank, matches!(map, DimsMap::Align { .. })) {
+            return Err(self.invalid(
+                "`rank` applies to `dims = \"align\"` only".into(),
+                "truncate and pad keep each delta's rank; remove `rank`",
+                span,
+            ));
+        }
+        if matches!(map, DimsMap::Align { .. }) && !has_source {
+            return Err(self.invalid(
+                "`dims = \"align\"` needs the base the adapter was trained on".into(),
+                "add `source = \"path/to/source-base\"` to this [[adapter]]: alignment maps from its weights to the base's",
+                dims.span(),
+            ));
+        }
+        Ok(DimsChoice {
+            map,
+            span: dims.span().into(),
+        })
     }
 
     /// `0.8`, or `[ { value = 1.0 }, { layers = "16..", value = 0.5 } ]`.

@@ -91,6 +91,9 @@ pub(crate) struct RawMap {
     pub layers: Option<Spanned<RawLayers>>,
     #[serde(default)]
     pub dims: Option<Spanned<String>>,
+    /// The rank `dims = "align"` re-factors each delta to (default: the adapter's).
+    #[serde(default)]
+    pub rank: Option<Spanned<u64>>,
     /// Module name → "skip".
     #[serde(default)]
     pub modules: Option<std::collections::BTreeMap<String, Spanned<String>>>,

@@ -46,6 +46,10 @@ pub struct ActionEntry {
     /// For a re-factored delta: the fraction of its energy the truncation kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy: Option<f64>,
+    /// For an alignment map: how well the two bases' spaces match (mean cosine of principal
+    /// angles for an inner map, relative residual of the fit for a residual map).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<f64>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -241,6 +245,7 @@ impl ObjectWriter {
             tensor: digest,
             len: self.len,
             energy: None,
+            overlap: None,
         })
     }
 }

@@ -336,3 +336,44 @@ fn lora_bias_and_modules_to_save() {
     // modules_to_save replaces the tensor outright, whatever the weight.
     assert_eq!(out["lm_head.weight"].1, values(8, 64));
 }
+
+/// `dims = "truncate"` and `"pad"` known answers: the delta's leading rows and columns land on
+/// the base's, and the rest of the base is unchanged.
+#[test]
+fn truncate_and_pad_keep_the_leading_block_of_the_delta() {
+    let ws = Workspace::new();
+    ws.adapter("lora", &[(Q0, 4, 4), (V1, 4, 4)], 2, json!({}));
+    for (dims, width) in [("truncate", 3), ("pad", 6)] {
+        ws.model(dims, width, Dtype::F32);
+        ws.write(
+            "recipe.toml",
+            format!("[base]\npath = \"{dims}\"\n[[adapter]]\npath = \"lora\"\n[adapter.map]\ndims = \"{dims}\"\n[output]\npath = \"out-{dims}\"\n"),
+        );
+        ws.ok(&["build", "recipe.toml", "--quiet"]);
+        let out = read_f32(&ws.path(&format!("out-{dims}/model.safetensors")));
+        for (i, module) in [Q0, V1].iter().enumerate() {
+            let (a, b) = lora("lora", i as u64, 4, 4, 2);
+            let name = format!("{module}.weight");
+            let base = llama_tensors(width, 2)
+                .into_iter()
+                .find(|t| t.name == name)
+                .unwrap()
+                .values;
+            let full = expected(&[0.0; 16], &a, &b, (4, 4, 2), 2.0, false);
+            let mut want = base.clone();
+            for row in 0..width.min(4) {
+                for col in 0..width.min(4) {
+                    want[row * width + col] =
+                        (base[row * width + col] as f64 + full[row * 4 + col] as f64) as f32;
+                }
+            }
+            assert_close(&out[&name].1, &want, &format!("{dims} {name}"));
+        }
+        let transfer =
+            std::fs::read_to_string(ws.path(&format!("out-{dims}/transfer.txt"))).unwrap();
+        assert!(
+            transfer.contains(&format!("dims {dims} [4, 4] -> [{width}, {width}]")),
+            "{transfer}"
+        );
+    }
+}

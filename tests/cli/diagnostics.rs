@@ -251,13 +251,69 @@ fn full_model_of_another_shape() {
 }
 
 #[test]
-fn width_adaptation_is_refused_for_now() {
+fn align_without_a_source() {
     let ws = workspace();
     assert_snapshot!(fails(
         &ws,
         &GOOD.replace(
             "path = \"lora\"",
             "path = \"lora\"\n[adapter.map]\ndims = \"align\""
+        )
+    ));
+}
+
+#[test]
+fn unknown_width_adaptation() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace(
+            "path = \"lora\"",
+            "path = \"lora\"\n[adapter.map]\ndims = \"stretch\""
+        )
+    ));
+}
+
+#[test]
+fn rank_without_align() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace(
+            "path = \"lora\"",
+            "path = \"lora\"\n[adapter.map]\ndims = \"pad\"\nrank = 4"
+        )
+    ));
+}
+
+#[test]
+fn truncate_into_a_wider_base() {
+    let ws = workspace();
+    ws.model("wide", 8, Dtype::F32);
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("\"base\"", "\"wide\"").replace(
+            "path = \"lora\"",
+            "path = \"lora\"\n[adapter.map]\ndims = \"truncate\""
+        )
+    ));
+}
+
+#[test]
+fn align_without_shared_tokens() {
+    // The source's embedding has other rows than the base's, and neither has a tokenizer.json.
+    let ws = workspace();
+    ws.model("source", 4, Dtype::F32);
+    let tensors = vec![crate::support::t("model.embed_tokens.weight", &[20, 4], 1)];
+    ws.write(
+        "source/model.safetensors",
+        crate::support::safetensors_bytes(&tensors, Dtype::F32),
+    );
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace(
+            "path = \"lora\"",
+            "path = \"lora\"\nsource = \"source\"\n[adapter.map]\ndims = \"align\""
         )
     ));
 }
