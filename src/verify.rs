@@ -34,7 +34,7 @@ pub(crate) enum VerifyError {
 
 /// Re-hashes every output file the lock names (no stat cache: every byte is read) and lists
 /// files that differ, are missing, or are not in the lock.
-pub(crate) fn verify(recipe_dir: &Path, output_dir: &Path, lock: &Lock) -> miette::Result<()> {
+pub(crate) fn verify(recipe_dir: &Path, outputs: &[&Path], lock: &Lock) -> miette::Result<()> {
     let mut problems = Vec::new();
     for (path, digest) in &lock.outputs {
         match store::hash_file(&recipe_dir.join(path)) {
@@ -46,20 +46,23 @@ pub(crate) fn verify(recipe_dir: &Path, output_dir: &Path, lock: &Lock) -> miett
         }
     }
     let locked: BTreeSet<PathBuf> = lock.outputs.keys().map(|p| recipe_dir.join(p)).collect();
-    if let Ok(entries) = std::fs::read_dir(output_dir) {
-        let mut extra: Vec<String> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| !locked.iter().any(|l| same_file(l, p)))
-            .map(|p| format!("  not in the lock: `{}`", p.display()))
-            .collect();
-        extra.sort();
-        problems.extend(extra);
+    for output_dir in outputs {
+        if let Ok(entries) = std::fs::read_dir(output_dir) {
+            let mut extra: Vec<String> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| !locked.iter().any(|l| same_file(l, p)))
+                .map(|p| format!("  not in the lock: `{}`", p.display()))
+                .collect();
+            extra.sort();
+            problems.extend(extra);
+        }
     }
     if problems.is_empty() {
+        let names: Vec<String> = outputs.iter().map(|o| o.display().to_string()).collect();
         println!(
             "{}: {} files match the lock",
-            output_dir.display(),
+            names.join(", "),
             lock.outputs.len()
         );
         Ok(())

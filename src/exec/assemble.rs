@@ -33,6 +33,11 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
+    fn extend(&mut self, other: Staged) {
+        self.files.extend(other.files);
+        self.dirs.extend(other.dirs);
+    }
+
     /// Swaps every output into place, then renames the lock file over the old one: the window
     /// in which a killed build leaves a new output beside an old lock is a few system calls.
     /// The previous outputs are removed when the returned value is dropped.
@@ -61,7 +66,7 @@ fn ready(engine: Option<&Engine>, res: &Resolution, key: &NodeKey) -> bool {
     }
 }
 
-/// Writes the output into staging directories, reading computed tensors from the cache as the
+/// Writes the outputs into staging directories, reading computed tensors from the cache as the
 /// engine (when it runs) puts them there.
 pub(crate) fn assemble(
     res: &Resolution,
@@ -69,7 +74,37 @@ pub(crate) fn assemble(
     progress: bool,
     sync: bool,
 ) -> Result<Outcome, ExecError> {
-    let target = &res.recipe.output.path.path;
+    let mut staged = Staged {
+        files: Vec::new(),
+        dirs: Vec::new(),
+    };
+    if let Some(model) = &res.recipe.output.path {
+        match write_model(res, engine, &model.path, progress, sync)? {
+            Outcome::Written(model) => staged.extend(model),
+            stopped => return Ok(stopped),
+        }
+    }
+    if let Some(adapter) = &res.recipe.output.adapter {
+        // Without a fused model, the adapter carries the transfer report.
+        let report = res.recipe.output.path.is_none();
+        match write_adapter(res, engine, &adapter.path.path, report)? {
+            Outcome::Written(adapter) => staged.extend(adapter),
+            stopped => return Ok(stopped),
+        }
+    }
+    staged.files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Outcome::Written(staged))
+}
+
+/// The fused model: weights from the inputs and the cache, config, card and manifest.
+fn write_model(
+    res: &Resolution,
+    engine: Option<&Engine>,
+    target: &std::path::Path,
+    progress: bool,
+    sync: bool,
+) -> Result<Outcome, ExecError> {
+    let target = &target.to_path_buf();
     let staging = StagingDir::new(target).map_err(output_error(target))?;
     let shards = res.shards();
     let plans: HashMap<&str, (&TensorPlan, Option<&crate::digest::NodeKey>)> = res
@@ -177,20 +212,9 @@ pub(crate) fn assemble(
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
         written.push((target.join(&name), FileDigest::of(&bytes)));
     }
-    let mut dirs = vec![(target.clone(), staging)];
-    if let Some(adapter) = &res.recipe.output.adapter {
-        match write_adapter(res, engine, &adapter.path.path)? {
-            Outcome::Written(staged) => {
-                written.extend(staged.files);
-                dirs.extend(staged.dirs);
-            }
-            corrupt => return Ok(corrupt),
-        }
-    }
-    written.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(Outcome::Written(Staged {
         files: written,
-        dirs,
+        dirs: vec![(target.clone(), staging)],
     }))
 }
 
@@ -200,6 +224,7 @@ fn write_adapter(
     res: &Resolution,
     engine: Option<&Engine>,
     target: &std::path::Path,
+    with_transfer_report: bool,
 ) -> Result<Outcome, ExecError> {
     use safetensors::Dtype;
     use serde_json::{json, Map, Value};
@@ -362,12 +387,19 @@ fn write_adapter(
     // What changed in the fused model but has no LoRA form (bias vectors, norms, replaced
     // tensors) is named, not silently dropped.
     let report = json!({ "modules": report, "not_in_adapter": left_out });
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, value) in [("adapter_config.json", config), ("refactor.json", report)] {
         let mut bytes = serde_json::to_vec_pretty(&value).expect("JSON serialises");
         bytes.push(b'\n');
-        let path = staging.path().join(name);
+        files.push((name.into(), bytes));
+    }
+    if with_transfer_report {
+        files.extend(crate::output::transfer_files(res).map_err(output_error(target))?);
+    }
+    for (name, bytes) in files {
+        let path = staging.path().join(&name);
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
-        written.push((target.join(name), FileDigest::of(&bytes)));
+        written.push((target.join(&name), FileDigest::of(&bytes)));
     }
     Ok(Outcome::Written(Staged {
         files: written,

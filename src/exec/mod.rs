@@ -224,7 +224,7 @@ impl Resolution {
     pub fn statuses(&self) -> Vec<Status> {
         let last: BTreeMap<String, TensorKey> = self
             .store
-            .build_record(&self.recipe.output.path.path)
+            .build_record(&self.recipe.primary_output().path)
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
         self.plan
@@ -415,7 +415,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let record = serde_json::to_vec(&record).expect("keys serialise");
     let _ = res
         .store
-        .put_build_record(&res.recipe.output.path.path, &record);
+        .put_build_record(&res.recipe.primary_output().path, &record);
     // The slow part last: removing the previous outputs.
     drop(previous_outputs);
     phases.commit = commit_started.elapsed().as_secs_f64();
@@ -452,7 +452,11 @@ fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
         .iter()
         .zip(&res.keys.tensors)
         .zip(statuses)
-        .filter(|(_, status)| matches!(status, Status::Compute { .. }))
+        // Without a fused model to write (`[output] adapter` alone), only the re-factored
+        // deltas are needed.
+        .filter(|(_, status)| {
+            res.recipe.output.path.is_some() && matches!(status, Status::Compute { .. })
+        })
         .filter_map(|((tensor, key), _)| {
             let (key, parts) = key.as_ref()?;
             tensor_job(res, tensor, *key, parts, None)
@@ -899,5 +903,6 @@ pub fn verify(args: &crate::cli::VerifyArgs) -> miette::Result<()> {
         }
         None => return Err(crate::verify::VerifyError::NoLock { path: lock_path }.into()),
     };
-    crate::verify::verify(&recipe_dir(&recipe), &recipe.output.path.path, &lock)
+    let outputs: Vec<&Path> = recipe.output_dirs().map(|o| o.path.as_path()).collect();
+    crate::verify::verify(&recipe_dir(&recipe), &outputs, &lock)
 }

@@ -97,7 +97,7 @@ impl Summary {
         elapsed: Duration,
     ) -> Self {
         Summary {
-            output: res.recipe.output.path.path.display().to_string(),
+            output: res.recipe.primary_output().path.display().to_string(),
             up_to_date: false,
             device: res.device.clone(),
             nodes,

@@ -14,8 +14,7 @@ pub(crate) fn model_card(recipe: &Recipe, plan: &Plan) -> String {
     let _ = writeln!(card, "tags:\n- modelforge\n- lora\n- merge");
     let _ = writeln!(card, "---\n");
     let title = recipe
-        .output
-        .path
+        .primary_output()
         .path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -57,19 +57,27 @@ pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>>
         "README.md".into(),
         card::model_card(recipe, plan).into_bytes(),
     ));
-    if plan.transfer.iter().any(|f| !f.is_plain()) {
-        // Something was mapped, skipped or dropped: say what became of every module.
-        let transfer = transfer(res);
-        let mut json = serde_json::to_vec_pretty(&transfer).map_err(std::io::Error::other)?;
-        json.push(b'\n');
-        files.push(("transfer.json".into(), json));
-        let text: String = transfer.iter().map(transfer_line).collect();
-        files.push(("transfer.txt".into(), text.into_bytes()));
-    }
+    files.extend(transfer_files(res)?);
     let mut manifest = serde_json::to_vec_pretty(&manifest(res)).map_err(std::io::Error::other)?;
     manifest.push(b'\n');
     files.push((MANIFEST.into(), manifest));
     Ok(files)
+}
+
+/// `transfer.json` and `transfer.txt`, when something was mapped, skipped or dropped: what became
+/// of every module.
+pub(crate) fn transfer_files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    if res.plan.transfer.iter().all(|f| f.is_plain()) {
+        return Ok(Vec::new());
+    }
+    let transfer = transfer(res);
+    let mut json = serde_json::to_vec_pretty(&transfer).map_err(std::io::Error::other)?;
+    json.push(b'\n');
+    let text: String = transfer.iter().map(transfer_line).collect();
+    Ok(vec![
+        ("transfer.json".into(), json),
+        ("transfer.txt".into(), text.into_bytes()),
+    ])
 }
 
 /// The fate of every module, with the figures of aligned ones read from their cache entries.

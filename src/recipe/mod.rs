@@ -157,7 +157,8 @@ pub(crate) struct AdapterEntry {
 
 #[derive(Clone, Debug)]
 pub(crate) struct Output {
-    pub path: Entry,
+    /// The fused model (none when only `adapter` is written).
+    pub path: Option<Entry>,
     pub dtype: OutputDtype,
     pub max_shard_size: u64,
     /// `[output] adapter`: the combined delta, re-factored into one PEFT adapter.
@@ -230,10 +231,17 @@ impl Recipe {
             .map(|adapter| checker.adapter(adapter))
             .collect::<Result<_, _>>()?;
         let output = raw.output.get_ref();
+        if output.path.is_none() && output.adapter.is_none() {
+            return Err(checker.invalid(
+                "`[output]` names nothing to write".into(),
+                "add `path = \"build/<name>\"` for the fused model, `adapter = \"build/<name>-lora\"` for a PEFT adapter of the combined delta, or both",
+                raw.output.span(),
+            ));
+        }
         let adapter_output = checker.adapter_output(output)?;
         let output = Output {
             adapter: adapter_output,
-            path: checker.entry(&output.path),
+            path: output.path.as_ref().map(|path| checker.entry(path)),
             dtype: output
                 .dtype
                 .as_ref()
@@ -276,9 +284,22 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// The output that names the build (its record in the cache, the summary): the fused model,
+    /// else the adapter.
+    pub fn primary_output(&self) -> &Entry {
+        match (&self.output.path, &self.output.adapter) {
+            (Some(path), _) => path,
+            (None, Some(adapter)) => &adapter.path,
+            (None, None) => unreachable!("a recipe's [output] names a path or an adapter"),
+        }
+    }
+
     /// The output directories, each replaced as a whole by a build.
     pub fn output_dirs(&self) -> impl Iterator<Item = &Entry> {
-        std::iter::once(&self.output.path).chain(self.output.adapter.as_ref().map(|a| &a.path))
+        self.output
+            .path
+            .iter()
+            .chain(self.output.adapter.as_ref().map(|a| &a.path))
     }
 
     /// Refuses outputs that would replace an input, the recipe, or each other.

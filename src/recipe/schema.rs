@@ -154,7 +154,9 @@ pub(crate) struct RawWeightRule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawOutput {
-    pub path: Spanned<String>,
+    /// The fused model; may be left out when `adapter` is given.
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
     #[serde(default)]
     pub dtype: Option<Spanned<OutputDtype>>,
     /// Largest shard, e.g. `"2GB"`; above it the weights are split and indexed.

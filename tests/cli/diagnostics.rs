@@ -235,6 +235,15 @@ fn adapter_output_over_an_input() {
 }
 
 #[test]
+fn output_that_names_nothing() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("path = \"out\"", "dtype = \"bf16\"")
+    ));
+}
+
+#[test]
 fn adapter_rank_without_adapter_output() {
     let ws = workspace();
     assert_snapshot!(fails(

@@ -290,3 +290,36 @@ def test_alignment_is_deterministic(ws):
     assert run.returncode == 0, run.stderr
     for file in ("model.safetensors", "transfer.json"):
         assert (ws / "out-twice" / file).read_bytes() == (ws / "out-twice2" / file).read_bytes(), file
+
+
+def test_an_adapter_alone_for_the_target(ws):
+    """`[output] adapter` without `path`: the transferred delta as a PEFT adapter of the target,
+    which peft loads onto the target base to give the fused model's logits and the task."""
+    ws, _ = ws
+    from peft import PeftModel
+
+    (ws / "adapter-only.toml").write_text(
+        '[base]\npath = "rotated"\n[[adapter]]\npath = "lora"\nsource = "source"\n'
+        '[adapter.map]\ndims = "align"\n[output]\nadapter = "lora-rotated"\n')
+    run = subprocess.run([str(BIN), "build", str(ws / "adapter-only.toml"), "--cache", str(ws / "cache"), "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    written = sorted(p.name for p in (ws / "lora-rotated").iterdir())
+    assert written == ["adapter_config.json", "adapter_model.safetensors", "refactor.json",
+                       "transfer.json", "transfer.txt"], written
+    assert summary["nodes"]["computed"] == 14, summary["nodes"]  # the re-factored deltas only
+    assert build(ws, "task-rotated", "rotated", "align").returncode == 0
+    with torch.no_grad():
+        ids = batch(1)
+        fused = LlamaForCausalLM.from_pretrained(ws / "out-task-rotated").eval()(ids).logits
+        loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(ws / "rotated"),
+                                           ws / "lora-rotated").eval()
+        assert (loaded(ids).logits - fused).abs().max() < 1e-4
+        losses = json.loads((ws / "losses.json").read_text())
+        loss = task_loss(loaded, ids)
+    assert abs(loss - losses["source+adapter"]) <= 0.05 * losses["source+adapter"], (loss, losses)
+    # The build is recorded like any other: a second one does nothing.
+    again = subprocess.run([str(BIN), "build", str(ws / "adapter-only.toml"), "--cache", str(ws / "cache"), "--json"],
+                           capture_output=True, text=True)
+    assert json.loads(again.stdout)["up_to_date"] is True
