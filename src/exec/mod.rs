@@ -4,269 +4,32 @@
 mod assemble;
 mod cache;
 mod engine;
+mod error;
 pub mod job;
+mod resolution;
 pub mod rotary;
 mod summary;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use miette::Diagnostic;
-use thiserror::Error;
-
-use crate::cli::{BuildArgs, CacheArgs, PlanArgs, PlanFormat};
+use crate::cli::{BuildArgs, PlanArgs, PlanFormat};
 use crate::digest::FileDigest;
 use crate::io::peft::LoraKind;
-use crate::io::writer;
-use crate::lock::{self, Lock, Resolved};
+use crate::lock::{self, Lock};
 use crate::plan::{BuildGraph, DeltaKind, Keys, MergeKey, Origin, Plan, Status, TensorKey};
-use crate::recipe::{DeviceRequest, MajoritySign, OutputDtype, Pruning, RankChoice, Recipe};
-use crate::store::Store;
+use crate::recipe::{MajoritySign, Pruning, RankChoice, Recipe};
 
 pub use cache::{cache_stats, cache_verify, gc};
+pub(crate) use error::{output_error, ExecError};
+pub(crate) use resolution::{open_store, recipe_dir, Resolution};
 pub(crate) use summary::{Nodes, Phases, Summary};
-
-#[derive(Debug, Error, Diagnostic)]
-pub(crate) enum ExecError {
-    #[error("cannot write the output `{}`: {source}", path.display())]
-    #[diagnostic(
-        code(modelforge::exec::output),
-        help("check that the output's folder is writable and has space; any previous output was left as it was")
-    )]
-    Output {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("cannot use the cache `{}`: {source}", path.display())]
-    #[diagnostic(
-        code(modelforge::exec::cache),
-        help("choose another cache with `--cache DIR` or MODELFORGE_CACHE, or make this one writable")
-    )]
-    Cache {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("cannot read an input: {source}")]
-    #[diagnostic(
-        code(modelforge::exec::input),
-        help("check that the recipe's inputs are readable")
-    )]
-    Hash {
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("the engine failed: {message}")]
-    #[diagnostic(code(modelforge::exec::engine), help("{help}"))]
-    Engine { message: String, help: String },
-
-    #[error("the build does not match `{}`: {what}", lock.display())]
-    #[diagnostic(
-        code(modelforge::exec::locked),
-        help("`--locked` builds only what the lock file records; build without `--locked` to update it, and commit the new lock")
-    )]
-    Locked {
-        lock: PathBuf,
-        what: String,
-        #[source_code]
-        src: crate::recipe::Src,
-        #[label("this input changed")]
-        span: Option<miette::SourceSpan>,
-    },
-
-    #[error("{count} object(s) in the cache `{}` do not match their digest, first `{}`", path.display(), first.display())]
-    #[diagnostic(
-        code(modelforge::exec::cache_damaged),
-        help("builds evict such objects when they read them and recompute them; `modelforge cache verify --repair` removes them all now")
-    )]
-    CacheDamaged {
-        path: PathBuf,
-        count: usize,
-        first: PathBuf,
-    },
-
-    #[error("the fused tensor `{tensor}` holds {what} (at element {index})")]
-    #[diagnostic(
-        code(modelforge::exec::non_finite),
-        help("a weight or delta this large overflows the output's dtype, or the base already holds it: check the recipe's weights, write `[output] dtype = \"f32\"`, or pass `--allow-non-finite` to write it anyway")
-    )]
-    NonFinite {
-        tensor: String,
-        what: String,
-        index: u64,
-    },
-
-    #[error("the output `{}` would overlap the cache `{}`", output.display(), cache.display())]
-    #[diagnostic(
-        code(modelforge::exec::output_in_cache),
-        help("write the output to a folder outside the cache, or choose another cache with `--cache DIR` or MODELFORGE_CACHE")
-    )]
-    OutputInCache {
-        output: PathBuf,
-        cache: PathBuf,
-        #[source_code]
-        src: crate::recipe::Src,
-        #[label("this output")]
-        span: miette::SourceSpan,
-    },
-
-    #[error(transparent)]
-    #[diagnostic(transparent)]
-    Input(#[from] crate::io::InputError),
-}
-
-pub(crate) fn output_error(path: &Path) -> impl Fn(std::io::Error) -> ExecError + '_ {
-    move |source| ExecError::Output {
-        path: path.to_owned(),
-        source,
-    }
-}
 
 /// Memory for tensors in flight when `--max-memory` is not given: blocks of about 0.8M
 /// elements, large enough for BLAS to run at speed; measured peak RSS of the engine on a
 /// 1.3 GB bf16 model is about 210 MB, 115 MB of which is LibTorch itself.
 const DEFAULT_BUDGET: u64 = 64 << 20;
-
-/// A recipe with everything resolved that a build, `plan` and `verify` share.
-pub(crate) struct Resolution {
-    pub recipe: Recipe,
-    pub store: Store,
-    pub plan: Plan,
-    pub keys: Keys,
-    pub device: String,
-    pub recipe_digest: FileDigest,
-    /// The seed of DARE's random pruning, as given or derived.
-    pub seed: u64,
-    /// Per tensor, with `[output] adapter`: the node re-factoring its delta.
-    pub refactors: Vec<Option<(crate::digest::NodeKey, job::Refactor)>>,
-}
-
-impl Resolution {
-    /// Reads the recipe, the schemas (`--arch` files besides the shipped ones) and the
-    /// inputs; with `check_finite`, also refuses adapters holding NaN or infinity.
-    pub fn new(
-        recipe_path: &Path,
-        cache: &CacheArgs,
-        arch: &[PathBuf],
-        check_finite: bool,
-    ) -> miette::Result<Resolution> {
-        let recipe = Recipe::load(recipe_path)?;
-        let schemas = crate::arch::Schemas::load(arch)?;
-        check_outputs_outside_cache(&recipe, &cache_dir(cache, Some(&recipe)))?;
-        let store = open_store(cache, Some(&recipe))?;
-        let device = resolve_device(recipe.device);
-        let plan = Plan::new(&recipe, &schemas)?;
-        if check_finite {
-            for adapter in plan.inputs.adapters.iter().filter_map(|a| a.lora()) {
-                adapter.check_finite().map_err(ExecError::from)?;
-            }
-        }
-        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
-        // Without a seed in the recipe, DARE's is derived from the recipe itself.
-        let seed = recipe.merge.seed.unwrap_or_else(|| {
-            let digest = blake3::hash(recipe.text.as_bytes());
-            u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) >> 1
-        });
-        let keys = Keys::new(
-            &plan,
-            &recipe_dir(&recipe),
-            &store,
-            cache.rehash,
-            device_class(&device),
-            (&recipe.merge, seed),
-        )
-        .map_err(|source| ExecError::Hash { source })?;
-        let refactors = match &recipe.output.adapter {
-            Some(adapter) => refactors(&plan, &keys, adapter.rank),
-            None => vec![None; plan.tensors.len()],
-        };
-        Ok(Resolution {
-            recipe,
-            store,
-            plan,
-            keys,
-            device,
-            recipe_digest,
-            seed,
-            refactors,
-        })
-    }
-
-    fn resolved(&self) -> Resolved {
-        Resolved {
-            device: device_class(&self.device).to_owned(),
-            dtype: match self.recipe.output.dtype {
-                OutputDtype::Base => "base",
-                OutputDtype::F32 => "f32",
-                OutputDtype::F16 => "f16",
-                OutputDtype::Bf16 => "bf16",
-            }
-            .to_owned(),
-            merge: self.recipe.merge.method,
-            seed: self.seed,
-        }
-    }
-
-    fn input_digests(&self) -> BTreeMap<String, FileDigest> {
-        self.keys
-            .files
-            .iter()
-            .map(|f| (f.shown.clone(), f.digest))
-            .collect()
-    }
-
-    /// What a build would do for each tensor, and why.
-    pub fn statuses(&self) -> Vec<Status> {
-        let last: BTreeMap<String, TensorKey> = self
-            .store
-            .build_record(&self.recipe.primary_output().path)
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
-        self.plan
-            .tensors
-            .iter()
-            .zip(&self.keys.tensors)
-            .map(|(tensor, key)| match key {
-                None => Status::Copy,
-                Some((node, _)) if self.store.action(node).is_some() => Status::Cached,
-                Some((_, key)) => Status::Compute {
-                    why: match last.get(&tensor.out.name) {
-                        Some(old) => key.changes_since(old, &self.keys.files),
-                        None => vec!["it was never built".into()],
-                    },
-                },
-            })
-            .collect()
-    }
-
-    pub fn shards(&self) -> Vec<writer::Shard> {
-        writer::layout(
-            self.plan.tensors.iter().map(|t| t.out.clone()).collect(),
-            self.recipe.output.max_shard_size,
-        )
-    }
-
-    /// Whether the lock records exactly this recipe, these inputs, and outputs still on disk.
-    fn up_to_date(&self, lock: &Lock, rehash: bool) -> bool {
-        let dir = recipe_dir(&self.recipe);
-        lock.version == lock::VERSION
-            && lock.modelforge == env!("CARGO_PKG_VERSION")
-            && lock.recipe == self.recipe_digest
-            && lock.resolved == self.resolved()
-            && lock.inputs == self.input_digests()
-            && !lock.outputs.is_empty()
-            && lock.outputs.iter().all(|(path, digest)| {
-                self.store
-                    .file_digest(&dir.join(path), rehash)
-                    .is_ok_and(|d| d == *digest)
-            })
-    }
-}
 
 /// `modelforge build`.
 pub fn build(args: &BuildArgs) -> miette::Result<()> {
@@ -819,73 +582,6 @@ fn progress_bar(len: usize, label: &str, enabled: bool) -> indicatif::ProgressBa
     let template = format!("{label} {{wide_bar}} {{pos}}/{{len}} tensors {{elapsed}}");
     indicatif::ProgressBar::new(len as u64)
         .with_style(indicatif::ProgressStyle::with_template(&template).expect("a valid template"))
-}
-
-pub(crate) fn recipe_dir(recipe: &Recipe) -> PathBuf {
-    recipe.path.parent().map(Path::to_owned).unwrap_or_default()
-}
-
-/// `cpu`, or `cuda:N` when asked for, or when `auto` and this machine has an NVIDIA device.
-fn resolve_device(request: DeviceRequest) -> String {
-    match request {
-        DeviceRequest::Cpu => "cpu".into(),
-        DeviceRequest::Cuda(n) => format!("cuda:{n}"),
-        DeviceRequest::Auto if Path::new("/dev/nvidia0").exists() => "cuda:0".into(),
-        DeviceRequest::Auto => "cpu".into(),
-    }
-}
-
-fn device_class(device: &str) -> &'static str {
-    if device.starts_with("cuda") {
-        "cuda"
-    } else {
-        "cpu"
-    }
-}
-
-/// The cache: `--cache`, else `MODELFORGE_CACHE`, else the `cache/` folder at the top of the
-/// workspace the recipe lives in (the nearest folder above it holding `.git` or `cache/`),
-/// else `cache/` beside the recipe.
-pub(crate) fn cache_dir(args: &CacheArgs, recipe: Option<&Recipe>) -> PathBuf {
-    if let Some(dir) = &args.cache {
-        return dir.clone();
-    }
-    if let Some(dir) = std::env::var_os("MODELFORGE_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let start = match recipe {
-        Some(recipe) => std::path::absolute(recipe_dir(recipe)).unwrap_or_default(),
-        None => std::env::current_dir().unwrap_or_default(),
-    };
-    start
-        .ancestors()
-        .find(|dir| dir.join(".git").exists() || dir.join("cache").is_dir())
-        .unwrap_or(&start)
-        .join("cache")
-}
-
-/// A build replaces its outputs as a whole: one that held the cache (or lay in it) would
-/// destroy it.
-fn check_outputs_outside_cache(recipe: &Recipe, cache: &Path) -> Result<(), ExecError> {
-    use crate::io::paths::{nested, resolve};
-    let cache_resolved = resolve(cache);
-    match recipe
-        .output_dirs()
-        .find(|output| nested(&resolve(&output.path), &cache_resolved))
-    {
-        Some(output) => Err(ExecError::OutputInCache {
-            output: output.path.clone(),
-            cache: cache.to_owned(),
-            src: recipe.src(),
-            span: output.span,
-        }),
-        None => Ok(()),
-    }
-}
-
-pub(crate) fn open_store(args: &CacheArgs, recipe: Option<&Recipe>) -> Result<Store, ExecError> {
-    let dir = cache_dir(args, recipe);
-    Store::open(&dir).map_err(|source| ExecError::Cache { path: dir, source })
 }
 
 /// `modelforge verify`: re-hashes the outputs and compares them with the lock.

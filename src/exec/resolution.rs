@@ -1,0 +1,216 @@
+//! A recipe resolved against everything a build, `plan` and `verify` share: the schemas, the
+//! inputs (opened, checked, hashed), the cache, the device, and the key of every node.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::{job, refactors, ExecError};
+use crate::cli::CacheArgs;
+use crate::digest::FileDigest;
+use crate::io::writer;
+use crate::lock::{self, Lock, Resolved};
+use crate::plan::{Keys, Plan, Status, TensorKey};
+use crate::recipe::{DeviceRequest, OutputDtype, Recipe};
+use crate::store::Store;
+
+/// A recipe with everything resolved that a build, `plan` and `verify` share.
+pub(crate) struct Resolution {
+    pub recipe: Recipe,
+    pub store: Store,
+    pub plan: Plan,
+    pub keys: Keys,
+    pub device: String,
+    pub recipe_digest: FileDigest,
+    /// The seed of DARE's random pruning, as given or derived.
+    pub seed: u64,
+    /// Per tensor, with `[output] adapter`: the node re-factoring its delta.
+    pub refactors: Vec<Option<(crate::digest::NodeKey, job::Refactor)>>,
+}
+
+impl Resolution {
+    /// Reads the recipe, the schemas (`--arch` files besides the shipped ones) and the
+    /// inputs; with `check_finite`, also refuses adapters holding NaN or infinity.
+    pub fn new(
+        recipe_path: &Path,
+        cache: &CacheArgs,
+        arch: &[PathBuf],
+        check_finite: bool,
+    ) -> miette::Result<Resolution> {
+        let recipe = Recipe::load(recipe_path)?;
+        let schemas = crate::arch::Schemas::load(arch)?;
+        check_outputs_outside_cache(&recipe, &cache_dir(cache, Some(&recipe)))?;
+        let store = open_store(cache, Some(&recipe))?;
+        let device = resolve_device(recipe.device);
+        let plan = Plan::new(&recipe, &schemas)?;
+        if check_finite {
+            for adapter in plan.inputs.adapters.iter().filter_map(|a| a.lora()) {
+                adapter.check_finite().map_err(ExecError::from)?;
+            }
+        }
+        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
+        // Without a seed in the recipe, DARE's is derived from the recipe itself.
+        let seed = recipe.merge.seed.unwrap_or_else(|| {
+            let digest = blake3::hash(recipe.text.as_bytes());
+            u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) >> 1
+        });
+        let keys = Keys::new(
+            &plan,
+            &recipe_dir(&recipe),
+            &store,
+            cache.rehash,
+            device_class(&device),
+            (&recipe.merge, seed),
+        )
+        .map_err(|source| ExecError::Hash { source })?;
+        let refactors = match &recipe.output.adapter {
+            Some(adapter) => refactors(&plan, &keys, adapter.rank),
+            None => vec![None; plan.tensors.len()],
+        };
+        Ok(Resolution {
+            recipe,
+            store,
+            plan,
+            keys,
+            device,
+            recipe_digest,
+            seed,
+            refactors,
+        })
+    }
+
+    pub(crate) fn resolved(&self) -> Resolved {
+        Resolved {
+            device: device_class(&self.device).to_owned(),
+            dtype: match self.recipe.output.dtype {
+                OutputDtype::Base => "base",
+                OutputDtype::F32 => "f32",
+                OutputDtype::F16 => "f16",
+                OutputDtype::Bf16 => "bf16",
+            }
+            .to_owned(),
+            merge: self.recipe.merge.method,
+            seed: self.seed,
+        }
+    }
+
+    pub(crate) fn input_digests(&self) -> BTreeMap<String, FileDigest> {
+        self.keys
+            .files
+            .iter()
+            .map(|f| (f.shown.clone(), f.digest))
+            .collect()
+    }
+
+    /// What a build would do for each tensor, and why.
+    pub fn statuses(&self) -> Vec<Status> {
+        let last: BTreeMap<String, TensorKey> = self
+            .store
+            .build_record(&self.recipe.primary_output().path)
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        self.plan
+            .tensors
+            .iter()
+            .zip(&self.keys.tensors)
+            .map(|(tensor, key)| match key {
+                None => Status::Copy,
+                Some((node, _)) if self.store.action(node).is_some() => Status::Cached,
+                Some((_, key)) => Status::Compute {
+                    why: match last.get(&tensor.out.name) {
+                        Some(old) => key.changes_since(old, &self.keys.files),
+                        None => vec!["it was never built".into()],
+                    },
+                },
+            })
+            .collect()
+    }
+
+    pub fn shards(&self) -> Vec<writer::Shard> {
+        writer::layout(
+            self.plan.tensors.iter().map(|t| t.out.clone()).collect(),
+            self.recipe.output.max_shard_size,
+        )
+    }
+
+    /// Whether the lock records exactly this recipe, these inputs, and outputs still on disk.
+    pub(crate) fn up_to_date(&self, lock: &Lock, rehash: bool) -> bool {
+        let dir = recipe_dir(&self.recipe);
+        lock.version == lock::VERSION
+            && lock.modelforge == env!("CARGO_PKG_VERSION")
+            && lock.recipe == self.recipe_digest
+            && lock.resolved == self.resolved()
+            && lock.inputs == self.input_digests()
+            && !lock.outputs.is_empty()
+            && lock.outputs.iter().all(|(path, digest)| {
+                self.store
+                    .file_digest(&dir.join(path), rehash)
+                    .is_ok_and(|d| d == *digest)
+            })
+    }
+}
+
+pub(crate) fn recipe_dir(recipe: &Recipe) -> PathBuf {
+    recipe.path.parent().map(Path::to_owned).unwrap_or_default()
+}
+
+/// `cpu`, or `cuda:N` when asked for, or when `auto` and this machine has an NVIDIA device.
+fn resolve_device(request: DeviceRequest) -> String {
+    match request {
+        DeviceRequest::Cpu => "cpu".into(),
+        DeviceRequest::Cuda(n) => format!("cuda:{n}"),
+        DeviceRequest::Auto if Path::new("/dev/nvidia0").exists() => "cuda:0".into(),
+        DeviceRequest::Auto => "cpu".into(),
+    }
+}
+
+fn device_class(device: &str) -> &'static str {
+    if device.starts_with("cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// The cache: `--cache`, else `MODELFORGE_CACHE`, else the `cache/` folder at the top of the
+/// workspace the recipe lives in (the nearest folder above it holding `.git` or `cache/`),
+/// else `cache/` beside the recipe.
+pub(crate) fn cache_dir(args: &CacheArgs, recipe: Option<&Recipe>) -> PathBuf {
+    if let Some(dir) = &args.cache {
+        return dir.clone();
+    }
+    if let Some(dir) = std::env::var_os("MODELFORGE_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let start = match recipe {
+        Some(recipe) => std::path::absolute(recipe_dir(recipe)).unwrap_or_default(),
+        None => std::env::current_dir().unwrap_or_default(),
+    };
+    start
+        .ancestors()
+        .find(|dir| dir.join(".git").exists() || dir.join("cache").is_dir())
+        .unwrap_or(&start)
+        .join("cache")
+}
+
+/// A build replaces its outputs as a whole: one that held the cache (or lay in it) would
+/// destroy it.
+fn check_outputs_outside_cache(recipe: &Recipe, cache: &Path) -> Result<(), ExecError> {
+    use crate::io::paths::{nested, resolve};
+    let cache_resolved = resolve(cache);
+    match recipe
+        .output_dirs()
+        .find(|output| nested(&resolve(&output.path), &cache_resolved))
+    {
+        Some(output) => Err(ExecError::OutputInCache {
+            output: output.path.clone(),
+            cache: cache.to_owned(),
+            src: recipe.src(),
+            span: output.span,
+        }),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn open_store(args: &CacheArgs, recipe: Option<&Recipe>) -> Result<Store, ExecError> {
+    let dir = cache_dir(args, recipe);
+    Store::open(&dir).map_err(|source| ExecError::Cache { path: dir, source })
+}
