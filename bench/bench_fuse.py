@@ -4,7 +4,7 @@
 Generates once, into DIR (default <repo>/target/bench/<shape>; reused while its stamp matches):
     model/    LLaMA-shaped bf16 model, TinyLlama-1.1B's shape: hidden 2048, intermediate 5632,
               22 layers, 32 heads (4 kv heads), vocab 32000, untied: 1.1B parameters, 2.2 GB in
-              3 shards + index (written one shard at a time)
+              4 shards + index (about a third of the weights each; written one at a time)
     lora_a/   r=16, alpha=32 on all seven projections (random non-zero A and B, f32)
     lora_b/   r=8, alpha=16 on q_proj and v_proj
     a.toml    base + A                 ab.toml   base + A + B (B's weight rewritten per run)
@@ -20,9 +20,13 @@ and checks that the outputs agree: every cold build gives the same bytes, the in
 build equals a build of the same recipe from an empty cache, and modelforge's tensors equal
 PEFT's and mergekit's bit for bit.
 
-Wall time is taken around the child; peak RSS is the child's ru_maxrss from wait4, which on
-Linux is the largest of the child and every descendant it waited for (modelforge's engine
-included). modelforge's own `--json` summary adds its per-process peaks and per-phase times.
+Each command runs under a one-child wrapper (a small Python) that times it and reads
+getrusage(RUSAGE_CHILDREN): the peak RSS of the largest process in the command's tree that was
+waited for (modelforge's engine included). modelforge's own `--json` summary adds its
+per-process peaks and per-phase times. Outputs agree "to bf16 rounding" when no element differs
+by more than one ulp: a rank-16 product summed in another order can land on the other side of a
+rounding boundary (measured: one element of 1.1B, where PEFT's full-matrix product and
+modelforge's block product differ by 2e-10).
 Prints markdown tables. Not part of the test suite.
 
     .venv/bin/python bench/bench_fuse.py [--runs 3] [--small | --layers N] [--skip-peft] [--skip-mergekit]
@@ -98,7 +102,7 @@ def generate(d: Path, shape: dict) -> None:
             t = 0.02 * torch.randn(shape, generator=g)
         return t.to(torch.bfloat16)
 
-    # Three shards, in state-dict order.
+    # Shards of about a third of the weights, in state-dict order.
     total = sum(2 * int(torch.Size(s).numel()) for s in shapes.values())
     shard_bytes = total // 3 + 1
     groups, cur, cur_bytes = [], [], 0
@@ -264,7 +268,9 @@ def lock_outputs(lock: Path) -> dict:
 
 
 def compare_models(a: Path, b: Path) -> tuple[bool, str]:
-    """Every tensor of two model directories, bit for bit (bf16 ulps when not)."""
+    """Every tensor of two model directories, bit for bit; equal "to bf16 rounding" when no
+    element differs by more than one bf16 ulp (a product summed in another order can land on
+    the other side of a rounding boundary)."""
     import torch
     from safetensors import safe_open
 
@@ -272,11 +278,8 @@ def compare_models(a: Path, b: Path) -> tuple[bool, str]:
         idx = d / "model.safetensors.index.json"
         if idx.exists():
             return {n: d / f for n, f in json.loads(idx.read_text())["weight_map"].items()}
-        return {n: d / "model.safetensors" for n in _names(d / "model.safetensors")}
-
-    def _names(p: Path):
-        with safe_open(str(p), "pt") as f:
-            return list(f.keys())
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            return {n: d / "model.safetensors" for n in f.keys()}
 
     ia, ib = index(a), index(b)
     if set(ia) != set(ib):
@@ -285,29 +288,33 @@ def compare_models(a: Path, b: Path) -> tuple[bool, str]:
     by_file: dict[tuple[Path, Path], list[str]] = {}
     for n in ia:
         by_file.setdefault((ia[n], ib[n]), []).append(n)
-    same_tensors, worst, differing = 0, 0, 0
+    same_tensors, worst, differing, where = 0, 0, 0, []
     for (fa, fb), names in sorted(by_file.items()):
         with safe_open(str(fa), "pt") as ha, safe_open(str(fb), "pt") as hb:
-            for n in names:
+            for n in sorted(names):
                 x, y = ha.get_tensor(n), hb.get_tensor(n)
-                if x.dtype == y.dtype and x.shape == y.shape and torch.equal(
-                        x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)):
+                if x.shape != y.shape or x.dtype != y.dtype:
+                    return False, f"`{n}`: {x.dtype}{tuple(x.shape)} and {y.dtype}{tuple(y.shape)}"
+                if torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)):
                     same_tensors += 1
                     continue
-                if x.shape != y.shape:
-                    return False, f"`{n}`: shapes {tuple(x.shape)} and {tuple(y.shape)}"
-                d = (x.float() - y.float()).abs()
-                differing += int((d > 0).sum())
-                if x.dtype == y.dtype == torch.bfloat16:
+                ne = (x != y).nonzero()
+                differing += len(ne)
+                if len(where) < 3:
+                    at = tuple(ne[0].tolist())
+                    where.append(f"`{n}`{list(at)}: {x[at].item():.7g} vs {y[at].item():.7g}")
+                if x.dtype in (torch.bfloat16, torch.float16):
                     xi, yi = x.view(torch.int16).int(), y.view(torch.int16).int()
                     xi = torch.where(xi < 0, -(xi & 0x7FFF), xi)
                     yi = torch.where(yi < 0, -(yi & 0x7FFF), yi)
                     worst = max(worst, int((xi - yi).abs().max()))
+                else:
+                    worst = max(worst, 1 << 30)
     total = len(ia)
     if same_tensors == total:
         return True, f"all {total} tensors bit-identical"
-    return False, (f"{same_tensors}/{total} tensors bit-identical; {differing} elements differ, "
-                   f"worst {worst} bf16 ulp")
+    return worst <= 1, (f"{same_tensors}/{total} tensors bit-identical; {differing} element(s) differ, "
+                        f"worst by {worst} ulp: {'; '.join(where)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +419,7 @@ def main(argv=None) -> int:
                 [sys.executable, "peft_merge.py", "model", "lora_a", "out-peft"],
                 lambda i: remove(d / "out-peft"), env)
         ok, what = compare_models(d / "out-a", d / "out-peft")
-        checks.append(("modelforge output equals PEFT's", ok, what))
+        checks.append(("modelforge output equals PEFT's to bf16 rounding", ok, what))
         if not args.keep_outputs:
             remove(d / "out-peft")
 
@@ -424,7 +431,7 @@ def main(argv=None) -> int:
                  str(d / "lora-merge-cache"), "--no-copy-tokenizer"],
                 lambda i: remove(d / "out-mergekit", d / "lora-merge-cache"), env)
         ok, what = compare_models(d / "out-a", d / "out-mergekit")
-        checks.append(("modelforge output equals mergekit's", ok, what))
+        checks.append(("modelforge output equals mergekit's to bf16 rounding", ok, what))
         if not args.keep_outputs:
             remove(d / "out-mergekit", d / "lora-merge-cache")
 
