@@ -1,53 +1,75 @@
 #!/usr/bin/env python3
-"""Benchmark: fusing one LoRA into a ~1.3 GB bf16 LLaMA-shaped model.
+"""Benchmark: modelforge against the floor (cp -r), PEFT and mergekit on a TinyLlama-shaped model.
 
-Generates once, into DIR (default <repo>/target/bench):
-    DIR/model/     LLaMA-shaped bf16 model: hidden 2048, intermediate 5632, 12 layers, 32 heads
-                   (4 kv heads), vocab 32000, untied: 661M parameters, 1.32 GB in 3 shards + index.
-                   Written tensor by tensor with safetensors (one shard in memory at a time).
-    DIR/lora/      r=16, alpha=32 adapter on all seven projections, random non-zero A and B (f32)
-    DIR/recipe.toml, DIR/peft_merge.py
-then measures, RUNS times each (median reported), with a warm page cache:
-    cp -r            copying the model folder (the floor for any tool that writes a new model)
-    modelforge       `modelforge build DIR/recipe.toml --quiet`
-    PEFT             load base (bf16) + PeftModel.from_pretrained + merge_and_unload + save_pretrained
-Wall time is measured around the child process; peak RSS from `/usr/bin/time -v` when present,
-else from resource.getrusage(RUSAGE_CHILDREN) in a one-child wrapper process.
-Prints a markdown table.  Not part of the test suite.
+Generates once, into DIR (default <repo>/target/bench/<shape>; reused while its stamp matches):
+    model/    LLaMA-shaped bf16 model, TinyLlama-1.1B's shape: hidden 2048, intermediate 5632,
+              22 layers, 32 heads (4 kv heads), vocab 32000, untied: 1.1B parameters, 2.2 GB in
+              4 shards + index (about a third of the weights each; written one at a time)
+    lora_a/   r=16, alpha=32 on all seven projections (random non-zero A and B, f32)
+    lora_b/   r=8, alpha=16 on q_proj and v_proj
+    a.toml    base + A                 ab.toml   base + A + B (B's weight rewritten per run)
+then measures, RUNS times each, with a warm page cache (median, min, max wall time; peak RSS):
+    1 cp -r                  copying the model folder: the floor for any tool writing a new model
+    2 modelforge cold        `build a.toml` with a new, empty cache (inputs hashed, all computed)
+    3 modelforge no-op       the same build again: nothing changed
+    4 modelforge B changed   `build ab.toml` after changing B's weight (to a value never built):
+                             only the tensors B touches are recomputed
+    5 PEFT                   load (bf16), PeftModel.from_pretrained(A), merge_and_unload, save_pretrained
+    6 mergekit               mergekit-yaml passthrough of `model+lora_a`, a new --lora-merge-cache
+and checks that the outputs agree: every cold build gives the same bytes, the incremental A+B
+build equals a build of the same recipe from an empty cache, and modelforge's tensors equal
+PEFT's and mergekit's bit for bit.
 
-    .venv/bin/python bench/bench_fuse.py [DIR] [--runs 3] [--bin PATH] [--skip-peft]
+Each command runs under a one-child wrapper (a small Python) that times it and reads
+getrusage(RUSAGE_CHILDREN): the peak RSS of the largest process in the command's tree that was
+waited for (modelforge's engine included). modelforge's own `--json` summary adds its
+per-process peaks and per-phase times. Outputs agree "to bf16 rounding" when no element differs
+by more than one ulp: a rank-16 product summed in another order can land on the other side of a
+rounding boundary (measured: one element of 1.1B, where PEFT's full-matrix product and
+modelforge's block product differ by 2e-10).
+Prints markdown tables. Not part of the test suite.
+
+    .venv/bin/python bench/bench_fuse.py [--runs 3] [--small | --layers N] [--skip-peft] [--skip-mergekit]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DIR = REPO / "target" / "bench"
-SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=32,
-             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-SHARD_BYTES = 500 * 1000 * 1000
+SHAPES = {
+    # TinyLlama-1.1B's shape.
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    # For developing this script: a few MB, seconds.
+    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=4000),
+}
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA = 16, 32
-STAMP_VERSION = "1"
+ADAPTERS = {  # name: (rank, alpha, target modules)
+    "lora_a": (16, 32, SEVEN),
+    "lora_b": (8, 16, ["q_proj", "v_proj"]),
+}
+STAMP_VERSION = "3"
 
 
 # --------------------------------------------------------------------------------------------
 # generation
 
 
-def generate(d: Path) -> None:
+def generate(d: Path, shape: dict) -> None:
     stamp = d / "generated.json"
-    want = {"version": STAMP_VERSION, "shape": SHAPE, "rank": RANK, "alpha": ALPHA}
+    want = {"version": STAMP_VERSION, "shape": shape,
+            "adapters": {k: [r, a, m] for k, (r, a, m) in ADAPTERS.items()}}
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         print(f"reusing {d}", file=sys.stderr)
         return
@@ -56,20 +78,21 @@ def generate(d: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
     from peft import LoraConfig
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    for sub in ("model", "lora"):
+    stamp.unlink(missing_ok=True)
+    for sub in ["model", *ADAPTERS]:
         shutil.rmtree(d / sub, ignore_errors=True)
-    model_dir, lora_dir = d / "model", d / "lora"
+    model_dir = d / "model"
     model_dir.mkdir(parents=True)
 
-    cfg = LlamaConfig(**SHAPE, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2)
     cfg.dtype = "bfloat16"
+    cfg.architectures = ["LlamaForCausalLM"]  # mergekit picks its architecture by this
     # The exact checkpoint names and shapes, from the real class built on the meta device.
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     cfg.save_pretrained(str(model_dir))
-
     g = torch.Generator().manual_seed(0)
 
     def tensor(name, shape):
@@ -79,52 +102,58 @@ def generate(d: Path) -> None:
             t = 0.02 * torch.randn(shape, generator=g)
         return t.to(torch.bfloat16)
 
-    # group into shards of at most SHARD_BYTES, in state-dict order
+    # Shards of about a third of the weights, in state-dict order.
+    total = sum(2 * int(torch.Size(s).numel()) for s in shapes.values())
+    shard_bytes = total // 3 + 1
     groups, cur, cur_bytes = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = 2 * int(torch.Size(shape).numel())
-        if cur and cur_bytes + nbytes > SHARD_BYTES:
+    for name, shape_ in shapes.items():
+        nbytes = 2 * int(torch.Size(shape_).numel())
+        if cur and cur_bytes + nbytes > shard_bytes:
             groups.append(cur)
             cur, cur_bytes = [], 0
         cur.append(name)
         cur_bytes += nbytes
     groups.append(cur)
-    weight_map, total = {}, 0
+    weight_map = {}
     for i, names in enumerate(groups):
         fn = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {n: tensor(n, shapes[n]) for n in names}
         save_file(tensors, str(model_dir / fn), metadata={"format": "pt"})
-        for n, t in tensors.items():
-            weight_map[n] = fn
-            total += t.numel() * 2
+        weight_map.update((n, fn) for n in names)
         del tensors
     (model_dir / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
-    # adapter
-    lcfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=SEVEN,
-                      base_model_name_or_path=str(model_dir))
-    lcfg.save_pretrained(str(lora_dir))
-    acfg = json.loads((lora_dir / "adapter_config.json").read_text())
-    acfg["target_modules"] = sorted(acfg["target_modules"])
-    (lora_dir / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True))
-    lora = {}
-    for name, shape in shapes.items():
-        if not any(f".{m}." in name for m in SEVEN):
-            continue
-        out_f, in_f = shape
-        stem = "base_model.model." + name[: -len(".weight")]
-        lora[f"{stem}.lora_A.weight"] = torch.randn((RANK, in_f), generator=g) / in_f ** 0.5
-        lora[f"{stem}.lora_B.weight"] = 0.01 * torch.randn((out_f, RANK), generator=g)
-    save_file(lora, str(lora_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for sub, (rank, alpha, targets) in ADAPTERS.items():
+        out = d / sub
+        lcfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                          base_model_name_or_path=str(model_dir))
+        lcfg.save_pretrained(str(out))
+        acfg = json.loads((out / "adapter_config.json").read_text())
+        acfg["target_modules"] = sorted(acfg["target_modules"])
+        (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True))
+        lora = {}
+        for name, (out_f, *rest) in shapes.items():
+            if not any(f".{m}." in name for m in targets):
+                continue
+            in_f = rest[0]
+            stem = "base_model.model." + name[: -len(".weight")]
+            lora[f"{stem}.lora_A.weight"] = torch.randn((rank, in_f), generator=g) / in_f ** 0.5
+            lora[f"{stem}.lora_B.weight"] = 0.01 * torch.randn((out_f, rank), generator=g)
+        save_file(lora, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    (d / "recipe.toml").write_text(
-        '[base]\npath = "model"\n\n[[adapter]]\npath = "lora"\n\n'
-        '[output]\npath = "out-modelforge"\ndtype = "base"\n\n[build]\ndevice = "cpu"\n')
     stamp.write_text(json.dumps(want))
-    size = sum(p.stat().st_size for p in model_dir.iterdir())
-    print(f"generated {model_dir} ({size / 1e9:.2f} GB, {len(groups)} shards) and {lora_dir} "
-          f"in {time.time() - t0:.0f}s", file=sys.stderr)
+    print(f"generated {model_dir} ({total / 1e9:.2f} GB, {len(groups)} shards) and "
+          f"{', '.join(ADAPTERS)} in {time.time() - t0:.0f}s", file=sys.stderr)
+
+
+def write_recipes(d: Path, weight_b: float = 1.0) -> None:
+    tail = '[output]\npath = "{}"\ndtype = "base"\n\n[build]\ndevice = "cpu"\n'
+    (d / "a.toml").write_text(
+        '[base]\npath = "model"\n\n[[adapter]]\npath = "lora_a"\n\n' + tail.format("out-a"))
+    (d / "ab.toml").write_text(
+        '[base]\npath = "model"\n\n[[adapter]]\npath = "lora_a"\n\n'
+        f'[[adapter]]\npath = "lora_b"\nweight = {weight_b}\n\n' + tail.format("out-ab"))
 
 
 PEFT_SCRIPT = """\
@@ -139,35 +168,65 @@ m = PeftModel.from_pretrained(m, lora).merge_and_unload()
 m.save_pretrained(out)
 """
 
+# mergekit 0.1.5 writes `path+lora_path` as a model reference (ModelReference.validate_string);
+# the LoRA is merged by PEFT into --lora-merge-cache (keyed by path, so a new cache each run),
+# then the passthrough method copies that merged model's tensors into the output.
+MERGEKIT_CONFIG = """\
+merge_method: passthrough
+dtype: bfloat16
+models:
+  - model: {model}+{lora}
+"""
+
 
 # --------------------------------------------------------------------------------------------
 # measurement
 
-TIME_V = Path("/usr/bin/time")
-RUSAGE_WRAPPER = ("import resource, subprocess, sys\n"
-                  "rc = subprocess.run(sys.argv[1:]).returncode\n"
-                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
-                  "sys.exit(rc)\n")
+
+class Failed(Exception):
+    pass
 
 
-def measure(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one run of cmd."""
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        if TIME_V.exists():
-            full = [str(TIME_V), "-v", "-o", tf.name, *cmd]
-        else:
-            full = [sys.executable, "-c", RUSAGE_WRAPPER, *cmd]
-        t0 = time.perf_counter()
-        p = subprocess.run(full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wall = time.perf_counter() - t0
+# The one-child wrapper every measured command runs under. On Linux a process's peak RSS
+# (ru_maxrss) survives execve, so a child forked straight from this script, which has loaded
+# torch, would start at this script's peak; the wrapper execs a small Python first, and its
+# RUSAGE_CHILDREN then covers only the command and the children it waited for (modelforge's
+# engine included). It times the command itself, leaving out its own start.
+WRAPPER = """\
+import os, resource, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status = os.waitpid(pid, 0)
+wall = time.perf_counter() - t0
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+open(sys.argv[1], "w").write(f"{wall} {rss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in bytes of the command and its waited-for children, stdout)."""
+    cmd = [str(c) for c in cmd]
+    exe = shutil.which(cmd[0], path=(env or os.environ).get("PATH")) if "/" not in cmd[0] else cmd[0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rusage") as result:
+        p = subprocess.run([sys.executable, "-S", "-c", WRAPPER, result.name, exe, *cmd[1:]],
+                           cwd=cwd, stdout=out, stderr=err, env=env)
+        out.seek(0)
+        err.seek(0)
         if p.returncode != 0:
-            raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
-        if TIME_V.exists():
-            m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", Path(tf.name).read_text())
-            kb = int(m.group(1))
+            raise Failed(f"failed ({p.returncode}): {' '.join(cmd)}\n"
+                         f"{err.read().decode(errors='replace')[-3000:]}")
+        wall, rss = result.read().split()
+        return float(wall), int(rss), out.read().decode(errors="replace")
+
+
+def remove(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            kb = int(p.stderr.strip().splitlines()[-1])
-    return wall, kb / 1024.0
+            path.unlink(missing_ok=True)
 
 
 def warm(path: Path) -> None:
@@ -178,102 +237,255 @@ def warm(path: Path) -> None:
                     pass
 
 
-def compare_outputs(a: Path, b: Path, names: list[str]) -> str:
-    """Bitwise agreement of a few fused tensors between two outputs."""
+class Step:
+    def __init__(self, label: str):
+        self.label = label
+        self.walls: list[float] = []
+        self.rss: list[int] = []
+        self.summaries: list[dict] = []  # modelforge --json
+
+    def add(self, wall: float, rss: int, stdout: str = "") -> None:
+        self.walls.append(wall)
+        self.rss.append(rss)
+        if stdout.strip().startswith("{"):
+            self.summaries.append(json.loads(stdout))
+        extra = ""
+        if self.summaries and stdout:
+            s = self.summaries[-1]
+            extra = (f" (modelforge {s['peak_rss']['build'] / 2**20:.0f} MiB, engine "
+                     f"{(s['peak_rss'].get('engine') or 0) / 2**20:.0f} MiB; "
+                     f"{s['nodes']['computed']} computed)")
+        print(f"  {self.label} run {len(self.walls)}: {wall:.3f}s, {rss / 2**20:.0f} MiB{extra}",
+              file=sys.stderr, flush=True)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
+
+def lock_outputs(lock: Path) -> dict:
+    return tomllib.loads(lock.read_text())["outputs"]
+
+
+def compare_models(a: Path, b: Path) -> tuple[bool, str]:
+    """Every tensor of two model directories, bit for bit; equal "to bf16 rounding" when no
+    element differs by more than one bf16 ulp (a product summed in another order can land on
+    the other side of a rounding boundary)."""
     import torch
     from safetensors import safe_open
 
-    def get(d: Path, n: str):
+    def index(d: Path) -> dict[str, Path]:
         idx = d / "model.safetensors.index.json"
-        fn = json.loads(idx.read_text())["weight_map"][n] if idx.exists() else "model.safetensors"
-        with safe_open(str(d / fn), "pt") as f:
-            return f.get_tensor(n)
+        if idx.exists():
+            return {n: d / f for n, f in json.loads(idx.read_text())["weight_map"].items()}
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            return {n: d / "model.safetensors" for n in f.keys()}
 
-    same = tot = 0
-    worst = 0
-    for n in names:
-        x, y = get(a, n), get(b, n)
-        same += int((x == y).sum())
-        tot += x.numel()
-        xi, yi = x.view(torch.int16).int(), y.view(torch.int16).int()
-        xi = torch.where(xi < 0, -(xi & 0x7FFF), xi)
-        yi = torch.where(yi < 0, -(yi & 0x7FFF), yi)
-        worst = max(worst, int((xi - yi).abs().max()))
-    return f"{same}/{tot} elements bit-identical, worst {worst} ulp ({len(names)} fused tensors compared)"
+    ia, ib = index(a), index(b)
+    if set(ia) != set(ib):
+        only = sorted(set(ia) ^ set(ib))
+        return False, f"tensor names differ: {only[:5]}"
+    by_file: dict[tuple[Path, Path], list[str]] = {}
+    for n in ia:
+        by_file.setdefault((ia[n], ib[n]), []).append(n)
+    same_tensors, worst, differing, where = 0, 0, 0, []
+    for (fa, fb), names in sorted(by_file.items()):
+        with safe_open(str(fa), "pt") as ha, safe_open(str(fb), "pt") as hb:
+            for n in sorted(names):
+                x, y = ha.get_tensor(n), hb.get_tensor(n)
+                if x.shape != y.shape or x.dtype != y.dtype:
+                    return False, f"`{n}`: {x.dtype}{tuple(x.shape)} and {y.dtype}{tuple(y.shape)}"
+                if torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)):
+                    same_tensors += 1
+                    continue
+                ne = (x != y).nonzero()
+                differing += len(ne)
+                if len(where) < 3:
+                    at = tuple(ne[0].tolist())
+                    where.append(f"`{n}`{list(at)}: {x[at].item():.7g} vs {y[at].item():.7g}")
+                if x.dtype in (torch.bfloat16, torch.float16):
+                    xi, yi = x.view(torch.int16).int(), y.view(torch.int16).int()
+                    xi = torch.where(xi < 0, -(xi & 0x7FFF), xi)
+                    yi = torch.where(yi < 0, -(yi & 0x7FFF), yi)
+                    worst = max(worst, int((xi - yi).abs().max()))
+                else:
+                    worst = max(worst, 1 << 30)
+    total = len(ia)
+    if same_tensors == total:
+        return True, f"all {total} tensors bit-identical"
+    return worst <= 1, (f"{same_tensors}/{total} tensors bit-identical; {differing} element(s) differ, "
+                        f"worst by {worst} ulp: {'; '.join(where)}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def fmt_mib(b: float) -> str:
+    return f"{b / 2**20:,.0f}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dir", nargs="?", default=str(DEFAULT_DIR))
+    ap.add_argument("--dir", help="where to generate and work (default target/bench/<shape>)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--bin", default=os.environ.get("MODELFORGE_BIN", str(REPO / "target" / "debug" / "modelforge")))
+    ap.add_argument("--small", action="store_true", help="a tiny LLaMA shape, for trying the script")
+    ap.add_argument("--layers", type=int, help="number of layers (default: the shape's)")
+    ap.add_argument("--bin", default=os.environ.get("MODELFORGE_BIN", str(REPO / "target/release/modelforge")))
+    ap.add_argument("--no-build", action="store_true", help="do not run `cargo build --release` first")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--keep-outputs", action="store_true", help="leave the last run's outputs in DIR")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--generate-only", action="store_true", help="generate the inputs, measure nothing")
+    ap.add_argument("--keep-outputs", action="store_true", help="leave the outputs and caches in DIR")
     args = ap.parse_args(argv)
-    d = Path(args.dir).resolve()
+
+    shape = dict(SHAPES["small" if args.small else "tinyllama"])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    name = ("small" if args.small else "tinyllama") + (f"-{args.layers}l" if args.layers else "")
+    d = Path(args.dir or REPO / "target" / "bench" / name).resolve()
     d.mkdir(parents=True, exist_ok=True)
-    generate(d)
+    if not args.no_build:
+        print("cargo build --release", file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "modelforge",
+                        "--bin", "modelforge-engine"], cwd=REPO, check=True)
+    mf = str(Path(args.bin).resolve())
+    generate(d, shape)
+    if args.generate_only:
+        return 0
+    write_recipes(d)
     (d / "peft_merge.py").write_text(PEFT_SCRIPT)
+    (d / "mergekit.yml").write_text(MERGEKIT_CONFIG.format(model=d / "model", lora=d / "lora_a"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
     model = d / "model"
-    size_gb = sum(p.stat().st_size for p in model.iterdir()) / 1e9
-    # Each step: label, command, and what to remove before each run (so that every run does
-    # the whole job). The cold modelforge build also starts from an empty cache and no lock file;
-    # the no-op build runs on what the cold build left.
-    steps = [("cp -r", ["cp", "-r", "model", "out-cp"], [d / "out-cp"])]
-    if Path(args.bin).exists():
-        build = [args.bin, "build", "recipe.toml", "--quiet", "--cache", "bench-cache"]
-        steps.append(("modelforge build (cold cache)", build, [d / "out-modelforge", d / "bench-cache", d / "recipe.lock"]))
-        steps.append(("modelforge build (no-op)", build, []))
-    else:
-        print(f"note: no modelforge binary at {args.bin}; skipping it", file=sys.stderr)
-    if not args.skip_peft:
-        env_py = sys.executable
-        steps.append(("PEFT merge_and_unload + save", [env_py, "peft_merge.py", "model", "lora", "out-peft"],
-                      [d / "out-peft"]))
+    size = sum(p.stat().st_size for p in model.iterdir())
+    params = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
+    for p in [model, *(d / a for a in ADAPTERS)]:
+        warm(p)
+    steps: dict[str, Step] = {}
+    checks: list[tuple[str, bool, str]] = []
 
-    warm(model)
-    warm(d / "lora")
-    results = {}
-    for label, cmd, stale in steps:
-        walls, rss = [], []
+    def measure(key: str, label: str, cmd: list[str], before=None, env_=None) -> Step:
+        step = steps.setdefault(key, Step(label))
         for i in range(args.runs):
-            for path in stale:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-            w, r = measure(cmd, d)
-            walls.append(w)
-            rss.append(r)
-            print(f"  {label} run {i + 1}: {w:.2f}s, {r:.0f} MiB", file=sys.stderr, flush=True)
-        results[label] = (statistics.median(walls), statistics.median(rss), walls)
+            if before:
+                before(i)
+            step.add(*run(cmd, d, env_))
+        return step
 
-    agreement = ""
-    mf_out, peft_out = d / "out-modelforge", d / "out-peft"
-    if mf_out.exists() and peft_out.exists():
-        names = [f"model.layers.{i}.{m}.weight" for i in (0, 11)
-                 for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")]
-        agreement = compare_outputs(mf_out, peft_out, names)
+    def build(recipe: str, cache: str) -> list[str]:
+        return [mf, "build", recipe, "--quiet", "--json", "--cache", cache]
 
-    cpu = os.cpu_count()
-    print(f"\nFusing an r={RANK} LoRA (7 projections) into a {size_gb:.2f} GB bf16 LLaMA-shaped model "
-          f"(12 layers, hidden 2048); {cpu} CPUs, warm page cache, median of {args.runs} runs.\n")
-    print("| step | wall time (s) | peak RSS (MiB) | runs (s) |")
-    print("|---|---:|---:|---|")
-    for label, (w, r, walls) in results.items():
-        print(f"| {label} | {w:.2f} | {r:.0f} | {', '.join(f'{x:.2f}' for x in walls)} |")
-    if agreement:
-        print(f"\nmodelforge vs PEFT: {agreement}")
+    # 1. The floor.
+    measure("cp", "cp -r (floor)", ["cp", "-r", "model", "out-cp"], lambda i: remove(d / "out-cp"))
+    remove(d / "out-cp")
+
+    # 2. Cold: a new cache, no output, no lock; every run must give the same bytes.
+    cold_outputs = []
+
+    def cold(i):
+        if i:
+            cold_outputs.append(lock_outputs(d / "a.lock"))
+        remove(d / "out-a", d / "cache-a", d / "a.lock")
+
+    measure("cold", "modelforge, cold cache (A)", build("a.toml", "cache-a"), cold)
+    cold_outputs.append(lock_outputs(d / "a.lock"))
+    same = all(o == cold_outputs[0] for o in cold_outputs)
+    checks.append(("modelforge cold builds give identical outputs", same,
+                   f"{len(cold_outputs)} builds, {len(cold_outputs[0])} files"))
+
+    # 3. No-op.
+    measure("noop", "modelforge, no-op rebuild", build("a.toml", "cache-a"))
+
+    # 4. A+B built once (untimed); then each run changes B's weight to a value never built.
+    remove(d / "out-ab", d / "ab.lock")
+    run(build("ab.toml", "cache-a"), d)
+    weights = [round(0.9 - 0.05 * i, 2) for i in range(args.runs)]
+    measure("incr", "modelforge, B's weight changed (A+B)", build("ab.toml", "cache-a"),
+            lambda i: write_recipes(d, weights[i]))
+    incremental = lock_outputs(d / "ab.lock")
+    remove(d / "out-ab", d / "ab.lock", d / "cache-ab")
+    wall, rss, out = run(build("ab.toml", "cache-ab"), d)
+    print(f"  modelforge A+B from an empty cache: {wall:.2f}s, {rss / 2**20:.0f} MiB", file=sys.stderr)
+    checks.append(("incremental A+B build equals a build from an empty cache",
+                   incremental == lock_outputs(d / "ab.lock"),
+                   f"weight {weights[-1]}, {len(incremental)} files compared by blake3"))
     if not args.keep_outputs:
-        for _, _, stale in steps:
-            for path in stale:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-    return 0
+        remove(d / "out-ab", d / "cache-ab")
+
+    # 5. PEFT.
+    if not args.skip_peft:
+        measure("peft", "PEFT merge_and_unload + save_pretrained (A)",
+                [sys.executable, "peft_merge.py", "model", "lora_a", "out-peft"],
+                lambda i: remove(d / "out-peft"), env)
+        ok, what = compare_models(d / "out-a", d / "out-peft")
+        checks.append(("modelforge output equals PEFT's to bf16 rounding", ok, what))
+        if not args.keep_outputs:
+            remove(d / "out-peft")
+
+    # 6. mergekit.
+    if not args.skip_mergekit:
+        kit = Path(sys.executable).parent / "mergekit-yaml"
+        measure("mergekit", "mergekit base+lora (A)",
+                [str(kit), "mergekit.yml", str(d / "out-mergekit"), "--lora-merge-cache",
+                 str(d / "lora-merge-cache"), "--no-copy-tokenizer"],
+                lambda i: remove(d / "out-mergekit", d / "lora-merge-cache"), env)
+        ok, what = compare_models(d / "out-a", d / "out-mergekit")
+        checks.append(("modelforge output equals mergekit's to bf16 rounding", ok, what))
+        if not args.keep_outputs:
+            remove(d / "out-mergekit", d / "lora-merge-cache")
+
+    report(steps, checks, shape, size, params, args.runs)
+    if not args.keep_outputs:
+        remove(d / "out-a", d / "cache-a", d / "a.lock", d / "ab.lock")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def report(steps: dict[str, Step], checks, shape: dict, size: int, params: int, runs: int) -> None:
+    load = os.getloadavg()
+    floor = steps["cp"].median
+    peers = [(k, n) for k, n in (("cold", "modelforge cold"), ("peft", "PEFT"), ("mergekit", "mergekit"))
+             if k in steps]
+    print(f"\nLLaMA-shaped bf16 model ({params / 1e6:,.0f}M parameters, {size / 1e9:.2f} GB, "
+          f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}); adapter A r=16 on all "
+          f"seven projections, B r=8 on q/v. {os.cpu_count()} CPUs, warm page cache, {runs} runs each; "
+          f"load average at the end {load[0]:.1f}.\n")
+    head = "| step | median s | min s | max s | peak RSS MiB | × cp -r |" + "".join(
+        f" × {n} |" for _, n in peers)
+    print(head)
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(peers))
+    for key, step in steps.items():
+        row = (f"| {step.label} | {step.median:.3f} | {min(step.walls):.3f} | {max(step.walls):.3f} "
+               f"| {fmt_mib(statistics.median(step.rss))} | {step.median / floor:.2f} |")
+        for k, _ in peers:
+            row += f" {step.median / steps[k].median:.2f} |"
+        print(row)
+
+    with_summary = [s for s in steps.values() if s.summaries and s.summaries[0].get("phases")]
+    if with_summary:
+        print("\nmodelforge's own account (medians; `build --json`): seconds per phase, peak RSS per process\n")
+        print("| step | resolve | engine | assemble | commit | total | modelforge MiB | engine MiB | computed |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for s in with_summary:
+            med = lambda f: statistics.median(f(x) for x in s.summaries)  # noqa: E731
+            ph = {k: med(lambda x, k=k: x["phases"][k]) for k in ("resolve", "engine", "assemble", "commit")}
+            print(f"| {s.label} | {ph['resolve']:.2f} | {ph['engine']:.2f} | {ph['assemble']:.2f} | "
+                  f"{ph['commit']:.2f} | {med(lambda x: x['seconds']):.2f} | "
+                  f"{fmt_mib(med(lambda x: x['peak_rss']['build']))} | "
+                  f"{fmt_mib(med(lambda x: x['peak_rss'].get('engine') or 0))} | "
+                  f"{s.summaries[0]['nodes']['computed']}/{s.summaries[0]['nodes']['total']} |")
+        print("\n(resolve: recipe, inputs opened and hashed or found in the stat cache, node keys; "
+              "engine: its whole run, which overlaps assemble: the output written and its bytes "
+              "hashed while the engine computes; commit: the swap into place and cleanup.)")
+
+    print("\nChecks:\n")
+    for what, ok, detail in checks:
+        print(f"- {'ok' if ok else 'FAILED'}: {what} ({detail})")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Failed as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)

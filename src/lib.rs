@@ -10,6 +10,9 @@
 // the path that ends the program.
 #![allow(clippy::result_large_err)]
 
+/// Entry points for the micro-benchmarks in benches/; not a stable API.
+#[doc(hidden)]
+pub mod benching;
 pub mod cli;
 /// Entry points for the fuzz targets in fuzz/; not a stable API.
 #[doc(hidden)]

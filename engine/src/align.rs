@@ -23,7 +23,7 @@ const IDENTITY_PRIOR: f64 = 1e-3;
 const OVERLAP_FRACTION: usize = 8;
 
 /// Computes one step into a new cache object.
-pub(crate) fn step(
+pub fn step(
     backend: &Backend,
     store: &Store,
     inputs: &mut Inputs,
@@ -264,10 +264,7 @@ fn cached(
 }
 
 /// The bytes of the object a step wrote, checked against its digest.
-pub(crate) fn cached_bytes(
-    store: &Store,
-    key: &modelforge::digest::NodeKey,
-) -> Result<Vec<u8>, String> {
+pub fn cached_bytes(store: &Store, key: &modelforge::digest::NodeKey) -> Result<Vec<u8>, String> {
     let missing = || format!("the alignment node {} is missing from the cache", key.hex());
     let entry = store.action(key).ok_or_else(missing)?;
     let mut reader = VerifyingReader::open(store, &entry.tensor).ok_or_else(missing)?;

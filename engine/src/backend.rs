@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 /// The device tensors are computed on.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Backend {
+pub struct Backend {
     pub device: Device,
 }
 
@@ -118,7 +118,7 @@ fn load_cuda() -> Result<(), String> {
 }
 
 /// A result in its output dtype, and whether it is finite.
-pub(crate) struct Rounded {
+pub struct Rounded {
     pub bytes: Vec<u8>,
     /// The first element that is NaN or infinite, and which of them it is.
     pub non_finite: Option<(u64, &'static str)>,
@@ -320,12 +320,12 @@ impl Backend {
 }
 
 /// One delta's share of a block of rows.
-pub(crate) struct BlockDelta<'a> {
+pub struct BlockDelta<'a> {
     pub factor: f64,
     pub values: BlockValues<'a>,
 }
 
-pub(crate) enum BlockValues<'a> {
+pub enum BlockValues<'a> {
     LowRank {
         left: &'a [f32],
         right: &'a [f32],
@@ -342,7 +342,7 @@ fn tensor(bytes: &[u8], dtype: Dtype, shape: &[usize]) -> Tensor {
 }
 
 /// The LibTorch kind of a floating safetensors dtype (the plan admits no others here).
-pub(crate) fn kind(dtype: Dtype) -> Kind {
+pub fn kind(dtype: Dtype) -> Kind {
     match dtype {
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::backend::{Backend, BlockDelta, BlockValues, Rounded};
 
 /// Why a tensor could not be computed.
-pub(crate) enum FuseError {
+pub enum FuseError {
     Io(std::io::Error),
     /// The result holds NaN or infinity at this element, and the job asked for finite results.
     NonFinite {
@@ -40,7 +40,7 @@ fn accept(rounded: Rounded, offset: u64, check_finite: bool) -> Result<Vec<u8>, 
 
 /// Input files, opened once each.
 #[derive(Default)]
-pub(crate) struct Inputs {
+pub struct Inputs {
     files: HashMap<PathBuf, File>,
 }
 
@@ -262,7 +262,7 @@ fn open(path: &PathBuf) -> std::io::Result<File> {
 }
 
 /// Computes `tensor` into a new cache object.
-pub(crate) fn fuse(
+pub fn fuse(
     backend: &Backend,
     store: &Store,
     inputs: &mut Inputs,

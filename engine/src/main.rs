@@ -2,15 +2,12 @@
 //! block of rows by block of rows, writes each result into the cache, and answers one JSON line
 //! per finished tensor. It is the only modelforge program that loads LibTorch; `modelforge`
 //! starts it only when some tensor must be computed.
-mod align;
-mod backend;
-mod fuse;
-
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use modelforge::exec::job::{Done, Job, NonFinite, Reply};
 use modelforge::store::Store;
+use modelforge_engine::{align, backend, fuse};
 
 fn main() -> ExitCode {
     match run() {
