@@ -50,12 +50,20 @@ pub fn step(
             side,
             source,
             target,
+            layout,
             ..
         } => {
-            let (ws, wt) = (
-                oriented(load(source)?, *side),
-                oriented(load(target)?, *side),
-            );
+            let wt = load(target)?;
+            let wt = if layout.transposed { wt.tr() } else { wt };
+            let wt = match &layout.rows {
+                Some(rows) => {
+                    let ids: Vec<i64> = rows.iter().map(|&r| i64::from(r)).collect();
+                    let ids = Tensor::from_slice(&ids).to_device(backend.device);
+                    wt.f_index_select(0, &ids).map_err(|e| e.to_string())?
+                }
+                None => wt,
+            };
+            let (ws, wt) = (oriented(load(source)?, *side), oriented(wt, *side));
             let r = cached(backend, store, residual, ws.size()[1])?;
             let (m, overlap) = inner_map(&ws, &wt, &r)?;
             (vec![m], Some(overlap), None)

@@ -142,25 +142,6 @@ fn prepare(
             model: None,
         };
         prepared.push(match &delta.values {
-            DeltaValues::LowRank {
-                adapt: Some(Adapt::Aligned { node, rank }),
-                ..
-            } => {
-                // The aligned factors, A (rank × cols) then B (rows × rank), made by an
-                // alignment step of this job or an earlier build.
-                let bytes =
-                    crate::align::cached_bytes(store, node).map_err(std::io::Error::other)?;
-                let values =
-                    backend.f32_values(&bytes, safetensors::Dtype::F32, &[bytes.len() / 4]);
-                if values.len() != rank * (rows + cols) {
-                    return Err(std::io::Error::other(format!(
-                        "the aligned delta {} does not fit a {rows} × {cols} tensor at rank {rank}",
-                        node.hex()
-                    )));
-                }
-                let (a, b) = values.split_at(rank * cols);
-                plain(b.to_vec(), a.to_vec(), *rank)
-            }
             DeltaValues::Dense(v) => plain(load(v)?, Vec::new(), 0),
             DeltaValues::Model(m) => Prepared {
                 model: Some((open(&m.path)?, m.clone())),
@@ -170,74 +151,94 @@ fn prepare(
                 transposed,
                 a,
                 b,
-                rows,
+                rows: row_map,
                 rotary,
-                ..
-            } if rows.is_some() || rotary.is_some() => {
-                // A part of a fused tensor: B's rows (the delta's output features) scattered to
-                // where the part's are, zero elsewhere, so that the block loop sees one
-                // tensor-shaped delta. In a transposed target (GPT-2's Conv1D) they are columns:
-                // Δ = Aᵀ · (Bᵀ scattered into columns).
-                let (rank, inner, outer) = (a.shape[0], a.shape[1], b.shape[0]);
-                let (a, b) = (load(a)?, load(b)?);
-                let axis = usize::from(*transposed);
-                let total = tensor.origin.shape.get(axis).copied().unwrap_or(0);
-                let map = rows.unwrap_or(RowMap::Offset { offset: 0 });
-                let mut scattered = vec![0f32; total * rank];
-                for row in 0..outer {
-                    let from = rotary.map_or(row, |r| r.row(row));
-                    for to in map.targets(from) {
-                        if to >= total {
+                adapt,
+            } => {
+                // The factors in the LoRA's orientation: A (rank × inner), B (outer × rank).
+                let (rank, inner, a, b) = match adapt {
+                    Some(Adapt::Aligned { node, rank }) => {
+                        // Made by an alignment step of this job or an earlier build: A's then
+                        // B's f32 values, A as wide as the target's input side.
+                        let bytes = crate::align::cached_bytes(store, node)
+                            .map_err(std::io::Error::other)?;
+                        let values =
+                            backend.f32_values(&bytes, safetensors::Dtype::F32, &[bytes.len() / 4]);
+                        let inner = if *transposed { rows } else { cols };
+                        if *rank == 0
+                            || !values.len().is_multiple_of(*rank)
+                            || values.len() / rank <= inner
+                        {
                             return Err(std::io::Error::other(format!(
-                                "row {to} is outside the target's {total} rows"
+                                "the aligned delta {} does not fit a {rows} × {cols} tensor at rank {rank}",
+                                node.hex()
                             )));
                         }
-                        for k in 0..rank {
-                            let value = b[row * rank + k];
-                            if *transposed {
-                                scattered[k * total + to] = value;
-                            } else {
-                                scattered[to * rank + k] = value;
+                        let (a, b) = values.split_at(rank * inner);
+                        (*rank, inner, a.to_vec(), b.to_vec())
+                    }
+                    _ => (a.shape[0], a.shape[1], load(a)?, load(b)?),
+                };
+                let outer = b.len() / rank.max(1);
+                if row_map.is_some() || rotary.is_some() {
+                    // A part of a fused tensor: B's rows (the delta's output features)
+                    // scattered to where the part's are, zero elsewhere, so that the block loop
+                    // sees one tensor-shaped delta. In a transposed target (GPT-2's Conv1D) they
+                    // are columns: Δ = Aᵀ · (Bᵀ scattered into columns).
+                    let axis = usize::from(*transposed);
+                    let total = tensor.origin.shape.get(axis).copied().unwrap_or(0);
+                    let map = row_map.unwrap_or(RowMap::Offset { offset: 0 });
+                    let mut scattered = vec![0f32; total * rank];
+                    for row in 0..outer {
+                        let from = rotary.map_or(row, |r| r.row(row));
+                        for to in map.targets(from) {
+                            if to >= total {
+                                return Err(std::io::Error::other(format!(
+                                    "row {to} is outside the target's {total} rows"
+                                )));
+                            }
+                            for k in 0..rank {
+                                let value = b[row * rank + k];
+                                if *transposed {
+                                    scattered[k * total + to] = value;
+                                } else {
+                                    scattered[to * rank + k] = value;
+                                }
                             }
                         }
                     }
-                }
-                if *transposed {
-                    plain(backend.transpose(&a, rank, inner), scattered, rank)
+                    if *transposed {
+                        plain(backend.transpose(&a, rank, inner), scattered, rank)
+                    } else {
+                        plain(scattered, a, rank)
+                    }
                 } else {
-                    plain(scattered, a, rank)
-                }
-            }
-            DeltaValues::LowRank {
-                transposed,
-                a,
-                b,
-                adapt,
-                ..
-            } => {
-                let (rank, inner, outer) = (a.shape[0], a.shape[1], b.shape[0]);
-                let (a, b) = (load(a)?, load(b)?);
-                let (left, right) = if *transposed {
-                    // Δ = (B·A)ᵀ = Aᵀ·Bᵀ: rows of Aᵀ, all of Bᵀ.
-                    (
-                        backend.transpose(&a, rank, inner),
-                        backend.transpose(&b, outer, rank),
-                    )
-                } else {
-                    // Δ = B·A: rows of B, all of A.
-                    (b, a)
-                };
-                if *adapt == Some(Adapt::Fit) {
-                    // Made for other widths: its leading rows and columns, zeros after.
+                    let (left, right) = if *transposed {
+                        // Δ = (B·A)ᵀ = Aᵀ·Bᵀ: rows of Aᵀ, all of Bᵀ.
+                        (
+                            backend.transpose(&a, rank, inner),
+                            backend.transpose(&b, outer, rank),
+                        )
+                    } else {
+                        // Δ = B·A: rows of B, all of A.
+                        (b, a)
+                    };
                     let (left_rows, right_cols) =
                         (left.len() / rank.max(1), right.len() / rank.max(1));
-                    plain(
-                        fit(&left, left_rows, rank, rows, rank),
-                        fit(&right, rank, right_cols, rank, cols),
-                        rank,
-                    )
-                } else {
-                    plain(left, right, rank)
+                    if *adapt == Some(Adapt::Fit) {
+                        // Made for other widths: its leading rows and columns, zeros after.
+                        plain(
+                            fit(&left, left_rows, rank, rows, rank),
+                            fit(&right, rank, right_cols, rank, cols),
+                            rank,
+                        )
+                    } else if rank > 0 && (left_rows, right_cols) != (rows, cols) {
+                        return Err(std::io::Error::other(format!(
+                            "a delta of {left_rows} × {right_cols} does not fit the {rows} × {cols} tensor"
+                        )));
+                    } else {
+                        plain(left, right, rank)
+                    }
                 }
             }
         });

@@ -52,6 +52,9 @@ pub enum AlignStep {
         side: Side,
         source: Slice,
         target: Slice,
+        /// Where the module's weight sits in the target tensor.
+        #[serde(default)]
+        layout: Layout,
     },
     /// A LoRA module's B·A carried across: M·B·A·Rᵀ (input side) or R·B·A·Mᵀ (output side),
     /// re-factored to `rank`; the object holds A's then B's f32 bytes, the entry's `energy` is
@@ -73,6 +76,19 @@ pub enum AlignStep {
         b: Slice,
         to: [usize; 2],
     },
+}
+
+/// Where a module's weight sits in a target tensor: the whole tensor by default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Stored (in × out), as GPT-2's Conv1D: transposed before anything else.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transposed: bool,
+    /// The target's rows (output features, after any transposition) that make the module's
+    /// weight, in the order of the aligned delta's rows: the module's part of a fused tensor,
+    /// in the adapter's rotary convention. `None`: every row, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<u32>>,
 }
 
 impl AlignStep {

@@ -346,6 +346,7 @@ fn align_steps(res: &Resolution) -> Vec<job::AlignStep> {
             side: m.side,
             source: tensor(&m.source),
             target: tensor(&m.target),
+            layout: m.layout.clone(),
         });
     let deltas = align.deltas.iter().zip(&keys.deltas).map(|(d, key)| {
         let inner = &align.inners[d.inner];

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::exec::job::Side;
+use crate::exec::job::{Layout, Side};
 use crate::io::hf::HfModel;
 use crate::io::peft::LoraModule;
 use crate::io::safetensors::TensorMeta;
@@ -81,6 +81,8 @@ pub(crate) struct InnerPlan {
     pub side: Side,
     pub source: TensorRef,
     pub target: TensorRef,
+    /// Where the module's weight sits in `target`.
+    pub layout: Layout,
 }
 
 /// One LoRA module's delta, aligned.
@@ -164,10 +166,13 @@ impl Alignment {
         residual: usize,
         side: Side,
         source_tensor: &str,
-        target: TensorRef,
+        (target, layout): (TensorRef, Layout),
     ) -> Result<usize, String> {
         if let Some(i) = self.inners.iter().position(|m| {
-            m.residual == residual && m.source.name == source_tensor && m.target.name == target.name
+            m.residual == residual
+                && m.source.name == source_tensor
+                && m.target.name == target.name
+                && m.layout == layout
         }) {
             return Ok(i);
         }
@@ -187,20 +192,21 @@ impl Alignment {
             side,
             source,
             target,
+            layout,
         });
         Ok(self.inners.len() - 1)
     }
 
     /// Plans the aligned delta of one LoRA module (`adapter`'s `lora`, on `source_tensor` of
-    /// the source base) onto `target`: its inner map, shared with any other adapter on the
-    /// same weights, then the delta itself, re-factored to `rank` (default: its own).
-    /// Returns its index in `deltas`.
+    /// the source base) onto its weight in `target`, laid out there as `layout` says: its inner
+    /// map, shared with any other adapter on the same weights, then the delta itself,
+    /// re-factored to `rank` (default: its own). Returns its index in `deltas`.
     pub fn module(
         &mut self,
         residual: usize,
         side: Side,
         source_tensor: &str,
-        target: TensorRef,
+        target: (TensorRef, Layout),
         (adapter, lora): (usize, &LoraModule),
         rank: Option<usize>,
     ) -> Result<usize, String> {

@@ -135,14 +135,19 @@ impl AlignKeys {
             .inners
             .iter()
             .map(|m| {
-                NodeKey::of_value(&serde_json::json!({
+                let mut key = serde_json::json!({
                     "op": "inner_map",
                     "version": ALIGN_VERSION,
                     "residual": residuals[m.residual],
                     "side": m.side,
                     "source": tensor(&m.source),
                     "target": tensor(&m.target),
-                }))
+                });
+                // A whole, untransposed target keeps the key it had before layouts existed.
+                if m.layout != Default::default() {
+                    key["layout"] = serde_json::to_value(&m.layout).expect("a layout serialises");
+                }
+                NodeKey::of_value(&key)
             })
             .collect();
         let lora_file = |adapter: usize| match &plan.inputs.adapters[adapter] {

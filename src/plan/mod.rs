@@ -16,7 +16,7 @@ pub(crate) use graph::{BuildGraph, Status};
 pub(crate) use keys::{pathdiff, Keys, MergeKey, TensorKey};
 
 use crate::arch::{Place, Schema, Schemas};
-use crate::exec::job::RowMap;
+use crate::exec::job::{Layout, RowMap, Side};
 use crate::exec::rotary::{Rotary, RotaryMap};
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
@@ -409,6 +409,11 @@ impl Plan {
                 let mut rows = target.as_ref().and_then(|p| p.rows);
                 let part_rows = target.as_ref().and_then(|p| p.part_rows);
                 let role = source_role(module).map(|(role, _, _)| role);
+                let align_rank = match entry.dims.map {
+                    DimsMap::Align { rank } => Some(rank),
+                    _ => None,
+                };
+                let aligning = align_rank.is_some();
                 // Grouped-query k/v going into a layout of more kv heads: each source head's rows
                 // fill the target heads it serves (per head), or its share of the groups
                 // (stacked).
@@ -469,7 +474,17 @@ impl Plan {
                     }
                 }
                 let head_dim = dims.map_or(0, |d| d.head_dim);
-                if let (Some(part_rows), Some("attn.k" | "attn.v")) = (part_rows, role) {
+                // The rows the delta has when it reaches the fusion: an aligned one is made in
+                // the target's rows (of its part, once per group of repeated kv heads), whatever
+                // the source's head count.
+                let delta_rows = match (aligning, part_rows) {
+                    (false, _) => out,
+                    (true, Some(part_rows)) => part_rows / repeat,
+                    (true, None) => extent(out_axis),
+                };
+                if let (Some(part_rows), Some("attn.k" | "attn.v"), false) =
+                    (part_rows, role, aligning)
+                {
                     if out * repeat != part_rows && head_dim > 0 && out % head_dim == 0 {
                         return Err(PlanError::KvHeads {
                             adapter: name.clone(),
@@ -485,7 +500,7 @@ impl Plan {
                 // q and k rows carried into the base's rotary convention, head by head.
                 let rotary = match (by_role, source_role(module), target_schema) {
                     (true, Some((role, _, from)), Some(schema)) => {
-                        rotary_between(role, from, schema.rotary, head_dim, out).map_err(
+                        rotary_between(role, from, schema.rotary, head_dim, delta_rows).map_err(
                             |(from, to, reason)| PlanError::Rotary {
                                 adapter: name.clone(),
                                 module: source_module.to_string(),
@@ -517,14 +532,8 @@ impl Plan {
                 let mut adapt = None;
                 let mut dims_note = None;
                 match (rows, part_rows) {
-                    (Some(_), Some(_)) if matches!(entry.dims.map, DimsMap::Align { .. }) => {
-                        return Err(dims_error(
-                            format!("`{module}` goes into part of the fused tensor `{tensor}`; `dims = \"align\"` into fused tensors is not implemented yet"),
-                            "align into a base that keeps the module as a tensor of its own, or use `dims = \"exact\"`",
-                        ));
-                    }
                     // Into a part of a fused tensor: only linear layers, of the part's height.
-                    (Some(_), Some(part_rows)) => {
+                    (Some(_), Some(part_rows)) if !aligning => {
                         if kind == LoraKind::Embedding
                             || out * repeat != part_rows
                             || inner != extent(in_axis)
@@ -537,15 +546,82 @@ impl Plan {
                         }
                         warnings_mapped += 1;
                     }
+                    _ if aligning => {
+                        let source_tensor = format!("{source_module}.weight");
+                        let role = source_role(source_module).map(|(role, layer, _)| (role, layer));
+                        let Some((role, _)) = role.filter(|_| lora.kind == LoraKind::Linear) else {
+                            warnings.push(format!(
+                                "`{name}`: `{source_module}` is not a linear layer of a known architecture; `dims = \"align\"` has no map for it, so it is skipped"
+                            ));
+                            transfer.push(Fate::new(
+                                &name,
+                                source_module,
+                                "skipped: dims = align has no map for it (not a linear layer of a known architecture)".into(),
+                            ));
+                            continue;
+                        };
+                        if lora.bias.is_some() {
+                            return Err(dims_error(
+                                format!("`{source_module}` has a `lora_bias`, which `dims = \"align\"` does not map yet"),
+                                "skip the module with `modules = { <name> = \"skip\" }` or use `dims = \"truncate\"` or `\"pad\"`",
+                            ));
+                        }
+                        let side = dims::side_of(role);
+                        if rows.is_some() && side == Side::Output {
+                            return Err(dims_error(
+                                format!("`{module}` writes the residual stream but goes into part of the fused tensor `{tensor}`; `dims = \"align\"` maps only the input side of fused tensors"),
+                                "skip the module with `modules = { <name> = \"skip\" }`, or use `dims = \"truncate\"` or `\"pad\"`",
+                            ));
+                        }
+                        let Some(target_ref) = TensorRef::of(&base, &tensor) else {
+                            return Err(unknown(&tensor));
+                        };
+                        // The module's rows of the target (the first head of each group a
+                        // grouped kv head fills), in the adapter's rotary convention: the aligned
+                        // delta is then placed exactly as an exact one would be.
+                        let gather = (rows.is_some() || rotary.is_some()).then(|| {
+                            let map = rows.unwrap_or(RowMap::Offset { offset: 0 });
+                            (0..delta_rows)
+                                .filter_map(|row| {
+                                    map.targets(rotary.map_or(row, |r| r.row(row))).next()
+                                })
+                                .map(|row| row as u32)
+                                .collect::<Vec<u32>>()
+                        });
+                        let layout = Layout {
+                            transposed,
+                            rows: gather,
+                        };
+                        let aligned = align
+                            .module(
+                                residual.expect("align plans a residual map per adapter"),
+                                side,
+                                &source_tensor,
+                                (target_ref, layout),
+                                (index, lora),
+                                align_rank.flatten(),
+                            )
+                            .map_err(|m| {
+                                dims_error(
+                                    m,
+                                    "`source` must be the base the adapter was trained on",
+                                )
+                            })?;
+                        if rows.is_some() {
+                            warnings_mapped += 1;
+                        }
+                        adapt = Some(Adapt::Aligned(aligned));
+                        dims_note = Some(align.describe(aligned));
+                    }
                     _ => {
                         let delta_shape = match kind {
                             LoraKind::Linear => vec![out, inner],
                             LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
                         };
                         match entry.dims.map {
-                            _ if delta_shape == plan.out.shape
-                                && !matches!(entry.dims.map, DimsMap::Align { .. }) => {}
-                            DimsMap::Exact => {
+                            _ if delta_shape == plan.out.shape => {}
+                            // (`align` was planned above.)
+                            DimsMap::Exact | DimsMap::Align { .. } => {
                                 return Err(shape_error(&tensor, delta_shape, &plan.out.shape));
                             }
                             DimsMap::Truncate | DimsMap::Pad => {
@@ -585,50 +661,6 @@ impl Plan {
                                     if truncate { "truncate" } else { "pad" },
                                     plan.out.shape
                                 ));
-                            }
-                            DimsMap::Align { rank } => {
-                                let source_tensor = format!("{source_module}.weight");
-                                let role = source_role(source_module)
-                                    .map(|(role, layer, _)| (role, layer));
-                                let Some((role, _)) =
-                                    role.filter(|_| lora.kind == LoraKind::Linear)
-                                else {
-                                    warnings.push(format!(
-                                        "`{name}`: `{source_module}` is not a linear layer of a known architecture; `dims = \"align\"` has no map for it, so it is skipped"
-                                    ));
-                                    transfer.push(Fate::new(
-                                        &name,
-                                        source_module,
-                                        "skipped: dims = align has no map for it (not a linear layer of a known architecture)".into(),
-                                    ));
-                                    continue;
-                                };
-                                if lora.bias.is_some() {
-                                    return Err(dims_error(
-                                        format!("`{source_module}` has a `lora_bias`, which `dims = \"align\"` does not map yet"),
-                                        "skip the module with `modules = { <name> = \"skip\" }` or use `dims = \"truncate\"` or `\"pad\"`",
-                                    ));
-                                }
-                                let Some(target_ref) = TensorRef::of(&base, &tensor) else {
-                                    return Err(unknown(&tensor));
-                                };
-                                let aligned = align
-                                    .module(
-                                        residual.expect("align plans a residual map per adapter"),
-                                        dims::side_of(role),
-                                        &source_tensor,
-                                        target_ref,
-                                        (index, lora),
-                                        rank,
-                                    )
-                                    .map_err(|m| {
-                                        dims_error(
-                                            m,
-                                            "`source` must be the base the adapter was trained on",
-                                        )
-                                    })?;
-                                adapt = Some(Adapt::Aligned(aligned));
-                                dims_note = Some(align.describe(aligned));
                             }
                         }
                     }
