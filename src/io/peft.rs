@@ -92,6 +92,13 @@ impl PeftAdapter {
             return Err(InputError::EmptyAdapter { path: weights_path });
         }
         let (modules, replacements) = read_modules(&file, &config)?;
+        if let Some(message) = config.matches_none(modules.keys()) {
+            return Err(InputError::BadConfig {
+                path: config_path,
+                message,
+                help: format!("the config and {WEIGHTS} disagree, so the adapter was saved from another configuration than its weights: correct `target_modules`, or save the adapter again with PEFT"),
+            });
+        }
         Ok(PeftAdapter {
             dir: dir.to_owned(),
             config,
@@ -250,6 +257,43 @@ impl LoraConfig {
         let r = pattern_lookup(&self.rank_pattern, module).unwrap_or(self.r);
         let alpha = pattern_lookup(&self.alpha_pattern, module).unwrap_or(self.alpha);
         (r, alpha)
+    }
+
+    /// Why `target_modules` contradicts the LoRA modules the weights hold, when it names
+    /// modules (a list, or one regular expression) and matches none of them; PEFT would inject
+    /// no layer to load those weights into. `"all-linear"` and a missing key match anything.
+    pub fn matches_none<'a>(
+        &self,
+        mut modules: impl Iterator<Item = &'a String>,
+    ) -> Option<String> {
+        let first = modules.next()?;
+        let matches = |module: &str| match &self.target_modules {
+            Value::String(all) if all == "all-linear" => true,
+            // PEFT: `re.fullmatch(target_modules, key)`.
+            Value::String(pattern) => regex::Regex::new(&format!("^(?:{pattern})$"))
+                .map(|re| re.is_match(module))
+                .unwrap_or(false),
+            // PEFT: the key itself, or its last dotted parts.
+            Value::Array(names) => names
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|name| module == name || module.ends_with(&format!(".{name}"))),
+            _ => true,
+        };
+        if matches(first) {
+            return None;
+        }
+        let mut count = 1;
+        for module in modules {
+            if matches(module) {
+                return None;
+            }
+            count += 1;
+        }
+        Some(format!(
+            "`target_modules` is `{}`, which matches none of the {count} LoRA modules of its weights (the first is `{first}`)",
+            shown(&self.target_modules)
+        ))
     }
 
     pub fn scaling(&self, rank: usize, alpha: f64) -> f64 {

@@ -55,7 +55,17 @@ fn one_tensor(entry: &str, data: usize) -> Vec<u8> {
 }
 
 /// An adapter written tensor by tensor (F32), with `config` over the default adapter_config.json.
-fn adapter_of(ws: &Workspace, rel: &str, tensors: &[T], config: serde_json::Value) {
+fn adapter_of(ws: &Workspace, rel: &str, tensors: &[T], mut config: serde_json::Value) {
+    // `target_modules` as PEFT writes it, unless the test gives its own.
+    let mut targets: Vec<&str> = tensors
+        .iter()
+        .filter_map(|t| t.name.split(".lora_").next()?.rsplit('.').next())
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    if config.get("target_modules").is_none() {
+        config["target_modules"] = json!(targets);
+    }
     ws.adapter(rel, &[], 2, config);
     ws.write(
         &format!("{rel}/adapter_model.safetensors"),
@@ -488,6 +498,20 @@ fn target_modules_is_a_number() {
 fn rank_differs_from_the_tensors() {
     let ws = built();
     adapter_config(&ws, json!({"r": 16}));
+    assert_snapshot!(refused(&ws, GOOD));
+}
+
+#[test]
+fn target_modules_match_none_of_the_adapters_weights() {
+    let ws = built();
+    adapter_config(&ws, json!({"target_modules": ["o_proj", "gate_proj"]}));
+    assert_snapshot!(refused(&ws, GOOD));
+}
+
+#[test]
+fn target_modules_pattern_matches_none_of_the_adapters_weights() {
+    let ws = built();
+    adapter_config(&ws, json!({"target_modules": ".*\\.mlp\\..*"}));
     assert_snapshot!(refused(&ws, GOOD));
 }
 

@@ -224,3 +224,67 @@ fn a_disk_that_fills_while_the_output_is_written() {
     ws.ok(&["build", "recipe.toml", "--quiet"]);
     ws.ok(&["verify", "recipe.toml"]);
 }
+
+/// A read-only output disk: the output's folder bind-mounted read-only in a mount namespace of
+/// the build's own (`unshare`, which works unprivileged too). Root ignores file modes, so a
+/// read-only mount is the honest simulation where the tests run as root.
+#[test]
+fn a_read_only_output_disk() {
+    let ws = workspace();
+    let recipe = |weight: f64| {
+        ws.write(
+            "recipe.toml",
+            format!("[base]\npath = \"base\"\n[[adapter]]\npath = \"lora\"\nweight = {weight:?}\n[output]\npath = \"disk/out\"\n"),
+        )
+    };
+    // `sh -c SCRIPT sh BIN ARGS...`: mount `disk` read-only over itself, then run the build.
+    let read_only = |args: &[&str]| {
+        std::process::Command::new("unshare")
+            .args(["-rm", "sh", "-c"])
+            .arg("mount --bind disk disk && mount -o remount,bind,ro disk && exec \"$@\"")
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_modelforge"))
+            .args(args)
+            .current_dir(ws.path(""))
+            .env("NO_COLOR", "1")
+            .env("COLUMNS", "100")
+            .output()
+            .unwrap()
+    };
+    std::fs::create_dir(ws.path("disk")).unwrap();
+    let probe = read_only(&["--version"]);
+    if !probe.status.success() {
+        eprintln!(
+            "SKIPPED: no mount namespace to make a read-only disk in: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        return;
+    }
+    recipe(0.5);
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    let output = std::fs::read(ws.path("disk/out/model.safetensors")).unwrap();
+    let lock = std::fs::read(ws.path("recipe.lock")).unwrap();
+
+    recipe(2.0);
+    let run = read_only(&["build", "recipe.toml"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "the build succeeded");
+    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    assert!(stderr.contains("modelforge::exec::output"), "{stderr}");
+    assert_eq!(
+        output,
+        std::fs::read(ws.path("disk/out/model.safetensors")).unwrap()
+    );
+    assert_eq!(lock, std::fs::read(ws.path("recipe.lock")).unwrap());
+    assert_eq!(ws.leftovers(), Vec::<std::path::PathBuf>::new());
+    let report: Value =
+        serde_json::from_str(&ws.ok(&["cache", "verify", "--json", "--cache", "cache"])).unwrap();
+    assert_eq!(report["bad_objects"], json!([]), "{report}");
+    // Writable again, the same build succeeds.
+    ws.ok(&["build", "recipe.toml", "--quiet"]);
+    ws.ok(&["verify", "recipe.toml"]);
+    assert_ne!(
+        output,
+        std::fs::read(ws.path("disk/out/model.safetensors")).unwrap()
+    );
+}

@@ -179,11 +179,18 @@ impl Workspace {
         r: usize,
         config: serde_json::Value,
     ) {
+        // As PEFT writes it: the modules' last names, once each.
+        let mut targets: Vec<&str> = modules
+            .iter()
+            .map(|(m, _, _)| m.rsplit('.').next().unwrap_or(m))
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
         let mut base = serde_json::json!({
             "peft_type": "LORA",
             "r": r,
             "lora_alpha": 2 * r,
-            "target_modules": ["q_proj", "v_proj"],
+            "target_modules": targets,
             "base_model_name_or_path": "tiny-llama",
         });
         if let (Some(base), Some(extra)) = (base.as_object_mut(), config.as_object()) {
