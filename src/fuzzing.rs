@@ -116,6 +116,12 @@ pub fn arch_schema(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads a SentencePiece model file (`tokenizer.model`, `ice_text.model`) as alignment does:
+/// its pieces, or why it cannot be read.
+pub fn sentencepiece(bytes: &[u8]) -> Result<usize, String> {
+    crate::io::sentencepiece::pieces(bytes).map(|pieces| pieces.len())
+}
+
 /// The report a person would see, without colour.
 fn render(diagnostic: &dyn Diagnostic) -> String {
     let mut out = String::new();

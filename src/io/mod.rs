@@ -6,6 +6,7 @@ pub(crate) mod hf;
 pub(crate) mod paths;
 pub(crate) mod peft;
 pub(crate) mod safetensors;
+pub(crate) mod sentencepiece;
 pub(crate) mod size;
 pub(crate) mod writer;
 

@@ -45,8 +45,8 @@ impl TensorRef {
 /// How the shared tokens were found.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum TokenMatch {
-    /// By string, through both bases' tokenizer.json vocabularies.
-    ByString,
+    /// By string, through both bases' vocabularies: the files they were read from.
+    ByString { source: String, target: String },
     /// By id: neither base has a vocabulary to read, and their embeddings have as many rows.
     ById,
 }
@@ -66,9 +66,14 @@ pub(crate) struct ResidualPlan {
 impl ResidualPlan {
     /// How the report describes it.
     pub fn describe(&self) -> String {
-        let how = match self.matched {
-            TokenMatch::ByString => "matched by string (tokenizer.json)",
-            TokenMatch::ById => "matched by id (no tokenizer.json; same vocabulary size)",
+        let how = match &self.matched {
+            TokenMatch::ByString { source, target } if source == target => {
+                format!("matched by string ({source})")
+            }
+            TokenMatch::ByString { source, target } => {
+                format!("matched by string ({source}, {target})")
+            }
+            TokenMatch::ById => "matched by id (no vocabulary file; same vocabulary size)".into(),
         };
         format!("{} shared tokens {how}", self.pairs.len())
     }
@@ -135,14 +140,17 @@ impl Alignment {
         let (s, t) = (embedding(&source, "source")?, embedding(target, "target")?);
         let (s_rows, t_rows) = (s.meta.shape[0], t.meta.shape[0]);
         let (pairs, matched) = match (vocabulary(dir)?, vocabulary(&target.dir)?) {
-            (Some(sv), Some(tv)) => (shared_tokens(&sv, &tv, s_rows, t_rows), TokenMatch::ByString),
+            (Some((sv, source)), Some((tv, target))) => (
+                shared_tokens(&sv, &tv, s_rows, t_rows),
+                TokenMatch::ByString { source, target },
+            ),
             _ if s_rows == t_rows => (
                 (0..s_rows as u32).map(|i| [i, i]).collect(),
                 TokenMatch::ById,
             ),
             _ => {
                 return Err(format!(
-                    "the two bases' embeddings have {s_rows} and {t_rows} rows, and they do not both have a tokenizer.json to match tokens by"
+                    "the two bases' embeddings have {s_rows} and {t_rows} rows, and they do not both have a vocabulary to match tokens by (tokenizer.json, or a SentencePiece tokenizer.model or ice_text.model)"
                 ))
             }
         };
@@ -279,13 +287,77 @@ fn embedding(model: &HfModel) -> Option<TensorRef> {
     TensorRef::of(model, name)
 }
 
-/// A base's vocabulary (token string → id) from its tokenizer.json, when it has one.
-fn vocabulary(dir: &Path) -> Result<Option<BTreeMap<String, u32>>, String> {
+/// SentencePiece model files, by the names models ship them under.
+const SENTENCEPIECE: &[&str] = &["tokenizer.model", "ice_text.model"];
+
+/// A base's vocabulary (token string → id in its embedding) and the file it was read from:
+/// tokenizer.json when it has one, else a SentencePiece model, whose ids are shifted by
+/// tokenizer_config.json's `num_image_tokens` where that is given (the first ChatGLM-6B release
+/// put 20,000 image tokens before the text pieces).
+type Vocabulary = (BTreeMap<String, u32>, String);
+
+fn vocabulary(dir: &Path) -> Result<Option<Vocabulary>, String> {
     let path = dir.join("tokenizer.json");
+    if crate::io::hf::present(&path).map_err(|e| e.to_string())? {
+        return tokenizer_json(&path).map(|v| Some((v, "tokenizer.json".into())));
+    }
+    for name in SENTENCEPIECE {
+        let path = dir.join(name);
+        if crate::io::hf::present(&path).map_err(|e| e.to_string())? {
+            let offset = image_tokens(dir)?;
+            let pieces = sentencepiece(&path)?;
+            let mut vocab = BTreeMap::new();
+            for (id, piece) in pieces.into_iter().enumerate() {
+                let id = u32::try_from(id as u64 + offset)
+                    .map_err(|_| format!("`{}` has too many pieces", path.display()))?;
+                vocab.entry(piece).or_insert(id);
+            }
+            return Ok(Some((vocab, (*name).to_owned())));
+        }
+    }
+    Ok(None)
+}
+
+/// The pieces of a SentencePiece model file.
+fn sentencepiece(path: &Path) -> Result<Vec<String>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() || meta.len() > crate::io::sentencepiece::MAX_LEN {
+        return Err(format!(
+            "`{}` is not a SentencePiece model file of at most {} MB",
+            path.display(),
+            crate::io::sentencepiece::MAX_LEN >> 20
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::io::sentencepiece::pieces(&bytes).map_err(|e| {
+        format!(
+            "`{}` is not a readable SentencePiece model: {e}",
+            path.display()
+        )
+    })
+}
+
+/// tokenizer_config.json's `num_image_tokens`, 0 when it does not say.
+fn image_tokens(dir: &Path) -> Result<u64, String> {
+    let path = dir.join("tokenizer_config.json");
     if !crate::io::hf::present(&path).map_err(|e| e.to_string())? {
-        return Ok(None);
+        return Ok(0);
     }
     let json = crate::io::hf::read_json(&path).map_err(|e| e.to_string())?;
+    match json.get("num_image_tokens") {
+        None | Some(Value::Null) => Ok(0),
+        Some(n) => n.as_u64().ok_or_else(|| {
+            format!(
+                "`{}`: `num_image_tokens` is not a whole number",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// The vocabulary of a tokenizer.json.
+fn tokenizer_json(path: &Path) -> Result<BTreeMap<String, u32>, String> {
+    let json = crate::io::hf::read_json(path).map_err(|e| e.to_string())?;
     let malformed = || format!("`{}` has no readable `model.vocab`", path.display());
     let mut vocab = BTreeMap::new();
     match json.pointer("/model/vocab") {
@@ -318,7 +390,7 @@ fn vocabulary(dir: &Path) -> Result<Option<BTreeMap<String, u32>>, String> {
             vocab.insert(token.to_owned(), id as u32);
         }
     }
-    Ok(Some(vocab))
+    Ok(vocab)
 }
 
 /// `[source id, target id]` of the tokens both vocabularies spell the same, within both

@@ -280,6 +280,45 @@ def test_tokens_are_matched_by_string(ws):
     assert min(cosine(got[n], ideal(n, d, q)) for n, d in deltas(ws).items()) >= 0.99
 
 
+def test_tokens_are_matched_through_a_sentencepiece_model(ws):
+    """A rotated target that has no tokenizer.json but a SentencePiece model, as ChatGLM-6B
+    ships it (`ice_text.model`), numbering the tokens differently and after 16 reserved rows
+    (`num_image_tokens` in tokenizer_config.json): the model file is written by the
+    sentencepiece package's own protobuf classes, and the residual map must still pair each
+    token's rows."""
+    ws, q = ws
+    import shutil
+    from sentencepiece import sentencepiece_model_pb2 as sp_model
+    reserved = 16
+    order = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(10))
+    state = load_file(ws / "rotated" / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        moved = torch.randn(VOCAB + reserved, WIDTH, generator=torch.Generator().manual_seed(12))
+        moved[reserved + order] = state[name]
+        state[name] = moved
+    target = ws / "sentencepiece"
+    shutil.copytree(ws / "rotated", target)
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    model = sp_model.ModelProto()
+    for token in order.argsort().tolist():  # piece j is the token that `order` sends to j
+        piece = model.pieces.add()
+        piece.piece, piece.score, piece.type = f"t{token}", -float(token), 1
+    (target / "ice_text.model").write_bytes(model.SerializeToString())
+    (target / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": reserved}))
+    if not (ws / "source-tok").exists():
+        shutil.copytree(ws / "source", ws / "source-tok")
+    vocab = {"model": {"type": "BPE", "vocab": {f"t{i}": i for i in range(VOCAB)}}}
+    (ws / "source-tok" / "tokenizer.json").write_text(json.dumps(vocab))
+    run = build(ws, "sentencepiece", "sentencepiece", "align", source="source-tok")
+    assert run.returncode == 0, run.stderr
+    figures = report(ws, "out-sentencepiece")
+    assert all("256 shared tokens matched by string (tokenizer.json, ice_text.model)" in r["dims"]
+               for r in figures.values()), figures
+    assert all(r["residual_fit"] < 1e-3 for r in figures.values()), figures
+    got = fused_deltas(ws, "out-sentencepiece", "sentencepiece")
+    assert min(cosine(got[n], ideal(n, d, q)) for n, d in deltas(ws).items()) >= 0.99
+
+
 def test_alignment_is_deterministic(ws):
     """The same inputs give the same bytes, from an empty cache too."""
     ws, _ = ws
