@@ -142,6 +142,23 @@ pub(crate) enum PlanError {
         span: SourceSpan,
     },
 
+    #[error("the adapter `{adapter}`'s `{module}` ({role}) has no counterpart in the base's architecture ({arch}), and the recipe asks for an error")]
+    #[diagnostic(
+        code(modelforge::plan::unmatched),
+        help("skip the module by name with `[adapter.map] modules = {{ {leaf} = \"skip\" }}`, or remove `unmatched = \"error\"` to skip every such module with a warning")
+    )]
+    Unmatched {
+        adapter: String,
+        module: String,
+        leaf: String,
+        role: String,
+        arch: String,
+        #[source_code]
+        src: Src,
+        #[label("this policy")]
+        span: SourceSpan,
+    },
+
     #[error("the adapter `{adapter}` has {source_heads} key/value heads in `{module}`, but the base's `{tensor}` has {target_heads}")]
     #[diagnostic(
         code(modelforge::plan::kv_heads),

@@ -374,6 +374,17 @@ impl Plan {
                 let target = places[module].clone();
                 if target.is_none() {
                     if let Some(role) = no_counterpart(module) {
+                        if let Some(span) = entry.refuse_unmatched {
+                            return Err(PlanError::Unmatched {
+                                adapter: name.clone(),
+                                module: source_module.to_string(),
+                                leaf: source_module.rsplit('.').next().unwrap_or_default().into(),
+                                role,
+                                arch: target_schema.map_or("?", |s| s.name.as_str()).into(),
+                                src: src.clone(),
+                                span,
+                            });
+                        }
                         warnings.push(format!(
                             "`{name}`: `{module}` ({role}) has no counterpart in the base's architecture; skipped"
                         ));

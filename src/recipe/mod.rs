@@ -151,6 +151,9 @@ pub(crate) struct AdapterEntry {
     pub dims: DimsChoice,
     /// Module names (last path components) the recipe skips.
     pub skip: Vec<String>,
+    /// `unmatched = "error"`, where it says so: a module whose role the base has no place for
+    /// fails the build instead of being skipped with a warning.
+    pub refuse_unmatched: Option<SourceSpan>,
     /// The span of the whole `[[adapter]]` table.
     pub span: SourceSpan,
 }
@@ -485,6 +488,7 @@ impl Checker {
             None => None,
         };
         let (map, skip) = self.layer_map(adapter.map.as_ref())?;
+        let refuse_unmatched = self.unmatched(adapter.map.as_ref())?;
         let dims = self.dims(adapter.map.as_ref(), source.is_some(), raw.span())?;
         Ok(AdapterEntry {
             entry,
@@ -494,6 +498,7 @@ impl Checker {
             map,
             dims,
             skip,
+            refuse_unmatched,
             span: raw.span().into(),
         })
     }
@@ -547,6 +552,25 @@ impl Checker {
             skip.push(module.clone());
         }
         Ok((map, skip))
+    }
+
+    /// `[adapter.map] unmatched`: the span of `"error"` when it is given.
+    fn unmatched(
+        &self,
+        raw: Option<&Spanned<schema::RawMap>>,
+    ) -> Result<Option<SourceSpan>, RecipeError> {
+        let Some(unmatched) = raw.and_then(|r| r.get_ref().unmatched.as_ref()) else {
+            return Ok(None);
+        };
+        match unmatched.get_ref().as_str() {
+            "skip" => Ok(None),
+            "error" => Ok(Some(unmatched.span().into())),
+            other => Err(self.invalid(
+                format!("unknown `unmatched` policy `{other}`"),
+                "use \"skip\" (the default: leave such a module out, with a warning) or \"error\" (fail the build)",
+                unmatched.span(),
+            )),
+        }
     }
 
     /// `[adapter.map] dims` and `rank`: how widths adapt. `align` needs the adapter's source

@@ -97,6 +97,10 @@ pub(crate) struct RawMap {
     /// Module name → "skip".
     #[serde(default)]
     pub modules: Option<std::collections::BTreeMap<String, Spanned<String>>>,
+    /// `"skip"` (default) or `"error"`: what becomes of a module whose role the base's
+    /// architecture has no place for.
+    #[serde(default)]
+    pub unmatched: Option<Spanned<String>>,
 }
 
 /// `"same"`, `"interpolate"`, `"truncate"`, or `{ 0 = 0, 1 = 0, ... }` (source → target).

@@ -277,3 +277,51 @@ fn an_adapter_whose_architecture_is_named() {
     let (_, q) = &plain["model.layers.1.self_attn.q_proj.weight"];
     assert_eq!(&fused["blocks.1.qv.weight"].1[..16], &q[..]);
 }
+
+/// An adapter on q, k and v into the stacked-qv base, whose schema has no k: the k deltas have
+/// no counterpart there.
+fn unmatched_k(policy: &str) -> (Workspace, String) {
+    let ws = workspace();
+    ws.write("stacked_qv.toml", STACKED_QV);
+    let modules: Vec<String> = (0..2)
+        .flat_map(|l| {
+            ["q_proj", "k_proj", "v_proj"].map(|m| format!("model.layers.{l}.self_attn.{m}"))
+        })
+        .collect();
+    let modules: Vec<(&str, usize, usize)> = modules.iter().map(|m| (m.as_str(), 4, 4)).collect();
+    ws.adapter("qkv", &modules, 2, serde_json::json!({}));
+    let recipe = format!(
+        "[base]\npath = \"qv\"\narch = \"stacked_qv\"\n\n[[adapter]]\npath = \"qkv\"\n\n[adapter.map]\n{policy}\n[output]\npath = \"out\"\n"
+    );
+    ws.write("recipe.toml", &recipe);
+    (ws, recipe)
+}
+
+#[test]
+fn a_module_without_counterpart_is_skipped_with_a_warning_by_default() {
+    let (ws, _) = unmatched_k("unmatched = \"skip\"\n");
+    let run = ws.run(&["build", "recipe.toml", "--arch", "stacked_qv.toml"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("(attn.k) has no counterpart"), "{stderr}");
+    let report = std::fs::read_to_string(ws.path("out/transfer.txt")).unwrap();
+    assert!(
+        report.contains("model.layers.1.self_attn.k_proj: skipped: attn.k has no counterpart"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_module_without_counterpart_fails_the_build_when_the_recipe_says_so() {
+    let (ws, _) = unmatched_k("unmatched = \"error\"\n");
+    let before = ws.snapshot_files();
+    let stderr = ws.fail(&["build", "recipe.toml", "--arch", "stacked_qv.toml"]);
+    assert_eq!(before, ws.snapshot_files(), "a failed build changed files");
+    assert_snapshot!(stderr);
+}
+
+#[test]
+fn unknown_unmatched_policy() {
+    let (ws, recipe) = unmatched_k("unmatched = \"warn\"\n");
+    assert_snapshot!(ws.refuse(&recipe));
+}
