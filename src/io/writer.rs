@@ -1,6 +1,7 @@
 //! Writing safetensors deterministically and as a stream: the header is computed from shapes
 //! alone, then tensor bytes are appended in header order, hashed on the way out. The same
 //! tensors always give the same bytes: names sorted, no timestamps, `format = pt` metadata.
+use super::write_behind::WriteBehind;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -95,7 +96,7 @@ pub(crate) fn index_json(shards: &[Shard]) -> Value {
 
 /// Writes one shard: header first, then each tensor's bytes in the shard's order.
 pub(crate) struct ShardWriter {
-    out: BufWriter<File>,
+    out: BufWriter<WriteBehind>,
     hasher: blake3::Hasher,
     /// Tensors still to write, with their byte counts.
     pending: VecDeque<(String, u64)>,
@@ -122,7 +123,7 @@ impl ShardWriter {
 
         let file = File::create(path)?;
         let mut writer = ShardWriter {
-            out: BufWriter::with_capacity(8 << 20, file),
+            out: BufWriter::with_capacity(8 << 20, WriteBehind::new(file, true)),
             hasher: blake3::Hasher::new(),
             pending: shard
                 .tensors
@@ -182,7 +183,7 @@ impl ShardWriter {
         }
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         if sync {
-            file.sync_all()?;
+            file.get_ref().sync_all()?;
         }
         Ok(self.hasher.finalize())
     }

@@ -17,6 +17,7 @@ mod check;
 mod gc;
 mod stat;
 
+use crate::io::write_behind::WriteBehind;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -101,7 +102,7 @@ impl Store {
         Ok(ObjectWriter {
             store: self.clone(),
             tmp: path,
-            out: BufWriter::with_capacity(4 << 20, file),
+            out: BufWriter::with_capacity(4 << 20, WriteBehind::new(file, false)),
             hasher: blake3::Hasher::new(),
             len: 0,
         })
@@ -215,7 +216,7 @@ fn process_alive(pid: i32) -> bool {
 pub struct ObjectWriter {
     store: Store,
     tmp: PathBuf,
-    out: BufWriter<File>,
+    out: BufWriter<WriteBehind>,
     hasher: blake3::Hasher,
     len: u64,
 }
@@ -234,7 +235,7 @@ impl ObjectWriter {
         let digest = TensorDigest::new(self.hasher.finalize());
         self.out.flush()?;
         if sync {
-            self.out.get_ref().sync_all()?;
+            self.out.get_ref().get_ref().sync_all()?;
         }
         let path = self.store.object_path(&digest);
         if let Some(parent) = path.parent() {
