@@ -321,39 +321,61 @@ pub fn fuse(
     }
 
     // Each block in flight holds its input, two f32 temporaries, its output and their copies
-    // across the LibTorch boundary: under 20 bytes an element; two blocks per thread keep the
-    // cores busy.
+    // across the LibTorch boundary: under 20 bytes an element. Two windows of two blocks per
+    // thread are in flight: one being computed, one being hashed and written by the writer.
     let in_flight = 2 * rayon::current_num_threads();
-    let block_elements = (budget / (20 * in_flight as u64)).clamp(1 << 16, 1 << 24) as usize;
+    let block_elements = (budget / (40 * in_flight as u64)).clamp(1 << 16, 1 << 24) as usize;
     let in_row_bytes = cols * origin.dtype.bitsize() / 8;
     let rows_per_block = (block_elements / cols).max(1);
     let blocks: Vec<(usize, usize)> = (0..rows)
         .step_by(rows_per_block)
         .map(|start| (start, rows_per_block.min(rows - start)))
         .collect();
-    for window in blocks.chunks(in_flight) {
-        let results: Vec<Result<Vec<u8>, FuseError>> = window
-            .par_iter()
-            .map(|&(start, n)| {
-                let mut base = vec![0u8; n * in_row_bytes];
-                file.read_exact_at(&mut base, origin.start + (start * in_row_bytes) as u64)?;
-                let models: Vec<Option<Vec<f32>>> = deltas
-                    .iter()
-                    .map(|d| d.model_rows(backend, start, n, cols))
-                    .collect::<Result<_, _>>()?;
-                let block: Vec<BlockDelta<'_>> = deltas
-                    .iter()
-                    .zip(&models)
-                    .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
+    // The writer hashes and writes one window while the next is computed; a closed channel
+    // means the other side failed, and its error is the one returned.
+    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(in_flight);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<ActionEntry> {
+            for bytes in receive {
+                out.write(&bytes)?;
+            }
+            out.finish(sync)
+        });
+        let computed = (|| -> Result<(), FuseError> {
+            for window in blocks.chunks(in_flight) {
+                let results: Vec<Result<Vec<u8>, FuseError>> = window
+                    .par_iter()
+                    .map(|&(start, n)| {
+                        let mut base = vec![0u8; n * in_row_bytes];
+                        file.read_exact_at(
+                            &mut base,
+                            origin.start + (start * in_row_bytes) as u64,
+                        )?;
+                        let models: Vec<Option<Vec<f32>>> = deltas
+                            .iter()
+                            .map(|d| d.model_rows(backend, start, n, cols))
+                            .collect::<Result<_, _>>()?;
+                        let block: Vec<BlockDelta<'_>> = deltas
+                            .iter()
+                            .zip(&models)
+                            .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
+                            .collect();
+                        let fused =
+                            backend.fuse_block(&base, origin.dtype, n, cols, &block, tensor.out_dtype);
+                        accept(fused, (start * cols) as u64, check_finite)
+                    })
                     .collect();
-                let fused =
-                    backend.fuse_block(&base, origin.dtype, n, cols, &block, tensor.out_dtype);
-                accept(fused, (start * cols) as u64, check_finite)
-            })
-            .collect();
-        for bytes in results {
-            out.write(&bytes?)?;
-        }
-    }
-    Ok(out.finish(sync)?)
+                for bytes in results {
+                    if send.send(bytes?).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })();
+        drop(send);
+        let written = writer.join().expect("the writer does not panic");
+        computed?;
+        Ok(written?)
+    })
 }
