@@ -13,8 +13,6 @@ use crate::io::writer::{self, ShardWriter};
 use crate::plan::{Origin, TensorPlan};
 use crate::store::VerifyingReader;
 
-/// Bytes moved per read.
-const CHUNK: usize = 8 << 20;
 
 pub(crate) enum Outcome {
     /// The output, complete but not yet in place.
@@ -118,7 +116,6 @@ fn write_model(
 
     let mut written = Vec::new();
     let mut corrupt = Vec::new();
-    let mut buf = vec![0u8; CHUNK];
     for shard in &shards {
         let path = staging.path().join(&shard.file_name);
         let mut out = ShardWriter::create(&path, shard).map_err(output_error(&path))?;
@@ -146,12 +143,8 @@ fn write_model(
                             meta,
                         ),
                     };
-                    let mut offset = 0;
-                    while offset < len {
-                        let n = CHUNK.min((len - offset) as usize);
-                        file.read_into(meta.start + offset, &mut buf[..n])?;
-                        out.write(&buf[..n]).map_err(output_error(&path))?;
-                        offset += n as u64;
+                    for window in file.windows(meta.start, len) {
+                        out.write(&window?).map_err(output_error(&path))?;
                     }
                 }
                 Some(key) => {
@@ -161,7 +154,8 @@ fn write_model(
                     let entry = res.store.action(key);
                     // What the engine computed in this build was hashed as it was written;
                     // what earlier builds left is checked against its digest as it is read.
-                    let open = match engine.is_some_and(|e| e.computed(key)) {
+                    let fresh = engine.is_some_and(|e| e.computed(key));
+                    let open = match fresh {
                         true => VerifyingReader::open_fresh,
                         false => VerifyingReader::open,
                     };
@@ -170,16 +164,16 @@ fn write_model(
                         corrupt.push(tensor.name.clone());
                         break;
                     };
-                    let mut offset = 0;
                     let mut ok = true;
-                    while offset < len {
-                        let n = CHUNK.min((len - offset) as usize);
-                        if reader.read_exact(&mut buf[..n]).is_err() {
+                    for window in reader.windows(len) {
+                        let Ok(window) = window else {
                             ok = false;
                             break;
-                        }
-                        out.write(&buf[..n]).map_err(output_error(&path))?;
-                        offset += n as u64;
+                        };
+                        out.write(&window).map_err(output_error(&path))?;
+                    }
+                    if fresh {
+                        reader.drop_pages();
                     }
                     if !(ok && reader.check()) {
                         res.store.evict(&entry.tensor);

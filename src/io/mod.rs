@@ -3,6 +3,7 @@
 pub(crate) mod atomic;
 pub(crate) mod error;
 pub(crate) mod hf;
+pub(crate) mod mapped;
 pub(crate) mod paths;
 pub(crate) mod peft;
 pub(crate) mod safetensors;

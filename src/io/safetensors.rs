@@ -92,6 +92,16 @@ impl SafetensorsFile {
             .map(|i| &self.tensors[i].1)
     }
 
+    /// The `len` bytes at `offset`, as windows of the file mapped one at a time.
+    pub fn windows(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Iterator<Item = Result<super::mapped::Window, InputError>> + '_ {
+        super::mapped::windows(&self.file, offset, len)
+            .map(|window| window.map_err(|e| InputError::io(&self.path, e)))
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), InputError> {
         self.file

@@ -236,6 +236,9 @@ impl ObjectWriter {
         self.out.flush()?;
         if sync {
             self.out.get_ref().get_ref().sync_all()?;
+        } else {
+            // Clean, so that the build reading it next can drop it from the page cache.
+            self.out.get_mut().settle()?;
         }
         let path = self.store.object_path(&digest);
         if let Some(parent) = path.parent() {
@@ -285,12 +288,36 @@ impl VerifyingReader {
         })
     }
 
+    /// The rest of the object (`len` bytes), as windows mapped one at a time, each hashed as
+    /// it is handed out.
+    pub fn windows(
+        &mut self,
+        len: u64,
+    ) -> impl Iterator<Item = std::io::Result<crate::io::mapped::Window>> + '_ {
+        use std::io::Seek;
+        let start = self.file.stream_position().unwrap_or(0);
+        // Past the end afterwards, so that `check` sees whether anything follows.
+        let _ = self.file.seek(std::io::SeekFrom::Current(len as i64));
+        let hasher = &mut self.hasher;
+        crate::io::mapped::windows(&self.file, start, len).map(move |window| {
+            if let (Ok(window), Some(hasher)) = (&window, hasher.as_mut()) {
+                crate::digest::hash_into(hasher, window);
+            }
+            window
+        })
+    }
+
     pub fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
         self.file.read_exact(buf)?;
         if let Some(hasher) = &mut self.hasher {
             crate::digest::hash_into(hasher, buf);
         }
         Ok(())
+    }
+
+    /// Drops the object's pages from the page cache (clean ones; only advice).
+    pub fn drop_pages(&self) {
+        crate::io::write_behind::drop_pages(&self.file, 0, 0);
     }
 
     /// True when every byte has been read and they hash to the object's name.
