@@ -464,19 +464,22 @@ def report(steps: dict[str, Step], checks, shape: dict, size: int, params: int, 
     with_summary = [s for s in steps.values() if s.summaries and s.summaries[0].get("phases")]
     if with_summary:
         print("\nmodelforge's own account (medians; `build --json`): seconds per phase, peak RSS per process\n")
-        print("| step | resolve | engine | assemble | commit | total | modelforge MiB | engine MiB | computed |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| step | resolve | engine | assemble | waiting | commit | total | modelforge MiB | engine MiB | computed |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for s in with_summary:
             med = lambda f: statistics.median(f(x) for x in s.summaries)  # noqa: E731
-            ph = {k: med(lambda x, k=k: x["phases"][k]) for k in ("resolve", "engine", "assemble", "commit")}
+            ph = {k: med(lambda x, k=k: x["phases"].get(k, 0.0))
+                  for k in ("resolve", "engine", "assemble", "waiting", "commit")}
             print(f"| {s.label} | {ph['resolve']:.2f} | {ph['engine']:.2f} | {ph['assemble']:.2f} | "
+                  f"{ph['waiting']:.2f} | "
                   f"{ph['commit']:.2f} | {med(lambda x: x['seconds']):.2f} | "
                   f"{fmt_mib(med(lambda x: x['peak_rss']['build']))} | "
                   f"{fmt_mib(med(lambda x: x['peak_rss'].get('engine') or 0))} | "
                   f"{s.summaries[0]['nodes']['computed']}/{s.summaries[0]['nodes']['total']} |")
         print("\n(resolve: recipe, inputs opened and hashed or found in the stat cache, node keys; "
               "engine: its whole run, which overlaps assemble: the output written and its bytes "
-              "hashed while the engine computes; commit: the swap into place and cleanup.)")
+              "hashed while the engine computes; waiting: of assemble, blocked on the engine's next "
+              "result; commit: the swap into place and cleanup.)")
 
     print("\nChecks:\n")
     for what, ok, detail in checks:

@@ -275,7 +275,7 @@ fn cached(
 pub fn cached_bytes(store: &Store, key: &modelforge::digest::NodeKey) -> Result<Vec<u8>, String> {
     let missing = || format!("the alignment node {} is missing from the cache", key.hex());
     let entry = store.action(key).ok_or_else(missing)?;
-    let mut reader = VerifyingReader::open(store, &entry.tensor).ok_or_else(missing)?;
+    let mut reader = VerifyingReader::open(store, &entry).ok_or_else(missing)?;
     let mut bytes = vec![0u8; entry.len as usize];
     reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
     if !reader.check() {

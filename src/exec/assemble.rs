@@ -10,6 +10,7 @@ use crate::digest::FileDigest;
 use crate::digest::NodeKey;
 use crate::io::atomic::{StagedFile, StagingDir};
 use crate::io::writer::{self, ShardWriter};
+use crate::io::safetensors::SafetensorsFile;
 use crate::plan::{Origin, TensorPlan};
 use crate::store::VerifyingReader;
 
@@ -53,6 +54,98 @@ impl Staged {
             dir.sync_parent();
         }
         Ok(old)
+    }
+}
+
+/// Where an output tensor's bytes come from.
+enum Source<'a> {
+    /// A tensor copied from an input file, at this offset.
+    Input(&'a SafetensorsFile, u64),
+    /// A computed tensor, from the cache.
+    Cached(&'a NodeKey),
+}
+
+impl<'a> Source<'a> {
+    fn input(res: &'a Resolution, plan: &'a TensorPlan) -> Self {
+        let name = &plan.out.name;
+        match &plan.origin {
+            Origin::Base(meta) => Source::Input(
+                res.plan
+                    .inputs
+                    .base
+                    .weights
+                    .get(name)
+                    .map(|(f, _)| f)
+                    .expect("planned"),
+                meta.start,
+            ),
+            Origin::Replacement { adapter, meta } => Source::Input(
+                res.plan.inputs.adapters[*adapter]
+                    .tensor_file(name)
+                    .expect("planned"),
+                meta.start,
+            ),
+        }
+    }
+}
+
+/// Asks the kernel to read the next [`READ_AHEAD`] bytes of sources into the page cache while
+/// the current ones are copied, so that inputs and cache objects not in memory come from the
+/// disk at its pace, overlapping the copying, instead of one page fault at a time. Tensors the
+/// engine has yet to compute are skipped: they will be in memory when ready.
+struct ReadAhead<'a> {
+    res: &'a Resolution,
+    /// Each source with its length, in write order.
+    sources: Vec<(&'a Source<'a>, u64)>,
+    /// Sources before this one have been asked for.
+    asked: usize,
+    /// The tensor being copied.
+    current: usize,
+}
+
+/// How far ahead of the copying sources are read.
+const READ_AHEAD: u64 = 128 << 20;
+
+impl<'a> ReadAhead<'a> {
+    fn new(
+        res: &'a Resolution,
+        sources: &'a [Source<'a>],
+        tensors: impl Iterator<Item = &'a writer::OutTensor>,
+    ) -> Self {
+        ReadAhead {
+            res,
+            sources: sources.iter().zip(tensors.map(|t| t.len())).collect(),
+            asked: 0,
+            current: 0,
+        }
+    }
+
+    /// Called as each tensor's copying starts.
+    fn next(&mut self) {
+        self.asked = self.asked.max(self.current);
+        let mut ahead: u64 = self.sources[self.current..self.asked]
+            .iter()
+            .map(|(_, len)| len)
+            .sum();
+        while self.asked < self.sources.len() && ahead < READ_AHEAD {
+            let (source, len) = self.sources[self.asked];
+            match source {
+                Source::Input(file, start) => file.will_need(*start, len),
+                Source::Cached(key) => {
+                    if let Some(file) = self
+                        .res
+                        .store
+                        .action(key)
+                        .and_then(|entry| self.res.store.open_object(&entry.tensor))
+                    {
+                        crate::io::mapped::will_need(&file, 0, len);
+                    }
+                }
+            }
+            ahead += len;
+            self.asked += 1;
+        }
+        self.current += 1;
     }
 }
 
@@ -105,61 +198,53 @@ fn write_model(
     let target = &target.to_path_buf();
     let staging = StagingDir::new(target).map_err(output_error(target))?;
     let shards = res.shards();
-    let plans: HashMap<&str, (&TensorPlan, Option<&crate::digest::NodeKey>)> = res
+    let plans: HashMap<&str, (&TensorPlan, Option<&NodeKey>)> = res
         .plan
         .tensors
         .iter()
         .zip(&res.keys.tensors)
         .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
         .collect();
+    let sources: Vec<Source> = shards
+        .iter()
+        .flat_map(|shard| &shard.tensors)
+        .map(|tensor| match plans[tensor.name.as_str()] {
+            (_, Some(key)) => Source::Cached(key),
+            (plan, None) => Source::input(res, plan),
+        })
+        .collect();
+    let mut read_ahead = ReadAhead::new(res, &sources, shards.iter().flat_map(|s| &s.tensors));
     let bar = super::progress_bar(res.plan.tensors.len(), "writing", progress);
 
     let mut written = Vec::new();
     let mut corrupt = Vec::new();
+    let mut sources = sources.iter();
     for shard in &shards {
         let path = staging.path().join(&shard.file_name);
         let mut out = ShardWriter::create(&path, shard).map_err(output_error(&path))?;
         for tensor in &shard.tensors {
-            let (plan, key) = plans[tensor.name.as_str()];
+            read_ahead.next();
             out.begin(&tensor.name).map_err(output_error(&path))?;
             let len = tensor.len();
-            match key {
-                None => {
-                    let (file, meta) = match &plan.origin {
-                        Origin::Base(meta) => (
-                            res.plan
-                                .inputs
-                                .base
-                                .weights
-                                .get(&tensor.name)
-                                .map(|(f, _)| f)
-                                .expect("planned"),
-                            meta,
-                        ),
-                        Origin::Replacement { adapter, meta } => (
-                            res.plan.inputs.adapters[*adapter]
-                                .tensor_file(&tensor.name)
-                                .expect("planned"),
-                            meta,
-                        ),
-                    };
-                    for window in file.windows(meta.start, len) {
+            match sources.next().expect("a source per tensor") {
+                Source::Input(file, start) => {
+                    for window in file.windows(*start, len) {
                         out.write(&window?).map_err(output_error(&path))?;
                     }
                 }
-                Some(key) => {
+                Source::Cached(key) => {
                     if !ready(engine, res, key) {
                         return Ok(Outcome::EngineStopped);
                     }
                     let entry = res.store.action(key);
                     // What the engine computed in this build was hashed as it was written;
-                    // what earlier builds left is checked against its digest as it is read.
+                    // what earlier builds left is checked as it is read.
                     let fresh = engine.is_some_and(|e| e.computed(key));
                     let open = match fresh {
                         true => VerifyingReader::open_fresh,
                         false => VerifyingReader::open,
                     };
-                    let reader = entry.and_then(|e| open(&res.store, &e.tensor).map(|r| (e, r)));
+                    let reader = entry.and_then(|e| open(&res.store, &e).map(|r| (e, r)));
                     let Some((entry, mut reader)) = reader.filter(|(e, _)| e.len == len) else {
                         corrupt.push(tensor.name.clone());
                         break;
@@ -171,9 +256,6 @@ fn write_model(
                             break;
                         };
                         out.write(&window).map_err(output_error(&path))?;
-                    }
-                    if fresh {
-                        reader.drop_pages();
                     }
                     if !(ok && reader.check()) {
                         res.store.evict(&entry.tensor);
@@ -304,7 +386,7 @@ fn write_adapter(
     // Both factors of a module come from one object: A's bytes, then B's.
     let mut bytes_of: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
     for (a_name, b_name, entry, tensor) in &objects {
-        let Some(mut reader) = VerifyingReader::open(&res.store, &entry.tensor) else {
+        let Some(mut reader) = VerifyingReader::open(&res.store, entry) else {
             return Ok(Outcome::Corrupt(vec![tensor.clone()]));
         };
         let mut all = vec![0u8; entry.len as usize];

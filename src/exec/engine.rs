@@ -44,6 +44,8 @@ struct State {
     closed: bool,
     /// How long the engine ran (until it closed its output).
     seconds: f64,
+    /// How long [`Engine::wait_for`] blocked, in all.
+    waited: f64,
 }
 
 /// What the engine did.
@@ -51,6 +53,8 @@ pub(crate) struct Run {
     /// The engine's peak resident memory, in bytes.
     pub peak_rss: u64,
     pub seconds: f64,
+    /// How long the build waited for the engine's results.
+    pub waited: f64,
 }
 
 impl Engine {
@@ -120,15 +124,18 @@ impl Engine {
     pub fn wait_for(&self, key: &NodeKey) -> bool {
         let (lock, changed) = &*self.state;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
+        let started = std::time::Instant::now();
+        let done = loop {
             if state.done.contains(key) {
-                return true;
+                break true;
             }
             if state.closed {
-                return false;
+                break false;
             }
             state = changed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
+        };
+        state.waited += started.elapsed().as_secs_f64();
+        done
     }
 
     /// Waits for the engine to exit; an error if it did not compute everything it was given.
@@ -163,6 +170,7 @@ impl Engine {
         Ok(Run {
             peak_rss,
             seconds: state.seconds,
+            waited: state.waited,
         })
     }
 }

@@ -109,6 +109,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
             let run = engine.finish()?;
             engine_peak = engine_peak.max(run.peak_rss);
             phases.engine += run.seconds;
+            phases.waiting += run.waited;
         }
         match outcome {
             assemble::Outcome::EngineStopped => {

@@ -53,6 +53,8 @@ pub(crate) struct Phases {
     pub engine: f64,
     /// Writing the output (from inputs and cache objects) into its staging directory.
     pub assemble: f64,
+    /// Of `assemble`, the time spent waiting for the engine's next result.
+    pub waiting: f64,
     /// Recording digests and removing the previous output, after the swap.
     pub commit: f64,
 }

@@ -62,15 +62,6 @@ impl WriteBehind {
         Ok(())
     }
 
-    /// Waits until everything written so far is on its way to the disk and clean in the page
-    /// cache (not a durability barrier: that is `sync_all`), so that a reader can drop it.
-    pub fn settle(&mut self) -> std::io::Result<()> {
-        self.settle_range(self.settled, self.written - self.settled)?;
-        self.settled = self.written;
-        self.submitted = self.written;
-        Ok(())
-    }
-
     fn settle_range(&self, start: u64, len: u64) -> std::io::Result<()> {
         if len == 0 {
             return Ok(());
@@ -83,7 +74,7 @@ impl WriteBehind {
                 | libc::SYNC_FILE_RANGE_WAIT_AFTER,
         )?;
         if self.drop_written {
-            drop_pages(&self.file, start, len);
+            super::mapped::drop_pages(&self.file, start, len);
         }
         Ok(())
     }
@@ -109,20 +100,6 @@ impl WriteBehind {
             // ENOSYS, EINVAL (file systems without it), ESPIPE: only a hint was lost.
             _ => Ok(()),
         }
-    }
-}
-
-/// Advises the kernel to drop `len` bytes of `file`'s pages at `start` from the page cache:
-/// clean pages go, dirty ones stay. Only advice; the file's contents are unchanged.
-pub fn drop_pages(file: &File, start: u64, len: u64) {
-    // SAFETY: a valid open descriptor; fadvise changes no data.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            start as libc::off64_t,
-            len as libc::off64_t,
-            libc::POSIX_FADV_DONTNEED,
-        );
     }
 }
 
