@@ -65,10 +65,7 @@ impl Backend {
         deltas: &[BlockDelta<'_>],
         out_dtype: Dtype,
     ) -> Rounded {
-        let shape = [rows, cols];
-        let w = tensor(base, in_dtype, &shape)
-            .to_device(self.device)
-            .to_kind(Kind::Float);
+        let w = self.base(base, in_dtype, rows, cols);
         // A full model's delta is measured from the unchanged base, so keep it apart.
         let differences = deltas
             .iter()
@@ -125,11 +122,27 @@ pub struct Rounded {
 }
 
 impl Rounded {
+    /// `out` rounded to `dtype` straight into a new buffer (one pass: the conversion writes
+    /// the bytes where they are returned).
     fn new(out: Tensor, dtype: Dtype) -> Rounded {
-        let out = out.to_device(Device::Cpu);
         let numel = out.numel();
-        let mut bytes = vec![0u8; numel * dtype.bitsize() / 8];
-        out.copy_data_u8(&mut bytes, numel);
+        let len = numel * dtype.bitsize() / 8;
+        let mut bytes: Vec<u8> = Vec::with_capacity(len);
+        // SAFETY: the tensor views the buffer's `len` bytes of capacity, which LibTorch fills
+        // entirely (a contiguous destination of `numel` elements) before the view is dropped
+        // and the length set.
+        unsafe {
+            let mut view = Tensor::from_blob(
+                bytes.as_mut_ptr(),
+                &[numel as i64],
+                &[],
+                kind(dtype),
+                Device::Cpu,
+            );
+            view.copy_(&out.reshape([-1]));
+            drop(view);
+            bytes.set_len(len);
+        }
         let non_finite = first_non_finite(&bytes, dtype);
         Rounded { bytes, non_finite }
     }
@@ -306,11 +319,21 @@ impl Backend {
         (Rounded::new(both, Dtype::F32), kept)
     }
 
-    /// A whole base tensor in f32, on the device.
+    /// A base tensor (or block of rows) in f32, on the device, converted from `bytes` where
+    /// they are (no intermediate copy).
     pub fn base(&self, bytes: &[u8], dtype: Dtype, rows: usize, cols: usize) -> Tensor {
-        tensor(bytes, dtype, &[rows, cols])
-            .to_device(self.device)
-            .to_kind(Kind::Float)
+        let shape = [rows as i64, cols as i64];
+        // SAFETY: the view reads `bytes` (rows × cols elements of `dtype`, as the callers'
+        // slices hold) and is dropped before this returns; what is returned is a new tensor,
+        // never the view, since values are written into it later.
+        unsafe {
+            let view = Tensor::from_blob(bytes.as_ptr(), &shape, &[], kind(dtype), Device::Cpu);
+            match (self.device, kind(dtype)) {
+                (Device::Cpu, Kind::Float) => view.copy(),
+                (Device::Cpu, _) => view.to_kind(Kind::Float),
+                (device, _) => view.to_device(device).to_kind(Kind::Float),
+            }
+        }
     }
 
     /// `round(w + delta)` in `out_dtype`, as bytes.

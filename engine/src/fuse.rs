@@ -11,6 +11,12 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, BlockDelta, BlockValues, Rounded};
 
+std::thread_local! {
+    /// Each worker's buffer for the base rows of its block, kept from block to block: a
+    /// fresh allocation of megabytes per block is zeroed and faulted in anew every time.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Why a tensor could not be computed.
 pub enum FuseError {
     Io(std::io::Error),
@@ -346,23 +352,28 @@ pub fn fuse(
                 let results: Vec<Result<Vec<u8>, FuseError>> = window
                     .par_iter()
                     .map(|&(start, n)| {
-                        let mut base = vec![0u8; n * in_row_bytes];
-                        file.read_exact_at(
-                            &mut base,
-                            origin.start + (start * in_row_bytes) as u64,
-                        )?;
-                        let models: Vec<Option<Vec<f32>>> = deltas
-                            .iter()
-                            .map(|d| d.model_rows(backend, start, n, cols))
-                            .collect::<Result<_, _>>()?;
-                        let block: Vec<BlockDelta<'_>> = deltas
-                            .iter()
-                            .zip(&models)
-                            .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
-                            .collect();
-                        let fused =
-                            backend.fuse_block(&base, origin.dtype, n, cols, &block, tensor.out_dtype);
-                        accept(fused, (start * cols) as u64, check_finite)
+                        SCRATCH.with_borrow_mut(|base| {
+                            base.resize(n * in_row_bytes, 0);
+                            file.read_exact_at(base, origin.start + (start * in_row_bytes) as u64)?;
+                            let models: Vec<Option<Vec<f32>>> = deltas
+                                .iter()
+                                .map(|d| d.model_rows(backend, start, n, cols))
+                                .collect::<Result<_, _>>()?;
+                            let block: Vec<BlockDelta<'_>> = deltas
+                                .iter()
+                                .zip(&models)
+                                .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
+                                .collect();
+                            let fused = backend.fuse_block(
+                                base,
+                                origin.dtype,
+                                n,
+                                cols,
+                                &block,
+                                tensor.out_dtype,
+                            );
+                            accept(fused, (start * cols) as u64, check_finite)
+                        })
                     })
                     .collect();
                 for bytes in results {
