@@ -1,6 +1,7 @@
 //! File formats the stages share: safetensors in and out, Hugging Face model directories and
 //! PEFT adapters. Readers validate what they read; nothing here trusts a file.
 pub(crate) mod atomic;
+pub(crate) mod direct;
 pub(crate) mod error;
 pub(crate) mod hf;
 pub(crate) mod mapped;

@@ -1,6 +1,7 @@
 //! Writing safetensors deterministically and as a stream: the header is computed from shapes
 //! alone, then tensor bytes are appended in header order, hashed on the way out. The same
 //! tensors always give the same bytes: names sorted, no timestamps, `format = pt` metadata.
+use super::direct::DirectWriter;
 use super::write_behind::WriteBehind;
 use std::collections::VecDeque;
 use std::fs::File;
@@ -94,9 +95,47 @@ pub(crate) fn index_json(shards: &[Shard]) -> Value {
     json!({ "metadata": { "total_size": total }, "weight_map": weight_map })
 }
 
+/// Where a shard's bytes go: around the page cache where the file system allows it.
+enum Out {
+    Direct(DirectWriter),
+    Buffered(BufWriter<WriteBehind>),
+}
+
+impl Out {
+    fn new(file: File) -> Out {
+        match DirectWriter::create(file) {
+            Ok(direct) => Out::Direct(direct),
+            Err(file) => Out::Buffered(BufWriter::with_capacity(
+                8 << 20,
+                WriteBehind::new(file, true),
+            )),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Out::Direct(out) => out.write_all(bytes),
+            Out::Buffered(out) => out.write_all(bytes),
+        }
+    }
+
+    fn finish(self, sync: bool) -> std::io::Result<()> {
+        match self {
+            Out::Direct(out) => out.finish(sync),
+            Out::Buffered(out) => {
+                let file = out.into_inner().map_err(|e| e.into_error())?;
+                if sync {
+                    file.get_ref().sync_all()?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Writes one shard: header first, then each tensor's bytes in the shard's order.
 pub(crate) struct ShardWriter {
-    out: BufWriter<WriteBehind>,
+    out: Out,
     hasher: blake3::Hasher,
     /// Tensors still to write, with their byte counts.
     pending: VecDeque<(String, u64)>,
@@ -123,7 +162,7 @@ impl ShardWriter {
 
         let file = File::create(path)?;
         let mut writer = ShardWriter {
-            out: BufWriter::with_capacity(8 << 20, WriteBehind::new(file, true)),
+            out: Out::new(file),
             hasher: blake3::Hasher::new(),
             pending: shard
                 .tensors
@@ -181,10 +220,7 @@ impl ShardWriter {
                 "shard finished before all its tensors were written",
             ));
         }
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        if sync {
-            file.get_ref().sync_all()?;
-        }
+        self.out.finish(sync)?;
         Ok(self.hasher.finalize())
     }
 }

@@ -300,7 +300,7 @@ enum Check {
     Fresh,
     Checksum(Box<Xxh3>, Checksum),
     /// Entries written before checksums were recorded: the blake3 name.
-    Digest(blake3::Hasher, TensorDigest),
+    Digest(Box<blake3::Hasher>, TensorDigest),
 }
 
 impl Check {
@@ -317,7 +317,7 @@ impl VerifyingReader {
     pub fn open(store: &Store, entry: &ActionEntry) -> Option<Self> {
         let check = match entry.check {
             Some(checksum) => Check::Checksum(Box::new(Xxh3::new()), checksum),
-            None => Check::Digest(blake3::Hasher::new(), entry.tensor),
+            None => Check::Digest(Box::new(blake3::Hasher::new()), entry.tensor),
         };
         Some(VerifyingReader {
             file: store.open_object(&entry.tensor)?,
@@ -345,11 +345,10 @@ impl VerifyingReader {
         // Past the end afterwards, so that `check` sees whether anything follows.
         let _ = self.file.seek(std::io::SeekFrom::Current(len as i64));
         let check = &mut self.check;
-        crate::io::mapped::windows(&self.file, start, len).map(move |window| {
-            if let Ok(window) = &window {
+        crate::io::mapped::windows(&self.file, start, len).inspect(move |window| {
+            if let Ok(window) = window {
                 check.update(window);
             }
-            window
         })
     }
 
