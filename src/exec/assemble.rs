@@ -9,11 +9,10 @@ use super::{output_error, ExecError, Resolution};
 use crate::digest::FileDigest;
 use crate::digest::NodeKey;
 use crate::io::atomic::{StagedFile, StagingDir};
-use crate::io::writer::{self, ShardWriter};
 use crate::io::safetensors::SafetensorsFile;
+use crate::io::writer::{self, ShardWriter};
 use crate::plan::{Origin, TensorPlan};
 use crate::store::VerifyingReader;
-
 
 pub(crate) enum Outcome {
     /// The output, complete but not yet in place.
