@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use modelforge::exec::job::{Adapt, DeltaValues, RowMap, Slice, TensorJob};
-use modelforge::store::{ActionEntry, Store};
+use modelforge::store::{ActionEntry, ObjectWriter, Store};
 use rayon::prelude::*;
 
 use crate::backend::{Backend, BlockDelta, BlockValues, Rounded};
@@ -341,11 +341,11 @@ pub fn fuse(
     // means the other side failed, and its error is the one returned.
     let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(in_flight);
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> std::io::Result<ActionEntry> {
+        let writer = scope.spawn(move || -> std::io::Result<ObjectWriter> {
             for bytes in receive {
                 out.write(&bytes)?;
             }
-            out.finish(sync)
+            Ok(out)
         });
         let computed = (|| -> Result<(), FuseError> {
             for window in blocks.chunks(in_flight) {
@@ -386,7 +386,9 @@ pub fn fuse(
         })();
         drop(send);
         let written = writer.join().expect("the writer does not panic");
+        // Only a complete tensor becomes an object; a failed one's temporary file is removed
+        // when its writer is dropped.
         computed?;
-        Ok(written?)
+        Ok(written?.finish(sync)?)
     })
 }

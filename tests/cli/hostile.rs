@@ -909,6 +909,8 @@ fn a_result_that_overflows_its_dtype() {
     );
     assert_eq!(lock_before, std::fs::read(ws.path("recipe.lock")).unwrap());
     assert_eq!(ws.leftovers(), Vec::<std::path::PathBuf>::new());
+    // The refused tensor's bytes never became an object.
+    assert_eq!(ws.unreferenced_objects(), Vec::<std::path::PathBuf>::new());
     ws.ok(&["cache", "verify"]);
     ws.ok(&["build", "recipe.toml", "--quiet", "--allow-non-finite"]);
     let bytes = std::fs::read(ws.path("out/model.safetensors")).unwrap();

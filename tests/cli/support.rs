@@ -312,6 +312,56 @@ impl Workspace {
         found
     }
 
+    /// Cache objects no action refers to, in every cache under the workspace: what a build
+    /// that failed half-way through a tensor must not leave.
+    pub fn unreferenced_objects(&self) -> Vec<PathBuf> {
+        fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => files(&entry.path(), out),
+                    Ok(t) if t.is_file() => out.push(entry.path()),
+                    _ => {}
+                }
+            }
+        }
+        fn caches(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let path = entry.path();
+                if path.join("objects").is_dir() && path.join("actions").is_dir() {
+                    out.push(path);
+                } else {
+                    caches(&path, out);
+                }
+            }
+        }
+        let mut roots = Vec::new();
+        caches(self.dir.path(), &mut roots);
+        let mut unreferenced = Vec::new();
+        for root in roots {
+            let (mut actions, mut objects) = (Vec::new(), Vec::new());
+            files(&root.join("actions"), &mut actions);
+            files(&root.join("objects"), &mut objects);
+            let referenced: std::collections::HashSet<String> = actions
+                .iter()
+                .filter_map(|a| {
+                    let entry: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(a).ok()?).ok()?;
+                    Some(entry["tensor"].as_str()?.to_owned())
+                })
+                .collect();
+            unreferenced.extend(objects.into_iter().filter(|o| {
+                !o.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| referenced.contains(n))
+            }));
+        }
+        unreferenced.sort();
+        unreferenced
+    }
+
     /// Like `snapshot_files`, for workspaces holding what it cannot read: symbolic links are
     /// recorded by their target and not followed (fixtures make loops), other special files
     /// (named pipes) and unreadable files by their kind.
