@@ -572,39 +572,11 @@ impl<'a> AdapterPlan<'a> {
             _ => None,
         };
         let aligning = align_rank.is_some();
-        // Grouped-query k/v going into a layout of more kv heads: each source head's rows
-        // fill the target heads it serves (per head), or its share of the groups
-        // (stacked).
         if let (Some(map), Some(part_rows), Some(head_dim)) =
             (rows.as_mut(), part_rows, dims.map(|d| d.head_dim))
         {
-            let repeat = (matches!(role, Some("attn.k" | "attn.v"))
-                && out > 0
-                && out < part_rows
-                && head_dim > 0
-                && out % head_dim == 0
-                && part_rows % out == 0)
-                .then_some(part_rows / out.max(1));
-            if let Some(repeat) = repeat {
-                *map = match *map {
-                    RowMap::PerHead {
-                        parts,
-                        part,
-                        head_dim,
-                        ..
-                    } => RowMap::PerHead {
-                        parts,
-                        part,
-                        head_dim,
-                        repeat,
-                    },
-                    RowMap::Offset { offset } => RowMap::Repeated {
-                        offset,
-                        head_dim,
-                        repeat,
-                    },
-                    other => other,
-                };
+            if matches!(role, Some("attn.k" | "attn.v")) {
+                *map = repeat_kv_heads(*map, out, part_rows, head_dim);
             }
         }
         let repeat = match rows {
@@ -858,6 +830,40 @@ impl<'a> AdapterPlan<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// Grouped-query k/v rows going into a layout of more kv heads: each of the `out` source rows'
+/// heads fills the target heads it serves (per head), or its share of the groups (stacked).
+/// The map is unchanged when the heads do not divide evenly (the caller refuses that).
+fn repeat_kv_heads(map: RowMap, out: usize, part_rows: usize, head_dim: usize) -> RowMap {
+    let divides = out > 0
+        && out < part_rows
+        && head_dim > 0
+        && out.is_multiple_of(head_dim)
+        && part_rows.is_multiple_of(out);
+    if !divides {
+        return map;
+    }
+    let repeat = part_rows / out;
+    match map {
+        RowMap::PerHead {
+            parts,
+            part,
+            head_dim,
+            ..
+        } => RowMap::PerHead {
+            parts,
+            part,
+            head_dim,
+            repeat,
+        },
+        RowMap::Offset { offset } => RowMap::Repeated {
+            offset,
+            head_dim,
+            repeat,
+        },
+        other => other,
     }
 }
 
