@@ -88,66 +88,6 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Asks the kernel to read the next [`READ_AHEAD`] bytes of sources into the page cache while
-/// the current ones are copied, so that inputs and cache objects not in memory come from the
-/// disk at its pace, overlapping the copying, instead of one page fault at a time. Tensors the
-/// engine has yet to compute are skipped: they will be in memory when ready.
-struct ReadAhead<'a> {
-    res: &'a Resolution,
-    /// Each source with its length, in write order.
-    sources: Vec<(&'a Source<'a>, u64)>,
-    /// Sources before this one have been asked for.
-    asked: usize,
-    /// The tensor being copied.
-    current: usize,
-}
-
-/// How far ahead of the copying sources are read.
-const READ_AHEAD: u64 = 128 << 20;
-
-impl<'a> ReadAhead<'a> {
-    fn new(
-        res: &'a Resolution,
-        sources: &'a [Source<'a>],
-        tensors: impl Iterator<Item = &'a writer::OutTensor>,
-    ) -> Self {
-        ReadAhead {
-            res,
-            sources: sources.iter().zip(tensors.map(|t| t.len())).collect(),
-            asked: 0,
-            current: 0,
-        }
-    }
-
-    /// Called as each tensor's copying starts.
-    fn next(&mut self) {
-        self.asked = self.asked.max(self.current);
-        let mut ahead: u64 = self.sources[self.current..self.asked]
-            .iter()
-            .map(|(_, len)| len)
-            .sum();
-        while self.asked < self.sources.len() && ahead < READ_AHEAD {
-            let (source, len) = self.sources[self.asked];
-            match source {
-                Source::Input(file, start) => file.will_need(*start, len),
-                Source::Cached(key) => {
-                    if let Some(file) = self
-                        .res
-                        .store
-                        .action(key)
-                        .and_then(|entry| self.res.store.open_object(&entry.tensor))
-                    {
-                        crate::io::mapped::will_need(&file, 0, len);
-                    }
-                }
-            }
-            ahead += len;
-            self.asked += 1;
-        }
-        self.current += 1;
-    }
-}
-
 /// Waits, if the engine is computing `key`, until its result is in the cache.
 fn ready(engine: Option<&Engine>, res: &Resolution, key: &NodeKey) -> bool {
     match engine {
@@ -204,30 +144,23 @@ fn write_model(
         .zip(&res.keys.tensors)
         .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
         .collect();
-    let sources: Vec<Source> = shards
-        .iter()
-        .flat_map(|shard| &shard.tensors)
-        .map(|tensor| match plans[tensor.name.as_str()] {
-            (_, Some(key)) => Source::Cached(key),
-            (plan, None) => Source::input(res, plan),
-        })
-        .collect();
-    let mut read_ahead = ReadAhead::new(res, &sources, shards.iter().flat_map(|s| &s.tensors));
     let bar = super::progress_bar(res.plan.tensors.len(), "writing", progress);
 
     let mut written = Vec::new();
     let mut corrupt = Vec::new();
-    let mut sources = sources.iter();
     for shard in &shards {
         let path = staging.path().join(&shard.file_name);
         let mut out = ShardWriter::create(&path, shard).map_err(output_error(&path))?;
         for tensor in &shard.tensors {
-            read_ahead.next();
             out.begin(&tensor.name).map_err(output_error(&path))?;
             let len = tensor.len();
-            match sources.next().expect("a source per tensor") {
+            let source = match plans[tensor.name.as_str()] {
+                (_, Some(key)) => Source::Cached(key),
+                (plan, None) => Source::input(res, plan),
+            };
+            match source {
                 Source::Input(file, start) => {
-                    for window in file.windows(*start, len) {
+                    for window in file.windows(start, len) {
                         out.write(&window?).map_err(output_error(&path))?;
                     }
                 }

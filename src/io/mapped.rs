@@ -3,8 +3,6 @@
 //! memory does not grow with the range. A plain `read` would copy every byte once more, which
 //! measured as a tenth of a build's CPU time.
 //!
-//! Also here: advice to the page cache, to read ahead or to drop what will not be read again.
-//!
 //! As with any mapping, a file truncated by another process while it is mapped ends this one
 //! with SIGBUS. The files read here are the inputs a build has just hashed and cache objects,
 //! which are never rewritten in place.
@@ -66,31 +64,6 @@ impl Iterator for Windows<'_> {
             let _ = map.advise(memmap2::Advice::Sequential);
             Window { map, skip }
         }))
-    }
-}
-
-/// Asks the kernel to start reading `len` bytes of `file` at `start` into the page cache, and
-/// returns at once. Only advice.
-pub fn will_need(file: &File, start: u64, len: u64) {
-    advise(file, start, len, libc::POSIX_FADV_WILLNEED);
-}
-
-/// Advises the kernel to drop `len` bytes (0: to the end) of `file` at `start` from the page
-/// cache: clean pages go, dirty ones stay. Only advice; the file's contents are unchanged.
-pub fn drop_pages(file: &File, start: u64, len: u64) {
-    advise(file, start, len, libc::POSIX_FADV_DONTNEED);
-}
-
-fn advise(file: &File, start: u64, len: u64, advice: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid open descriptor; fadvise changes no data.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            start as libc::off64_t,
-            len as libc::off64_t,
-            advice,
-        );
     }
 }
 

@@ -102,11 +102,6 @@ impl SafetensorsFile {
             .map(|window| window.map_err(|e| InputError::io(&self.path, e)))
     }
 
-    /// Starts reading `len` bytes at `offset` into the page cache (see [`super::mapped::will_need`]).
-    pub fn will_need(&self, offset: u64, len: u64) {
-        super::mapped::will_need(&self.file, offset, len);
-    }
-
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), InputError> {
         self.file

@@ -52,42 +52,41 @@ impl WriteBehind {
     /// oldest ones while more than [`IN_FLIGHT`] are under way.
     fn follow(&mut self) -> std::io::Result<()> {
         while self.written - self.submitted >= CHUNK {
-            self.range(self.submitted, CHUNK, libc::SYNC_FILE_RANGE_WRITE)?;
+            self.range(self.submitted, libc::SYNC_FILE_RANGE_WRITE)?;
             self.submitted += CHUNK;
         }
         while self.submitted - self.settled > IN_FLIGHT * CHUNK {
-            self.settle_range(self.settled, CHUNK)?;
+            self.range(
+                self.settled,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )?;
+            if self.drop_written {
+                // SAFETY: as above; the pages are clean now, and dropping them is only advice.
+                unsafe {
+                    libc::posix_fadvise(
+                        self.file.as_raw_fd(),
+                        self.settled as libc::off64_t,
+                        CHUNK as libc::off64_t,
+                        libc::POSIX_FADV_DONTNEED,
+                    );
+                }
+            }
             self.settled += CHUNK;
         }
         Ok(())
     }
 
-    fn settle_range(&self, start: u64, len: u64) -> std::io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        self.range(
-            start,
-            len,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        )?;
-        if self.drop_written {
-            super::mapped::drop_pages(&self.file, start, len);
-        }
-        Ok(())
-    }
-
-    /// `sync_file_range` on `len` bytes at `start`. Where the file system does not support it,
+    /// `sync_file_range` on the chunk at `start`. Where the file system does not support it,
     /// nothing changes; an I/O error writing the pages back is the caller's.
-    fn range(&self, start: u64, len: u64, flags: libc::c_uint) -> std::io::Result<()> {
+    fn range(&self, start: u64, flags: libc::c_uint) -> std::io::Result<()> {
         // SAFETY: a valid open descriptor; the call only schedules or waits for write-back.
         let done = unsafe {
             libc::sync_file_range(
                 self.file.as_raw_fd(),
                 start as libc::off64_t,
-                len as libc::off64_t,
+                CHUNK as libc::off64_t,
                 flags,
             )
         };
