@@ -326,11 +326,12 @@ pub fn fuse(
         return Ok(out.finish(sync)?);
     }
 
-    // Each block in flight holds its input, two f32 temporaries, its output and their copies
-    // across the LibTorch boundary: under 20 bytes an element. Two windows of two blocks per
-    // thread are in flight: one being computed, one being hashed and written by the writer.
+    // A window of two blocks per thread is computed while the writer hashes and writes the
+    // one before. A block being computed holds its input, two f32 temporaries, its output and
+    // their copies across the LibTorch boundary: under 20 bytes an element; a block computed
+    // and waiting for the writer only its output, at most 8 bytes an element.
     let in_flight = 2 * rayon::current_num_threads();
-    let block_elements = (budget / (40 * in_flight as u64)).clamp(1 << 16, 1 << 24) as usize;
+    let block_elements = (budget / (28 * in_flight as u64)).clamp(1 << 16, 1 << 24) as usize;
     let in_row_bytes = cols * origin.dtype.bitsize() / 8;
     let rows_per_block = (block_elements / cols).max(1);
     let blocks: Vec<(usize, usize)> = (0..rows)

@@ -76,29 +76,15 @@ impl Store {
     }
 }
 
-/// Hashes a file on all cores, mapping 64 MiB of it at a time: the bytes are hashed where
+/// Hashes a file on all cores from mapped windows (`io::mapped`): the bytes are hashed where
 /// the page cache holds them, never copied, and the process's memory does not grow with the
 /// file's size. (As with `b3sum`, a file truncated by another process while it is being
 /// hashed ends this one with SIGBUS; the stat cache records nothing for it.)
 pub fn hash_file(path: &Path) -> std::io::Result<FileDigest> {
-    const WINDOW: u64 = 64 << 20;
     let file = File::open(path)?;
-    let len = file.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
-    let mut offset = 0;
-    while offset < len {
-        let n = WINDOW.min(len - offset);
-        // SAFETY: a read-only private mapping of a file this process only reads; see above
-        // for a file shrunk meanwhile.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(n as usize)
-                .map(&file)?
-        };
-        let _ = map.advise(memmap2::Advice::Sequential);
-        hasher.update_rayon(&map);
-        offset += n;
+    for window in crate::io::mapped::windows(&file, 0, file.metadata()?.len()) {
+        hasher.update_rayon(&window?);
     }
     Ok(FileDigest::new(hasher.finalize()))
 }
