@@ -122,7 +122,8 @@ fn a_two_gigabyte_model_builds_within_a_512_megabyte_budget() {
         build >> 20
     );
     assert!(engine <= budget + FIXED_OVERHEAD, "engine peak {engine}");
-    assert!(build <= FIXED_OVERHEAD, "modelforge peak {build}");
+    // modelforge holds no tensors: mapped windows of its sources, the output's write buffers.
+    assert!(build <= 64 << 20, "modelforge peak {build}");
     let out = std::fs::metadata(ws.path("out/model.safetensors")).unwrap();
     assert!(out.len() > bytes);
 }
