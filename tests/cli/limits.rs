@@ -122,8 +122,9 @@ fn a_two_gigabyte_model_builds_within_a_512_megabyte_budget() {
         build >> 20
     );
     assert!(engine <= budget + FIXED_OVERHEAD, "engine peak {engine}");
-    // modelforge holds no tensors: mapped windows of its sources, the output's write buffers.
-    assert!(build <= 64 << 20, "modelforge peak {build}");
+    // modelforge holds no tensors: mapped windows of its sources, the output's write buffers
+    // (measured 53 MiB alone, 105 MiB with the other tests running beside it).
+    assert!(build <= 128 << 20, "modelforge peak {build}");
     let out = std::fs::metadata(ws.path("out/model.safetensors")).unwrap();
     assert!(out.len() > bytes);
 }
