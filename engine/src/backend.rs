@@ -1,6 +1,8 @@
 //! LibTorch through tch: device selection and the fusion arithmetic. Everything is computed in
 //! f32 and rounded to the output dtype once.
 use modelforge::exec::job::{MergeJob, Refactor, SignElection, Sparsify, Truncation};
+
+use crate::elementwise;
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
 
@@ -65,6 +67,61 @@ impl Backend {
         deltas: &[BlockDelta<'_>],
         out_dtype: Dtype,
     ) -> Rounded {
+        let in_place = matches!(self.device, Device::Cpu)
+            && elementwise::supports(in_dtype)
+            && elementwise::supports(out_dtype)
+            && deltas
+                .iter()
+                .all(|d| !matches!(d.values, BlockValues::Model(_)));
+        if in_place {
+            return self.fuse_block_cpu(base, in_dtype, rows, cols, deltas, out_dtype);
+        }
+        self.fuse_block_torch(base, in_dtype, rows, cols, deltas, out_dtype)
+    }
+
+    /// [`Backend::fuse_block`] on the CPU: LibTorch computes each low-rank product into a
+    /// buffer the worker keeps, and [`elementwise`] widens, sums and rounds: in one pass for
+    /// one delta; for several, into an f32 sum delta by delta, so that a block holds at most
+    /// two f32 buffers whatever the number of deltas.
+    fn fuse_block_cpu(
+        &self,
+        base: &[u8],
+        in_dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        deltas: &[BlockDelta<'_>],
+        out_dtype: Dtype,
+    ) -> Rounded {
+        let bytes = BUFFERS.with_borrow_mut(|(product, sum)| match deltas {
+            [] => elementwise::fuse(base, in_dtype, None, out_dtype),
+            [delta] => {
+                let delta = delta_values(delta, product, rows, cols);
+                elementwise::fuse(base, in_dtype, Some(delta), out_dtype)
+            }
+            _ => {
+                let sum = sum.slice(rows * cols);
+                elementwise::widen(base, in_dtype, sum);
+                for delta in deltas {
+                    let (values, factor) = delta_values(delta, product, rows, cols);
+                    elementwise::add(sum, values, factor);
+                }
+                elementwise::narrow(sum, out_dtype)
+            }
+        });
+        let non_finite = first_non_finite(&bytes, out_dtype);
+        Rounded { bytes, non_finite }
+    }
+
+    /// [`Backend::fuse_block`] as LibTorch operations, on any device.
+    pub fn fuse_block_torch(
+        &self,
+        base: &[u8],
+        in_dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        deltas: &[BlockDelta<'_>],
+        out_dtype: Dtype,
+    ) -> Rounded {
         let w = self.base(base, in_dtype, rows, cols);
         // A full model's delta is measured from the unchanged base, so keep it apart.
         let differences = deltas
@@ -85,6 +142,77 @@ impl Backend {
         }
         Rounded::new(acc.to_kind(kind(out_dtype)), out_dtype)
     }
+}
+
+std::thread_local! {
+    /// Each worker's buffers for a block's low-rank product and for a sum of several deltas,
+    /// kept from block to block.
+    static BUFFERS: std::cell::RefCell<(Aligned, Aligned)> =
+        const { std::cell::RefCell::new((Aligned(Vec::new()), Aligned(Vec::new()))) };
+}
+
+/// A growable f32 buffer whose values start on a 64-byte boundary, as LibTorch's own
+/// allocations do: MKL's results can depend on the alignment of what it writes.
+#[derive(Default)]
+struct Aligned(Vec<f32>);
+
+impl Aligned {
+    fn slice(&mut self, n: usize) -> &mut [f32] {
+        const LANES: usize = 64 / std::mem::size_of::<f32>();
+        if self.0.len() < n + LANES {
+            self.0 = vec![0f32; n + LANES];
+        }
+        let skip = self.0.as_ptr().align_offset(64);
+        &mut self.0[skip..skip + n]
+    }
+}
+
+/// One delta's values for a block of `rows` × `cols` and its factor; a low-rank product is
+/// computed into `product`.
+fn delta_values<'a>(
+    delta: &BlockDelta<'a>,
+    product: &'a mut Aligned,
+    rows: usize,
+    cols: usize,
+) -> (&'a [f32], f32) {
+    let values = match delta.values {
+        BlockValues::LowRank { left, right, rank } => {
+            product_into(product, left, right, rows, rank, cols)
+        }
+        BlockValues::Dense(values) => values,
+        BlockValues::Model(_) => unreachable!("fuse_block keeps full models on LibTorch"),
+    };
+    // LibTorch's `mul_` by a double scalar multiplies in the tensor's f32.
+    (values, delta.factor as f32)
+}
+
+/// `left` (rows × rank) times `right` (rank × cols), by LibTorch's `mm`, into `buffer`.
+fn product_into<'a>(
+    buffer: &'a mut Aligned,
+    left: &[f32],
+    right: &[f32],
+    rows: usize,
+    rank: usize,
+    cols: usize,
+) -> &'a [f32] {
+    let out = buffer.slice(rows * cols);
+    // The factors are copied into LibTorch's (aligned) memory, as `from_slice` always did:
+    // they are small, and MKL then sees the same layout as before.
+    let left = Tensor::from_slice(left).view([rows as i64, rank as i64]);
+    let right = Tensor::from_slice(right).view([rank as i64, cols as i64]);
+    // SAFETY: the view covers `out`'s rows × cols f32 values, which `mm_out` overwrites
+    // entirely, and it is dropped before `out` is used again.
+    unsafe {
+        let view = Tensor::from_blob(
+            out.as_mut_ptr() as *const u8,
+            &[rows as i64, cols as i64],
+            &[],
+            Kind::Float,
+            Device::Cpu,
+        );
+        let _ = left.mm_out(&view, &right);
+    }
+    out
 }
 
 /// Loads LibTorch's CUDA half. Nothing in the engine calls into `libtorch_cuda.so` directly, so
@@ -377,6 +505,98 @@ pub fn kind(dtype: Dtype) -> Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn random(n: usize, scale: f64, seed: i64) -> Vec<f32> {
+        tch::manual_seed(seed);
+        let t = Tensor::randn([n as i64], (Kind::Float, Device::Cpu)) * scale;
+        Vec::<f32>::try_from(t).unwrap()
+    }
+
+    fn to_bytes(values: &[f32], dtype: Dtype) -> Vec<u8> {
+        let t = Tensor::from_slice(values).to_kind(kind(dtype));
+        let mut out = vec![0u8; values.len() * dtype.bitsize() / 8];
+        t.copy_data_u8(&mut out, values.len());
+        out
+    }
+
+    fn to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+        let n = bytes.len() * 8 / dtype.bitsize();
+        Vec::<f32>::try_from(tensor(bytes, dtype, &[n]).to_kind(Kind::Float)).unwrap()
+    }
+
+    #[test]
+    fn the_cpu_pass_gives_libtorchs_bytes() {
+        let backend = Backend::select("cpu").unwrap();
+        // Sizes that leave partial chunks; values around every rounding boundary's scale,
+        // with infinities, the largest f16 and bf16-overflowing f32s, subnormals and zeros.
+        let (rows, cols, rank) = (37, 301, 5);
+        let n = rows * cols;
+        let mut base = random(n, 0.05, 1);
+        let specials = [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            65504.0,
+            3.0e38,
+            -3.3e38,
+            1.0e-40,
+            0.0,
+            -0.0,
+            1.0 + f32::EPSILON * 64.0,
+        ];
+        for (i, v) in specials.iter().enumerate() {
+            base[i * 97] = *v;
+        }
+        let left = random(rows * rank, 0.3, 2);
+        let right = random(rank * cols, 0.3, 3);
+        let left2 = random(rows * 2, 50.0, 4);
+        let right2 = random(2 * cols, 50.0, 5);
+        let dense = random(n, 0.01, 6);
+        let low = |left: &'static [f32], right: &'static [f32], rank, factor| BlockDelta {
+            factor,
+            values: BlockValues::LowRank { left, right, rank },
+        };
+        let leak = |v: Vec<f32>| -> &'static [f32] { Vec::leak(v) };
+        let (left, right, left2, right2, dense) = (
+            leak(left),
+            leak(right),
+            leak(left2),
+            leak(right2),
+            leak(dense),
+        );
+        let stacks: Vec<Vec<BlockDelta<'static>>> = vec![
+            vec![],
+            vec![low(left, right, rank, 1.6)],
+            vec![
+                low(left, right, rank, 0.8 * 2.0),
+                BlockDelta {
+                    factor: -0.3,
+                    values: BlockValues::Dense(dense),
+                },
+                low(left2, right2, 2, 1e3),
+            ],
+        ];
+        let dtypes = [Dtype::BF16, Dtype::F16, Dtype::F32];
+        for (in_dtype, out_dtype) in dtypes.iter().flat_map(|a| dtypes.map(|b| (*a, b))) {
+            let bytes = to_bytes(&base, in_dtype);
+            for deltas in &stacks {
+                let ours = backend.fuse_block(&bytes, in_dtype, rows, cols, deltas, out_dtype);
+                let torch =
+                    backend.fuse_block_torch(&bytes, in_dtype, rows, cols, deltas, out_dtype);
+                let what = format!("{in_dtype:?} -> {out_dtype:?}, {} deltas", deltas.len());
+                let (a, b) = (
+                    to_f32(&ours.bytes, out_dtype),
+                    to_f32(&torch.bytes, out_dtype),
+                );
+                let differ = a
+                    .iter()
+                    .zip(&b)
+                    .position(|(x, y)| x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan()));
+                assert_eq!(differ, None, "{what}");
+                assert_eq!(ours.bytes.len(), torch.bytes.len(), "{what}");
+                assert_eq!(ours.non_finite, torch.non_finite, "{what}");
+            }
+        }
+    }
 
     #[test]
     fn non_finite_values_are_found_in_every_float_dtype() {

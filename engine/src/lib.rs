@@ -2,4 +2,5 @@
 //! build sends, and the micro-benchmarks in `benches/` time its kernels. Not a stable API.
 pub mod align;
 pub mod backend;
+pub mod elementwise;
 pub mod fuse;
