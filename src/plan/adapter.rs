@@ -1,0 +1,693 @@
+//! One LoRA adapter planned onto the base: where each of its modules goes (by name, or by role
+//! into another architecture's fused tensors), in which rows and rotary convention, how its
+//! widths are adapted, and what the transfer report says of it.
+use std::collections::BTreeMap;
+
+use super::dims::{self, TensorRef};
+use super::transfer::{rotary_between, Fate, Mapped};
+use super::{
+    check_float, origin_meta, Adapt, Alignment, Delta, DeltaKind, Located, Origin, PlanError,
+    TensorPlan,
+};
+use crate::arch::{Place, Schema, Schemas};
+use crate::exec::job::{Layout, RowMap, Side};
+use crate::exec::rotary::{Rotary, RotaryMap};
+use crate::io::hf::HfModel;
+use crate::io::peft::{LoraKind, PeftAdapter};
+use crate::recipe::{layer_of, DimsMap, Recipe, Weight};
+
+/// What planning builds up, adapter by adapter.
+pub(super) struct Planned {
+    pub(super) tensors: BTreeMap<String, TensorPlan>,
+    pub(super) warnings: Vec<String>,
+    pub(super) transfer: Vec<Fate>,
+    pub(super) align: Alignment,
+    /// LoRA modules placed by role into parts of fused tensors.
+    pub(super) by_role: usize,
+}
+
+/// One LoRA adapter of the recipe, with what placing its modules needs to know.
+pub(super) struct AdapterPlan<'a> {
+    pub(super) recipe: &'a Recipe,
+    pub(super) entry: &'a crate::recipe::AdapterEntry,
+    pub(super) index: usize,
+    pub(super) adapter: &'a PeftAdapter,
+    /// The adapter as the recipe names it.
+    pub(super) name: String,
+    /// ` (its adapter_config.json names …)`, for messages, or empty.
+    pub(super) made_for: String,
+    pub(super) src: &'a crate::recipe::Src,
+    pub(super) base: &'a HfModel,
+    pub(super) schemas: &'a Schemas,
+    /// The base's architecture, and its widths, when known.
+    pub(super) target_schema: Option<&'a Schema>,
+    pub(super) dims: Option<crate::arch::Dims>,
+    /// The architecture the adapter's module names follow, when known.
+    pub(super) source_schema: Option<&'a Schema>,
+    /// `dims = "align"`: the residual map of this pair of bases.
+    pub(super) residual: Option<usize>,
+    pub(super) weight: &'a Weight,
+}
+
+impl<'a> AdapterPlan<'a> {
+    fn at(&self) -> Located<'_> {
+        Located {
+            path: &self.adapter.dir,
+            src: self.src,
+            span: self.entry.span,
+        }
+    }
+
+    fn unknown(&self, tensor: &str) -> PlanError {
+        PlanError::UnknownTarget {
+            adapter: self.name.clone(),
+            tensor: tensor.to_owned(),
+            made_for: self.made_for.clone(),
+            src: self.src.clone(),
+            span: self.entry.span,
+        }
+    }
+
+    fn shape_error(&self, tensor: &str, delta: Vec<usize>, base: &[usize]) -> PlanError {
+        PlanError::Shape {
+            adapter: self.name.clone(),
+            tensor: tensor.to_owned(),
+            delta,
+            base: base.to_vec(),
+            made_for: self.made_for.clone(),
+            src: self.src.clone(),
+            span: self.entry.span,
+        }
+    }
+
+    /// A source module's role, layer and rotary convention, by the adapter's schema.
+    fn source_role(&self, module: &str) -> Option<(&'a str, usize, Option<Rotary>)> {
+        let tensor = format!("{module}.weight");
+        let schema = self
+            .source_schema
+            .or_else(|| self.schemas.schema_of(&tensor))?;
+        let (role, layer) = schema.role_of(&tensor)?;
+        Some((role, layer, schema.rotary))
+    }
+
+    /// Where a module goes in the base: by name, or, where the base lacks the name, by role
+    /// (a LLaMA q_proj goes to the q rows of a fused qkv_proj).
+    pub(super) fn place(
+        &self,
+        module: &str,
+        tensors: &BTreeMap<String, TensorPlan>,
+    ) -> Option<Place> {
+        let tensor = format!("{module}.weight");
+        if tensors.contains_key(&tensor) {
+            return Some(Place::named(tensor));
+        }
+        let (role, layer, _) = self.source_role(module)?;
+        self.target_schema?
+            .place_of(role, layer, self.dims.as_ref())
+            .filter(|p| tensors.contains_key(&p.tensor))
+    }
+
+    /// The module's role, when the base's architecture has no such role at all (a SwiGLU gate
+    /// going into a non-gated MLP): it is skipped with a warning, never silently.
+    fn no_counterpart(&self, module: &str) -> Option<String> {
+        let target = self.target_schema?;
+        let (role, _, _) = self.source_role(module)?;
+        target.has_no(role).then(|| role.to_owned())
+    }
+
+    /// Refuses an adapter none of whose modules has a place in the base, saying why.
+    pub(super) fn check_places(
+        &self,
+        places: &BTreeMap<&str, Option<Place>>,
+    ) -> Result<(), PlanError> {
+        // Placing by role needs the base's widths: say so rather than that nothing matches.
+        if let (Some(schema), None) = (self.target_schema, self.dims) {
+            let needs_role = places.iter().any(|(module, p)| {
+                p.is_none()
+                    && self
+                        .source_role(module)
+                        .is_some_and(|(role, _, _)| schema.needs_widths(role))
+            });
+            if needs_role {
+                return Err(PlanError::NoWidths {
+                    arch: schema.name.clone(),
+                    src: self.src.clone(),
+                    span: self.recipe.base.span,
+                });
+            }
+        }
+        let matched = places.values().filter(|p| p.is_some()).count();
+        if matched == 0 && !places.is_empty() {
+            let adapter = self.adapter;
+            return Err(PlanError::NothingMatches {
+                adapter: self.name.clone(),
+                modules: {
+                    let first = adapter.modules.keys().next().cloned().unwrap_or_default();
+                    match adapter.modules.len() {
+                        1 => format!("`{first}`"),
+                        n => format!("{n} modules, first `{first}`"),
+                    }
+                },
+                made_for: self.made_for.clone(),
+                unknown_arch: match self.target_schema {
+                    Some(_) => String::new(),
+                    None => format!(
+                        "; or, if it can be placed by role, tell modelforge the base's architecture (its config.json's model_type `{}` matches no schema): `[base] arch = \"...\"`, or a schema of your own with `--arch FILE`",
+                        self.base.config.get("model_type").and_then(serde_json::Value::as_str).unwrap_or("?")
+                    ),
+                },
+                src: self.src.clone(),
+                span: self.entry.span,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whole tensors the adapter replaces (`modules_to_save`).
+    pub(super) fn replace_tensors(&self, out: &mut Planned) -> Result<(), PlanError> {
+        for (tensor, meta) in &self.adapter.replacements {
+            let plan = out
+                .tensors
+                .get_mut(tensor)
+                .ok_or_else(|| self.unknown(tensor))?;
+            if meta.shape != plan.out.shape {
+                return Err(self.shape_error(tensor, meta.shape.clone(), &plan.out.shape));
+            }
+            if let Origin::Replacement {
+                adapter: earlier, ..
+            } = plan.origin
+            {
+                out.warnings.push(format!(
+                    "`{tensor}` is replaced by both `{}` and `{}`; the later one wins",
+                    self.recipe.adapters[earlier].entry.written, self.name
+                ));
+            }
+            check_float(&self.at(), tensor, meta)?;
+            plan.origin = Origin::Replacement {
+                adapter: self.index,
+                meta: meta.clone(),
+            };
+        }
+        Ok(())
+    }
+
+    /// Plans one module of the adapter: where its delta goes (`target`, found by name or
+    /// role), in which rows, rotary convention and width adaptation, and what the transfer
+    /// report says of it.
+    pub(super) fn place_module(
+        &self,
+        mapped: &Mapped,
+        target: Option<Place>,
+        planned: &mut Planned,
+    ) -> Result<(), PlanError> {
+        if target.is_none() && self.skip_without_counterpart(mapped, planned)? {
+            return Ok(());
+        }
+        let landing = self.land(mapped, target, &planned.tensors)?;
+        let widths = if self.aligning() {
+            self.align_widths(mapped, &landing, planned)?
+        } else {
+            self.fit_widths(mapped, &landing, planned)?
+        };
+        let (adapt, note) = match widths {
+            Widths::Exact => (None, None),
+            Widths::Adapted(adapt, note) => (Some(adapt), Some(note)),
+            Widths::Skipped => return Ok(()),
+        };
+        planned.transfer.push(Fate {
+            dims: note,
+            adapted: adapt,
+            ..Fate::new(
+                &self.name,
+                mapped.source,
+                match &landing.place {
+                    Some(place) => {
+                        Fate::fused(place, landing.by_role, mapped.share, landing.rotary)
+                    }
+                    None => "no target".into(),
+                },
+            )
+        });
+        self.push_deltas(mapped, &landing, adapt, planned)
+    }
+
+    /// Whether `dims = "align"` adapts this adapter's widths.
+    fn aligning(&self) -> bool {
+        matches!(self.entry.dims.map, DimsMap::Align { .. })
+    }
+
+    /// Skips a module without a place whose role the base's architecture lacks (a SwiGLU
+    /// gate going into a non-gated MLP), with a warning, or refuses it where the recipe says
+    /// `unmatched = "error"`. `false` for any other module without a place, which
+    /// [`AdapterPlan::land`] then refuses as unknown.
+    fn skip_without_counterpart(
+        &self,
+        mapped: &Mapped,
+        planned: &mut Planned,
+    ) -> Result<bool, PlanError> {
+        let (name, module) = (&self.name, mapped.target.as_str());
+        let Some(role) = self.no_counterpart(module) else {
+            return Ok(false);
+        };
+        if let Some(span) = self.entry.refuse_unmatched {
+            return Err(PlanError::Unmatched {
+                adapter: name.clone(),
+                module: mapped.source.to_string(),
+                leaf: mapped.source.rsplit('.').next().unwrap_or_default().into(),
+                role,
+                arch: self.target_schema.map_or("?", |s| s.name.as_str()).into(),
+                src: self.src.clone(),
+                span,
+            });
+        }
+        planned.warnings.push(format!(
+            "`{name}`: `{module}` ({role}) has no counterpart in the base's architecture; skipped"
+        ));
+        planned.transfer.push(Fate::new(
+            name,
+            mapped.source,
+            format!("skipped: {role} has no counterpart in the base"),
+        ));
+        Ok(true)
+    }
+
+    /// Where the module's delta lands in its target tensor, and in which rows: checks that
+    /// the target's fused height is what the schema says and that grouped kv heads divide,
+    /// and carries q and k rows into the base's rotary convention.
+    fn land(
+        &self,
+        mapped: &Mapped,
+        place: Option<Place>,
+        tensors: &BTreeMap<String, TensorPlan>,
+    ) -> Result<Landing, PlanError> {
+        let (module, lora) = (mapped.target.as_str(), mapped.lora);
+        let tensor = place
+            .as_ref()
+            .map_or_else(|| format!("{module}.weight"), |p| p.tensor.clone());
+        let shape = tensors
+            .get(&tensor)
+            .ok_or_else(|| self.unknown(&format!("{module}.weight")))?
+            .out
+            .shape
+            .clone();
+        let by_role = tensor != format!("{module}.weight");
+        let transposed = place.as_ref().is_some_and(|p| p.transposed);
+        // Placed by role, a linear layer's delta takes the target's orientation: a
+        // LLaMA q_proj going into GPT-2's Conv1D c_attn is transposed.
+        let kind = match lora.kind {
+            LoraKind::Linear | LoraKind::LinearTransposed if by_role => {
+                if transposed {
+                    LoraKind::LinearTransposed
+                } else {
+                    LoraKind::Linear
+                }
+            }
+            kind => kind,
+        };
+        let (out, inner) = (lora.b.shape[0], lora.a.shape[1]);
+        let mut rows = place.as_ref().and_then(|p| p.rows);
+        let part_rows = place.as_ref().and_then(|p| p.part_rows);
+        let role = self.source_role(module).map(|(role, _, _)| role);
+        let head_dim = self.dims.map_or(0, |d| d.head_dim);
+        if let (Some(map), Some(part_rows), Some(dims)) = (rows.as_mut(), part_rows, self.dims) {
+            if matches!(role, Some("attn.k" | "attn.v")) {
+                *map = repeat_kv_heads(*map, out, part_rows, dims.head_dim);
+            }
+        }
+        let repeat = match rows {
+            Some(RowMap::PerHead { repeat, .. } | RowMap::Repeated { repeat, .. }) => repeat,
+            _ => 1,
+        };
+        let out_axis = usize::from(transposed);
+        let extent = |axis: usize| shape.get(axis).copied().unwrap_or(0);
+        if let (Some(expected), Some(schema)) = (
+            place.as_ref().and_then(|p| p.fused_rows),
+            self.target_schema,
+        ) {
+            if extent(out_axis) != expected {
+                return Err(PlanError::SchemaMismatch {
+                    tensor: tensor.clone(),
+                    found: extent(out_axis),
+                    expected,
+                    what: "the sum of its parts".into(),
+                    arch: schema.name.clone(),
+                    src: self.src.clone(),
+                    span: self.recipe.base.span,
+                });
+            }
+        }
+        // The rows the delta has when it reaches the fusion: an aligned one is made in
+        // the target's rows (of its part, once per group of repeated kv heads), whatever
+        // the source's head count.
+        let aligning = self.aligning();
+        let delta_rows = match (aligning, part_rows) {
+            (false, _) => out,
+            (true, Some(part_rows)) => part_rows / repeat,
+            (true, None) => extent(out_axis),
+        };
+        if let (Some(part_rows), Some("attn.k" | "attn.v"), false) = (part_rows, role, aligning) {
+            if out * repeat != part_rows && head_dim > 0 && out % head_dim == 0 {
+                return Err(PlanError::KvHeads {
+                    adapter: self.name.clone(),
+                    module: mapped.source.to_string(),
+                    tensor: tensor.clone(),
+                    source_heads: out / head_dim,
+                    target_heads: part_rows / head_dim,
+                    src: self.src.clone(),
+                    span: self.entry.span,
+                });
+            }
+        }
+        // q and k rows carried into the base's rotary convention, head by head.
+        let rotary = match (by_role, self.source_role(module), self.target_schema) {
+            (true, Some((role, _, from)), Some(schema)) => {
+                rotary_between(role, from, schema.rotary, head_dim, delta_rows).map_err(
+                    |(from, to, reason)| PlanError::Rotary {
+                        adapter: self.name.clone(),
+                        module: mapped.source.to_string(),
+                        from: from.name().into(),
+                        to: to.name().into(),
+                        reason,
+                        src: self.src.clone(),
+                        span: self.entry.span,
+                    },
+                )?
+            }
+            _ => None,
+        };
+        Ok(Landing {
+            place,
+            tensor,
+            shape,
+            by_role,
+            transposed,
+            kind,
+            out,
+            inner,
+            rows,
+            part_rows,
+            repeat,
+            delta_rows,
+            rotary,
+        })
+    }
+
+    fn dims_error(&self, message: String, help: &str) -> PlanError {
+        PlanError::Dims {
+            message,
+            help: help.into(),
+            src: self.src.clone(),
+            span: self.entry.dims.span,
+            label: "this width adaptation",
+        }
+    }
+
+    /// The widths of a delta that is not aligned: into a part of a fused tensor, only a linear
+    /// layer of the part's height; elsewhere the target's shape, or cut or padded to it as
+    /// `dims = "truncate"` or `"pad"` says.
+    fn fit_widths(
+        &self,
+        mapped: &Mapped,
+        landing: &Landing,
+        planned: &mut Planned,
+    ) -> Result<Widths, PlanError> {
+        let Landing {
+            tensor,
+            shape,
+            kind,
+            out,
+            inner,
+            ..
+        } = landing;
+        let (kind, out, inner) = (*kind, *out, *inner);
+        if let (Some(_), Some(part_rows)) = (landing.rows, landing.part_rows) {
+            let in_extent = shape.get(1 - landing.out_axis()).copied().unwrap_or(0);
+            if kind == LoraKind::Embedding
+                || out * landing.repeat != part_rows
+                || inner != in_extent
+            {
+                return Err(self.shape_error(tensor, vec![out, inner], &[part_rows, in_extent]));
+            }
+            planned.by_role += 1;
+            return Ok(Widths::Exact);
+        }
+        let delta_shape = match kind {
+            LoraKind::Linear => vec![out, inner],
+            LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
+        };
+        let truncate = match self.entry.dims.map {
+            _ if delta_shape == *shape => return Ok(Widths::Exact),
+            DimsMap::Exact | DimsMap::Align { .. } => {
+                return Err(self.shape_error(tensor, delta_shape, shape));
+            }
+            DimsMap::Truncate => true,
+            DimsMap::Pad => false,
+        };
+        if let Err(dim) = dims::fits(truncate, &delta_shape, shape) {
+            let module = &mapped.target;
+            let what = if dim == 0 { "rows" } else { "columns" };
+            let (more, cannot, other) = if truncate {
+                (
+                    "more",
+                    "`truncate` cannot widen a delta",
+                    "`dims = \"pad\"` (zeros) for a wider base",
+                )
+            } else {
+                (
+                    "fewer",
+                    "`pad` cannot narrow a delta",
+                    "`dims = \"truncate\"` for a narrower base",
+                )
+            };
+            return Err(self.dims_error(
+                format!(
+                    "`{module}`'s delta is {delta_shape:?} but `{tensor}` is {shape:?}, with {more} {what}: {cannot}"
+                ),
+                &format!("use {other}, or `\"align\"`"),
+            ));
+        }
+        let to = match kind {
+            LoraKind::Linear => [shape[0], shape[1]],
+            _ => [shape[1], shape[0]],
+        };
+        let fit = planned.align.fit(self.index, mapped.lora, to);
+        let how = if truncate { "truncate" } else { "pad" };
+        Ok(Widths::Adapted(
+            Adapt::Fit(fit),
+            format!("{how} {delta_shape:?} -> {shape:?}"),
+        ))
+    }
+
+    /// `dims = "align"`: the delta mapped through this pair of bases' residual map and the
+    /// module's inner map, made in the target's rows. Only linear layers of a known
+    /// architecture have maps; others are skipped with a warning.
+    fn align_widths(
+        &self,
+        mapped: &Mapped,
+        landing: &Landing,
+        planned: &mut Planned,
+    ) -> Result<Widths, PlanError> {
+        let (name, source_module, lora) = (&self.name, mapped.source, mapped.lora);
+        let Landing { tensor, rows, .. } = landing;
+        let source_tensor = format!("{source_module}.weight");
+        let role = self
+            .source_role(source_module)
+            .map(|(role, layer, _)| (role, layer));
+        let Some((role, _)) = role.filter(|_| lora.kind == LoraKind::Linear) else {
+            planned.warnings.push(format!(
+                "`{name}`: `{source_module}` is not a linear layer of a known architecture; `dims = \"align\"` has no map for it, so it is skipped"
+            ));
+            planned.transfer.push(Fate::new(
+                name,
+                source_module,
+                "skipped: dims = align has no map for it (not a linear layer of a known architecture)".into(),
+            ));
+            return Ok(Widths::Skipped);
+        };
+        if lora.bias.is_some() {
+            return Err(self.dims_error(
+                format!("`{source_module}` has a `lora_bias`, which `dims = \"align\"` does not map yet"),
+                "skip the module with `modules = { <name> = \"skip\" }` or use `dims = \"truncate\"` or `\"pad\"`",
+            ));
+        }
+        let side = dims::side_of(role);
+        if rows.is_some() && side == Side::Output {
+            return Err(self.dims_error(
+                format!("`{}` writes the residual stream but goes into part of the fused tensor `{tensor}`; `dims = \"align\"` maps only the input side of fused tensors", mapped.target),
+                "skip the module with `modules = { <name> = \"skip\" }`, or use `dims = \"truncate\"` or `\"pad\"`",
+            ));
+        }
+        let Some(target_ref) = TensorRef::of(self.base, tensor) else {
+            return Err(self.unknown(tensor));
+        };
+        // The module's rows of the target (the first head of each group a grouped kv head
+        // fills), in the adapter's rotary convention: the aligned delta is then placed exactly
+        // as an exact one would be.
+        let rotary = landing.rotary;
+        let gather = (rows.is_some() || rotary.is_some()).then(|| {
+            let map = rows.unwrap_or(RowMap::Offset { offset: 0 });
+            (0..landing.delta_rows)
+                .filter_map(|row| map.targets(rotary.map_or(row, |r| r.row(row))).next())
+                .map(|row| row as u32)
+                .collect::<Vec<u32>>()
+        });
+        let layout = Layout {
+            transposed: landing.transposed,
+            rows: gather,
+        };
+        let rank = match self.entry.dims.map {
+            DimsMap::Align { rank } => rank,
+            _ => None,
+        };
+        let aligned = planned
+            .align
+            .module(
+                self.residual
+                    .expect("align plans a residual map per adapter"),
+                side,
+                &source_tensor,
+                (target_ref, layout),
+                (self.index, lora),
+                rank,
+            )
+            .map_err(|m| {
+                self.dims_error(m, "`source` must be the base the adapter was trained on")
+            })?;
+        if rows.is_some() {
+            planned.by_role += 1;
+        }
+        let note = planned.align.describe(aligned);
+        Ok(Widths::Adapted(Adapt::Aligned(aligned), note))
+    }
+
+    /// The module's deltas on its target tensor (and on its bias, for a `lora_bias`), once
+    /// the inputs are checked to be floats. A zero weight plans nothing to compute.
+    fn push_deltas(
+        &self,
+        mapped: &Mapped,
+        landing: &Landing,
+        adapt: Option<Adapt>,
+        planned: &mut Planned,
+    ) -> Result<(), PlanError> {
+        let (module, lora) = (mapped.target.as_str(), mapped.lora);
+        let weight = self.weight.for_module(module, layer_of(module)) * mapped.share;
+        let at = self.at();
+        let tensor = &landing.tensor;
+        let plan = planned
+            .tensors
+            .get_mut(tensor)
+            .ok_or_else(|| self.unknown(tensor))?;
+        check_float(&at, tensor, origin_meta(&plan.origin))?;
+        check_float(&at, tensor, &lora.a)?;
+        check_float(&at, tensor, &lora.b)?;
+        let delta = |kind| Delta {
+            adapter: self.index,
+            weight,
+            scaling: lora.scaling,
+            kind,
+        };
+        let factor = weight * lora.scaling;
+        if factor != 0.0 {
+            plan.deltas.push(delta(DeltaKind::LowRank {
+                kind: landing.kind,
+                a: lora.a.clone(),
+                b: lora.b.clone(),
+                rows: landing.rows,
+                rotary: landing.rotary,
+                adapt,
+            }));
+        }
+        if let Some(bias) = &lora.bias {
+            let tensor = format!("{module}.bias");
+            let plan = planned
+                .tensors
+                .get_mut(&tensor)
+                .ok_or_else(|| self.unknown(&tensor))?;
+            if bias.shape != plan.out.shape {
+                return Err(self.shape_error(&tensor, bias.shape.clone(), &plan.out.shape));
+            }
+            check_float(&at, &tensor, bias)?;
+            if factor != 0.0 {
+                plan.deltas.push(delta(DeltaKind::Vector(bias.clone())));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where one module's delta lands in its target tensor.
+struct Landing {
+    /// The place found by name or role, if the module has one.
+    place: Option<Place>,
+    /// The target tensor and its shape.
+    tensor: String,
+    shape: Vec<usize>,
+    /// Placed by role under another name (a part of a fused tensor).
+    by_role: bool,
+    /// The target is stored (in × out), as GPT-2's Conv1D.
+    transposed: bool,
+    /// The LoRA's kind in the target's orientation.
+    kind: LoraKind,
+    /// B's rows (the delta's output features) and A's columns (its input features).
+    out: usize,
+    inner: usize,
+    /// Where B's rows go in a fused target, and the height of the module's part of it.
+    rows: Option<RowMap>,
+    part_rows: Option<usize>,
+    /// How many target kv heads each of the source's fills.
+    repeat: usize,
+    /// The rows the delta has when it reaches the fusion.
+    delta_rows: usize,
+    rotary: Option<RotaryMap>,
+}
+
+impl Landing {
+    /// The target's axis that the delta's rows (output features) run along.
+    fn out_axis(&self) -> usize {
+        usize::from(self.transposed)
+    }
+}
+
+/// How a delta's widths meet its target's.
+enum Widths {
+    /// As they are.
+    Exact,
+    /// Adapted (`dims = "truncate"`, `"pad"` or `"align"`), with the transfer report's note.
+    Adapted(Adapt, String),
+    /// Not placed; a warning and the transfer report say why.
+    Skipped,
+}
+
+/// Grouped-query k/v rows going into a layout of more kv heads: each of the `out` source rows'
+/// heads fills the target heads it serves (per head), or its share of the groups (stacked).
+/// The map is unchanged when the heads do not divide evenly (the caller refuses that).
+fn repeat_kv_heads(map: RowMap, out: usize, part_rows: usize, head_dim: usize) -> RowMap {
+    let divides = out > 0
+        && out < part_rows
+        && head_dim > 0
+        && out.is_multiple_of(head_dim)
+        && part_rows.is_multiple_of(out);
+    if !divides {
+        return map;
+    }
+    let repeat = part_rows / out;
+    match map {
+        RowMap::PerHead {
+            parts,
+            part,
+            head_dim,
+            ..
+        } => RowMap::PerHead {
+            parts,
+            part,
+            head_dim,
+            repeat,
+        },
+        RowMap::Offset { offset } => RowMap::Repeated {
+            offset,
+            head_dim,
+            repeat,
+        },
+        other => other,
+    }
+}
