@@ -17,11 +17,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from support import modelforge
+
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("MODELFORGE_BIN", REPO / "target" / "debug" / "modelforge"))
 ADAPTERS = {"one": (4, 8, ["q_proj", "v_proj"], 0.7), "two": (2, 3, ["q_proj", "k_proj", "o_proj", "up_proj"], 0.4)}
 
 
@@ -46,7 +46,7 @@ def build(ws: Path, name: str, output_extra: str) -> Path:
     recipe = ws / f"{name}.toml"
     adapters = "".join(f'[[adapter]]\npath = "{a}"\nweight = {w}\n' for a, (_, _, _, w) in ADAPTERS.items())
     recipe.write_text(f'[base]\npath = "base"\n{adapters}[output]\npath = "fused-{name}"\nadapter = "lora-{name}"\n{output_extra}')
-    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    modelforge("build", recipe, "--quiet")
     return ws / f"lora-{name}"
 
 
@@ -122,7 +122,7 @@ def extracted(ws) -> Path:
     recipe = ws / "extract.toml"
     recipe.write_text('[base]\npath = "base"\n[[adapter]]\npath = "tuned"\n[output]\npath = "fused-extract"\n'
                       'adapter = "lora-extract"\nadapter_rank = 4\n')
-    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    modelforge("build", recipe, "--quiet")
     return ws / "lora-extract"
 
 

@@ -25,11 +25,11 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from support import modelforge
+
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("MODELFORGE_BIN", REPO / "target" / "debug" / "modelforge"))
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INPUT_SIDE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 WIDTH, SLICED, VOCAB, RANK = 64, 48, 256, 8
@@ -99,8 +99,7 @@ def build(ws: Path, name: str, base: str, dims: str, source: str = "source", ext
     (ws / f"{name}.toml").write_text(
         f'[base]\npath = "{base}"\n[[adapter]]\npath = "lora"\nsource = "{source}"\n{extra}'
         f'[adapter.map]\ndims = "{dims}"\n[output]\npath = "out-{name}"\n')
-    return subprocess.run([str(BIN), "build", str(ws / f"{name}.toml"), "--cache", str(ws / "cache")],
-                          capture_output=True, text=True)
+    return modelforge("build", ws / f"{name}.toml", "--cache", ws / "cache", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -324,9 +323,7 @@ def test_alignment_is_deterministic(ws):
     ws, _ = ws
     assert build(ws, "twice", "sliced", "align").returncode == 0
     (ws / "twice.toml").write_text((ws / "twice.toml").read_text().replace("out-twice", "out-twice2"))
-    run = subprocess.run([str(BIN), "build", str(ws / "twice.toml"), "--cache", str(ws / "fresh-cache")],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    modelforge("build", ws / "twice.toml", "--cache", ws / "fresh-cache")
     for file in ("model.safetensors", "transfer.json"):
         assert (ws / "out-twice" / file).read_bytes() == (ws / "out-twice2" / file).read_bytes(), file
 
@@ -340,9 +337,7 @@ def test_an_adapter_alone_for_the_target(ws):
     (ws / "adapter-only.toml").write_text(
         '[base]\npath = "rotated"\n[[adapter]]\npath = "lora"\nsource = "source"\n'
         '[adapter.map]\ndims = "align"\n[output]\nadapter = "lora-rotated"\n')
-    run = subprocess.run([str(BIN), "build", str(ws / "adapter-only.toml"), "--cache", str(ws / "cache"), "--json"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run = modelforge("build", ws / "adapter-only.toml", "--cache", ws / "cache", "--json")
     summary = json.loads(run.stdout)
     written = sorted(p.name for p in (ws / "lora-rotated").iterdir())
     assert written == ["adapter_config.json", "adapter_model.safetensors", "refactor.json",
@@ -359,6 +354,5 @@ def test_an_adapter_alone_for_the_target(ws):
         loss = task_loss(loaded, ids)
     assert abs(loss - losses["source+adapter"]) <= 0.05 * losses["source+adapter"], (loss, losses)
     # The build is recorded like any other: a second one does nothing.
-    again = subprocess.run([str(BIN), "build", str(ws / "adapter-only.toml"), "--cache", str(ws / "cache"), "--json"],
-                           capture_output=True, text=True)
+    again = modelforge("build", ws / "adapter-only.toml", "--cache", ws / "cache", "--json")
     assert json.loads(again.stdout)["up_to_date"] is True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
+from support import REPO, modelforge
+
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("MODELFORGE_BIN", REPO / "target" / "debug" / "modelforge"))
 DIMS = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
             rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
 
@@ -61,7 +60,7 @@ def to_phi3(llama: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def recipe(ws: Path, name: str, base: Path, adapter: Path) -> Path:
     path = ws / f"{name}.toml"
     path.write_text(f'[base]\npath = "{base.name}"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out-{name}"\n')
-    subprocess.run([str(BIN), "build", str(path), "--quiet"], check=True)
+    modelforge("build", path, "--quiet")
     return ws / f"out-{name}"
 
 
@@ -114,7 +113,7 @@ def test_llama_adapter_into_gpt_neox_layout(tmp_path):
     (tmp_path / "neox" / "config.json").write_text(json.dumps(
         {"model_type": "gpt_neox", "hidden_size": 32, "num_attention_heads": heads, "num_hidden_layers": 2, "intermediate_size": 48}))
     (tmp_path / "neox.toml").write_text(f'[base]\npath = "neox"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out-neox"\n')
-    run = subprocess.run([str(BIN), "build", str(tmp_path / "neox.toml")], check=True, capture_output=True, text=True)
+    run = modelforge("build", tmp_path / "neox.toml")
     # GPT-NeoX's MLP is not gated: the gate has no counterpart and is skipped, with a warning.
     assert "model.layers.1.mlp.gate_proj` (mlp.gate) has no counterpart" in run.stderr, run.stderr
     assert "up_proj` (mlp" not in run.stderr
@@ -166,7 +165,7 @@ def test_llama_adapter_into_chatglm_with_fewer_layers(tmp_path):
     (tmp_path / "glm.toml").write_text(
         '[base]\npath = "glm"\n[[adapter]]\npath = "lora4"\nsource = "llama4"\n[adapter.map]\nlayers = "interpolate"\n'
         '[output]\npath = "out-glm"\n')
-    run = subprocess.run([str(BIN), "build", str(tmp_path / "glm.toml")], check=True, capture_output=True, text=True)
+    run = modelforge("build", tmp_path / "glm.toml")
     assert "transfer.txt" in run.stderr, run.stderr
     ours = load_file(tmp_path / "out-glm" / "model.safetensors")
     for name, t in want.items():
@@ -388,7 +387,7 @@ def test_llama_adapter_into_every_fused_layout(tmp_path, arch):
     (tmp_path / arch / "config.json").write_text(json.dumps(config))
     (tmp_path / f"{arch}.toml").write_text(
         f'[base]\npath = "{arch}"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out-{arch}"\n')
-    subprocess.run([str(BIN), "build", str(tmp_path / f"{arch}.toml"), "--quiet"], check=True)
+    modelforge("build", tmp_path / f"{arch}.toml", "--quiet")
 
     ours = load_file(tmp_path / f"out-{arch}" / "model.safetensors")
     assert set(ours) == set(want)
@@ -422,7 +421,7 @@ def test_fewer_kv_heads_fill_chatglm2_groups(tmp_path):
     save_file({k: v.contiguous() for k, v in fused.items()}, tmp_path / "glm2" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "glm2" / "config.json").write_text(json.dumps(config))
     (tmp_path / "r.toml").write_text(f'[base]\npath = "glm2"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out"\n')
-    subprocess.run([str(BIN), "build", str(tmp_path / "r.toml"), "--quiet"], check=True)
+    modelforge("build", tmp_path / "r.toml", "--quiet")
     ours = load_file(tmp_path / "out" / "model.safetensors")
     for name, t in want.items():
         assert (ours[name] - t).abs().max().item() <= 1e-6 * max(t.abs().max().item(), 1.0), name
@@ -447,7 +446,7 @@ def test_grouped_kv_heads_that_do_not_fit_a_chatglm2_base(tmp_path):
     save_file({k: v.contiguous() for k, v in fused.items()}, tmp_path / "glm2" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "glm2" / "config.json").write_text(json.dumps(config))
     (tmp_path / "r.toml").write_text(f'[base]\npath = "glm2"\n[[adapter]]\npath = "{adapter.name}"\n[output]\npath = "out"\n')
-    run = subprocess.run([str(BIN), "build", str(tmp_path / "r.toml")], capture_output=True, text=True)
+    run = modelforge("build", tmp_path / "r.toml", check=False)
     assert run.returncode != 0
     assert "has 4 key/value heads" in run.stderr and "has 2" in run.stderr, run.stderr
 
@@ -479,8 +478,7 @@ def test_align_into_a_relayout_of_the_source_is_the_exact_transfer(tmp_path, arc
     (tmp_path / "r.toml").write_text(
         f'[base]\npath = "{arch}"\n[[adapter]]\npath = "{adapter.name}"\nsource = "{base.name}"\n'
         '[adapter.map]\ndims = "align"\n[output]\npath = "out"\n')
-    run = subprocess.run([str(BIN), "build", str(tmp_path / "r.toml")], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    modelforge("build", tmp_path / "r.toml")
 
     ours = load_file(tmp_path / "out" / "model.safetensors")
     for name, t in want.items():
@@ -513,8 +511,7 @@ def test_shipped_recipe_carries_llama_into_a_narrower_chatglm(tmp_path):
     recipe = tmp_path / "recipe.toml"
     text = (REPO / "recipes" / "llama-to-narrower-chatglm.toml").read_text().replace("../", f"{REPO}/")
     recipe.write_text(text.replace(f'{REPO}/build/llama-to-narrower-chatglm', str(tmp_path / "out")))
-    run = subprocess.run([str(BIN), "build", str(recipe)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    modelforge("build", recipe)
     report = json.loads((tmp_path / "out" / "transfer.json").read_text())
     assert len(report) == 2 * 7, "every source module is accounted for"
     fate = {r["module"]: r for r in report}

@@ -9,8 +9,6 @@ draw the same masks (one LibTorch, one generator).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import blake3
@@ -19,10 +17,10 @@ import torch
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 
+from support import modelforge
+
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("MODELFORGE_BIN", REPO / "target" / "debug" / "modelforge"))
 HIDDEN, LAYERS, RANK_A, RANK_B = 32, 2, 4, 6
 MODULES = ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"]
 SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HIDDEN, HIDDEN), "mlp.up_proj": (2 * HIDDEN, HIDDEN)}
@@ -82,7 +80,7 @@ def build(ws: Path, method: str, extra: str, full: bool = False) -> dict[str, to
         f'[[adapter]]\npath = "{b}"\nweight = {WEIGHTS[1]}\n'
         f'[output]\npath = "out-{tag}"\n[merge]\nmethod = "{method}"\n{extra}'
     )
-    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    modelforge("build", recipe, "--quiet")
     return load_file(ws / f"out-{tag}" / "model.safetensors")
 
 
@@ -146,7 +144,7 @@ def test_matches_peft_merge_utils(workspace, case, full):
 def test_a_full_model_alone_gives_itself_back(workspace):
     recipe = workspace / "itself.toml"
     recipe.write_text('[base]\npath = "base"\n[[adapter]]\npath = "full-a"\n[output]\npath = "out-itself"\n')
-    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    modelforge("build", recipe, "--quiet")
     ours = load_file(workspace / "out-itself" / "model.safetensors")
     model = load_file(workspace / "full-a" / "model.safetensors")
     for name, m in model.items():

@@ -20,11 +20,11 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import support
+
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("MODELFORGE_BIN", REPO / "target" / "debug" / "modelforge"))
 MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")
 
 
@@ -72,7 +72,7 @@ def modelforge(ws: Path, name: str, method: str, weights: tuple[float, float], d
         f'[base]\npath = "base"\n[[adapter]]\npath = "ft1"\nweight = {weights[0]}\n'
         f'[[adapter]]\npath = "ft2"\nweight = {weights[1]}\n[output]\npath = "modelforge-{name}"\n{merge}'
     )
-    subprocess.run([str(BIN), "build", str(recipe), "--quiet"], check=True)
+    support.modelforge("build", recipe, "--quiet")
     return load_dir(ws / f"modelforge-{name}")
 
 

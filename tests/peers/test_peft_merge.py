@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,12 +29,12 @@ torch.set_num_threads(1)  # see make_fixtures.py: OpenMP on two busy cores is ~1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402
+from support import modelforge  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 REPO = mf.REPO
-BIN = Path(os.environ.get("MODELFORGE_BIN", REPO / "target" / "debug" / "modelforge"))
 PEERS_DIR = Path(os.environ.get("MODELFORGE_PEERS_DIR", mf.DEFAULT_OUT)).resolve()
 
 # Kept in step with make_fixtures.build() by test_fixture_cases_match.
@@ -72,13 +71,10 @@ class Builds:
     def run(self, recipe: Path, out: Path, *flags: str) -> dict:
         key = (str(recipe), " ".join(flags))
         if key not in self.results:
-            if not BIN.exists():
-                pytest.fail(f"modelforge binary not found at {BIN}: `cargo build` or set MODELFORGE_BIN")
             if out.exists():
                 shutil.rmtree(out)  # a fresh build every session, never a stale output
             t0 = time.time()
-            p = subprocess.run([str(BIN), "build", str(recipe), *flags], cwd=self.cwd,
-                               capture_output=True, text=True, timeout=300)
+            p = modelforge("build", recipe, *flags, cwd=self.cwd, check=False, timeout=300)
             self.results[key] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr,
                                  "seconds": time.time() - t0, "out": out}
         return self.results[key]
