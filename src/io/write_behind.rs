@@ -1,13 +1,14 @@
-//! Writing large files at the disk's pace. A plain buffered write only copies into the page
-//! cache; the kernel writes the dirty pages back later, and a process that dirties more than
-//! the kernel's limits (a build writes the cache objects and the output: twice the fused
-//! model) is then stalled while they drain, in bursts. Measured on the 2-core machine, 2 GiB
-//! written in 16 MiB pieces took 3.2-5.6 s buffered and 1.1-1.5 s when each piece's
-//! write-back was started at once and the writer waited for the pieces a few behind it (the
-//! same disk takes 0.7 s a GiB with O_DIRECT). [`WriteBehind`] does the latter: it starts
-//! write-back of every [`CHUNK`] as soon as it is written, and keeps at most [`IN_FLIGHT`]
-//! chunks under write-back, so the dirty pages a file holds stay bounded. The data's meaning
-//! is unchanged: `sync_file_range` is only a hint about when, never whether, pages are written.
+//! Writing large files at the disk's pace, for output shards where the file system refuses
+//! `O_DIRECT` (see `io::direct`). A plain buffered write only copies into the page cache; the
+//! kernel writes the dirty pages back later, and a process that dirties more than the kernel's
+//! limits is then stalled while they drain, in bursts. Measured on the 2-core machine, 2 GiB
+//! written in 16 MiB pieces took 3.2-5.6 s buffered and 1.1-1.5 s when each piece's write-back
+//! was started at once and the writer waited for the pieces a few behind it (the same disk
+//! takes 0.7 s a GiB with O_DIRECT). [`WriteBehind`] does the latter: it starts write-back of
+//! every [`CHUNK`] as soon as it is written, keeps at most [`IN_FLIGHT`] chunks under
+//! write-back, and drops the pages once on disk, so the page cache a file holds stays bounded.
+//! The data's meaning is unchanged: `sync_file_range` is only a hint about when, never
+//! whether, pages are written.
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -27,20 +28,16 @@ pub struct WriteBehind {
     submitted: u64,
     /// Write-back has finished for `..settled`.
     settled: u64,
-    /// Whether pages written back leave the page cache (for files this process will not read).
-    drop_written: bool,
 }
 
 impl WriteBehind {
-    /// Takes a file opened for writing at its start; with `drop_written`, pages that have been
-    /// written back are dropped from the page cache (the file will not be read soon).
-    pub fn new(file: File, drop_written: bool) -> Self {
+    /// Takes a file opened for writing at its start, which this process will not read back.
+    pub fn new(file: File) -> Self {
         WriteBehind {
             file,
             written: 0,
             submitted: 0,
             settled: 0,
-            drop_written,
         }
     }
 
@@ -62,16 +59,14 @@ impl WriteBehind {
                     | libc::SYNC_FILE_RANGE_WRITE
                     | libc::SYNC_FILE_RANGE_WAIT_AFTER,
             )?;
-            if self.drop_written {
-                // SAFETY: as above; the pages are clean now, and dropping them is only advice.
-                unsafe {
-                    libc::posix_fadvise(
-                        self.file.as_raw_fd(),
-                        self.settled as libc::off64_t,
-                        CHUNK as libc::off64_t,
-                        libc::POSIX_FADV_DONTNEED,
-                    );
-                }
+            // SAFETY: as above; the pages are clean now, and dropping them is only advice.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    self.settled as libc::off64_t,
+                    CHUNK as libc::off64_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
             }
             self.settled += CHUNK;
         }
@@ -123,7 +118,7 @@ mod tests {
     fn what_is_written_is_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let mut w = WriteBehind::new(File::create(&path).unwrap(), true);
+        let mut w = WriteBehind::new(File::create(&path).unwrap());
         let piece: Vec<u8> = (0..3_000_001u32).map(|i| (i % 251) as u8).collect();
         for _ in 0..20 {
             w.write_all(&piece).unwrap();

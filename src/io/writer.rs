@@ -105,10 +105,7 @@ impl Out {
     fn new(file: File) -> Out {
         match DirectWriter::create(file) {
             Ok(direct) => Out::Direct(direct),
-            Err(file) => Out::Buffered(BufWriter::with_capacity(
-                8 << 20,
-                WriteBehind::new(file, true),
-            )),
+            Err(file) => Out::Buffered(BufWriter::with_capacity(8 << 20, WriteBehind::new(file))),
         }
     }
 
