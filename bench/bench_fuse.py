@@ -22,9 +22,11 @@ PEFT's and mergekit's bit for bit.
 
 Each command runs under a one-child wrapper (a small Python) that times it and reads
 getrusage(RUSAGE_CHILDREN): the peak RSS of the largest process in the command's tree that was
-waited for (modelforge's engine included), and the user and system CPU time of them all, which
-vary less than wall time on a virtual machine whose page-cache writes swing in speed. modelforge's own `--json` summary adds its
-per-process peaks and per-phase times. Outputs agree "to bf16 rounding" when no element differs
+waited for (modelforge's engine included), the user and system CPU time of them all, which
+vary less than wall time on a virtual machine whose page-cache writes swing in speed, and the
+bytes they wrote to storage (a build writes its cache objects as well as its output, and where
+the disk is the bottleneck that count sets the pace). modelforge's own `--json` summary adds
+its per-process peaks and per-phase times. Outputs agree "to bf16 rounding" when no element differs
 by more than one ulp: a rank-16 product summed in another order can land on the other side of a
 rounding boundary (measured: one element of 1.1B, where PEFT's full-matrix product and
 modelforge's block product differ by 2e-10).
@@ -201,14 +203,16 @@ _, status = os.waitpid(pid, 0)
 wall = time.perf_counter() - t0
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 rss = usage.ru_maxrss * 1024
-open(sys.argv[1], "w").write(f"{wall} {rss} {usage.ru_utime} {usage.ru_stime}")
+open(sys.argv[1], "w").write(f"{wall} {rss} {usage.ru_utime} {usage.ru_stime} {usage.ru_oublock * 512}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, int, str, float, float]:
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, int, str, float, float, int]:
     """(wall seconds, peak RSS in bytes of the command and its waited-for children, stdout,
-    user and system CPU seconds of the same processes)."""
+    user and system CPU seconds of the same processes, and the bytes they wrote to storage:
+    ru_oublock, counted when a page is dirtied or a direct write submitted, whether or not the
+    disk has it yet)."""
     cmd = [str(c) for c in cmd]
     exe = shutil.which(cmd[0], path=(env or os.environ).get("PATH")) if "/" not in cmd[0] else cmd[0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
@@ -220,8 +224,9 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, int,
         if p.returncode != 0:
             raise Failed(f"failed ({p.returncode}): {' '.join(cmd)}\n"
                          f"{err.read().decode(errors='replace')[-3000:]}")
-        wall, rss, user, system = result.read().split()
-        return float(wall), int(rss), out.read().decode(errors="replace"), float(user), float(system)
+        wall, rss, user, system, written = result.read().split()
+        return (float(wall), int(rss), out.read().decode(errors="replace"), float(user), float(system),
+                int(written))
 
 
 def remove(*paths: Path) -> None:
@@ -246,13 +251,15 @@ class Step:
         self.walls: list[float] = []
         self.rss: list[int] = []
         self.cpu: list[tuple[float, float]] = []  # user, system
+        self.written: list[int] = []  # bytes written to storage
         self.summaries: list[dict] = []  # modelforge --json
 
     def add(self, wall: float, rss: int, stdout: str = "", user: float = 0.0,
-            system: float = 0.0) -> None:
+            system: float = 0.0, written: int = 0) -> None:
         self.walls.append(wall)
         self.rss.append(rss)
         self.cpu.append((user, system))
+        self.written.append(written)
         if stdout.strip().startswith("{"):
             self.summaries.append(json.loads(stdout))
         extra = ""
@@ -262,7 +269,7 @@ class Step:
                      f"{(s['peak_rss'].get('engine') or 0) / 2**20:.0f} MiB; "
                      f"{s['nodes']['computed']} computed)")
         print(f"  {self.label} run {len(self.walls)}: {wall:.3f}s (CPU user {user:.2f}s, system "
-              f"{system:.2f}s), {rss / 2**20:.0f} MiB{extra}",
+              f"{system:.2f}s), {rss / 2**20:.0f} MiB, {written / 1e9:.2f} GB written{extra}",
               file=sys.stderr, flush=True)
 
     @property
@@ -412,7 +419,7 @@ def main(argv=None) -> int:
             lambda i: write_recipes(d, weights[i]))
     incremental = lock_outputs(d / "ab.lock")
     remove(d / "out-ab", d / "ab.lock", d / "cache-ab")
-    wall, rss, out, _, _ = run(build("ab.toml", "cache-ab"), d)
+    wall, rss, out, _, _, _ = run(build("ab.toml", "cache-ab"), d)
     print(f"  modelforge A+B from an empty cache: {wall:.2f}s, {rss / 2**20:.0f} MiB", file=sys.stderr)
     checks.append(("incremental A+B build equals a build from an empty cache",
                    incremental == lock_outputs(d / "ab.lock"),
@@ -457,16 +464,17 @@ def report(steps: dict[str, Step], checks, shape: dict, size: int, params: int, 
           f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}); adapter A r=16 on all "
           f"seven projections, B r=8 on q/v. {os.cpu_count()} CPUs, warm page cache, {runs} runs each; "
           f"load average at the end {load[0]:.1f}.\n")
-    head = ("| step | median s | min s | max s | CPU user s | CPU system s | peak RSS MiB | × cp -r |"
+    head = ("| step | median s | min s | max s | CPU user s | CPU system s | peak RSS MiB | written GB | × cp -r |"
             + "".join(f" × {n} |" for _, n in peers))
     print(head)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(peers))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(peers))
     for key, step in steps.items():
         user = statistics.median(u for u, _ in step.cpu)
         system = statistics.median(s for _, s in step.cpu)
         row = (f"| {step.label} | {step.median:.3f} | {min(step.walls):.3f} | {max(step.walls):.3f} "
                f"| {user:.2f} | {system:.2f} "
-               f"| {fmt_mib(statistics.median(step.rss))} | {step.median / floor:.2f} |")
+               f"| {fmt_mib(statistics.median(step.rss))} | {statistics.median(step.written) / 1e9:.2f} "
+               f"| {step.median / floor:.2f} |")
         for k, _ in peers:
             row += f" {step.median / steps[k].median:.2f} |"
         print(row)
