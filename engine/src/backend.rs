@@ -113,7 +113,7 @@ impl Backend {
     }
 
     /// [`Backend::fuse_block`] as LibTorch operations, on any device.
-    pub fn fuse_block_torch(
+    fn fuse_block_torch(
         &self,
         base: &[u8],
         in_dtype: Dtype,
