@@ -2,7 +2,7 @@
 //! block, widened, summed and rounded chunk by chunk while the chunk sits in L1. LibTorch does
 //! the same in five passes over the whole block (widen, scale, add, round, copy out), each
 //! through memory; this pass does the arithmetic those passes do, in their order, so the bytes
-//! are the same (`tests` below compare the two).
+//! are the same (`backend`'s tests compare the two).
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use safetensors::Dtype;
