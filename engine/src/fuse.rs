@@ -327,9 +327,11 @@ pub fn fuse(
     }
 
     // A window of two blocks per thread is computed while the writer hashes and writes the
-    // one before. A block being computed holds its input, two f32 temporaries, its output and
-    // their copies across the LibTorch boundary: under 20 bytes an element; a block computed
-    // and waiting for the writer only its output, at most 8 bytes an element.
+    // one before. A block being computed on LibTorch's path holds its input, two f32
+    // temporaries, its output and their copies across the LibTorch boundary: under 20 bytes an
+    // element (the CPU's one-pass path, `elementwise`, holds about half); a block computed and
+    // waiting for the writer only its output, at most 8 bytes an element. The budget counts
+    // the larger.
     let in_flight = 2 * rayon::current_num_threads();
     let block_elements = (budget / (28 * in_flight as u64)).clamp(1 << 16, 1 << 24) as usize;
     let in_row_bytes = cols * origin.dtype.bitsize() / 8;

@@ -59,7 +59,8 @@ impl WriteBehind {
                     | libc::SYNC_FILE_RANGE_WRITE
                     | libc::SYNC_FILE_RANGE_WAIT_AFTER,
             )?;
-            // SAFETY: as above; the pages are clean now, and dropping them is only advice.
+            // SAFETY: a valid open descriptor; the pages are clean now, and dropping them is
+            // only advice.
             unsafe {
                 libc::posix_fadvise(
                     self.file.as_raw_fd(),
