@@ -22,7 +22,7 @@ pub fn write_safetensors(path: &Path, tensors: &[Tensor<'_>]) -> std::io::Result
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    let shard = &layout(out, u64::MAX)[0];
+    let shard = &layout(vec![out], u64::MAX)[0];
     let bytes: HashMap<&str, &[u8]> = tensors.iter().map(|t| (t.0, t.3)).collect();
     let mut writer = ShardWriter::create(path, shard)?;
     for tensor in &shard.tensors {

@@ -27,12 +27,15 @@ pub(crate) enum Outcome {
 pub(crate) struct Staged {
     /// The output's files (final paths) and their digests.
     pub files: Vec<(PathBuf, FileDigest)>,
+    /// How many shards were linked from the previous output rather than written.
+    pub kept: usize,
     dirs: Vec<(PathBuf, StagingDir)>,
 }
 
 impl Staged {
     fn extend(&mut self, other: Staged) {
         self.files.extend(other.files);
+        self.kept += other.kept;
         self.dirs.extend(other.dirs);
     }
 
@@ -97,19 +100,22 @@ fn ready(engine: Option<&Engine>, res: &Resolution, key: &NodeKey) -> bool {
 }
 
 /// Writes the outputs into staging directories, reading computed tensors from the cache as the
-/// engine (when it runs) puts them there.
+/// engine (when it runs) puts them there. The fused model's shards named in `kept` are linked
+/// from the previous output instead (see [`super::record::reusable`]).
 pub(crate) fn assemble(
     res: &Resolution,
     engine: Option<&Engine>,
+    kept: &HashMap<String, FileDigest>,
     progress: bool,
     sync: bool,
 ) -> Result<Outcome, ExecError> {
     let mut staged = Staged {
         files: Vec::new(),
+        kept: 0,
         dirs: Vec::new(),
     };
     if let Some(model) = &res.recipe.output.path {
-        match write_model(res, engine, &model.path, progress, sync)? {
+        match write_model(res, engine, &model.path, kept, progress, sync)? {
             Outcome::Written(model) => staged.extend(model),
             stopped => return Ok(stopped),
         }
@@ -126,11 +132,13 @@ pub(crate) fn assemble(
     Ok(Outcome::Written(staged))
 }
 
-/// The fused model: weights from the inputs and the cache, config, card and manifest.
+/// The fused model: weights from the inputs and the cache (or the previous output's unchanged
+/// shards), config, card and manifest.
 fn write_model(
     res: &Resolution,
     engine: Option<&Engine>,
     target: &std::path::Path,
+    kept: &HashMap<String, FileDigest>,
     progress: bool,
     sync: bool,
 ) -> Result<Outcome, ExecError> {
@@ -147,9 +155,27 @@ fn write_model(
     let bar = super::progress_bar(res.plan.tensors.len(), "writing", progress);
 
     let mut written = Vec::new();
+    let mut linked = 0;
     let mut corrupt = Vec::new();
     for shard in &shards {
         let path = staging.path().join(&shard.file_name);
+        let previous = target.join(&shard.file_name);
+        if let Some(digest) = kept.get(&shard.file_name) {
+            // A second name for the same inode: nothing is copied, and the previous output's
+            // removal frees nothing of it. (Where the file system has no hard links, the shard
+            // is written as any other.)
+            if std::fs::hard_link(&previous, &path).is_ok() {
+                if sync {
+                    std::fs::File::open(&path)
+                        .and_then(|file| file.sync_all())
+                        .map_err(output_error(&path))?;
+                }
+                written.push((previous, *digest));
+                linked += 1;
+                bar.inc(shard.tensors.len() as u64);
+                continue;
+            }
+        }
         let mut out = ShardWriter::create(&path, shard).map_err(output_error(&path))?;
         for tensor in &shard.tensors {
             out.begin(&tensor.name).map_err(output_error(&path))?;
@@ -204,7 +230,7 @@ fn write_model(
             return Ok(Outcome::Corrupt(corrupt));
         }
         let file = out.finish(sync).map_err(output_error(&path))?;
-        written.push((target.join(&shard.file_name), FileDigest::new(file)));
+        written.push((previous, FileDigest::new(file)));
     }
     bar.finish_and_clear();
 
@@ -222,6 +248,7 @@ fn write_model(
     }
     Ok(Outcome::Written(Staged {
         files: written,
+        kept: linked,
         dirs: vec![(target.clone(), staging)],
     }))
 }
@@ -411,6 +438,7 @@ fn write_adapter(
     }
     Ok(Outcome::Written(Staged {
         files: written,
+        kept: 0,
         dirs: vec![(target.to_owned(), staging)],
     }))
 }

@@ -6,6 +6,7 @@ mod cache;
 mod engine;
 mod error;
 pub mod job;
+mod record;
 mod resolution;
 pub mod rotary;
 mod summary;
@@ -73,6 +74,22 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         return report(args, &summary);
     }
 
+    // Shards whose bytes would not change stay as the previous output has them.
+    let shards = res.shards();
+    let shard_keys = record::shard_keys(&res, &shards);
+    let last = record::BuildRecord::read(&res.store, &res.recipe.primary_output().path);
+    let kept = match &res.recipe.output.path {
+        Some(model) => record::reusable(
+            &res.store,
+            &last,
+            &model.path,
+            &shards,
+            &shard_keys,
+            args.cache.rehash,
+        ),
+        None => Default::default(),
+    };
+
     let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
     let mut computed = 0;
     let mut evicted = Vec::new();
@@ -103,7 +120,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         // The output is written while the engine computes, each computed tensor as soon as it
         // is in the cache. A failed assembly stops the engine (dropping it kills it).
         let assemble_started = Instant::now();
-        let outcome = assemble::assemble(&res, engine.as_ref(), !args.quiet, args.fsync)?;
+        let outcome = assemble::assemble(&res, engine.as_ref(), &kept, !args.quiet, args.fsync)?;
         phases.assemble += assemble_started.elapsed().as_secs_f64();
         if let Some(engine) = engine.take() {
             let run = engine.finish()?;
@@ -140,6 +157,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         }
     };
 
+    let shards_kept = staged.kept;
     // The lock, staged beside its place; then the outputs and the lock go into place together.
     let dir = recipe_dir(&res.recipe);
     let files = staged.files.clone();
@@ -169,17 +187,33 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     for (path, digest) in &files {
         let _ = res.store.record_file_digest(path, *digest);
     }
-    let record: BTreeMap<&str, &TensorKey> = res
-        .plan
-        .tensors
-        .iter()
-        .zip(&res.keys.tensors)
-        .filter_map(|(t, k)| k.as_ref().map(|(_, key)| (t.out.name.as_str(), key)))
-        .collect();
-    let record = serde_json::to_vec(&record).expect("keys serialise");
-    let _ = res
-        .store
-        .put_build_record(&res.recipe.primary_output().path, &record);
+    let digests: BTreeMap<&Path, FileDigest> =
+        files.iter().map(|(path, d)| (path.as_path(), *d)).collect();
+    let record = record::BuildRecord {
+        tensors: res
+            .plan
+            .tensors
+            .iter()
+            .zip(&res.keys.tensors)
+            .filter_map(|(t, k)| k.as_ref().map(|(_, key)| (t.out.name.clone(), key.clone())))
+            .collect(),
+        shards: match &res.recipe.output.path {
+            Some(model) => shards
+                .iter()
+                .zip(&shard_keys)
+                .filter_map(|(shard, key)| {
+                    let digest = digests.get(model.path.join(&shard.file_name).as_path())?;
+                    let record = record::ShardRecord {
+                        key: *key,
+                        digest: *digest,
+                    };
+                    Some((shard.file_name.clone(), record))
+                })
+                .collect(),
+            None => BTreeMap::new(),
+        },
+    };
+    let _ = record.write(&res.store, &res.recipe.primary_output().path);
     // The slow part last: removing the previous outputs.
     drop(previous_outputs);
     phases.commit = commit_started.elapsed().as_secs_f64();
@@ -193,6 +227,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let mut summary = Summary::built(&res, nodes, &files, started.elapsed());
     summary.peak_rss.engine = (engine_peak > 0).then_some(engine_peak);
     summary.phases = Some(phases);
+    summary.shards_kept = shards_kept;
     report(args, &summary)
 }
 

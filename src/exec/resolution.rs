@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::record::BuildRecord;
 use super::{job, refactors, ExecError};
 use crate::cli::CacheArgs;
 use crate::digest::FileDigest;
 use crate::io::writer;
 use crate::lock::{self, Lock, Resolved};
-use crate::plan::{Keys, Plan, Status, TensorKey};
-use crate::recipe::{DeviceRequest, OutputDtype, Recipe};
+use crate::plan::{Keys, Origin, Plan, Status};
+use crate::recipe::{DeviceRequest, OutputDtype, Recipe, ShardBy};
 use crate::store::Store;
 
 /// A recipe with everything resolved that a build, `plan` and `verify` share.
@@ -102,11 +103,7 @@ impl Resolution {
 
     /// What a build would do for each tensor, and why.
     pub fn statuses(&self) -> Vec<Status> {
-        let last: BTreeMap<String, TensorKey> = self
-            .store
-            .build_record(&self.recipe.primary_output().path)
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
+        let last = BuildRecord::read(&self.store, &self.recipe.primary_output().path).tensors;
         self.plan
             .tensors
             .iter()
@@ -124,11 +121,31 @@ impl Resolution {
             .collect()
     }
 
+    /// The fused model's files and the tensors each holds (`[output] shard_by`).
     pub fn shards(&self) -> Vec<writer::Shard> {
-        writer::layout(
-            self.plan.tensors.iter().map(|t| t.out.clone()).collect(),
-            self.recipe.output.max_shard_size,
-        )
+        let tensors = self.plan.tensors.iter();
+        let groups = match self.recipe.output.shard_by {
+            ShardBy::Size => vec![tensors.map(|t| t.out.clone()).collect()],
+            ShardBy::Inputs => {
+                // Keyed by the adapters a tensor depends on; the base's own tensors come first.
+                let mut groups: BTreeMap<Vec<usize>, Vec<writer::OutTensor>> = BTreeMap::new();
+                for tensor in tensors {
+                    let replacement = match tensor.origin {
+                        Origin::Replacement { adapter, .. } => Some(adapter),
+                        Origin::Base(_) => None,
+                    };
+                    let mut adapters: Vec<usize> = replacement
+                        .into_iter()
+                        .chain(tensor.deltas.iter().map(|d| d.adapter))
+                        .collect();
+                    adapters.sort_unstable();
+                    adapters.dedup();
+                    groups.entry(adapters).or_default().push(tensor.out.clone());
+                }
+                groups.into_values().collect()
+            }
+        };
+        writer::layout(groups, self.recipe.output.max_shard_size)
     }
 
     /// Whether the lock records exactly this recipe, these inputs, and outputs still on disk.

@@ -41,6 +41,8 @@ pub(crate) struct Summary {
     /// Where the time went, in seconds (absent for an up-to-date build).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<Phases>,
+    /// Shards of the previous output kept as they were (hard-linked, not written again).
+    pub shards_kept: usize,
 }
 
 /// Seconds spent in each phase of a build.
@@ -120,6 +122,7 @@ impl Summary {
             },
             phases: None,
             aligned: Aligned::of(res),
+            shards_kept: 0,
         }
     }
 
@@ -159,8 +162,13 @@ impl Summary {
             ),
             (n, None) => format!("; {n} adapter modules mapped, skipped or dropped (transfer.txt)"),
         };
+        let kept = match self.shards_kept {
+            0 => String::new(),
+            1 => "; 1 shard unchanged, kept".into(),
+            n => format!("; {n} shards unchanged, kept"),
+        };
         format!(
-            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{transfer}",
+            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{kept}{transfer}",
             self.output,
             self.seconds,
             self.device,

@@ -32,27 +32,31 @@ pub(crate) struct Shard {
     pub tensors: Vec<OutTensor>,
 }
 
-/// Splits tensors (sorted by name) into shards of at most `max_shard_size` bytes (a tensor
-/// larger than that gets a shard of its own), named as `transformers` names them. Within a
-/// shard, wider dtypes come first so that every tensor's data stays aligned.
-pub(crate) fn layout(tensors: Vec<OutTensor>, max_shard_size: u64) -> Vec<Shard> {
-    let mut groups: Vec<Vec<OutTensor>> = Vec::new();
-    let mut size = 0;
-    for tensor in tensors {
-        let len = tensor.len();
-        match groups.last_mut() {
-            Some(group) if size + len <= max_shard_size => {
-                size += len;
-                group.push(tensor);
-            }
-            _ => {
-                size = len;
-                groups.push(vec![tensor]);
+/// Splits each group of tensors (sorted by name) into shards of at most `max_shard_size` bytes
+/// (a tensor larger than that gets a shard of its own); a group never shares a shard with
+/// another. Shards are named as `transformers` names them. Within a shard, wider dtypes come
+/// first so that every tensor's data stays aligned.
+pub(crate) fn layout(groups: Vec<Vec<OutTensor>>, max_shard_size: u64) -> Vec<Shard> {
+    let mut shards: Vec<Vec<OutTensor>> = Vec::new();
+    for group in groups {
+        let (mut size, first) = (0, shards.len());
+        for tensor in group {
+            let len = tensor.len();
+            let open = shards.len() > first;
+            match shards.last_mut() {
+                Some(shard) if open && size + len <= max_shard_size => {
+                    size += len;
+                    shard.push(tensor);
+                }
+                _ => {
+                    size = len;
+                    shards.push(vec![tensor]);
+                }
             }
         }
     }
-    let count = groups.len();
-    groups
+    let count = shards.len();
+    shards
         .into_iter()
         .enumerate()
         .map(|(i, mut tensors)| {
@@ -241,19 +245,46 @@ mod tests {
             tensor("b", Dtype::F32, 10),
             tensor("c", Dtype::F32, 10),
         ];
-        let shards = layout(tensors.clone(), 60);
+        let shards = layout(vec![tensors.clone()], 60);
         assert_eq!(shards.len(), 2);
         assert_eq!(shards[0].file_name, "model-00001-of-00002.safetensors");
         // f32 before bf16 inside a shard keeps 4-byte alignment.
         assert_eq!(shards[0].tensors[0].name, "b");
-        assert_eq!(layout(tensors, 1 << 30)[0].file_name, "model.safetensors");
+        assert_eq!(
+            layout(vec![tensors], 1 << 30)[0].file_name,
+            "model.safetensors"
+        );
+    }
+
+    #[test]
+    fn groups_never_share_a_shard() {
+        let names = |shards: &[Shard]| -> Vec<Vec<String>> {
+            let names = |s: &Shard| s.tensors.iter().map(|t| t.name.clone()).collect();
+            shards.iter().map(names).collect()
+        };
+        let groups = vec![
+            vec![tensor("a", Dtype::F32, 1), tensor("c", Dtype::F32, 1)],
+            vec![tensor("b", Dtype::F32, 1)],
+            vec![tensor("d", Dtype::F32, 4), tensor("e", Dtype::F32, 4)],
+        ];
+        assert_eq!(
+            names(&layout(groups.clone(), 1 << 30)),
+            [vec!["a", "c"], vec!["b"], vec!["d", "e"]]
+        );
+        // The size limit still splits a group.
+        let shards = layout(groups, 20);
+        assert_eq!(
+            names(&shards),
+            [vec!["a", "c"], vec!["b"], vec!["d"], vec!["e"]]
+        );
+        assert_eq!(shards[3].file_name, "model-00004-of-00004.safetensors");
     }
 
     #[test]
     fn written_files_are_valid_safetensors() {
         let dir = tempfile::tempdir().unwrap();
         let shard = &layout(
-            vec![tensor("x", Dtype::F32, 2), tensor("y", Dtype::U8, 3)],
+            vec![vec![tensor("x", Dtype::F32, 2), tensor("y", Dtype::U8, 3)]],
             1 << 30,
         )[0];
         let path = dir.path().join(&shard.file_name);
@@ -274,7 +305,7 @@ mod tests {
     fn out_of_order_or_short_writes_fail() {
         let dir = tempfile::tempdir().unwrap();
         let shard = &layout(
-            vec![tensor("x", Dtype::F32, 2), tensor("y", Dtype::F32, 2)],
+            vec![vec![tensor("x", Dtype::F32, 2), tensor("y", Dtype::F32, 2)]],
             1 << 30,
         )[0];
         let mut writer = ShardWriter::create(&dir.path().join("m.safetensors"), shard).unwrap();

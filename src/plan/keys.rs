@@ -200,6 +200,9 @@ pub(crate) struct Keys {
     pub files: Vec<InputFile>,
     /// Per tensor of the plan: `None` when the tensor is copied byte for byte.
     pub tensors: Vec<Option<(NodeKey, TensorKey)>>,
+    /// Per tensor of the plan, what its bytes depend on: its node key when it is computed, the
+    /// input slice it is copied from when it is not.
+    pub bytes: Vec<NodeKey>,
     pub align: AlignKeys,
 }
 
@@ -240,7 +243,7 @@ impl Keys {
             shape: meta.shape.clone(),
         };
         let align = AlignKeys::new(plan, &slice);
-        let tensors = plan
+        let tensors: Vec<_> = plan
             .tensors
             .iter()
             .map(|tensor| {
@@ -251,23 +254,34 @@ impl Keys {
                 Some((NodeKey::of_value(&key), key))
             })
             .collect();
+        let bytes = plan
+            .tensors
+            .iter()
+            .zip(&tensors)
+            .map(|(tensor, key)| match key {
+                Some((node, _)) => *node,
+                None => NodeKey::of_value(&serde_json::json!({
+                    "op": "copy",
+                    "origin": origin_slice(plan, tensor, &slice),
+                })),
+            })
+            .collect();
         Ok(Keys {
             files,
             tensors,
+            bytes,
             align,
         })
     }
 }
 
-fn tensor_key(
+/// The input tensor a tensor starts from.
+fn origin_slice(
     plan: &Plan,
     tensor: &TensorPlan,
-    device: &str,
-    (merge, seed): (&Merge, u64),
     slice: &dyn Fn(&Path, &str, &TensorMeta) -> SliceKey,
-    align: &AlignKeys,
-) -> TensorKey {
-    let origin = match &tensor.origin {
+) -> SliceKey {
+    match &tensor.origin {
         Origin::Base(meta) => {
             let (file, _) = plan
                 .inputs
@@ -283,7 +297,18 @@ fn tensor_key(
                 .expect("planned tensors exist");
             slice(&file.path, &name_in(file, meta), meta)
         }
-    };
+    }
+}
+
+fn tensor_key(
+    plan: &Plan,
+    tensor: &TensorPlan,
+    device: &str,
+    (merge, seed): (&Merge, u64),
+    slice: &dyn Fn(&Path, &str, &TensorMeta) -> SliceKey,
+    align: &AlignKeys,
+) -> TensorKey {
+    let origin = origin_slice(plan, tensor, slice);
     let deltas = tensor
         .deltas
         .iter()

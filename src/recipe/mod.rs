@@ -14,7 +14,7 @@ use toml::Spanned;
 
 pub(crate) use error::{RecipeError, Src};
 pub(crate) use layers::LayerRange;
-pub(crate) use schema::{MajoritySign, MergeMethod, OutputDtype};
+pub(crate) use schema::{MajoritySign, MergeMethod, OutputDtype, ShardBy};
 
 pub(crate) use weight::{layer_of, module_matches, ResolvedRule, Weight, WeightRule};
 
@@ -164,6 +164,7 @@ pub(crate) struct Output {
     pub path: Option<Entry>,
     pub dtype: OutputDtype,
     pub max_shard_size: u64,
+    pub shard_by: ShardBy,
     /// `[output] adapter`: the combined delta, re-factored into one PEFT adapter.
     pub adapter: Option<AdapterOutput>,
 }
@@ -260,6 +261,7 @@ impl Recipe {
                     )
                 })?,
             },
+            shard_by: output.shard_by.unwrap_or_default(),
         };
         let device_field = raw.build.as_ref().and_then(|b| b.get_ref().device.as_ref());
         let device = match device_field {

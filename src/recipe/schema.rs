@@ -166,6 +166,9 @@ pub(crate) struct RawOutput {
     /// Largest shard, e.g. `"2GB"`; above it the weights are split and indexed.
     #[serde(default)]
     pub max_shard_size: Option<Spanned<String>>,
+    /// How tensors are grouped into shards.
+    #[serde(default)]
+    pub shard_by: Option<ShardBy>,
     /// Also write the combined delta as one PEFT adapter for the base, here.
     #[serde(default)]
     pub adapter: Option<Spanned<String>>,
@@ -182,6 +185,19 @@ pub(crate) struct RawOutput {
 pub(crate) struct RawBuild {
     #[serde(default)]
     pub device: Option<Spanned<String>>,
+}
+
+/// How the output's tensors are grouped into shards (each group split at `max_shard_size`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ShardBy {
+    /// One group: tensors in name order fill each shard up to the size limit, as
+    /// `transformers` shards.
+    #[default]
+    Size,
+    /// One group per set of adapters a tensor depends on (the base's untouched tensors are a
+    /// group of their own): a change to one adapter rewrites only the shards it reaches.
+    Inputs,
 }
 
 /// The dtype of the written tensors.

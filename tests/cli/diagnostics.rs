@@ -338,3 +338,12 @@ fn layer_table_beyond_the_base() {
         )
     ));
 }
+
+#[test]
+fn unknown_shard_grouping() {
+    let ws = workspace();
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace("path = \"out\"", "path = \"out\"\nshard_by = \"layer\"")
+    ));
+}

@@ -410,3 +410,88 @@ fn gc_trims_the_cache_and_builds_recover() {
     std::fs::remove_dir_all(ws.path("out")).unwrap();
     assert_eq!(nodes(&build(&ws, &[])), (4, 0, 7));
 }
+
+/// The three shards of `shard_by = "inputs"` over `workspace`: the base's untouched tensors,
+/// those `a` reaches (q) and those `b` reaches (v), as (file name, inode).
+fn shards_by_input(ws: &Workspace) -> [(String, u64); 3] {
+    use std::os::unix::fs::MetadataExt;
+    let index: Value =
+        serde_json::from_slice(&read(ws, "out/model.safetensors.index.json")).unwrap();
+    let file = |tensor: &str| {
+        let name = index["weight_map"][tensor].as_str().unwrap().to_owned();
+        let inode = std::fs::metadata(ws.path(&format!("out/{name}")))
+            .unwrap()
+            .ino();
+        (name, inode)
+    };
+    let shards = [
+        file("model.norm.weight"),
+        file("model.layers.1.self_attn.q_proj.weight"),
+        file("model.layers.1.self_attn.v_proj.weight"),
+    ];
+    assert_eq!(
+        file("model.layers.0.self_attn.q_proj.weight"),
+        shards[1],
+        "one shard per set of adapters"
+    );
+    let distinct: std::collections::BTreeSet<_> = shards.iter().map(|s| &s.0).collect();
+    assert_eq!(distinct.len(), 3, "{shards:?}");
+    shards
+}
+
+fn weights(ws: &Workspace, dir: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(ws.path(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn shards_by_input_are_rewritten_only_when_an_input_they_depend_on_changes() {
+    let ws = workspace(0.5);
+    let recipe = |out: &str, weight: f64| {
+        format!("[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\n[[adapter]]\npath = \"b\"\nweight = {weight:?}\n[output]\npath = \"{out}\"\nshard_by = \"inputs\"\nmax_shard_size = \"1GB\"\n")
+    };
+    ws.write("recipe.toml", recipe("out", 0.5));
+    let first = build(&ws, &[]);
+    assert_eq!(first["shards_kept"], 0);
+    let [base, q, v] = shards_by_input(&ws);
+
+    // Changing b's weight: only the shard of v projections is written again.
+    ws.write("recipe.toml", recipe("out", 0.25));
+    let second = build(&ws, &[]);
+    assert_eq!(nodes(&second), (2, 2, 7));
+    assert_eq!(second["shards_kept"], 2);
+    let [base2, q2, v2] = shards_by_input(&ws);
+    assert_eq!((&base, &q), (&base2, &q2), "kept: the same inodes");
+    assert_eq!(v.0, v2.0);
+    assert_ne!(v.1, v2.1, "the v shard is a new file");
+    ws.ok(&["verify", "recipe.toml"]);
+
+    // What was kept equals what a build from an empty cache writes.
+    ws.write("fresh.toml", recipe("fresh", 0.25));
+    ws.ok(&["build", "fresh.toml", "--quiet", "--cache", "fresh-cache"]);
+    assert_eq!(weights(&ws, "out"), weights(&ws, "fresh"));
+
+    // A kept shard changed on disk since it was written is not kept again: the stat cache sees
+    // its new modification time, and its digest no longer matches.
+    let path = ws.path(&format!("out/{}", base.0));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    ws.write("recipe.toml", recipe("out", 0.5));
+    ws.write("fresh.toml", recipe("fresh", 0.5));
+    let third = build(&ws, &[]);
+    assert_eq!(third["shards_kept"], 1, "only the q shard");
+    ws.ok(&["build", "fresh.toml", "--quiet", "--cache", "fresh-cache"]);
+    assert_eq!(weights(&ws, "out"), weights(&ws, "fresh"));
+    ws.ok(&["verify", "recipe.toml"]);
+}

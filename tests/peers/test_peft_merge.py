@@ -372,3 +372,26 @@ def test_shipped_example_matches_peft(builds, tmp_path):
     for k in ref:
         tol = 1e-6 * ref[k].abs().max().item()
         assert (ours[k] - ref[k]).abs().max().item() <= tol, k
+
+
+def test_shards_by_inputs_load_in_transformers(cases, builds):
+    """`shard_by = "inputs"`: one shard per set of adapters; transformers loads the index, and the
+    tensors are those of the default layout bit for bit, so the logits are PEFT's."""
+    d = PEERS_DIR / "stack_cat_f32"
+    first = builds.run(d / "recipe.toml", d / "out", "--quiet")
+    assert first["rc"] == 0, first["stderr"]
+    body = (d / "recipe.toml").read_text().replace('path = "out"', 'path = "out_inputs"\nshard_by = "inputs"')
+    assert "shard_by" in body
+    r = builds.run(_extra_recipe(d, "inputs", body), d / "out_inputs", "--quiet")
+    assert r["rc"] == 0, r["stderr"]
+    weight_map = json.loads((d / "out_inputs" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) >= 2, weight_map
+    ours, default = read_dir(d / "out_inputs"), read_dir(d / "out")
+    assert sorted(ours) == sorted(default) and all(torch.equal(ours[k], default[k]) for k in ours)
+    model, info = AutoModelForCausalLM.from_pretrained(str(d / "out_inputs"), dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info
+    with torch.no_grad():
+        got = model.eval()(input_ids=INPUT_IDS).logits.float()
+    ref = logits(d / "ref", torch.float32, INPUT_IDS)
+    assert (got - ref).abs().max().item() <= 1e-5

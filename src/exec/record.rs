@@ -1,0 +1,107 @@
+//! The record of an output's last build, kept in the cache: the key of each computed tensor, to
+//! explain what a new build recomputes and why, and the key and digest of each shard, so that a
+//! shard whose tensors all come from the same sources as last time is hard-linked from the
+//! previous output instead of being written again.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::Resolution;
+use crate::digest::{FileDigest, NodeKey};
+use crate::io::writer::Shard;
+use crate::plan::TensorKey;
+use crate::store::Store;
+
+/// Bumped whenever the writer would make other bytes of the same tensors.
+const SHARD_VERSION: u32 = 1;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct BuildRecord {
+    /// Computed tensors by name.
+    #[serde(default)]
+    pub tensors: BTreeMap<String, TensorKey>,
+    /// The fused model's shards by file name.
+    #[serde(default)]
+    pub shards: BTreeMap<String, ShardRecord>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ShardRecord {
+    /// What the shard's bytes depend on (see [`shard_keys`]).
+    pub key: NodeKey,
+    /// The digest of the file that was written.
+    pub digest: FileDigest,
+}
+
+impl BuildRecord {
+    /// The record of the last build of `output`; empty when there is none, or when it is
+    /// unreadable (a record is only ever a shortcut).
+    pub fn read(store: &Store, output: &Path) -> BuildRecord {
+        store
+            .build_record(output)
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn write(&self, store: &Store, output: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        store.put_build_record(output, &bytes)
+    }
+}
+
+/// Each shard's key: the writer's format and, for each tensor in order, its name, dtype, shape
+/// and what its bytes depend on. Two shards with the same key have the same bytes.
+pub(crate) fn shard_keys(res: &Resolution, shards: &[Shard]) -> Vec<NodeKey> {
+    let bytes: HashMap<&str, &NodeKey> = res
+        .plan
+        .tensors
+        .iter()
+        .zip(&res.keys.bytes)
+        .map(|(tensor, key)| (tensor.out.name.as_str(), key))
+        .collect();
+    shards
+        .iter()
+        .map(|shard| {
+            let tensors: Vec<_> = shard
+                .tensors
+                .iter()
+                .map(|t| json!([t.name, t.dtype.to_string(), t.shape, bytes[t.name.as_str()]]))
+                .collect();
+            NodeKey::of_value(&json!({
+                "op": "shard",
+                "version": SHARD_VERSION,
+                "tensors": tensors,
+            }))
+        })
+        .collect()
+}
+
+/// The shards of the previous output in `target` that the new output can take as they are, with
+/// their digests: those whose key is unchanged and whose file still has the digest it was
+/// written with (trusted from the stat cache while the file's inode, size and modification time
+/// are unchanged, rehashed otherwise or with `rehash`).
+pub(crate) fn reusable(
+    store: &Store,
+    record: &BuildRecord,
+    target: &Path,
+    shards: &[Shard],
+    keys: &[NodeKey],
+    rehash: bool,
+) -> HashMap<String, FileDigest> {
+    shards
+        .iter()
+        .zip(keys)
+        .filter_map(|(shard, key)| {
+            let old = record
+                .shards
+                .get(&shard.file_name)
+                .filter(|r| r.key == *key)?;
+            let on_disk = store
+                .file_digest(&target.join(&shard.file_name), rehash)
+                .ok()?;
+            (on_disk == old.digest).then(|| (shard.file_name.clone(), old.digest))
+        })
+        .collect()
+}
