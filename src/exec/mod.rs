@@ -77,18 +77,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     // Shards whose bytes would not change stay as the previous output has them.
     let shards = res.shards();
     let shard_keys = record::shard_keys(&res, &shards);
-    let last = record::BuildRecord::read(&res.store, &res.recipe.primary_output().path);
-    let kept = match &res.recipe.output.path {
-        Some(model) => record::reusable(
-            &res.store,
-            &last,
-            &model.path,
-            &shards,
-            &shard_keys,
-            args.cache.rehash,
-        ),
-        None => Default::default(),
-    };
+    let kept = record::kept_shards(&res, &shards, &shard_keys, args.cache.rehash);
 
     let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
     let mut computed = 0;
@@ -187,32 +176,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     for (path, digest) in &files {
         let _ = res.store.record_file_digest(path, *digest);
     }
-    let digests: BTreeMap<&Path, FileDigest> =
-        files.iter().map(|(path, d)| (path.as_path(), *d)).collect();
-    let record = record::BuildRecord {
-        tensors: res
-            .plan
-            .tensors
-            .iter()
-            .zip(&res.keys.tensors)
-            .filter_map(|(t, k)| k.as_ref().map(|(_, key)| (t.out.name.clone(), key.clone())))
-            .collect(),
-        shards: match &res.recipe.output.path {
-            Some(model) => shards
-                .iter()
-                .zip(&shard_keys)
-                .filter_map(|(shard, key)| {
-                    let digest = digests.get(model.path.join(&shard.file_name).as_path())?;
-                    let record = record::ShardRecord {
-                        key: *key,
-                        digest: *digest,
-                    };
-                    Some((shard.file_name.clone(), record))
-                })
-                .collect(),
-            None => BTreeMap::new(),
-        },
-    };
+    let record = record::BuildRecord::new(&res, &shards, &shard_keys, &files);
     let _ = record.write(&res.store, &res.recipe.primary_output().path);
     // The slow part last: removing the previous outputs.
     drop(previous_outputs);
@@ -570,10 +534,16 @@ pub fn plan(args: &PlanArgs) -> miette::Result<()> {
                 res.store.action(key).is_some()
             });
             let nodes: Vec<_> = graph.graph.node_weights().collect();
+            let kept = kept_shards(&res, &shards, args.cache.rehash);
+            let shards: Vec<_> = shards
+                .iter()
+                .map(|s| serde_json::json!({"file": s.file_name, "kept": kept.contains_key(&s.file_name)}))
+                .collect();
             let value = serde_json::json!({
                 "recipe": res.recipe.path.display().to_string(),
                 "totals": totals(&statuses),
                 "nodes": nodes,
+                "shards": shards,
             });
             println!(
                 "{}",
@@ -590,14 +560,39 @@ pub fn plan(args: &PlanArgs) -> miette::Result<()> {
                     }
                 }
             }
+            let kept = kept_shards(&res, &shards, args.cache.rehash);
+            for shard in &shards {
+                let what = match kept.contains_key(&shard.file_name) {
+                    true => "keep   ",
+                    false => "write  ",
+                };
+                println!("{what}  {}", shard.file_name);
+            }
             let t = totals(&statuses);
             println!(
-                "{} tensors: {} to compute, {} cached, {} copied",
-                t["total"], t["compute"], t["cached"], t["copy"]
+                "{} tensors: {} to compute, {} cached, {} copied; {} shard{}: {} to write, {} kept",
+                t["total"],
+                t["compute"],
+                t["cached"],
+                t["copy"],
+                shards.len(),
+                if shards.len() == 1 { "" } else { "s" },
+                shards.len() - kept.len(),
+                kept.len()
             );
         }
     }
     Ok(())
+}
+
+/// The previous output's shards a build would keep (none without a fused model).
+fn kept_shards(
+    res: &Resolution,
+    shards: &[crate::io::writer::Shard],
+    rehash: bool,
+) -> std::collections::HashMap<String, FileDigest> {
+    let keys = record::shard_keys(res, shards);
+    record::kept_shards(res, shards, &keys, rehash)
 }
 
 fn totals(statuses: &[Status]) -> serde_json::Value {

@@ -3,7 +3,7 @@
 //! shard whose tensors all come from the same sources as last time is hard-linked from the
 //! previous output instead of being written again.
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -36,6 +36,37 @@ pub(crate) struct ShardRecord {
 }
 
 impl BuildRecord {
+    /// What this build made: the keys of its computed tensors, and the key and digest of each
+    /// shard of its fused model (`files`: the output files written, by final path).
+    pub fn new(
+        res: &Resolution,
+        shards: &[Shard],
+        keys: &[NodeKey],
+        files: &[(PathBuf, FileDigest)],
+    ) -> BuildRecord {
+        let tensors = res
+            .plan
+            .tensors
+            .iter()
+            .zip(&res.keys.tensors)
+            .filter_map(|(t, k)| k.as_ref().map(|(_, key)| (t.out.name.clone(), key.clone())))
+            .collect();
+        let digests: HashMap<&Path, FileDigest> =
+            files.iter().map(|(path, d)| (path.as_path(), *d)).collect();
+        let shards = match &res.recipe.output.path {
+            Some(model) => shards
+                .iter()
+                .zip(keys)
+                .filter_map(|(shard, &key)| {
+                    let digest = *digests.get(model.path.join(&shard.file_name).as_path())?;
+                    Some((shard.file_name.clone(), ShardRecord { key, digest }))
+                })
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        BuildRecord { tensors, shards }
+    }
+
     /// The record of the last build of `output`; empty when there is none, or when it is
     /// unreadable (a record is only ever a shortcut).
     pub fn read(store: &Store, output: &Path) -> BuildRecord {
@@ -78,28 +109,31 @@ pub(crate) fn shard_keys(res: &Resolution, shards: &[Shard]) -> Vec<NodeKey> {
         .collect()
 }
 
-/// The shards of the previous output in `target` that the new output can take as they are, with
-/// their digests: those whose key is unchanged and whose file still has the digest it was
-/// written with (trusted from the stat cache while the file's inode, size and modification time
-/// are unchanged, rehashed otherwise or with `rehash`).
-pub(crate) fn reusable(
-    store: &Store,
-    record: &BuildRecord,
-    target: &Path,
+/// The shards of the previous fused model that the new one can take as they are, with their
+/// digests: those whose key is unchanged and whose file still has the digest it was written
+/// with (trusted from the stat cache while the file's inode, size and modification time are
+/// unchanged, rehashed otherwise or with `rehash`).
+pub(crate) fn kept_shards(
+    res: &Resolution,
     shards: &[Shard],
     keys: &[NodeKey],
     rehash: bool,
 ) -> HashMap<String, FileDigest> {
+    let Some(model) = &res.recipe.output.path else {
+        return HashMap::new();
+    };
+    let last = BuildRecord::read(&res.store, &res.recipe.primary_output().path);
     shards
         .iter()
         .zip(keys)
         .filter_map(|(shard, key)| {
-            let old = record
+            let old = last
                 .shards
                 .get(&shard.file_name)
                 .filter(|r| r.key == *key)?;
-            let on_disk = store
-                .file_digest(&target.join(&shard.file_name), rehash)
+            let on_disk = res
+                .store
+                .file_digest(&model.path.join(&shard.file_name), rehash)
                 .ok()?;
             (on_disk == old.digest).then(|| (shard.file_name.clone(), old.digest))
         })

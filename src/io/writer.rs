@@ -1,6 +1,8 @@
 //! Writing safetensors deterministically and as a stream: the header is computed from shapes
 //! alone, then tensor bytes are appended in header order, hashed on the way out. The same
 //! tensors always give the same bytes: names sorted, no timestamps, `format = pt` metadata.
+//! Builds keep a previous output's shard on that promise (`exec/record.rs`): a change to the
+//! bytes written here for the same tensors must bump its `SHARD_VERSION`.
 use super::direct::DirectWriter;
 use super::write_behind::WriteBehind;
 use std::collections::VecDeque;

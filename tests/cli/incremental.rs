@@ -76,7 +76,9 @@ fn changing_one_adapter_recomputes_only_its_tensors() {
         "{plan}"
     );
     assert!(
-        plan.ends_with("11 tensors: 2 to compute, 2 cached, 7 copied\n"),
+        plan.ends_with(
+            "write    model.safetensors\n11 tensors: 2 to compute, 2 cached, 7 copied; 1 shard: 1 to write, 0 kept\n"
+        ),
         "{plan}"
     );
     assert_eq!(nodes(&build(&ws, &[])), (2, 2, 7));
@@ -466,6 +468,10 @@ fn shards_by_input_are_rewritten_only_when_an_input_they_depend_on_changes() {
 
     // Changing b's weight: only the shard of v projections is written again.
     ws.write("recipe.toml", recipe("out", 0.25));
+    let plan = ws.ok(&["plan", "recipe.toml"]);
+    assert!(plan.contains(&format!("keep     {}\n", base.0)), "{plan}");
+    assert!(plan.contains(&format!("write    {}\n", v.0)), "{plan}");
+    assert!(plan.ends_with("3 shards: 1 to write, 2 kept\n"), "{plan}");
     let second = build(&ws, &[]);
     assert_eq!(nodes(&second), (2, 2, 7));
     assert_eq!(second["shards_kept"], 2);
