@@ -8,12 +8,15 @@ Generates once, into DIR (default <repo>/target/bench/<shape>; reused while its 
     lora_a/   r=16, alpha=32 on all seven projections (random non-zero A and B, f32)
     lora_b/   r=8, alpha=16 on q_proj and v_proj
     a.toml    base + A                 ab.toml   base + A + B (B's weight rewritten per run)
+    abi.toml  ab.toml with shard_by = "inputs"
 then measures, RUNS times each, with a warm page cache (median, min, max wall time; peak RSS):
     1 cp -r                  copying the model folder: the floor for any tool writing a new model
     2 modelforge cold        `build a.toml` with a new, empty cache (inputs hashed, all computed)
     3 modelforge no-op       the same build again: nothing changed
     4 modelforge B changed   `build ab.toml` after changing B's weight (to a value never built):
                              only the tensors B touches are recomputed
+   4b the same, by inputs    `abi.toml`, the same recipe with `shard_by = "inputs"`: the output's
+                             shards that B does not reach are kept, not written again
     5 PEFT                   load (bf16), PeftModel.from_pretrained(A), merge_and_unload, save_pretrained
     6 mergekit               mergekit-yaml passthrough of `model+lora_a`, a new --lora-merge-cache
 and checks that the outputs agree: every cold build gives the same bytes, the incremental A+B
@@ -151,12 +154,13 @@ def generate(d: Path, shape: dict) -> None:
 
 
 def write_recipes(d: Path, weight_b: float = 1.0) -> None:
-    tail = '[output]\npath = "{}"\ndtype = "base"\n\n[build]\ndevice = "cpu"\n'
+    tail = '[output]\npath = "{}"\ndtype = "base"\n{}\n[build]\ndevice = "cpu"\n'
     (d / "a.toml").write_text(
-        '[base]\npath = "model"\n\n[[adapter]]\npath = "lora_a"\n\n' + tail.format("out-a"))
-    (d / "ab.toml").write_text(
-        '[base]\npath = "model"\n\n[[adapter]]\npath = "lora_a"\n\n'
-        f'[[adapter]]\npath = "lora_b"\nweight = {weight_b}\n\n' + tail.format("out-ab"))
+        '[base]\npath = "model"\n\n[[adapter]]\npath = "lora_a"\n\n' + tail.format("out-a", ""))
+    for name, out, extra in (("ab", "out-ab", ""), ("abi", "out-abi", 'shard_by = "inputs"\n')):
+        (d / f"{name}.toml").write_text(
+            '[base]\npath = "model"\n\n[[adapter]]\npath = "lora_a"\n\n'
+            f'[[adapter]]\npath = "lora_b"\nweight = {weight_b}\n\n' + tail.format(out, extra))
 
 
 PEFT_SCRIPT = """\
@@ -424,8 +428,26 @@ def main(argv=None) -> int:
     checks.append(("incremental A+B build equals a build from an empty cache",
                    incremental == lock_outputs(d / "ab.lock"),
                    f"weight {weights[-1]}, {len(incremental)} files compared by blake3"))
+
+    # 4b. The same with `shard_by = "inputs"`: shards that B does not reach are kept as they are.
+    remove(d / "out-abi", d / "abi.lock")
+    write_recipes(d)
+    run(build("abi.toml", "cache-a"), d)
+    weights = [round(0.7 - 0.05 * i, 2) for i in range(args.runs)]  # none built in step 4
+    measure("incr-inputs", "modelforge, B's weight changed (A+B, shard_by = \"inputs\")",
+            build("abi.toml", "cache-a"), lambda i: write_recipes(d, weights[i]))
+    incremental = lock_outputs(d / "abi.lock")
+    remove(d / "out-abi", d / "abi.lock", d / "cache-abi")
+    run(build("abi.toml", "cache-abi"), d)
+    checks.append(("incremental A+B build by inputs equals a build from an empty cache",
+                   incremental == lock_outputs(d / "abi.lock"),
+                   f"weight {weights[-1]}, {len(incremental)} files compared by blake3"))
+    run(build("ab.toml", "cache-a"), d)  # the default layout, at the same weight
+    same, what = compare_models(d / "out-ab", d / "out-abi")
+    checks.append(("shards by inputs hold the same tensors as shards by size",
+                   same and what.startswith("all "), what))
     if not args.keep_outputs:
-        remove(d / "out-ab", d / "cache-ab")
+        remove(d / "out-ab", d / "cache-ab", d / "out-abi", d / "cache-abi")
 
     # 5. PEFT.
     if not args.skip_peft:
@@ -451,7 +473,7 @@ def main(argv=None) -> int:
 
     report(steps, checks, shape, size, params, args.runs)
     if not args.keep_outputs:
-        remove(d / "out-a", d / "cache-a", d / "a.lock", d / "ab.lock")
+        remove(d / "out-a", d / "cache-a", d / "a.lock", d / "ab.lock", d / "abi.lock")
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 
