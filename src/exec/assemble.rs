@@ -1,6 +1,7 @@
 //! Writing the output directory: each tensor's bytes come from its input (copied tensors) or
-//! from the cache (computed ones, checked against their digest on the way), into a staging
-//! directory that replaces the previous output in one step.
+//! from the cache (computed ones, checked against their digest on the way), and a shard whose
+//! bytes would not change is linked from the previous output, into a staging directory that
+//! replaces the previous output in one step.
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -101,7 +102,7 @@ fn ready(engine: Option<&Engine>, res: &Resolution, key: &NodeKey) -> bool {
 
 /// Writes the outputs into staging directories, reading computed tensors from the cache as the
 /// engine (when it runs) puts them there. The fused model's shards named in `kept` are linked
-/// from the previous output instead (see [`super::record::reusable`]).
+/// from the previous output instead (see [`super::record::kept_shards`]).
 pub(crate) fn assemble(
     res: &Resolution,
     engine: Option<&Engine>,
@@ -159,18 +160,19 @@ fn write_model(
     let mut corrupt = Vec::new();
     for shard in &shards {
         let path = staging.path().join(&shard.file_name);
-        let previous = target.join(&shard.file_name);
+        // Where the shard goes, and where the previous output has it.
+        let placed = target.join(&shard.file_name);
         if let Some(digest) = kept.get(&shard.file_name) {
             // A second name for the same inode: nothing is copied, and the previous output's
             // removal frees nothing of it. (Where the file system has no hard links, the shard
             // is written as any other.)
-            if std::fs::hard_link(&previous, &path).is_ok() {
+            if std::fs::hard_link(&placed, &path).is_ok() {
                 if sync {
                     std::fs::File::open(&path)
                         .and_then(|file| file.sync_all())
                         .map_err(output_error(&path))?;
                 }
-                written.push((previous, *digest));
+                written.push((placed, *digest));
                 linked += 1;
                 bar.inc(shard.tensors.len() as u64);
                 continue;
@@ -230,7 +232,7 @@ fn write_model(
             return Ok(Outcome::Corrupt(corrupt));
         }
         let file = out.finish(sync).map_err(output_error(&path))?;
-        written.push((previous, FileDigest::new(file)));
+        written.push((placed, FileDigest::new(file)));
     }
     bar.finish_and_clear();
 

@@ -472,7 +472,7 @@ fn shards_by_input_are_rewritten_only_when_an_input_they_depend_on_changes() {
     assert!(plan.contains(&format!("keep     {}\n", base.0)), "{plan}");
     assert!(plan.contains(&format!("write    {}\n", v.0)), "{plan}");
     assert!(plan.ends_with("3 shards: 1 to write, 2 kept\n"), "{plan}");
-    let second = build(&ws, &[]);
+    let second = build(&ws, &["--fsync"]);
     assert_eq!(nodes(&second), (2, 2, 7));
     assert_eq!(second["shards_kept"], 2);
     let [base2, q2, v2] = shards_by_input(&ws);
