@@ -521,6 +521,7 @@ pub fn plan(args: &PlanArgs) -> miette::Result<()> {
     let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false)?;
     let statuses = res.statuses();
     let shards = res.shards();
+    let kept = kept_shards(&res, &shards, args.cache.rehash);
     match args.format {
         PlanFormat::Dot => print!(
             "{}",
@@ -534,7 +535,6 @@ pub fn plan(args: &PlanArgs) -> miette::Result<()> {
                 res.store.action(key).is_some()
             });
             let nodes: Vec<_> = graph.graph.node_weights().collect();
-            let kept = kept_shards(&res, &shards, args.cache.rehash);
             let shards: Vec<_> = shards
                 .iter()
                 .map(|s| serde_json::json!({"file": s.file_name, "kept": kept.contains_key(&s.file_name)}))
@@ -560,7 +560,6 @@ pub fn plan(args: &PlanArgs) -> miette::Result<()> {
                     }
                 }
             }
-            let kept = kept_shards(&res, &shards, args.cache.rehash);
             for shard in &shards {
                 let what = match kept.contains_key(&shard.file_name) {
                     true => "keep   ",
