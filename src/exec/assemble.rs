@@ -11,7 +11,7 @@ use crate::digest::FileDigest;
 use crate::digest::NodeKey;
 use crate::io::atomic::{StagedFile, StagingDir};
 use crate::io::safetensors::SafetensorsFile;
-use crate::io::writer::{self, ShardWriter};
+use crate::io::writer::{self, Shard, ShardWriter};
 use crate::plan::{Origin, TensorPlan};
 use crate::store::VerifyingReader;
 
@@ -101,11 +101,13 @@ fn ready(engine: Option<&Engine>, res: &Resolution, key: &NodeKey) -> bool {
 }
 
 /// Writes the outputs into staging directories, reading computed tensors from the cache as the
-/// engine (when it runs) puts them there. The fused model's shards named in `kept` are linked
-/// from the previous output instead (see [`super::record::kept_shards`]).
+/// engine (when it runs) puts them there. The fused model is written as `shards` (from
+/// [`Resolution::shards`]); those named in `kept` are linked from the previous output instead
+/// (see [`super::record::kept_shards`]).
 pub(crate) fn assemble(
     res: &Resolution,
     engine: Option<&Engine>,
+    shards: &[Shard],
     kept: &HashMap<String, FileDigest>,
     progress: bool,
     sync: bool,
@@ -116,7 +118,7 @@ pub(crate) fn assemble(
         dirs: Vec::new(),
     };
     if let Some(model) = &res.recipe.output.path {
-        match write_model(res, engine, &model.path, kept, progress, sync)? {
+        match write_model(res, engine, &model.path, shards, kept, progress, sync)? {
             Outcome::Written(model) => staged.extend(model),
             stopped => return Ok(stopped),
         }
@@ -139,13 +141,13 @@ fn write_model(
     res: &Resolution,
     engine: Option<&Engine>,
     target: &std::path::Path,
+    shards: &[Shard],
     kept: &HashMap<String, FileDigest>,
     progress: bool,
     sync: bool,
 ) -> Result<Outcome, ExecError> {
     let target = &target.to_path_buf();
     let staging = StagingDir::new(target).map_err(output_error(target))?;
-    let shards = res.shards();
     let plans: HashMap<&str, (&TensorPlan, Option<&NodeKey>)> = res
         .plan
         .tensors
@@ -158,7 +160,7 @@ fn write_model(
     let mut written = Vec::new();
     let mut linked = 0;
     let mut corrupt = Vec::new();
-    for shard in &shards {
+    for shard in shards {
         let path = staging.path().join(&shard.file_name);
         // Where the shard goes, and where the previous output has it.
         let placed = target.join(&shard.file_name);
@@ -239,7 +241,7 @@ fn write_model(
     if shards.len() > 1 {
         let path = staging.path().join(crate::io::hf::INDEX);
         let index =
-            serde_json::to_vec_pretty(&writer::index_json(&shards)).expect("an index serialises");
+            serde_json::to_vec_pretty(&writer::index_json(shards)).expect("an index serialises");
         std::fs::write(&path, &index).map_err(output_error(&path))?;
         written.push((target.join(crate::io::hf::INDEX), FileDigest::of(&index)));
     }

@@ -85,7 +85,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     let mut engine_peak = 0;
     let staged = loop {
         let statuses = res.statuses();
-        let jobs = jobs(&res, &statuses);
+        let jobs = jobs(&res, &statuses, &shards);
         let align = align_steps(&res);
         computed += jobs.len();
         let mut engine = None;
@@ -109,7 +109,14 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
         // The output is written while the engine computes, each computed tensor as soon as it
         // is in the cache. A failed assembly stops the engine (dropping it kills it).
         let assemble_started = Instant::now();
-        let outcome = assemble::assemble(&res, engine.as_ref(), &kept, !args.quiet, args.fsync)?;
+        let outcome = assemble::assemble(
+            &res,
+            engine.as_ref(),
+            &shards,
+            &kept,
+            !args.quiet,
+            args.fsync,
+        )?;
         phases.assemble += assemble_started.elapsed().as_secs_f64();
         if let Some(engine) = engine.take() {
             let run = engine.finish()?;
@@ -208,7 +215,11 @@ fn report(args: &BuildArgs, summary: &Summary) -> miette::Result<()> {
 }
 
 /// The engine's work: every fused tensor and every re-factored delta the cache lacks.
-fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
+fn jobs(
+    res: &Resolution,
+    statuses: &[Status],
+    shards: &[crate::io::writer::Shard],
+) -> Vec<job::TensorJob> {
     let mut jobs: Vec<job::TensorJob> = res
         .plan
         .tensors
@@ -226,7 +237,6 @@ fn jobs(res: &Resolution, statuses: &[Status]) -> Vec<job::TensorJob> {
         })
         .collect();
     // In the order the output is written, so that writing can follow computing closely.
-    let shards = res.shards();
     let position: std::collections::HashMap<&str, usize> = shards
         .iter()
         .flat_map(|shard| shard.tensors.iter())
