@@ -55,6 +55,7 @@ fn kernels(c: &mut Criterion) {
             right: &a,
             rank: RANK,
         },
+        magnitude: None,
     };
     let w = backend.base(&base, Dtype::BF16, rows, cols);
 
@@ -123,6 +124,8 @@ fn tensor_job(dir: &Path) -> TensorJob {
                 rows: None,
                 rotary: None,
                 adapt: None,
+                experts: None,
+                magnitude: None,
             },
         }],
         merge: None,

@@ -70,9 +70,10 @@ impl Backend {
         let in_place = matches!(self.device, Device::Cpu)
             && elementwise::supports(in_dtype)
             && elementwise::supports(out_dtype)
-            && deltas
-                .iter()
-                .all(|d| !matches!(d.values, BlockValues::Model(_)));
+            && deltas.iter().all(|d| {
+                d.magnitude.is_none()
+                    && !matches!(d.values, BlockValues::Model(_) | BlockValues::Tokens(_))
+            });
         if in_place {
             return self.fuse_block_cpu(base, in_dtype, rows, cols, deltas, out_dtype);
         }
@@ -123,22 +124,65 @@ impl Backend {
         out_dtype: Dtype,
     ) -> Rounded {
         let w = self.base(base, in_dtype, rows, cols);
-        // A full model's delta is measured from the unchanged base, so keep it apart.
-        let differences = deltas
+        // A full model's delta and DoRA's norm are measured from the unchanged base, so keep
+        // it apart.
+        let from_base = deltas
             .iter()
-            .any(|d| matches!(d.values, BlockValues::Model(_)));
-        let mut acc = if differences {
+            .any(|d| matches!(d.values, BlockValues::Model(_)) || d.magnitude.is_some());
+        let mut acc = if from_base {
             w.copy()
         } else {
             w.shallow_clone()
         };
         for delta in deltas {
+            if let BlockValues::Tokens(rows) = &delta.values {
+                for &(row, values) in rows {
+                    let new = Tensor::from_slice(values)
+                        .view([1, cols as i64])
+                        .to_device(self.device);
+                    let mut old = acc.narrow(0, row as i64, 1);
+                    if delta.factor == 1.0 {
+                        old.copy_(&new);
+                    } else {
+                        let step = (&new - &old) * delta.factor;
+                        let _ = old.g_add_(&step);
+                    }
+                }
+                continue;
+            }
             let product = self.product(delta, rows, cols, &w);
             // In place, to keep one f32 temporary per block; the same operations, in the same order,
             // as PEFT's `W + (B @ A) * scaling`.
             let mut product = product;
             let _ = product.g_mul_scalar_(delta.factor);
-            let _ = acc.g_add_(&product);
+            match delta.magnitude {
+                None => {
+                    let _ = acc.g_add_(&product);
+                }
+                Some((magnitude, columns)) => {
+                    // PEFT's DoRA merge (`DoraLinearVariant.merge_safe`): the norm of each output
+                    // feature of W + ΔW, W the weight before any adapter; then
+                    // (m / norm) · (current + ΔW). Stored transposed (GPT-2's Conv1D), output
+                    // features are columns, and the norm is taken through a transposed view,
+                    // as PEFT does.
+                    let sum = &w + &product;
+                    let norm = if columns {
+                        sum.tr()
+                            .linalg_norm(2.0, [1i64].as_slice(), false, None::<Kind>)
+                    } else {
+                        sum.linalg_norm(2.0, [1i64].as_slice(), false, None::<Kind>)
+                    };
+                    let magnitude = Tensor::from_slice(magnitude).to_device(self.device);
+                    let factor = magnitude / norm;
+                    let factor = if columns {
+                        factor.view([1, -1])
+                    } else {
+                        factor.view([-1, 1])
+                    };
+                    let _ = acc.g_add_(&product);
+                    acc = factor * acc;
+                }
+            }
         }
         Rounded::new(acc.to_kind(kind(out_dtype)), out_dtype)
     }
@@ -180,7 +224,9 @@ fn delta_values<'a>(
             product_into(product, left, right, rows, rank, cols)
         }
         BlockValues::Dense(values) => values,
-        BlockValues::Model(_) => unreachable!("fuse_block keeps full models on LibTorch"),
+        BlockValues::Model(_) | BlockValues::Tokens(_) => {
+            unreachable!("fuse_block keeps full models and tokens on LibTorch")
+        }
     };
     // LibTorch's `mul_` by a double scalar multiplies in the tensor's f32.
     (values, delta.factor as f32)
@@ -340,6 +386,7 @@ impl Backend {
                     .to_device(self.device)
                     - w
             }
+            BlockValues::Tokens(_) => unreachable!("tokens replace rows; they have no product"),
         }
     }
 
@@ -474,6 +521,10 @@ impl Backend {
 pub struct BlockDelta<'a> {
     pub factor: f64,
     pub values: BlockValues<'a>,
+    /// DoRA's magnitude for the block's rows (or, `true`, for every column of a whole tensor
+    /// stored transposed): once this delta is added, the sum is scaled by m / ‖W + Δ‖ along the
+    /// output features, W being the block's starting value.
+    pub magnitude: Option<(&'a [f32], bool)>,
 }
 
 pub enum BlockValues<'a> {
@@ -485,6 +536,9 @@ pub enum BlockValues<'a> {
     Dense(&'a [f32]),
     /// A full model's values: the delta is these minus the base's.
     Model(&'a [f32]),
+    /// Trainable tokens: (row within the block, its new values); weighted, a row moves the
+    /// factor's fraction of the way to them.
+    Tokens(Vec<(usize, &'a [f32])>),
 }
 
 fn tensor(bytes: &[u8], dtype: Dtype, shape: &[usize]) -> Tensor {
@@ -554,6 +608,7 @@ mod tests {
         let low = |left: &'static [f32], right: &'static [f32], rank, factor| BlockDelta {
             factor,
             values: BlockValues::LowRank { left, right, rank },
+            magnitude: None,
         };
         let leak = |v: Vec<f32>| -> &'static [f32] { Vec::leak(v) };
         let (left, right, left2, right2, dense) = (
@@ -571,6 +626,7 @@ mod tests {
                 BlockDelta {
                     factor: -0.3,
                     values: BlockValues::Dense(dense),
+                    magnitude: None,
                 },
                 low(left2, right2, 2, 1e3),
             ],

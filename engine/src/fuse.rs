@@ -74,11 +74,29 @@ struct Prepared {
     factor: f64,
     /// Row-major (rows × rank) for low-rank deltas, (rows × cols) for dense ones.
     left: Vec<f32>,
-    /// (rank × cols) for low-rank deltas; empty for dense ones.
+    /// (rank × cols) for low-rank deltas; empty for dense ones. Experts have one each, for
+    /// `group` rows apiece.
     right: Vec<f32>,
+    rights: Vec<Vec<f32>>,
+    group: usize,
     rank: usize,
     /// A full model's tensor, read block by block.
     model: Option<(File, Slice)>,
+    /// DoRA's magnitude per output row, or per column of a transposed tensor.
+    magnitude: Option<(Vec<f32>, bool)>,
+    /// Trainable tokens: rows and their new values (indices × cols).
+    tokens: Option<(Vec<usize>, Vec<f32>)>,
+}
+
+/// The (rows × cols) matrix a tensor is fused as: a 3-D tensor of experts as its experts' rows
+/// one after the other.
+pub(crate) fn matrix(shape: &[usize]) -> (usize, usize) {
+    let numel: usize = shape.iter().product();
+    match shape {
+        [] => (1, 1),
+        [rows] => (*rows, 1),
+        [.., cols] => (numel / (*cols).max(1), *cols),
+    }
 }
 
 impl Prepared {
@@ -99,7 +117,8 @@ impl Prepared {
         Ok(Some(backend.f32_values(&bytes, slice.dtype, &[n, cols])))
     }
 
-    /// This delta's share of rows `start..start + n`; `model` holds them for a full model.
+    /// This delta's share of rows `start..start + n` (never more than one expert's);
+    /// `model` holds them for a full model.
     fn block<'a>(
         &'a self,
         start: usize,
@@ -109,6 +128,21 @@ impl Prepared {
     ) -> BlockDelta<'a> {
         let values = if let Some(values) = model {
             BlockValues::Model(values)
+        } else if let Some((indices, values)) = &self.tokens {
+            BlockValues::Tokens(
+                indices
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &row)| (start..start + n).contains(&row))
+                    .map(|(i, &row)| (row - start, &values[i * cols..(i + 1) * cols]))
+                    .collect(),
+            )
+        } else if !self.rights.is_empty() {
+            BlockValues::LowRank {
+                left: &self.left[start * self.rank..(start + n) * self.rank],
+                right: &self.rights[start / self.group],
+                rank: self.rank,
+            }
         } else if self.right.is_empty() {
             BlockValues::Dense(&self.left[start * cols..(start + n) * cols])
         } else {
@@ -118,9 +152,14 @@ impl Prepared {
                 rank: self.rank,
             }
         };
+        let magnitude = self.magnitude.as_ref().map(|(m, columns)| match columns {
+            true => (m.as_slice(), true),
+            false => (&m[start..start + n], false),
+        });
         BlockDelta {
             factor: self.factor,
             values,
+            magnitude,
         }
     }
 }
@@ -131,10 +170,7 @@ fn prepare(
     inputs: &mut Inputs,
     tensor: &TensorJob,
 ) -> std::io::Result<Vec<Prepared>> {
-    let (rows, cols) = match tensor.origin.shape[..] {
-        [rows, cols] => (rows, cols),
-        _ => (tensor.origin.shape.first().copied().unwrap_or(1), 1),
-    };
+    let (rows, cols) = matrix(&tensor.origin.shape);
     let mut prepared = Vec::new();
     for delta in &tensor.deltas {
         let mut load = |slice: &Slice| -> std::io::Result<Vec<f32>> {
@@ -144,11 +180,48 @@ fn prepare(
             factor: delta.factor(),
             left,
             right,
+            rights: Vec::new(),
+            group: 0,
             rank,
             model: None,
+            magnitude: None,
+            tokens: None,
         };
         prepared.push(match &delta.values {
             DeltaValues::Dense(v) => plain(load(v)?, Vec::new(), 0),
+            DeltaValues::Tokens { indices, values } => {
+                let values = load(values)?;
+                if values.len() != indices.len() * cols || indices.iter().any(|&i| i >= rows) {
+                    return Err(std::io::Error::other(format!(
+                        "{} trainable token rows do not fit a {rows} × {cols} tensor",
+                        indices.len()
+                    )));
+                }
+                Prepared {
+                    tokens: Some((indices.clone(), values)),
+                    ..plain(Vec::new(), Vec::new(), 0)
+                }
+            }
+            DeltaValues::LowRank {
+                transposed,
+                a,
+                b,
+                experts: Some(experts),
+                ..
+            } => {
+                let (a, b) = (load(a)?, load(b)?);
+                self::experts(&a, &b, *experts, *transposed, (rows, cols))
+                    .map(|(left, rights, rank)| Prepared {
+                        group: rows / experts,
+                        rights,
+                        ..plain(left, Vec::new(), rank)
+                    })
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!(
+                            "a LoRA of {experts} experts does not fit a {rows} × {cols} tensor"
+                        ))
+                    })?
+            }
             DeltaValues::Model(m) => Prepared {
                 model: Some((open(&m.path)?, m.clone())),
                 ..plain(Vec::new(), Vec::new(), 0)
@@ -160,7 +233,13 @@ fn prepare(
                 rows: row_map,
                 rotary,
                 adapt,
+                magnitude,
+                experts: None,
             } => {
+                let magnitude = match magnitude {
+                    Some(m) => Some((load(m)?, *transposed)),
+                    None => None,
+                };
                 // The factors in the LoRA's orientation: A (rank × inner), B (outer × rank).
                 let (rank, inner, a, b) = match adapt {
                     Some(Adapt::Aligned { node, rank }) => {
@@ -246,10 +325,73 @@ fn prepare(
                         plain(left, right, rank)
                     }
                 }
+                .with_magnitude(magnitude)
             }
         });
     }
     Ok(prepared)
+}
+
+impl Prepared {
+    fn with_magnitude(self, magnitude: Option<(Vec<f32>, bool)>) -> Prepared {
+        Prepared { magnitude, ..self }
+    }
+}
+
+/// PEFT's `ParamWrapper` factors of `experts` experts as one left factor (rows × r) and one
+/// right factor per expert (r × cols): A is (E·r × in), B (out × E·r) with expert e's rank
+/// column k at k·E + e (PEFT reshapes B to (out, r, E)). Expert e's delta is B_e·A_e, shaped
+/// (out × in), or its transpose when the parameter is stored [E, in, out]. `None` if the factors
+/// do not fit the tensor.
+fn experts(
+    a: &[f32],
+    b: &[f32],
+    experts: usize,
+    transposed: bool,
+    (rows, cols): (usize, usize),
+) -> Option<(Vec<f32>, Vec<Vec<f32>>, usize)> {
+    let group = rows.checked_div(experts)?;
+    let (outer, inner) = if transposed {
+        (cols, group)
+    } else {
+        (group, cols)
+    };
+    if experts == 0 || group * experts != rows || b.len() % outer != 0 {
+        return None;
+    }
+    let rank = b.len() / outer / experts;
+    if rank == 0 || a.len() != experts * rank * inner || b.len() != outer * experts * rank {
+        return None;
+    }
+    // B_e[o][k] and A_e[k][i].
+    let b_at = |e: usize, o: usize, k: usize| b[o * experts * rank + k * experts + e];
+    let a_at = |e: usize, k: usize, i: usize| a[(e * rank + k) * inner + i];
+    let mut left = vec![0f32; rows * rank];
+    let mut rights = Vec::with_capacity(experts);
+    for e in 0..experts {
+        let mut right = vec![0f32; rank * cols];
+        for row in 0..group {
+            for k in 0..rank {
+                // Untransposed, the tensor's rows are B_e's; transposed, A_eᵀ's.
+                left[(e * group + row) * rank + k] = if transposed {
+                    a_at(e, k, row)
+                } else {
+                    b_at(e, row, k)
+                };
+            }
+        }
+        for k in 0..rank {
+            for col in 0..cols {
+                right[k * cols + col] = if transposed {
+                    b_at(e, col, k)
+                } else {
+                    a_at(e, k, col)
+                };
+            }
+        }
+        rights.push(right);
+    }
+    Some((left, rights, rank))
 }
 
 /// A row-major (rows × cols) matrix cut or zero-padded to (to_rows × to_cols), keeping its
@@ -284,8 +426,7 @@ pub fn fuse(
     if numel == 0 {
         return Ok(out.finish(sync)?);
     }
-    let rows = origin.shape.first().copied().unwrap_or(1).max(1);
-    let cols = numel / rows;
+    let (rows, cols) = matrix(&origin.shape);
     let deltas = prepare(backend, store, inputs, tensor)?;
     let file = inputs.file(&origin.path)?;
 
@@ -335,10 +476,29 @@ pub fn fuse(
     let in_flight = 2 * rayon::current_num_threads();
     let block_elements = (budget / (28 * in_flight as u64)).clamp(1 << 16, 1 << 24) as usize;
     let in_row_bytes = cols * origin.dtype.bitsize() / 8;
-    let rows_per_block = (block_elements / cols).max(1);
+    // A DoRA magnitude per column of a transposed tensor needs whole columns: one block. Blocks
+    // never straddle two experts, whose right factors differ.
+    let whole = deltas
+        .iter()
+        .any(|d| d.magnitude.as_ref().is_some_and(|(_, columns)| *columns));
+    let rows_per_block = if whole {
+        rows
+    } else {
+        (block_elements / cols).max(1)
+    };
+    let group = deltas
+        .iter()
+        .map(|d| d.group)
+        .find(|&g| g > 0)
+        .unwrap_or(rows);
     let blocks: Vec<(usize, usize)> = (0..rows)
-        .step_by(rows_per_block)
-        .map(|start| (start, rows_per_block.min(rows - start)))
+        .step_by(group)
+        .flat_map(|first| {
+            let end = (first + group).min(rows);
+            (first..end)
+                .step_by(rows_per_block)
+                .map(move |start| (start, rows_per_block.min(end - start)))
+        })
         .collect();
     // The writer hashes and writes one window while the next is computed; a closed channel
     // means the other side failed, and its error is the one returned.

@@ -72,12 +72,12 @@ impl<'a> Source<'a> {
     fn input(res: &'a Resolution, plan: &'a TensorPlan) -> Self {
         let name = &plan.out.name;
         match &plan.origin {
-            Origin::Base(meta) => Source::Input(
+            Origin::Base { tensor, meta } => Source::Input(
                 res.plan
                     .inputs
                     .base
                     .weights
-                    .get(name)
+                    .get(tensor)
                     .map(|(f, _)| f)
                     .expect("planned"),
                 meta.start,

@@ -289,7 +289,19 @@ pub enum DeltaValues {
         /// Made for other widths: how it fits the tensor.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         adapt: Option<Adapt>,
+        /// A 3-D parameter of this many experts (PEFT's `ParamWrapper`): A is (E·r × in), B
+        /// (out × E·r) with expert e's columns at k·E + e, and the tensor's rows are the experts'
+        /// rows one after the other; `transposed` then transposes each expert's B_e·A_e.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        experts: Option<usize>,
+        /// DoRA: after adding the delta, each output row (column, when `transposed`) of the sum
+        /// is scaled by m / ‖W + Δ‖, with m these values and W the tensor's starting value.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        magnitude: Option<Slice>,
     },
+    /// Trainable tokens: rows `indices` of the sum become `values`' rows (weighted: moved that
+    /// fraction of the way).
+    Tokens { indices: Vec<usize>, values: Slice },
     /// A dense delta of the tensor's own shape (a `lora_bias` vector).
     Dense(Slice),
     /// A full fine-tuned model's tensor: the delta is it minus the base's.

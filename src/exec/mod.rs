@@ -273,8 +273,8 @@ fn tensor_job(
 ) -> Option<job::TensorJob> {
     let plan = &res.plan;
     let origin = match &tensor.origin {
-        Origin::Base(meta) => {
-            let (file, _) = plan.inputs.base.weights.get(&tensor.out.name)?;
+        Origin::Base { tensor: name, meta } => {
+            let (file, _) = plan.inputs.base.weights.get(name)?;
             slice(&file.path, meta)
         }
         Origin::Replacement { adapter, meta } => slice(
@@ -300,13 +300,27 @@ fn tensor_job(
                     rows,
                     rotary,
                     adapt,
+                    magnitude,
                 } => job::DeltaValues::LowRank {
-                    transposed: *kind != crate::io::peft::LoraKind::Linear,
+                    transposed: match kind {
+                        LoraKind::Linear => false,
+                        LoraKind::LinearTransposed | LoraKind::Embedding => true,
+                        LoraKind::Experts { transposed, .. } => *transposed,
+                    },
                     a: slice(path, a),
                     b: slice(path, b),
                     rows: *rows,
                     rotary: *rotary,
                     adapt: adapt.map(|adapt| res.keys.align.adapt(plan, adapt)),
+                    experts: match kind {
+                        LoraKind::Experts { count, .. } => Some(*count),
+                        _ => None,
+                    },
+                    magnitude: magnitude.as_ref().map(|m| slice(path, m)),
+                },
+                DeltaKind::Tokens { indices, values } => job::DeltaValues::Tokens {
+                    indices: indices.clone(),
+                    values: slice(path, values),
                 },
                 DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
                 DeltaKind::Difference(m) => job::DeltaValues::Model(slice(path, m)),
@@ -416,7 +430,7 @@ fn refactors(
                     DeltaKind::Difference(_) => {
                         Some(crate::plan::difference_kind(&tensor.out.name))
                     }
-                    DeltaKind::Vector(_) => None,
+                    DeltaKind::Vector(_) | DeltaKind::Tokens { .. } => None,
                 })
                 .collect();
             if kinds.is_empty() || kinds.len() != tensor.deltas.len() || tensor.out.shape.len() != 2
@@ -438,7 +452,7 @@ fn refactors(
                             DeltaKind::Difference(_) => {
                                 tensor.out.shape[0].min(tensor.out.shape[1])
                             }
-                            DeltaKind::Vector(_) => 0,
+                            DeltaKind::Vector(_) | DeltaKind::Tokens { .. } => 0,
                         })
                         .sum(),
                 ),

@@ -132,7 +132,7 @@ impl Resolution {
                 for tensor in tensors {
                     let replacement = match tensor.origin {
                         Origin::Replacement { adapter, .. } => Some(adapter),
-                        Origin::Base(_) => None,
+                        Origin::Base { .. } => None,
                     };
                     let mut adapters: Vec<usize> = replacement
                         .into_iter()

@@ -31,6 +31,9 @@ pub(crate) struct Summary {
     pub bytes: u64,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// How the output differs in shape from the base (untied embeddings, a resized vocabulary).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Modules placed in another layer or tensor, skipped or dropped (see transfer.txt).
     pub transferred: usize,
     /// Peak resident memory of `modelforge` itself and of the engine (when it ran), in bytes.
@@ -115,6 +118,7 @@ impl Summary {
             bytes,
             seconds: elapsed.as_secs_f64(),
             warnings: res.plan.warnings.clone(),
+            notes: res.plan.notes.clone(),
             transferred: res.plan.transfer.iter().filter(|f| !f.is_plain()).count(),
             peak_rss: PeakRss {
                 build: super::engine::own_peak_rss(),
@@ -167,8 +171,9 @@ impl Summary {
             1 => "; 1 shard unchanged, kept".into(),
             n => format!("; {n} shards unchanged, kept"),
         };
+        let notes: String = self.notes.iter().map(|n| format!("; {n}")).collect();
         format!(
-            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{kept}{transfer}",
+            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{kept}{transfer}{notes}",
             self.output,
             self.seconds,
             self.device,

@@ -24,6 +24,11 @@ pub(crate) enum LoraKind {
     LinearTransposed,
     /// `nn.Embedding`: A is (r, vocab), B is (dim, r), Δ = (B·A)ᵀ shaped (vocab, dim).
     Embedding,
+    /// PEFT's `ParamWrapper` on a 3-D parameter of `count` experts (`target_parameters`, e.g.
+    /// transformers 5's `mlp.experts.gate_up_proj` [E, out, in]): A is (E·r, in), B is
+    /// (out, E·r) with expert e's rank columns interleaved (column k·E + e), and expert e's delta
+    /// is B_e·A_e, or (B_e·A_e)ᵀ when the parameter is stored [E, in, out] (`transposed`).
+    Experts { count: usize, transposed: bool },
 }
 
 /// One LoRA module: the base tensor it changes and how.
@@ -37,6 +42,34 @@ pub(crate) struct LoraModule {
     pub rank: usize,
     /// PEFT's scaling: α/r, or α/√r with rsLoRA.
     pub scaling: f64,
+    /// DoRA (`use_dora`): the learned magnitude of each output row, `lora_magnitude_vector`.
+    pub magnitude: Option<TensorMeta>,
+    /// A LoRA on a bare parameter (`target_parameters`) not yet matched to its base tensor:
+    /// see [`PeftAdapter::resolve_parameters`].
+    pub parameter: Option<Parameter>,
+}
+
+/// A `target_parameters` LoRA as saved: PEFT nests one wrapper per parameter of a module, the
+/// first-defined innermost (`X.base_layer.lora_A` ...), so the key alone does not say which
+/// parameter it changes.
+#[derive(Clone, Debug)]
+pub(crate) struct Parameter {
+    /// The module holding the parameter, without the wrappers' `base_layer`s.
+    pub module: String,
+    /// How many `base_layer`s deep the wrapper is.
+    pub depth: usize,
+    /// The parameter names `target_parameters` gives for this module, in the config's order.
+    pub candidates: Vec<String>,
+}
+
+/// PEFT's trainable tokens (`trainable_token_indices`): rows of an embedding replaced by
+/// trained ones.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenRows {
+    /// The rows replaced, in the order of the delta's rows.
+    pub indices: Vec<usize>,
+    /// `trainable_tokens_delta`: (indices × dim), the new rows themselves (not differences).
+    pub values: TensorMeta,
 }
 
 #[derive(Debug)]
@@ -49,6 +82,12 @@ pub(crate) struct LoraConfig {
     pub alpha_pattern: Vec<(String, f64)>,
     pub target_modules: Value,
     pub base_model: Option<String>,
+    pub use_dora: bool,
+    /// `target_parameters`: parameters (not modules) the LoRA wraps, by their path's tail.
+    pub target_parameters: Vec<String>,
+    /// `trainable_token_indices`: per module name (or `None` for the input embedding, when
+    /// the config gives a bare list), the token rows trained.
+    pub token_indices: Vec<(Option<String>, Vec<usize>)>,
 }
 
 #[derive(Debug)]
@@ -60,6 +99,15 @@ pub(crate) struct PeftAdapter {
     pub modules: BTreeMap<String, LoraModule>,
     /// Base tensor name → the adapter's full replacement for it (`modules_to_save`).
     pub replacements: BTreeMap<String, TensorMeta>,
+    /// Base tensor name → the copy of the base's tensor PEFT saves beside a `modules_to_save`
+    /// one (`X.original_module.weight`): checked against the base, never fused.
+    pub originals: BTreeMap<String, TensorMeta>,
+    /// Embedding tensor name → its trainable tokens.
+    pub tokens: BTreeMap<String, TokenRows>,
+    /// The replacements that are PEFT's copy of a targeted embedding's own weight
+    /// (`X.base_layer.weight`, `save_embedding_layers`): loaded into the layer as it is, so
+    /// into both sides of a tie.
+    pub copies: std::collections::BTreeSet<String>,
 }
 
 impl PeftAdapter {
@@ -91,20 +139,27 @@ impl PeftAdapter {
         if file.tensors.is_empty() {
             return Err(InputError::EmptyAdapter { path: weights_path });
         }
-        let (modules, replacements) = read_modules(&file, &config)?;
-        if let Some(message) = config.matches_none(modules.keys()) {
+        let read = read_modules(&file, &config)?;
+        let (modules, replacements) = (read.modules, read.replacements);
+        let param_only =
+            !config.target_parameters.is_empty() && modules.values().all(|m| m.parameter.is_some());
+        if let Some(message) = config.matches_none(modules.keys()).filter(|_| !param_only) {
             return Err(InputError::BadConfig {
                 path: config_path,
                 message,
                 help: format!("the config and {WEIGHTS} disagree, so the adapter was saved from another configuration than its weights: correct `target_modules`, or save the adapter again with PEFT"),
             });
         }
+        let tokens = token_rows(&config, &file.path, &config_path, read.tokens)?;
         Ok(PeftAdapter {
             dir: dir.to_owned(),
             config,
             file,
             modules,
             replacements,
+            originals: read.originals,
+            tokens,
+            copies: read.copies,
         })
     }
 }
@@ -150,12 +205,6 @@ impl LoraConfig {
                 )),
             }
         };
-        if flag("use_dora")? {
-            return Err(bad(
-                "is a DoRA adapter (`use_dora = true`), which modelforge does not fuse yet".into(),
-                "DoRA rescales each output row by a learned magnitude, so it cannot be fused as a plain delta; merge it with PEFT's merge_and_unload for now",
-            ));
-        }
         let r = match raw.get("r") {
             Some(v) => match v.as_u64() {
                 Some(r) if r > 0 => r as usize,
@@ -238,6 +287,59 @@ impl LoraConfig {
                 ))
             }
         };
+        let target_parameters =
+            match raw.get("target_parameters") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+                Some(other) => return Err(bad(
+                    format!(
+                        "`target_parameters` is `{}`, not a list of names",
+                        shown(other)
+                    ),
+                    "`target_parameters` names parameters such as `[\"mlp.experts.gate_up_proj\"]`",
+                )),
+            };
+        let indices = |v: &Value| -> Option<Vec<usize>> {
+            v.as_array()?
+                .iter()
+                .map(|i| i.as_u64().map(|i| i as usize))
+                .collect()
+        };
+        let token_help = "`trainable_token_indices` is a list of token ids, or an object from module names to such lists";
+        let token_indices = match raw.get("trainable_token_indices") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(list @ Value::Array(_)) => vec![(
+                None,
+                indices(list).ok_or_else(|| {
+                    bad(
+                        format!("`trainable_token_indices` is `{}`", shown(list)),
+                        token_help,
+                    )
+                })?,
+            )],
+            Some(Value::Object(map)) => map
+                .iter()
+                .map(|(module, list)| {
+                    indices(list)
+                        .map(|ids| (Some(module.clone()), ids))
+                        .ok_or_else(|| {
+                            bad(
+                                format!("`trainable_token_indices.{module}` is `{}`", shown(list)),
+                                token_help,
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(bad(
+                    format!("`trainable_token_indices` is `{}`", shown(other)),
+                    token_help,
+                ))
+            }
+        };
         Ok(LoraConfig {
             r,
             alpha,
@@ -247,6 +349,9 @@ impl LoraConfig {
             alpha_pattern: pattern("alpha_pattern", false)?,
             target_modules,
             base_model,
+            use_dora: flag("use_dora")?,
+            target_parameters,
+            token_indices,
         })
     }
 
@@ -315,18 +420,33 @@ fn pattern_lookup<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> 
     })
 }
 
-type Modules = (BTreeMap<String, LoraModule>, BTreeMap<String, TensorMeta>);
+/// What an adapter file holds, sorted by kind.
+struct Read {
+    modules: BTreeMap<String, LoraModule>,
+    replacements: BTreeMap<String, TensorMeta>,
+    originals: BTreeMap<String, TensorMeta>,
+    /// Module path → `trainable_tokens_delta`.
+    tokens: BTreeMap<String, TensorMeta>,
+    copies: std::collections::BTreeSet<String>,
+}
 
-fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, InputError> {
+fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Read, InputError> {
     #[derive(Default)]
     struct Parts {
         a: Option<TensorMeta>,
         b: Option<TensorMeta>,
         bias: Option<TensorMeta>,
+        magnitude: Option<TensorMeta>,
         embedding: bool,
     }
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
-    let mut replacements = BTreeMap::new();
+    let mut read = Read {
+        modules: BTreeMap::new(),
+        replacements: BTreeMap::new(),
+        originals: BTreeMap::new(),
+        tokens: BTreeMap::new(),
+        copies: Default::default(),
+    };
     for (key, meta) in &file.tensors {
         let name = key.strip_prefix(PREFIX).unwrap_or(key);
         let suffixes = [
@@ -335,6 +455,8 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
             (".lora_B.bias", 'c', false),
             (".lora_embedding_A", 'a', true),
             (".lora_embedding_B", 'b', true),
+            (".lora_magnitude_vector", 'm', false),
+            (".lora_magnitude_vector.weight", 'm', false),
         ];
         if let Some((module, which, embedding)) = suffixes
             .iter()
@@ -345,25 +467,39 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
             match which {
                 'a' => entry.a = Some(meta.clone()),
                 'b' => entry.b = Some(meta.clone()),
+                'm' => entry.magnitude = Some(meta.clone()),
                 _ => entry.bias = Some(meta.clone()),
             }
             continue;
         }
-        if name.contains("lora_") || name.ends_with("lora_magnitude_vector") {
+        if let Some(module) = name.strip_suffix(".token_adapter.trainable_tokens_delta") {
+            read.tokens.insert(module.to_owned(), meta.clone());
+            continue;
+        }
+        if name.contains("lora_") || name.contains("token_adapter.") {
             return Err(InputError::AdapterKey {
                 path: file.path.clone(),
                 key: key.clone(),
             });
+        }
+        // The base's own tensor, saved beside a `modules_to_save` copy.
+        if let Some(at) = name.find(".original_module.") {
+            let tail = &name[at + ".original_module.".len()..];
+            read.originals
+                .insert(format!("{}.{tail}", &name[..at]), meta.clone());
+            continue;
         }
         // Anything else is a full tensor that replaces the base's: saved through
         // `modules_to_save` (older PEFT versions keep the wrapper's path in the key), or the copy
         // of a targeted embedding that PEFT's `save_embedding_layers` writes as
         // `X.base_layer.weight`, which it loads over the base's before adding the delta.
         let base_name = strip_modules_to_save(name).replace(".base_layer.", ".");
-        replacements.insert(base_name, meta.clone());
+        if name.contains(".base_layer.") {
+            read.copies.insert(base_name.clone());
+        }
+        read.replacements.insert(base_name, meta.clone());
     }
 
-    let mut modules = BTreeMap::new();
     for (module, part) in parts {
         let missing = |present: &str, missing: &str| InputError::LoraPair {
             path: file.path.clone(),
@@ -374,7 +510,8 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
         let (a, b) = match (part.a, part.b) {
             (Some(a), Some(b)) => (a, b),
             (Some(_), None) => return Err(missing("lora_A", "lora_B")),
-            (None, _) => return Err(missing("lora_B", "lora_A")),
+            (None, Some(_)) => return Err(missing("lora_B", "lora_A")),
+            (None, None) => return Err(missing("lora_magnitude_vector", "lora_A")),
         };
         let rank_error = |detail: String, help| InputError::LoraRank {
             path: file.path.clone(),
@@ -403,11 +540,39 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
                 DAMAGED,
             ));
         }
-        let (config_rank, alpha) = config.rank_and_alpha(&module);
-        if config_rank != rank {
+        let parameter = parameter_of(&module, config);
+        let named = parameter
+            .as_ref()
+            .map_or(module.as_str(), |p| p.module.as_str());
+        let (config_rank, alpha) = config.rank_and_alpha(named);
+        // A wrapped parameter of E experts holds E·r rows; E comes from the base's tensor.
+        let fits = match &parameter {
+            Some(_) => rank.is_multiple_of(config_rank),
+            None => config_rank == rank,
+        };
+        if !fits {
             return Err(rank_error(format!(
                 "adapter_config.json gives rank {config_rank} but the tensors have rank {rank}"
             ), "the scaling depends on the rank, so config and tensors must agree: re-save the adapter with PEFT, or correct `r` or `rank_pattern`"));
+        }
+        if config.use_dora && part.magnitude.is_none() {
+            return Err(rank_error(
+                "the config says `use_dora = true` but the module has no `lora_magnitude_vector`".into(),
+                "a DoRA adapter saves each module's magnitude vector beside its A and B; the adapter file is incomplete",
+            ));
+        }
+        if let Some(m) = &part.magnitude {
+            // B is (out, r) whatever the layer's storage; an embedding's B is (dim, r).
+            let rows = b.shape[0];
+            if m.shape != [rows] {
+                return Err(rank_error(
+                    format!(
+                        "its DoRA magnitude is {:?}, not one value per output feature ({rows})",
+                        m.shape
+                    ),
+                    "`lora_magnitude_vector` holds one value per output row of the layer; the adapter file is damaged",
+                ));
+            }
         }
         let kind = if part.embedding {
             LoraKind::Embedding
@@ -416,19 +581,202 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Modules, 
         } else {
             LoraKind::Linear
         };
-        modules.insert(
+        read.modules.insert(
             module,
             LoraModule {
                 kind,
                 a,
                 b,
                 bias: part.bias,
-                rank,
-                scaling: config.scaling(rank, alpha),
+                rank: config_rank.min(rank),
+                scaling: config.scaling(config_rank, alpha),
+                magnitude: part.magnitude,
+                parameter,
             },
         );
     }
-    Ok((modules, replacements))
+    Ok(read)
+}
+
+/// The `target_parameters` wrapper a LoRA module key names, if it is one: `X.base_layer…`
+/// (nested wrappers) or a module whose parameters `target_parameters` names.
+fn parameter_of(module: &str, config: &LoraConfig) -> Option<Parameter> {
+    if config.target_parameters.is_empty() {
+        return None;
+    }
+    let mut stripped = module;
+    let mut depth = 0;
+    while let Some(inner) = stripped.strip_suffix(".base_layer") {
+        stripped = inner;
+        depth += 1;
+    }
+    let candidates: Vec<String> = config
+        .target_parameters
+        .iter()
+        .filter_map(|target| {
+            let (owner, leaf) = target.rsplit_once('.').unwrap_or(("", target));
+            let owns =
+                owner.is_empty() || stripped == owner || stripped.ends_with(&format!(".{owner}"));
+            owns.then(|| leaf.to_owned())
+        })
+        .collect();
+    (!candidates.is_empty()).then(|| Parameter {
+        module: stripped.to_owned(),
+        depth,
+        candidates,
+    })
+}
+
+/// Trainable tokens with their rows: the config's indices matched to each delta tensor, by the
+/// module's name (a bare list belongs to the one delta there is).
+fn token_rows(
+    config: &LoraConfig,
+    path: &Path,
+    config_path: &Path,
+    tokens: BTreeMap<String, TensorMeta>,
+) -> Result<BTreeMap<String, TokenRows>, InputError> {
+    let mut rows = BTreeMap::new();
+    for (module, values) in tokens {
+        let indices = config
+            .token_indices
+            .iter()
+            .find_map(|(name, ids)| match name {
+                None => Some(ids),
+                Some(name) => {
+                    (module == *name || module.ends_with(&format!(".{name}"))).then_some(ids)
+                }
+            });
+        let Some(indices) = indices else {
+            return Err(InputError::BadConfig {
+                path: config_path.to_owned(),
+                message: format!("gives no `trainable_token_indices` for `{module}`, whose trained rows the weights hold"),
+                help: "the indices say which token rows the deltas replace; re-save the adapter with PEFT".into(),
+            });
+        };
+        if values.shape.len() != 2 || values.shape[0] != indices.len() {
+            return Err(InputError::LoraRank {
+                path: path.to_owned(),
+                module: module.clone(),
+                detail: format!(
+                    "`trainable_tokens_delta` is {:?} but `trainable_token_indices` names {} tokens",
+                    values.shape,
+                    indices.len()
+                ),
+                help: "the delta holds one row per trainable token; the adapter's config and weights disagree",
+            });
+        }
+        rows.insert(
+            format!("{module}.weight"),
+            TokenRows {
+                indices: indices.clone(),
+                values,
+            },
+        );
+    }
+    Ok(rows)
+}
+
+impl PeftAdapter {
+    /// Matches each `target_parameters` LoRA to the base tensor it changes, by the parameter
+    /// names the config gives for its module and by shape: PEFT nests one wrapper per parameter
+    /// in the order the model's code defines them, which a checkpoint does not keep. The
+    /// module's key becomes the parameter's full name. An [E, d, d] parameter of square experts
+    /// is taken as transformers' [experts, out, in].
+    pub fn resolve_parameters(
+        &mut self,
+        shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+    ) -> Result<(), InputError> {
+        let pending: Vec<String> = self
+            .modules
+            .iter()
+            .filter(|(_, m)| m.parameter.is_some())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in pending {
+            let mut lora = self.modules.remove(&key).expect("listed above");
+            let param = lora.parameter.take().expect("listed above");
+            let named: Vec<(String, Option<Vec<usize>>)> = param
+                .candidates
+                .iter()
+                .map(|leaf| {
+                    let name = format!("{}.{leaf}", param.module);
+                    let shape = shape_of(&name);
+                    (name, shape)
+                })
+                .collect();
+            let fitting: Vec<(&String, LoraKind)> = named
+                .iter()
+                .filter_map(|(name, shape)| Some((name, fit_parameter(&lora, shape.as_deref()?)?)))
+                .collect();
+            let error = |detail: String| {
+                InputError::LoraRank {
+                path: self.file.path.clone(),
+                module: key.clone(),
+                detail,
+                help: "a `target_parameters` LoRA holds A (E·r × in) and B (out × E·r) for a parameter [E, out, in] (or [out, in]); check that the adapter was made for this base",
+            }
+            };
+            let (name, kind) = match fitting.as_slice() {
+                [(name, kind)] => ((*name).clone(), *kind),
+                [] => {
+                    let found: Vec<String> = named
+                        .iter()
+                        .map(|(name, shape)| match shape {
+                            Some(shape) => format!("`{name}` is {shape:?}"),
+                            None => format!("the base has no `{name}`"),
+                        })
+                        .collect();
+                    return Err(error(format!(
+                        "A is {:?} and B is {:?} at rank {}, which fit none of the parameters `target_parameters` names here: {}",
+                        lora.a.shape,
+                        lora.b.shape,
+                        lora.rank,
+                        found.join(", ")
+                    )));
+                }
+                several => {
+                    let names: Vec<String> = several
+                        .iter()
+                        .map(|(name, _)| format!("`{name}`"))
+                        .collect();
+                    return Err(error(format!(
+                        "its wrapper, {} `base_layer`s deep, fits {} alike; PEFT nests them in the order the model defines them, which the checkpoint does not say",
+                        param.depth,
+                        names.join(" and ")
+                    )));
+                }
+            };
+            lora.kind = kind;
+            if self.modules.insert(name.clone(), lora).is_some() {
+                return Err(error(format!("`{name}` is changed by two of its wrappers")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a `target_parameters` LoRA fits a parameter of `shape`, if it does.
+fn fit_parameter(lora: &LoraModule, shape: &[usize]) -> Option<LoraKind> {
+    let (rows, inner, outer, r) = (lora.a.shape[0], lora.a.shape[1], lora.b.shape[0], lora.rank);
+    match *shape {
+        [out, inn] => (rows == r && outer == out && inner == inn).then_some(LoraKind::Linear),
+        [experts, d1, d2] if rows == experts * r => {
+            if outer == d1 && inner == d2 {
+                Some(LoraKind::Experts {
+                    count: experts,
+                    transposed: false,
+                })
+            } else if outer == d2 && inner == d1 {
+                Some(LoraKind::Experts {
+                    count: experts,
+                    transposed: true,
+                })
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
 }
 
 impl PeftAdapter {
@@ -590,10 +938,10 @@ mod tests {
         .unwrap();
         let file = SafetensorsFile::open(&path).unwrap();
         let config = LoraConfig::parse(&path, serde_json::json!({"r": 1})).unwrap();
-        let (modules, replacements) = read_modules(&file, &config).unwrap();
-        assert!(modules.is_empty());
+        let read = read_modules(&file, &config).unwrap();
+        assert!(read.modules.is_empty());
         assert_eq!(
-            replacements.keys().collect::<Vec<_>>(),
+            read.replacements.keys().collect::<Vec<_>>(),
             ["model.embed_tokens.weight"]
         );
     }

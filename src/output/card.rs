@@ -67,6 +67,13 @@ pub(crate) fn model_card(recipe: &Recipe, plan: &Plan) -> String {
         card,
         "Each fused tensor is W + Σ weight · scaling · B·A, computed in f32 and rounded once to the output dtype.\n"
     );
+    if !plan.notes.is_empty() {
+        let _ = writeln!(card, "## Differences from the base\n");
+        for note in &plan.notes {
+            let _ = writeln!(card, "- {note}");
+        }
+        let _ = writeln!(card);
+    }
     let _ = writeln!(
         card,
         "## Recipe\n\n```toml\n{}\n```\n",

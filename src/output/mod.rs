@@ -12,6 +12,19 @@ use crate::recipe::OutputDtype;
 
 pub(crate) const MANIFEST: &str = "modelforge.json";
 
+/// The files a tokenizer is saved as (`save_pretrained`): taken from an adapter's directory
+/// when it was trained on a resized vocabulary.
+pub(crate) const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+];
+
 /// Files of the base never copied: its weights (rewritten), its card and manifest (rewritten).
 fn is_copied(name: &str) -> bool {
     let weights = [
@@ -44,9 +57,23 @@ pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>>
         .filter(|name| is_copied(name))
         .collect();
     names.sort();
+    // A resized vocabulary's tokenizer replaces the base's, file by file.
+    let tokenizer: BTreeMap<String, &std::path::PathBuf> = plan
+        .tokenizer
+        .iter()
+        .filter_map(|path| Some((path.file_name()?.to_string_lossy().into_owned(), path)))
+        .collect();
+    names.retain(|name| !tokenizer.contains_key(name));
+    names.extend(tokenizer.keys().cloned());
+    names.sort();
     let mut files = Vec::new();
     for name in names {
-        let bytes = if name == "config.json" && recipe.output.dtype != OutputDtype::Base {
+        if let Some(path) = tokenizer.get(&name) {
+            files.push((name, std::fs::read(path)?));
+            continue;
+        }
+        let edited = recipe.output.dtype != OutputDtype::Base || !plan.config.is_empty();
+        let bytes = if name == "config.json" && edited {
             config_json(plan, recipe.output.dtype)
         } else {
             std::fs::read(base_dir.join(&name))?
@@ -122,23 +149,29 @@ fn transfer_line(fate: &crate::plan::Fate) -> String {
     line + "\n"
 }
 
-/// The base's config.json with the dtype the recipe asks for.
+/// The base's config.json with the dtype the recipe asks for and the plan's changes.
 fn config_json(plan: &Plan, dtype: OutputDtype) -> Vec<u8> {
     let mut config = plan.inputs.base.config.clone();
     let name = match dtype {
-        OutputDtype::Base | OutputDtype::F32 => "float32",
-        OutputDtype::F16 => "float16",
-        OutputDtype::Bf16 => "bfloat16",
+        OutputDtype::Base => None,
+        OutputDtype::F32 => Some("float32"),
+        OutputDtype::F16 => Some("float16"),
+        OutputDtype::Bf16 => Some("bfloat16"),
     };
-    let mut set = false;
-    for key in ["torch_dtype", "dtype"] {
-        if let Some(value) = config.get_mut(key) {
-            *value = Value::from(name);
-            set = true;
+    if let Some(name) = name {
+        let mut set = false;
+        for key in ["torch_dtype", "dtype"] {
+            if let Some(value) = config.get_mut(key) {
+                *value = Value::from(name);
+                set = true;
+            }
+        }
+        if !set {
+            config.insert("dtype".into(), Value::from(name));
         }
     }
-    if !set {
-        config.insert("dtype".into(), Value::from(name));
+    for (key, value) in &plan.config {
+        config.insert(key.clone(), value.clone());
     }
     let mut bytes = serde_json::to_vec_pretty(&config).expect("a JSON map serialises");
     bytes.push(b'\n');

@@ -24,6 +24,20 @@ pub(super) struct Planned {
     pub(super) align: Alignment,
     /// LoRA modules placed by role into parts of fused tensors.
     pub(super) by_role: usize,
+    /// Vocabulary tensors an adapter replaces with more (or fewer) rows.
+    pub(super) resized: Vec<Resize>,
+    /// (adapter, tensor) of replacements that are a copy of the layer's own weight
+    /// (`X.base_layer.weight`): they do not untie a tie.
+    pub(super) copies: Vec<(usize, String)>,
+}
+
+/// A vocabulary tensor replaced by one of another number of rows: the adapter was trained
+/// after `resize_token_embeddings`.
+pub(super) struct Resize {
+    pub(super) adapter: usize,
+    pub(super) tensor: String,
+    pub(super) from: usize,
+    pub(super) to: usize,
 }
 
 /// One LoRA adapter of the recipe, with what placing its modules needs to know.
@@ -101,6 +115,15 @@ impl<'a> AdapterPlan<'a> {
         if tensors.contains_key(&tensor) {
             return Some(Place::named(tensor));
         }
+        // A `target_parameters` LoRA is keyed by the parameter's own name.
+        if tensors.contains_key(module)
+            && self.adapter.modules.get(module).is_some_and(|m| {
+                matches!(m.kind, LoraKind::Experts { .. })
+                    || !self.adapter.config.target_parameters.is_empty()
+            })
+        {
+            return Some(Place::named(module.to_owned()));
+        }
         let (role, layer, _) = self.source_role(module)?;
         self.target_schema?
             .place_of(role, layer, self.dims.as_ref())
@@ -164,14 +187,42 @@ impl<'a> AdapterPlan<'a> {
     }
 
     /// Whole tensors the adapter replaces (`modules_to_save`).
+    /// A replacement of a vocabulary tensor (embedding or head) may have other rows: the
+    /// adapter was trained on a resized vocabulary. The copies of the base's own tensors PEFT
+    /// saves beside them (`original_module`) must fit the base, or the resized one.
     pub(super) fn replace_tensors(&self, out: &mut Planned) -> Result<(), PlanError> {
+        let vocabulary = super::tie::vocabulary_tensors(self.base);
+        let is_vocabulary =
+            |tensor: &str| vocabulary.is_some_and(|(e, h)| tensor == e || tensor == h);
+        for (tensor, meta) in &self.adapter.originals {
+            let plan = out
+                .tensors
+                .get(tensor)
+                .ok_or_else(|| self.unknown(tensor))?;
+            let resized = self.adapter.replacements.get(tensor).map(|r| &r.shape);
+            if meta.shape != plan.out.shape && Some(&meta.shape) != resized {
+                return Err(self.shape_error(tensor, meta.shape.clone(), &plan.out.shape));
+            }
+        }
         for (tensor, meta) in &self.adapter.replacements {
             let plan = out
                 .tensors
                 .get_mut(tensor)
                 .ok_or_else(|| self.unknown(tensor))?;
             if meta.shape != plan.out.shape {
-                return Err(self.shape_error(tensor, meta.shape.clone(), &plan.out.shape));
+                let rows_only = meta.shape.len() == 2
+                    && plan.out.shape.len() == 2
+                    && meta.shape[1] == plan.out.shape[1];
+                if !(rows_only && is_vocabulary(tensor)) {
+                    return Err(self.shape_error(tensor, meta.shape.clone(), &plan.out.shape));
+                }
+                out.resized.push(Resize {
+                    adapter: self.index,
+                    tensor: tensor.clone(),
+                    from: plan.out.shape[0],
+                    to: meta.shape[0],
+                });
+                plan.out.shape = meta.shape.clone();
             }
             if let Origin::Replacement {
                 adapter: earlier, ..
@@ -183,6 +234,9 @@ impl<'a> AdapterPlan<'a> {
                 ));
             }
             check_float(&self.at(), tensor, meta)?;
+            if self.adapter.copies.contains(tensor) {
+                out.copies.push((self.index, tensor.clone()));
+            }
             plan.origin = Origin::Replacement {
                 adapter: self.index,
                 meta: meta.clone(),
@@ -290,7 +344,7 @@ impl<'a> AdapterPlan<'a> {
             .out
             .shape
             .clone();
-        let by_role = tensor != format!("{module}.weight");
+        let by_role = tensor != format!("{module}.weight") && tensor != module;
         let transposed = place.as_ref().is_some_and(|p| p.transposed);
         // Placed by role, a linear layer's delta takes the target's orientation: a
         // LLaMA q_proj going into GPT-2's Conv1D c_attn is transposed.
@@ -434,6 +488,25 @@ impl<'a> AdapterPlan<'a> {
         let delta_shape = match kind {
             LoraKind::Linear => vec![out, inner],
             LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
+            LoraKind::Experts { count, transposed } => {
+                // Fitted to the parameter's shape when the adapter was read.
+                let (d1, d2) = if transposed {
+                    (inner, out)
+                } else {
+                    (out, inner)
+                };
+                let delta_shape = vec![count, d1, d2];
+                if delta_shape != *shape {
+                    return Err(self.shape_error(tensor, delta_shape, shape));
+                }
+                if self.entry.dims.map != DimsMap::Exact {
+                    return Err(self.dims_error(
+                        format!("`{}` is a LoRA on the experts' parameter `{tensor}`, whose widths `dims` cannot adapt", mapped.target),
+                        "leave `dims` out for an adapter made for this base's experts",
+                    ));
+                }
+                return Ok(Widths::Exact);
+            }
         };
         let truncate = match self.entry.dims.map {
             _ if delta_shape == *shape => return Ok(Widths::Exact),
@@ -586,6 +659,10 @@ impl<'a> AdapterPlan<'a> {
             scaling: lora.scaling,
             kind,
         };
+        if let Some(magnitude) = &lora.magnitude {
+            self.check_dora(mapped, landing, adapt)?;
+            check_float(&at, tensor, magnitude)?;
+        }
         let factor = weight * lora.scaling;
         if factor != 0.0 {
             plan.deltas.push(delta(DeltaKind::LowRank {
@@ -595,6 +672,7 @@ impl<'a> AdapterPlan<'a> {
                 rows: landing.rows,
                 rotary: landing.rotary,
                 adapt,
+                magnitude: lora.magnitude.clone(),
             }));
         }
         if let Some(bias) = &lora.bias {
@@ -609,6 +687,117 @@ impl<'a> AdapterPlan<'a> {
             check_float(&at, &tensor, bias)?;
             if factor != 0.0 {
                 plan.deltas.push(delta(DeltaKind::Vector(bias.clone())));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AdapterPlan<'_> {
+    fn refuse(&self, message: String, help: &str) -> PlanError {
+        PlanError::Adapter {
+            adapter: self.name.clone(),
+            message,
+            help: help.into(),
+            src: self.src.clone(),
+            span: self.entry.span,
+        }
+    }
+
+    /// DoRA rescales each output row by its magnitude over the row's norm, so it is exact only
+    /// where whole rows of the target are the module's own, in its own widths, and the deltas
+    /// are summed as they are.
+    fn check_dora(
+        &self,
+        mapped: &Mapped,
+        landing: &Landing,
+        adapt: Option<Adapt>,
+    ) -> Result<(), PlanError> {
+        let module = &mapped.target;
+        let refuse = |why: &str, help: &str| {
+            Err(self.refuse(
+                format!("is a DoRA adapter (`use_dora`), and `{module}` {why}"),
+                help,
+            ))
+        };
+        if adapt.is_some() {
+            return refuse(
+                "is fused with adapted widths (`dims`)",
+                "DoRA's magnitude belongs to the rows it was trained with, so it cannot be truncated, padded or aligned; fuse it into a base of its own widths",
+            );
+        }
+        if landing.by_role {
+            return refuse(
+                &format!(
+                    "goes into part of `{}`, a tensor of another layout",
+                    landing.tensor
+                ),
+                "DoRA is fused by name only for now; fuse it into a base of its own architecture",
+            );
+        }
+        if landing.kind == LoraKind::Embedding {
+            return refuse(
+                "is an embedding",
+                "DoRA on embeddings is not fused yet; merge that adapter with PEFT's merge_and_unload",
+            );
+        }
+        if self.recipe.merge.method.sparsify().is_some() || self.recipe.merge.method.elects_sign() {
+            return refuse(
+                &format!("would be pruned by `[merge] method = \"{}\"`", serde_json::to_value(self.recipe.merge.method).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
+                "pruning merges combine plain deltas; DoRA rescales the whole weight, so use `method = \"linear\"` with it",
+            );
+        }
+        if self.recipe.output.adapter.is_some() {
+            return refuse(
+                "would be written into `[output] adapter`",
+                "a DoRA merge is not a low-rank delta, so it cannot be written as a plain LoRA; leave `[output] adapter` out",
+            );
+        }
+        Ok(())
+    }
+
+    /// PEFT's trainable tokens: each embedding's trained rows replace the base's (a tied head
+    /// follows through [`super::tie`]).
+    pub(super) fn token_deltas(&self, out: &mut Planned) -> Result<(), PlanError> {
+        for (tensor, tokens) in &self.adapter.tokens {
+            let plan = out
+                .tensors
+                .get_mut(tensor)
+                .ok_or_else(|| self.unknown(tensor))?;
+            let shape = &plan.out.shape;
+            let rows = shape.first().copied().unwrap_or(0);
+            if shape.len() != 2 || tokens.values.shape.get(1) != shape.get(1) {
+                return Err(self.shape_error(tensor, tokens.values.shape.clone(), shape));
+            }
+            if let Some(bad) = tokens.indices.iter().find(|&&i| i >= rows) {
+                return Err(self.refuse(
+                    format!("trains token {bad} of `{tensor}`, which has {rows} rows"),
+                    "the adapter was trained on a model with a larger vocabulary: fuse it into that base (resized with `resize_token_embeddings`)",
+                ));
+            }
+            if self.recipe.merge.method.sparsify().is_some()
+                || self.recipe.merge.method.elects_sign()
+                || self.recipe.output.adapter.is_some()
+            {
+                return Err(self.refuse(
+                    format!("has trainable tokens for `{tensor}`, which replace rows rather than add a delta"),
+                    "use `[merge] method = \"linear\"` and leave `[output] adapter` out with this adapter",
+                ));
+            }
+            check_float(&self.at(), tensor, &tokens.values)?;
+            check_float(&self.at(), tensor, origin_meta(&plan.origin))?;
+            let module = tensor.strip_suffix(".weight").unwrap_or(tensor);
+            let weight = self.weight.for_module(module, layer_of(module));
+            if weight != 0.0 {
+                plan.deltas.push(Delta {
+                    adapter: self.index,
+                    weight,
+                    scaling: 1.0,
+                    kind: DeltaKind::Tokens {
+                        indices: tokens.indices.clone(),
+                        values: tokens.values.clone(),
+                    },
+                });
             }
         }
         Ok(())

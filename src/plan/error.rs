@@ -71,6 +71,19 @@ pub(crate) enum PlanError {
         span: SourceSpan,
     },
 
+    /// An adapter feature that cannot be fused here, with what was found and why.
+    #[error("the adapter `{adapter}` {message}")]
+    #[diagnostic(code(modelforge::plan::adapter), help("{help}"))]
+    Adapter {
+        adapter: String,
+        message: String,
+        help: String,
+        #[source_code]
+        src: Src,
+        #[label("this adapter")]
+        span: SourceSpan,
+    },
+
     /// A width adaptation that cannot be planned.
     #[error("{message}")]
     #[diagnostic(code(modelforge::plan::dims), help("{help}"))]

@@ -83,6 +83,12 @@ pub(crate) struct DeltaKey {
     /// Made for other widths: fitted, or replaced by an aligned delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapt: Option<crate::exec::job::Adapt>,
+    /// DoRA's magnitude vector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub magnitude: Option<SliceKey>,
+    /// The rows trainable tokens replace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub indices: Option<Vec<usize>>,
 }
 
 /// The node keys of `dims = "align"`'s maps and deltas, by their index in `Plan::align`.
@@ -222,6 +228,7 @@ impl Keys {
         }
         paths.extend(plan.arch_files.iter().cloned());
         paths.extend(plan.align.files());
+        paths.extend(plan.tokenizer.iter().cloned());
         let mut files = Vec::new();
         for path in paths {
             let digest = store
@@ -282,14 +289,14 @@ fn origin_slice(
     slice: &dyn Fn(&Path, &str, &TensorMeta) -> SliceKey,
 ) -> SliceKey {
     match &tensor.origin {
-        Origin::Base(meta) => {
+        Origin::Base { tensor: name, meta } => {
             let (file, _) = plan
                 .inputs
                 .base
                 .weights
-                .get(&tensor.out.name)
+                .get(name)
                 .expect("planned tensors exist");
-            slice(&file.path, &tensor.out.name, meta)
+            slice(&file.path, name, meta)
         }
         Origin::Replacement { adapter, meta } => {
             let file = plan.inputs.adapters[*adapter]
@@ -317,6 +324,17 @@ fn tensor_key(
                 .tensor_file(&tensor.out.name)
                 .expect("planned tensors exist");
             let name_of = |meta: &TensorMeta| name_in(file, meta);
+            let plain = |kind: &str, a: SliceKey| DeltaKey {
+                rows: None,
+                rotary: None,
+                kind: kind.into(),
+                factor: delta.weight * delta.scaling,
+                a,
+                b: None,
+                adapt: None,
+                magnitude: None,
+                indices: None,
+            };
             match &delta.kind {
                 DeltaKind::LowRank {
                     kind,
@@ -325,37 +343,33 @@ fn tensor_key(
                     rows,
                     rotary,
                     adapt,
+                    magnitude,
                 } => DeltaKey {
                     rows: *rows,
                     rotary: *rotary,
                     kind: match kind {
-                        LoraKind::Linear => "linear",
-                        LoraKind::LinearTransposed => "linear_transposed",
-                        LoraKind::Embedding => "embedding",
-                    }
-                    .into(),
-                    factor: delta.weight * delta.scaling,
-                    a: slice(&file.path, &name_of(a), a),
+                        LoraKind::Linear => "linear".to_owned(),
+                        LoraKind::LinearTransposed => "linear_transposed".into(),
+                        LoraKind::Embedding => "embedding".into(),
+                        LoraKind::Experts { count, transposed } => {
+                            let t = if *transposed { "_transposed" } else { "" };
+                            format!("experts{t}:{count}")
+                        }
+                    },
                     b: Some(slice(&file.path, &name_of(b), b)),
                     adapt: adapt.map(|adapt| align.adapt(plan, adapt)),
+                    magnitude: magnitude
+                        .as_ref()
+                        .map(|m| slice(&file.path, &name_of(m), m)),
+                    ..plain("", slice(&file.path, &name_of(a), a))
                 },
-                DeltaKind::Vector(v) => DeltaKey {
-                    rows: None,
-                    rotary: None,
-                    kind: "vector".into(),
-                    factor: delta.weight * delta.scaling,
-                    a: slice(&file.path, &name_of(v), v),
-                    b: None,
-                    adapt: None,
-                },
-                DeltaKind::Difference(m) => DeltaKey {
-                    rows: None,
-                    rotary: None,
-                    kind: "difference".into(),
-                    factor: delta.weight * delta.scaling,
-                    a: slice(&file.path, &tensor.out.name, m),
-                    b: None,
-                    adapt: None,
+                DeltaKind::Vector(v) => plain("vector", slice(&file.path, &name_of(v), v)),
+                DeltaKind::Difference(m) => {
+                    plain("difference", slice(&file.path, &tensor.out.name, m))
+                }
+                DeltaKind::Tokens { indices, values } => DeltaKey {
+                    indices: Some(indices.clone()),
+                    ..plain("tokens", slice(&file.path, &name_of(values), values))
                 },
             }
         })

@@ -6,6 +6,7 @@ mod dims;
 mod error;
 mod graph;
 mod keys;
+mod tie;
 mod transfer;
 
 use std::path::Path;
@@ -85,12 +86,11 @@ impl Source {
 /// Where a tensor's starting value comes from.
 #[derive(Clone, Debug)]
 pub(crate) enum Origin {
-    Base(TensorMeta),
+    /// The base's tensor `tensor`: the output's own name, or, for the output embedding of a
+    /// tied model written on its own (see [`tie`]), the input embedding's.
+    Base { tensor: String, meta: TensorMeta },
     /// A `modules_to_save` tensor of adapter `adapter` replaces the base's.
-    Replacement {
-        adapter: usize,
-        meta: TensorMeta,
-    },
+    Replacement { adapter: usize, meta: TensorMeta },
 }
 
 /// One adapter's contribution to a tensor: `factor · delta`.
@@ -117,6 +117,14 @@ pub(crate) enum DeltaKind {
         rotary: Option<RotaryMap>,
         /// Made for other widths (`[adapter.map] dims`).
         adapt: Option<Adapt>,
+        /// DoRA: once the delta is added, each output row of the sum is scaled by
+        /// m / ‖W + Δ‖, m being this `lora_magnitude_vector` and W the tensor's starting value.
+        magnitude: Option<TensorMeta>,
+    },
+    /// Trainable tokens: these rows of the tensor become the rows of `values`.
+    Tokens {
+        indices: Vec<usize>,
+        values: TensorMeta,
     },
     /// A bias vector (`lora_bias`).
     Vector(TensorMeta),
@@ -145,9 +153,7 @@ pub(crate) struct TensorPlan {
 impl TensorPlan {
     /// Whether the bytes can be copied from the input unchanged.
     pub fn is_copy(&self) -> bool {
-        let dtype = match &self.origin {
-            Origin::Base(meta) | Origin::Replacement { meta, .. } => meta.dtype,
-        };
+        let dtype = origin_meta(&self.origin).dtype;
         self.deltas.is_empty() && dtype == self.out.dtype
     }
 }
@@ -165,6 +171,15 @@ pub(crate) struct Plan {
     /// Sorted by name.
     pub tensors: Vec<TensorPlan>,
     pub warnings: Vec<String>,
+    /// What the output's config.json changes from the base's (`tie_word_embeddings`,
+    /// `vocab_size`), besides the dtype.
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Said in the build's summary and the model card: how the output differs in shape from the
+    /// base (untied embeddings, a resized vocabulary).
+    pub notes: Vec<String>,
+    /// Tokenizer files taken from an adapter trained on a resized vocabulary, in place of the
+    /// base's; inputs of the build like the weights.
+    pub tokenizer: Vec<std::path::PathBuf>,
 }
 
 impl Plan {
@@ -179,11 +194,14 @@ impl Plan {
         let mut adapters = Vec::new();
         for entry in &recipe.adapters {
             weights.push(resolve_rules(&entry.weight, layers, &src)?);
-            adapters.push(
-                Source::open(&entry.entry.path).map_err(|e| {
-                    PlanError::input(e, src.clone(), entry.entry.span, "this adapter")
-                })?,
-            );
+            let at = |e| PlanError::input(e, src.clone(), entry.entry.span, "this adapter");
+            let mut source = Source::open(&entry.entry.path).map_err(at)?;
+            if let Source::Lora(adapter) = &mut source {
+                adapter
+                    .resolve_parameters(|name| base.weights.get(name).map(|(_, m)| m.shape.clone()))
+                    .map_err(at)?;
+            }
+            adapters.push(source);
         }
 
         let tensors = base
@@ -192,7 +210,10 @@ impl Plan {
             .iter()
             .map(|(name, (_, meta))| {
                 let plan = TensorPlan {
-                    origin: Origin::Base(meta.clone()),
+                    origin: Origin::Base {
+                        tensor: name.clone(),
+                        meta: meta.clone(),
+                    },
                     deltas: Vec::new(),
                     out: OutTensor {
                         name: name.clone(),
@@ -203,12 +224,19 @@ impl Plan {
                 (name.clone(), plan)
             })
             .collect();
+        let mut tensors = tensors;
+        let tie = tie::Tie::of(&base);
+        if let Some(tie) = &tie {
+            tie.add_head(&mut tensors);
+        }
         let mut out = Planned {
             tensors,
             warnings: Vec::new(),
             transfer: Vec::new(),
             align: Alignment::default(),
             by_role: 0,
+            resized: Vec::new(),
+            copies: Vec::new(),
         };
 
         let target_schema = match &recipe.base_arch {
@@ -280,18 +308,88 @@ impl Plan {
                 .collect();
             plan.check_places(&places)?;
             plan.replace_tensors(&mut out)?;
+            plan.token_deltas(&mut out)?;
             for mapped in &mapped {
                 let target = places[mapped.target.as_str()].clone();
                 plan.place_module(mapped, target, &mut out)?;
             }
         }
 
+        let mut config = serde_json::Map::new();
+        let mut notes = Vec::new();
+        if let Some(tie) = &tie {
+            let names: Vec<String> = recipe
+                .adapters
+                .iter()
+                .map(|a| a.entry.written.clone())
+                .collect();
+            if let tie::Settled::Untied(why) =
+                tie::settle(tie, &mut out.tensors, &names, &out.copies)
+            {
+                config.insert("tie_word_embeddings".into(), false.into());
+                notes.push(why);
+            }
+        }
+        let mut tokenizer = Vec::new();
+        if let Some(resize) = out.resized.first() {
+            let entry = &recipe.adapters[resize.adapter];
+            let adapter = entry.entry.written.clone();
+            let refuse = |message: String| {
+                PlanError::Adapter {
+                adapter: adapter.clone(),
+                message,
+                help: "fuse it into the base it was trained on (resized with `resize_token_embeddings` and saved), or save the adapter with both the embedding and the output head in `modules_to_save`".into(),
+                src: src.clone(),
+                span: entry.span,
+            }
+            };
+            let (from, to) = (resize.from, resize.to);
+            if let Some(other) = out.resized.iter().find(|r| r.to != to) {
+                return Err(refuse(format!(
+                    "resizes the vocabulary to {to} rows (`{}`), but `{}` to {}",
+                    resize.tensor, other.tensor, other.to
+                )));
+            }
+            if let Some((embedding, head)) = tie::vocabulary_tensors(&base) {
+                for name in [embedding, head] {
+                    match out.tensors.get(name) {
+                        Some(plan) if plan.out.shape.first() != Some(&to) => {
+                            return Err(refuse(format!(
+                                "resizes the vocabulary from {from} to {to} rows (`{}`), but carries no resized `{name}`, which would keep {} rows",
+                                resize.tensor,
+                                plan.out.shape.first().copied().unwrap_or(0)
+                            )))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            config.insert("vocab_size".into(), to.into());
+            let dir = &entry.entry.path;
+            tokenizer = crate::output::TOKENIZER_FILES
+                .iter()
+                .map(|name| dir.join(name))
+                .filter(|path| path.is_file())
+                .collect();
+            let note = format!(
+                "`{adapter}` was trained on a vocabulary resized from {from} to {to} tokens: the output has {to} (config.json's `vocab_size`), with {}",
+                if tokenizer.is_empty() {
+                    "the base's tokenizer files, as the adapter directory has none: give it the tokenizer it was trained with".to_owned()
+                } else {
+                    "the tokenizer files of the adapter directory".to_owned()
+                }
+            );
+            out.warnings.push(note.clone());
+            notes.push(note);
+        }
         let Planned {
             tensors,
             mut warnings,
             mut transfer,
             align,
             by_role,
+            resized: _,
+            copies: _,
         } = out;
         if by_role > 0 {
             warnings.push(format!(
@@ -308,6 +406,9 @@ impl Plan {
             inputs: Inputs { base, adapters },
             tensors: tensors.into_values().collect(),
             warnings,
+            config,
+            notes,
+            tokenizer,
         })
     }
 }
@@ -444,11 +545,11 @@ pub(crate) fn difference_kind(tensor: &str) -> LoraKind {
 /// The files a tensor's bytes are read from.
 pub(crate) fn tensor_inputs(plan: &Plan, tensor: &TensorPlan) -> Vec<std::path::PathBuf> {
     let mut paths = vec![match &tensor.origin {
-        Origin::Base(_) => plan
+        Origin::Base { tensor: name, .. } => plan
             .inputs
             .base
             .weights
-            .get(&tensor.out.name)
+            .get(name)
             .map(|(file, _)| file.path.clone())
             .unwrap_or_default(),
         Origin::Replacement { adapter, .. } => plan.inputs.adapters[*adapter]
@@ -472,7 +573,7 @@ pub(crate) fn tensor_inputs(plan: &Plan, tensor: &TensorPlan) -> Vec<std::path::
 
 fn origin_meta(origin: &Origin) -> &TensorMeta {
     match origin {
-        Origin::Base(meta) | Origin::Replacement { meta, .. } => meta,
+        Origin::Base { meta, .. } | Origin::Replacement { meta, .. } => meta,
     }
 }
 

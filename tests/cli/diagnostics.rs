@@ -148,7 +148,7 @@ fn pickled_adapter_is_refused() {
 }
 
 #[test]
-fn dora_is_refused() {
+fn dora_without_its_magnitude_is_refused() {
     let ws = workspace();
     ws.adapter(
         "dora",
