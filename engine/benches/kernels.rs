@@ -125,6 +125,7 @@ fn tensor_job(dir: &Path) -> TensorJob {
                 rotary: None,
                 adapt: None,
                 experts: None,
+                expert: None,
                 magnitude: None,
             },
         }],

@@ -203,6 +203,29 @@ fn prepare(
                 }
             }
             DeltaValues::LowRank {
+                a,
+                b,
+                experts: Some(experts),
+                expert: Some([index, offset]),
+                ..
+            } => {
+                let (a, b) = (load(a)?, load(b)?);
+                let (e, r) = (*experts, a.len() / cols.max(1) / experts.max(&1));
+                let outer = b.len() / (e * r).max(1);
+                if r == 0 || a.len() != e * r * cols || index >= experts || offset + rows > outer {
+                    return Err(std::io::Error::other(format!(
+                        "expert {index}'s LoRA does not fit a {rows} × {cols} tensor"
+                    )));
+                }
+                // Rows `offset..` of B_e (column k·E + e of B) and A_e.
+                let left = (0..rows)
+                    .flat_map(|row| (0..r).map(move |k| (offset + row) * e * r + k * e + index))
+                    .map(|at| b[at])
+                    .collect();
+                let right = a[index * r * cols..(index + 1) * r * cols].to_vec();
+                plain(left, right, r)
+            }
+            DeltaValues::LowRank {
                 transposed,
                 a,
                 b,
@@ -235,6 +258,7 @@ fn prepare(
                 adapt,
                 magnitude,
                 experts: None,
+                expert: _,
             } => {
                 let magnitude = match magnitude {
                     Some(m) => Some((load(m)?, *transposed)),

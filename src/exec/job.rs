@@ -294,6 +294,10 @@ pub enum DeltaValues {
         /// rows one after the other; `transposed` then transposes each expert's B_e·A_e.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         experts: Option<usize>,
+        /// With `experts`: the tensor is one expert's, `[index, offset]`, taking rows
+        /// `offset..` of that expert's delta (a checkpoint storing experts apart).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expert: Option<[usize; 2]>,
         /// DoRA: after adding the delta, each output row (column, when `transposed`) of the sum
         /// is scaled by m / ‖W + Δ‖, with m these values and W the tensor's starting value.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -306,6 +306,7 @@ fn tensor_job(
                         LoraKind::Linear => false,
                         LoraKind::LinearTransposed | LoraKind::Embedding => true,
                         LoraKind::Experts { transposed, .. } => *transposed,
+                        LoraKind::Expert { .. } => false,
                     },
                     a: slice(path, a),
                     b: slice(path, b),
@@ -313,7 +314,13 @@ fn tensor_job(
                     rotary: *rotary,
                     adapt: adapt.map(|adapt| res.keys.align.adapt(plan, adapt)),
                     experts: match kind {
-                        LoraKind::Experts { count, .. } => Some(*count),
+                        LoraKind::Experts { count, .. } | LoraKind::Expert { count, .. } => {
+                            Some(*count)
+                        }
+                        _ => None,
+                    },
+                    expert: match kind {
+                        LoraKind::Expert { index, offset, .. } => Some([*index, *offset]),
                         _ => None,
                     },
                     magnitude: magnitude.as_ref().map(|m| slice(path, m)),

@@ -29,6 +29,15 @@ pub(crate) enum LoraKind {
     /// (out, E·r) with expert e's rank columns interleaved (column k·E + e), and expert e's delta
     /// is B_e·A_e, or (B_e·A_e)ᵀ when the parameter is stored [E, in, out] (`transposed`).
     Experts { count: usize, transposed: bool },
+    /// The same LoRA landing on one expert's 2-D tensor in a checkpoint that stores experts
+    /// apart (`block_sparse_moe.experts.N.w1`, `mlp.experts.N.gate_proj`, as transformers
+    /// writes Mixtral and Qwen-MoE checkpoints): expert `index`'s delta rows `offset..` (the
+    /// gate half of `gate_up_proj` is `w1`, the up half `w3`).
+    Expert {
+        count: usize,
+        index: usize,
+        offset: usize,
+    },
 }
 
 /// One LoRA module: the base tensor it changes and how.
@@ -716,6 +725,27 @@ impl PeftAdapter {
                 help: "a `target_parameters` LoRA holds A (E·r × in) and B (out × E·r) for a parameter [E, out, in] (or [out, in]); check that the adapter was made for this base",
             }
             };
+            if fitting.is_empty() {
+                let pieces: Vec<Vec<(String, LoraKind)>> = param
+                    .candidates
+                    .iter()
+                    .filter_map(|leaf| expert_pieces(&lora, &param.module, leaf, &shape_of))
+                    .collect();
+                if let [pieces] = pieces.as_slice() {
+                    for (name, kind) in pieces {
+                        let piece = LoraModule {
+                            kind: *kind,
+                            ..lora.clone()
+                        };
+                        if self.modules.insert(name.clone(), piece).is_some() {
+                            return Err(error(format!(
+                                "`{name}` is changed by two of its wrappers"
+                            )));
+                        }
+                    }
+                    continue;
+                }
+            }
             let (name, kind) = match fitting.as_slice() {
                 [(name, kind)] => ((*name).clone(), *kind),
                 [] => {
@@ -753,6 +783,63 @@ impl PeftAdapter {
         }
         Ok(())
     }
+}
+
+/// Where transformers 5's 3-D expert parameters live in a checkpoint that keeps each expert's
+/// projections apart: (parameter, the module's name in the checkpoint, its parts in row order).
+const EXPERT_LAYOUTS: &[(&str, &str, &[&str])] = &[
+    ("gate_up_proj", "block_sparse_moe.experts", &["w1", "w3"]),
+    ("down_proj", "block_sparse_moe.experts", &["w2"]),
+    ("gate_up_proj", "mlp.experts", &["gate_proj", "up_proj"]),
+    ("down_proj", "mlp.experts", &["down_proj"]),
+];
+
+/// A 3-D experts LoRA laid onto a checkpoint whose experts are 2-D tensors each: the tensors
+/// and each one's share of the delta, if the LoRA fits them.
+fn expert_pieces(
+    lora: &LoraModule,
+    module: &str,
+    leaf: &str,
+    shape_of: &impl Fn(&str) -> Option<Vec<usize>>,
+) -> Option<Vec<(String, LoraKind)>> {
+    let owner = module.strip_suffix("mlp.experts")?;
+    EXPERT_LAYOUTS
+        .iter()
+        .filter(|(param, _, _)| *param == leaf)
+        .find_map(|(_, stored, parts)| {
+            let tensor = |e: usize, part: &str| format!("{owner}{stored}.{e}.{part}.weight");
+            let count = (0..)
+                .take_while(|&e| shape_of(&tensor(e, parts[0])).is_some())
+                .count();
+            let (r, inner, outer) = (lora.rank, lora.a.shape[1], lora.b.shape[0]);
+            if count == 0 || lora.a.shape[0] != count * r {
+                return None;
+            }
+            let mut pieces = Vec::new();
+            for e in 0..count {
+                let mut offset = 0;
+                for part in parts.iter() {
+                    let name = tensor(e, part);
+                    let shape = shape_of(&name)?;
+                    if shape.len() != 2 || shape[1] != inner {
+                        return None;
+                    }
+                    pieces.push((
+                        name,
+                        LoraKind::Expert {
+                            count,
+                            index: e,
+                            offset,
+                        },
+                    ));
+                    offset += shape[0];
+                }
+                if offset != outer {
+                    return None;
+                }
+            }
+            Some(pieces)
+        })
 }
 
 /// How a `target_parameters` LoRA fits a parameter of `shape`, if it does.

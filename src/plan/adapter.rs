@@ -118,7 +118,7 @@ impl<'a> AdapterPlan<'a> {
         // A `target_parameters` LoRA is keyed by the parameter's own name.
         if tensors.contains_key(module)
             && self.adapter.modules.get(module).is_some_and(|m| {
-                matches!(m.kind, LoraKind::Experts { .. })
+                matches!(m.kind, LoraKind::Experts { .. } | LoraKind::Expert { .. })
                     || !self.adapter.config.target_parameters.is_empty()
             })
         {
@@ -488,6 +488,16 @@ impl<'a> AdapterPlan<'a> {
         let delta_shape = match kind {
             LoraKind::Linear => vec![out, inner],
             LoraKind::LinearTransposed | LoraKind::Embedding => vec![inner, out],
+            LoraKind::Expert { .. } => {
+                if self.entry.dims.map != DimsMap::Exact {
+                    return Err(self.dims_error(
+                        format!("`{}` is a LoRA on the experts' parameter `{tensor}`, whose widths `dims` cannot adapt", mapped.target),
+                        "leave `dims` out for an adapter made for this base's experts",
+                    ));
+                }
+                // Fitted to the expert's tensor when the adapter was read.
+                return Ok(Widths::Exact);
+            }
             LoraKind::Experts { count, transposed } => {
                 // Fitted to the parameter's shape when the adapter was read.
                 let (d1, d2) = if transposed {

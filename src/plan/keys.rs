@@ -355,6 +355,11 @@ fn tensor_key(
                             let t = if *transposed { "_transposed" } else { "" };
                             format!("experts{t}:{count}")
                         }
+                        LoraKind::Expert {
+                            count,
+                            index,
+                            offset,
+                        } => format!("expert:{index}/{count}@{offset}"),
                     },
                     b: Some(slice(&file.path, &name_of(b), b)),
                     adapt: adapt.map(|adapt| align.adapt(plan, adapt)),

@@ -100,9 +100,12 @@ impl Fate {
         }
     }
 
-    /// Whether the module landed on its own name, with nothing mapped.
+    /// Whether the module landed on its own name (a parameter's LoRA is keyed by the
+    /// tensor's name itself), with nothing mapped.
     pub fn is_plain(&self) -> bool {
-        self.dims.is_none() && self.fate == format!("fused into `{}.weight` (share 1)", self.module)
+        self.dims.is_none()
+            && (self.fate == format!("fused into `{}.weight` (share 1)", self.module)
+                || self.fate == format!("fused into `{}` (share 1)", self.module))
     }
 }
 
