@@ -380,7 +380,7 @@ fn experts(
     } else {
         (group, cols)
     };
-    if experts == 0 || group * experts != rows || b.len() % outer != 0 {
+    if experts == 0 || group * experts != rows || !b.len().is_multiple_of(outer) {
         return None;
     }
     let rank = b.len() / outer / experts;

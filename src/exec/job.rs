@@ -274,6 +274,8 @@ pub enum SignElection {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One value per delta of a job, sent once as JSON: the low-rank variant's size costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum DeltaValues {
     /// `B·A`, or `(B·A)ᵀ` when `transposed` (GPT-2's Conv1D, embeddings).
     LowRank {

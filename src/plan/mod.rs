@@ -40,7 +40,7 @@ pub(crate) struct Inputs {
 /// What an `[[adapter]]` names: a PEFT LoRA adapter, or a full fine-tuned model of the base's
 /// architecture whose delta is (model − base).
 pub(crate) enum Source {
-    Lora(PeftAdapter),
+    Lora(Box<PeftAdapter>),
     Model(HfModel),
 }
 
@@ -49,7 +49,7 @@ impl Source {
         if !dir.join("adapter_config.json").exists() && dir.join("config.json").exists() {
             return Ok(Source::Model(HfModel::open(dir)?));
         }
-        Ok(Source::Lora(PeftAdapter::open(dir)?))
+        Ok(Source::Lora(Box::new(PeftAdapter::open(dir)?)))
     }
 
     pub fn lora(&self) -> Option<&PeftAdapter> {
