@@ -27,3 +27,7 @@ mod hostile;
 
 /// Resource limits: a large model under a small memory budget, and a disk that fills up.
 mod limits;
+
+/// The adapters users bring: tied embeddings, DoRA, trainable tokens, resized vocabularies,
+/// experts' parameters, on known answers, and their refusals pinned.
+mod real_adapters;
