@@ -131,6 +131,7 @@ fn tensor_job(dir: &Path) -> TensorJob {
         }],
         merge: None,
         refactor: None,
+        origin_cast: None,
         out_dtype: Dtype::BF16,
     }
 }

@@ -43,6 +43,12 @@ impl Backend {
         out
     }
 
+    /// Rounds `bytes` of `dtype` to `to`, as LibTorch's `to` does.
+    pub fn cast(&self, bytes: &[u8], dtype: Dtype, to: Dtype) -> Vec<u8> {
+        let n = bytes.len() / (dtype.bitsize() / 8);
+        Rounded::new(tensor(bytes, dtype, &[n]).to_kind(kind(to)), to).bytes
+    }
+
     /// Transposes a row-major (rows × cols) f32 matrix.
     pub fn transpose(&self, values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         let t = Tensor::from_slice(values)

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use modelforge::exec::job::{Adapt, DeltaValues, RowMap, Slice, TensorJob};
 use modelforge::store::{ActionEntry, ObjectWriter, Store};
 use rayon::prelude::*;
+use safetensors::Dtype;
 
 use crate::backend::{Backend, BlockDelta, BlockValues, Rounded};
 
@@ -430,6 +431,15 @@ fn fit(values: &[f32], rows: usize, cols: usize, to_rows: usize, to_cols: usize)
     out
 }
 
+/// `bytes` of `dtype` rounded to `to` (a replacement loaded into a layer of the base's dtype),
+/// or as they are.
+fn cast(backend: &Backend, bytes: Vec<u8>, dtype: Dtype, to: Option<Dtype>) -> (Vec<u8>, Dtype) {
+    match to {
+        Some(to) if to != dtype => (backend.cast(&bytes, dtype, to), to),
+        _ => (bytes, dtype),
+    }
+}
+
 fn open(path: &PathBuf) -> std::io::Result<File> {
     File::open(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
@@ -458,6 +468,7 @@ pub fn fuse(
         // Pruning, sign election and SVD look at whole tensors: no blocks here.
         let mut base = vec![0u8; origin.len as usize];
         file.read_exact_at(&mut base, origin.start)?;
+        let (base, in_dtype) = cast(backend, base, origin.dtype, tensor.origin_cast);
         let models: Vec<Option<Vec<f32>>> = deltas
             .iter()
             .map(|d| d.model_rows(backend, 0, rows, cols))
@@ -477,7 +488,7 @@ pub fn fuse(
             })
             .collect();
         let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
-        let w = backend.base(&base, origin.dtype, rows, cols);
+        let w = backend.base(&base, in_dtype, rows, cols);
         let delta = backend.merged_delta(&w, rows, cols, &tasks, &weights, tensor.merge.as_ref());
         if let Some(refactor) = &tensor.refactor {
             let (factors, energy) = backend.refactor(&delta, refactor);
@@ -542,6 +553,15 @@ pub fn fuse(
                         SCRATCH.with_borrow_mut(|base| {
                             base.resize(n * in_row_bytes, 0);
                             file.read_exact_at(base, origin.start + (start * in_row_bytes) as u64)?;
+                            let cast_block;
+                            let (base, in_dtype): (&[u8], _) = match tensor.origin_cast {
+                                Some(to) if to != origin.dtype => {
+                                    (cast_block, _) =
+                                        cast(backend, base.clone(), origin.dtype, Some(to));
+                                    (&cast_block, to)
+                                }
+                                _ => (base, origin.dtype),
+                            };
                             let models: Vec<Option<Vec<f32>>> = deltas
                                 .iter()
                                 .map(|d| d.model_rows(backend, start, n, cols))
@@ -553,7 +573,7 @@ pub fn fuse(
                                 .collect();
                             let fused = backend.fuse_block(
                                 base,
-                                origin.dtype,
+                                in_dtype,
                                 n,
                                 cols,
                                 &block,

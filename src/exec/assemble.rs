@@ -82,7 +82,7 @@ impl<'a> Source<'a> {
                     .expect("planned"),
                 meta.start,
             ),
-            Origin::Replacement { adapter, meta } => Source::Input(
+            Origin::Replacement { adapter, meta, .. } => Source::Input(
                 res.plan.inputs.adapters[*adapter]
                     .tensor_file(name)
                     .expect("planned"),

@@ -133,6 +133,10 @@ pub struct TensorJob {
     pub merge: Option<MergeJob>,
     /// Instead of fusing, factor the combined delta for a PEFT adapter.
     pub refactor: Option<Refactor>,
+    /// Round the origin to this dtype first (a replacement loaded into a layer of the base's
+    /// dtype, as PEFT does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_cast: Option<Dtype>,
     pub out_dtype: Dtype,
 }
 

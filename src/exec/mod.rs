@@ -277,7 +277,7 @@ fn tensor_job(
             let (file, _) = plan.inputs.base.weights.get(name)?;
             slice(&file.path, meta)
         }
-        Origin::Replacement { adapter, meta } => slice(
+        Origin::Replacement { adapter, meta, .. } => slice(
             &plan.inputs.adapters[*adapter]
                 .tensor_file(&tensor.out.name)?
                 .path,
@@ -345,6 +345,10 @@ fn tensor_job(
         origin,
         deltas,
         merge: parts.merge.as_ref().map(merge_job),
+        origin_cast: match &tensor.origin {
+            Origin::Replacement { cast, .. } => *cast,
+            Origin::Base { .. } => None,
+        },
         refactor,
         out_dtype: tensor.out.dtype,
     })

@@ -198,10 +198,12 @@ impl LoraConfig {
                 ))
             }
         };
-        if peft_type != "LORA" {
+        // PEFT's trainable tokens on their own are a LoRA without modules, as far as merging goes.
+        let tokens_only = peft_type == "TRAINABLE_TOKENS";
+        if peft_type != "LORA" && !tokens_only {
             return Err(bad(
-                format!("is a `{peft_type}` adapter; modelforge fuses LoRA adapters only"),
-                "use a LoRA adapter (peft_type \"LORA\")",
+                format!("is a `{peft_type}` adapter; modelforge fuses LoRA adapters (and trainable tokens) only"),
+                "use a LoRA adapter (peft_type \"LORA\") or trainable tokens (\"TRAINABLE_TOKENS\")",
             ));
         }
         let flag = |key: &str| -> Result<bool, InputError> {
@@ -215,6 +217,7 @@ impl LoraConfig {
             }
         };
         let r = match raw.get("r") {
+            None if tokens_only => 1,
             Some(v) => match v.as_u64() {
                 Some(r) if r > 0 => r as usize,
                 _ => {
@@ -319,6 +322,22 @@ impl LoraConfig {
         };
         let token_help = "`trainable_token_indices` is a list of token ids, or an object from module names to such lists";
         let token_indices = match raw.get("trainable_token_indices") {
+            // TrainableTokensConfig: `token_indices` for each of `target_modules`.
+            None | Some(Value::Null) if tokens_only => {
+                let ids = raw
+                    .get("token_indices")
+                    .and_then(indices)
+                    .ok_or_else(|| bad("has no `token_indices` list".into(), token_help))?;
+                let targets: Vec<Option<String>> = match &target_modules {
+                    Value::String(name) => vec![Some(name.clone())],
+                    Value::Array(names) => names
+                        .iter()
+                        .map(|n| n.as_str().map(str::to_owned))
+                        .collect(),
+                    _ => vec![None],
+                };
+                targets.into_iter().map(|t| (t, ids.clone())).collect()
+            }
             None | Some(Value::Null) => Vec::new(),
             Some(list @ Value::Array(_)) => vec![(
                 None,
@@ -481,7 +500,10 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Read, Inp
             }
             continue;
         }
-        if let Some(module) = name.strip_suffix(".token_adapter.trainable_tokens_delta") {
+        if let Some(module) = name
+            .strip_suffix(".token_adapter.trainable_tokens_delta")
+            .or_else(|| name.strip_suffix(".trainable_tokens_delta"))
+        {
             read.tokens.insert(module.to_owned(), meta.clone());
             continue;
         }

@@ -237,9 +237,14 @@ impl<'a> AdapterPlan<'a> {
             if self.adapter.copies.contains(tensor) {
                 out.copies.push((self.index, tensor.clone()));
             }
+            let dtype = match &plan.origin {
+                Origin::Base { meta, .. } => meta.dtype,
+                Origin::Replacement { meta, cast, .. } => cast.unwrap_or(meta.dtype),
+            };
             plan.origin = Origin::Replacement {
                 adapter: self.index,
                 meta: meta.clone(),
+                cast: (dtype != meta.dtype).then_some(dtype),
             };
         }
         Ok(())
@@ -745,12 +750,6 @@ impl AdapterPlan<'_> {
                 "DoRA is fused by name only for now; fuse it into a base of its own architecture",
             );
         }
-        if landing.kind == LoraKind::Embedding {
-            return refuse(
-                "is an embedding",
-                "DoRA on embeddings is not fused yet; merge that adapter with PEFT's merge_and_unload",
-            );
-        }
         if self.recipe.merge.method.sparsify().is_some() || self.recipe.merge.method.elects_sign() {
             return refuse(
                 &format!("would be pruned by `[merge] method = \"{}\"`", serde_json::to_value(self.recipe.merge.method).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
@@ -793,6 +792,21 @@ impl AdapterPlan<'_> {
                     format!("has trainable tokens for `{tensor}`, which replace rows rather than add a delta"),
                     "use `[merge] method = \"linear\"` and leave `[output] adapter` out with this adapter",
                 ));
+            }
+            // PEFT refuses adapters whose trainable tokens overlap: which one wins is not defined.
+            for delta in &plan.deltas {
+                let DeltaKind::Tokens { indices, .. } = &delta.kind else {
+                    continue;
+                };
+                if let Some(token) = tokens.indices.iter().find(|i| indices.contains(i)) {
+                    return Err(self.refuse(
+                        format!(
+                            "trains token {token} of `{tensor}`, which `{}` trains too",
+                            self.recipe.adapters[delta.adapter].entry.written
+                        ),
+                        "trainable tokens replace rows, so two adapters cannot both own one (PEFT refuses them too); train the token in one adapter only, or drop one of them",
+                    ));
+                }
             }
             check_float(&self.at(), tensor, &tokens.values)?;
             check_float(&self.at(), tensor, origin_meta(&plan.origin))?;

@@ -39,6 +39,9 @@ pub(crate) struct TensorKey {
     /// Absent for the plain weighted sum (`linear`, `cat`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeKey>,
+    /// The dtype a replacement is rounded to before anything is added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_cast: Option<String>,
 }
 
 /// A pruning or sign-electing merge: the per-adapter weights and scalings matter apart.
@@ -298,7 +301,7 @@ fn origin_slice(
                 .expect("planned tensors exist");
             slice(&file.path, name, meta)
         }
-        Origin::Replacement { adapter, meta } => {
+        Origin::Replacement { adapter, meta, .. } => {
             let file = plan.inputs.adapters[*adapter]
                 .tensor_file(&tensor.out.name)
                 .expect("planned tensors exist");
@@ -380,6 +383,10 @@ fn tensor_key(
         })
         .collect();
     TensorKey {
+        origin_cast: match &tensor.origin {
+            Origin::Replacement { cast, .. } => cast.map(|c| c.to_string()),
+            Origin::Base { .. } => None,
+        },
         op: "fuse".into(),
         version: FUSE_VERSION,
         origin,

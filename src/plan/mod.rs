@@ -89,8 +89,14 @@ pub(crate) enum Origin {
     /// The base's tensor `tensor`: the output's own name, or, for the output embedding of a
     /// tied model written on its own (see [`tie`]), the input embedding's.
     Base { tensor: String, meta: TensorMeta },
-    /// A `modules_to_save` tensor of adapter `adapter` replaces the base's.
-    Replacement { adapter: usize, meta: TensorMeta },
+    /// A `modules_to_save` tensor of adapter `adapter` replaces the base's. `cast`: the
+    /// base's dtype, when the replacement has another: PEFT loads it into the base's layer,
+    /// rounding it, before anything is added.
+    Replacement {
+        adapter: usize,
+        meta: TensorMeta,
+        cast: Option<Dtype>,
+    },
 }
 
 /// One adapter's contribution to a tensor: `factor · delta`.
@@ -154,7 +160,8 @@ impl TensorPlan {
     /// Whether the bytes can be copied from the input unchanged.
     pub fn is_copy(&self) -> bool {
         let dtype = origin_meta(&self.origin).dtype;
-        self.deltas.is_empty() && dtype == self.out.dtype
+        let cast = matches!(self.origin, Origin::Replacement { cast: Some(_), .. });
+        self.deltas.is_empty() && dtype == self.out.dtype && !cast
     }
 }
 
