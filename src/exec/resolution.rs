@@ -113,10 +113,34 @@ impl Resolution {
                 Some((node, _)) if self.store.action(node).is_some() => Status::Cached,
                 Some((_, key)) => Status::Compute {
                     why: match last.get(&tensor.out.name) {
-                        Some(old) => key.changes_since(old, &self.keys.files),
+                        Some(old) => {
+                            key.changes_since(old, &self.keys.files, &self.sources(tensor))
+                        }
                         None => vec!["it was never built".into()],
                     },
                 },
+            })
+            .collect()
+    }
+
+    /// The files a tensor's origin and each of its deltas are read from, as the lock shows them.
+    fn sources(&self, tensor: &crate::plan::TensorPlan) -> Vec<String> {
+        let plan = &self.plan;
+        let origin = match &tensor.origin {
+            Origin::Base { tensor: name, .. } => plan.inputs.base.weights.get(name).map(|(f, _)| f),
+            Origin::Replacement { adapter, .. } => {
+                plan.inputs.adapters[*adapter].tensor_file(&tensor.out.name)
+            }
+        };
+        let deltas = tensor
+            .deltas
+            .iter()
+            .map(|d| plan.inputs.adapters[d.adapter].tensor_file(&tensor.out.name));
+        std::iter::once(origin)
+            .chain(deltas)
+            .map(|file| {
+                file.and_then(|file| self.keys.files.iter().find(|f| f.path == file.path))
+                    .map_or_else(|| "an input".into(), |f| f.shown.clone())
             })
             .collect()
     }

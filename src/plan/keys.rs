@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{Adapt, DeltaKind, Origin, Plan, TensorPlan};
-use crate::digest::{FileDigest, NodeKey};
+use crate::digest::{FileDigest, NodeKey, TensorDigest};
 use crate::io::peft::LoraKind;
 use crate::io::safetensors::TensorMeta;
 use crate::recipe::{MajoritySign, Merge, MergeMethod};
@@ -63,9 +63,16 @@ pub(crate) fn tensor_seed(seed: u64, tensor: &str) -> i64 {
     (u64::from_le_bytes(bytes) >> 1) as i64
 }
 
+/// What a tensor read from an input is: its bytes are named by the digest of the base's file
+/// they are read from (a base is hashed once per file), or, for an adapter's tensor, by the
+/// digest of its own bytes, so that changing one tensor of an adapter changes only the keys
+/// that read it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub(crate) struct SliceKey {
-    pub file: FileDigest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileDigest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<TensorDigest>,
     pub tensor: String,
     pub dtype: String,
     pub shape: Vec<usize>,
@@ -246,11 +253,32 @@ impl Keys {
         }
         let by_path: BTreeMap<&Path, FileDigest> =
             files.iter().map(|f| (f.path.as_path(), f.digest)).collect();
-        let slice = |path: &Path, name: &str, meta: &TensorMeta| SliceKey {
-            file: by_path[path],
-            tensor: name.to_owned(),
-            dtype: meta.dtype.to_string(),
-            shape: meta.shape.clone(),
+        // Adapters' tensors are keyed by their own bytes.
+        let mut by_tensor = BTreeMap::new();
+        for source in &plan.inputs.adapters {
+            let Some(adapter) = source.lora() else {
+                continue;
+            };
+            let file = &adapter.file;
+            let tensors: Vec<(String, u64, u64)> = file
+                .tensors
+                .iter()
+                .map(|(name, meta)| (name.clone(), meta.start, meta.len))
+                .collect();
+            let digests = store
+                .tensor_digests(&file.path, by_path[file.path.as_path()], &tensors)
+                .map_err(|e| with_path(e, &file.path))?;
+            by_tensor.insert(file.path.clone(), digests);
+        }
+        let slice = |path: &Path, name: &str, meta: &TensorMeta| {
+            let bytes = by_tensor.get(path).and_then(|d| d.get(name)).copied();
+            SliceKey {
+                file: bytes.is_none().then(|| by_path[path]),
+                bytes,
+                tensor: name.to_owned(),
+                dtype: meta.dtype.to_string(),
+                shape: meta.shape.clone(),
+            }
         };
         let align = AlignKeys::new(plan, &slice);
         let tensors: Vec<_> = plan
@@ -425,8 +453,14 @@ fn name_in(file: &crate::io::safetensors::SafetensorsFile, meta: &TensorMeta) ->
 
 impl TensorKey {
     /// Why `self` differs from the key `old` that the same tensor had in the last build,
-    /// naming files through `files`.
-    pub fn changes_since(&self, old: &TensorKey, files: &[InputFile]) -> Vec<String> {
+    /// naming files through `files`; `sources` names the file its origin and each of its
+    /// deltas are read from (an adapter's tensors are keyed by their own bytes, not its file's).
+    pub fn changes_since(
+        &self,
+        old: &TensorKey,
+        files: &[InputFile],
+        sources: &[String],
+    ) -> Vec<String> {
         let name = |digest: &FileDigest| {
             files
                 .iter()
@@ -434,10 +468,19 @@ impl TensorKey {
                 .map(|f| format!("`{}`", f.shown))
                 .unwrap_or_else(|| "an input".into())
         };
+        let source = |i: usize| {
+            sources
+                .get(i)
+                .map(|s| format!("`{s}`"))
+                .unwrap_or_else(|| "an adapter".into())
+        };
+        let changed = |new: &SliceKey, old: &SliceKey, i: usize| match &new.file {
+            Some(file) if new.file != old.file => Some(format!("{} changed", name(file))),
+            None if new.bytes != old.bytes => Some(format!("{} changed", source(i))),
+            _ => None,
+        };
         let mut why = Vec::new();
-        if self.origin.file != old.origin.file {
-            why.push(format!("{} changed", name(&self.origin.file)));
-        }
+        why.extend(changed(&self.origin, &old.origin, 0));
         if self.deltas.len() != old.deltas.len() {
             why.push(format!(
                 "{} adapter(s) touch it now, {} before",
@@ -445,16 +488,28 @@ impl TensorKey {
                 old.deltas.len()
             ));
         } else {
-            for (new, old) in self.deltas.iter().zip(&old.deltas) {
-                if new.a.file != old.a.file {
-                    why.push(format!("{} changed", name(&new.a.file)));
+            for (i, (new, old)) in self.deltas.iter().zip(&old.deltas).enumerate() {
+                let read = [
+                    (Some(&new.a), Some(&old.a)),
+                    (new.b.as_ref(), old.b.as_ref()),
+                    (new.magnitude.as_ref(), old.magnitude.as_ref()),
+                ];
+                let tensor_changed = read.iter().any(|pair| match pair {
+                    (Some(new), Some(old)) => changed(new, old, i + 1).is_some(),
+                    (None, None) => false,
+                    _ => true,
+                });
+                if tensor_changed {
+                    why.push(format!("{} changed", source(i + 1)));
                 } else if new.factor != old.factor {
                     why.push(format!(
                         "the weight × scaling of {} went from {} to {}",
-                        name(&new.a.file),
+                        source(i + 1),
                         old.factor,
                         new.factor
                     ));
+                } else if new != old {
+                    why.push(format!("{} is fused into it differently", source(i + 1)));
                 }
             }
         }

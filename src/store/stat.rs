@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::Store;
-use crate::digest::FileDigest;
+use crate::digest::{FileDigest, TensorDigest};
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct StatEntry {
@@ -73,6 +73,46 @@ impl Store {
         let bytes = serde_json::to_vec(&StatEntry::of(&path, &meta, digest))
             .map_err(std::io::Error::other)?;
         self.write_atomic(&self.stat_path(&path), &bytes, false)
+    }
+}
+
+impl Store {
+    /// The digest of each tensor of the file at `path` whose contents have `digest`, given
+    /// their (name, offset, length): recorded once per content, so never stale, and hashed from
+    /// mapped windows when missing. Node keys name an adapter's tensors by these, so that a
+    /// change to one tensor (a DoRA magnitude, a trainable token's row) rebuilds only what
+    /// reads it.
+    pub fn tensor_digests(
+        &self,
+        path: &Path,
+        digest: FileDigest,
+        tensors: &[(String, u64, u64)],
+    ) -> std::io::Result<std::collections::BTreeMap<String, TensorDigest>> {
+        type Digests = std::collections::BTreeMap<String, TensorDigest>;
+        let key = blake3::hash(format!("tensors:{}", digest.hex()).as_bytes()).to_hex();
+        let record = self.fanout("files", &key);
+        if let Some(known) = std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Digests>(&b).ok())
+            .filter(|known| tensors.iter().all(|(name, _, _)| known.contains_key(name)))
+        {
+            return Ok(known);
+        }
+        let file = File::open(path)?;
+        let mut digests = Digests::new();
+        for (name, start, len) in tensors {
+            let mut hasher = blake3::Hasher::new();
+            for window in crate::io::mapped::windows(&file, *start, *len) {
+                hasher.update(&window?);
+            }
+            digests.insert(name.clone(), TensorDigest::new(hasher.finalize()));
+        }
+        // Recorded only if the file still has the contents its digest says.
+        if hash_file(path)? == digest {
+            let bytes = serde_json::to_vec(&digests).map_err(std::io::Error::other)?;
+            self.write_atomic(&record, &bytes, false)?;
+        }
+        Ok(digests)
     }
 }
 

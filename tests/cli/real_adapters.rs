@@ -319,3 +319,61 @@ fn a_resized_vocabulary_with_both_sides_builds_the_resized_model() {
         "{\"added\": true}"
     );
 }
+
+#[test]
+fn a_changed_magnitude_or_token_row_rebuilds_only_its_tensor() {
+    // Node keys name an adapter's tensors by their own bytes, not by the adapter file's.
+    let ws = Workspace::with_lora();
+    let dora = |magnitude_seed: u64, token_seed: u64| {
+        let mut tensors = Vec::new();
+        for module in [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj",
+        ] {
+            tensors.push(t(&format!("{module}.lora_A.weight"), &[2, 4], 3));
+            tensors.push(t(&format!("{module}.lora_B.weight"), &[4, 2], 4));
+        }
+        tensors.push(t(
+            "model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            &[4],
+            magnitude_seed,
+        ));
+        tensors.push(t(
+            "model.layers.1.self_attn.q_proj.lora_magnitude_vector",
+            &[4],
+            5,
+        ));
+        tensors.push(t(
+            "model.embed_tokens.token_adapter.trainable_tokens_delta",
+            &[1, 4],
+            token_seed,
+        ));
+        adapter(
+            &ws,
+            "dora",
+            tensors,
+            serde_json::json!({"use_dora": true, "trainable_token_indices": [3]}),
+        );
+    };
+    let computed = || -> (u64, String) {
+        let plan = ws.ok(&["plan", "recipe.toml"]);
+        let summary: serde_json::Value =
+            serde_json::from_str(&ws.ok(&["build", "recipe.toml", "--json"])).unwrap();
+        (summary["nodes"]["computed"].as_u64().unwrap(), plan)
+    };
+    dora(5, 6);
+    ws.write("recipe.toml", GOOD.replace("\"lora\"", "\"dora\""));
+    assert_eq!(computed().0, 3);
+    dora(7, 6);
+    let (n, plan) = computed();
+    assert_eq!(
+        n, 1,
+        "only layer 0's q_proj reads the changed magnitude:\n{plan}"
+    );
+    assert!(
+        plan.contains("compute  model.layers.0.self_attn.q_proj.weight  (`dora/adapter_model.safetensors` changed)"),
+        "{plan}"
+    );
+    dora(7, 8);
+    assert_eq!(computed().0, 1, "only the embedding reads the token row");
+}
