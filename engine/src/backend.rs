@@ -165,7 +165,11 @@ impl Backend {
                 None => {
                     let _ = acc.g_add_(&product);
                 }
-                Some((magnitude, columns)) => {
+                Some(Magnitude {
+                    values: magnitude,
+                    columns,
+                    mask,
+                }) => {
                     // PEFT's DoRA merge (`DoraLinearVariant.merge_safe`): the norm of each output
                     // feature of W + ΔW, W the weight before any adapter; then
                     // (m / norm) · (current + ΔW). Stored transposed (GPT-2's Conv1D), output
@@ -179,7 +183,11 @@ impl Backend {
                         sum.linalg_norm(2.0, [1i64].as_slice(), false, None::<Kind>)
                     };
                     let magnitude = Tensor::from_slice(magnitude).to_device(self.device);
-                    let factor = magnitude / norm;
+                    let mut factor = magnitude / norm;
+                    if let Some(mask) = mask {
+                        let mask = Tensor::from_slice(mask).to_device(self.device);
+                        factor = factor.where_self(&mask, &factor.ones_like());
+                    }
                     let factor = if columns {
                         factor.view([1, -1])
                     } else {
@@ -527,10 +535,19 @@ impl Backend {
 pub struct BlockDelta<'a> {
     pub factor: f64,
     pub values: BlockValues<'a>,
-    /// DoRA's magnitude for the block's rows (or, `true`, for every column of a whole tensor
-    /// stored transposed): once this delta is added, the sum is scaled by m / ‖W + Δ‖ along the
-    /// output features, W being the block's starting value.
-    pub magnitude: Option<(&'a [f32], bool)>,
+    /// DoRA: once this delta is added, the sum is scaled by m / ‖W + Δ‖ along the output
+    /// features, W being the block's starting value.
+    pub magnitude: Option<Magnitude<'a>>,
+}
+
+/// DoRA's magnitude for a block: one value per row, or, for a whole tensor stored transposed,
+/// per column.
+#[derive(Clone, Copy)]
+pub struct Magnitude<'a> {
+    pub values: &'a [f32],
+    pub columns: bool,
+    /// In a fused tensor, the rows (columns) that are the module's; the others are not scaled.
+    pub mask: Option<&'a [bool]>,
 }
 
 pub enum BlockValues<'a> {

@@ -10,7 +10,7 @@ use modelforge::store::{ActionEntry, ObjectWriter, Store};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::backend::{Backend, BlockDelta, BlockValues, Rounded};
+use crate::backend::{Backend, BlockDelta, BlockValues, Magnitude, Rounded};
 
 std::thread_local! {
     /// Each worker's buffer for the base rows of its block, kept from block to block: a
@@ -83,8 +83,9 @@ struct Prepared {
     rank: usize,
     /// A full model's tensor, read block by block.
     model: Option<(File, Slice)>,
-    /// DoRA's magnitude per output row, or per column of a transposed tensor.
-    magnitude: Option<(Vec<f32>, bool)>,
+    /// DoRA's magnitude per output row, or per column of a transposed tensor, and in a fused
+    /// tensor which rows (columns) are the module's.
+    magnitude: Option<(Vec<f32>, bool, Option<Vec<bool>>)>,
     /// Trainable tokens: rows and their new values (indices × cols).
     tokens: Option<(Vec<usize>, Vec<f32>)>,
 }
@@ -153,10 +154,21 @@ impl Prepared {
                 rank: self.rank,
             }
         };
-        let magnitude = self.magnitude.as_ref().map(|(m, columns)| match columns {
-            true => (m.as_slice(), true),
-            false => (&m[start..start + n], false),
-        });
+        let magnitude = self
+            .magnitude
+            .as_ref()
+            .map(|(m, columns, mask)| match columns {
+                true => Magnitude {
+                    values: m,
+                    columns: true,
+                    mask: mask.as_deref(),
+                },
+                false => Magnitude {
+                    values: &m[start..start + n],
+                    columns: false,
+                    mask: mask.as_ref().map(|mask| &mask[start..start + n]),
+                },
+            });
         BlockDelta {
             factor: self.factor,
             values,
@@ -261,8 +273,8 @@ fn prepare(
                 experts: None,
                 expert: _,
             } => {
-                let magnitude = match magnitude {
-                    Some(m) => Some((load(m)?, *transposed)),
+                let mut magnitude = match magnitude {
+                    Some(m) => Some((load(m)?, *transposed, None)),
                     None => None,
                 };
                 // The factors in the LoRA's orientation: A (rank × inner), B (outer × rank).
@@ -299,6 +311,10 @@ fn prepare(
                     let total = tensor.origin.shape.get(axis).copied().unwrap_or(0);
                     let map = row_map.unwrap_or(RowMap::Offset { offset: 0 });
                     let mut scattered = vec![0f32; total * rank];
+                    // DoRA's magnitude goes with its rows; the part's other rows keep theirs.
+                    let mut part = magnitude
+                        .as_ref()
+                        .map(|_| (vec![0f32; total], vec![false; total]));
                     for row in 0..outer {
                         let from = rotary.map_or(row, |r| r.row(row));
                         for to in map.targets(from) {
@@ -306,6 +322,12 @@ fn prepare(
                                 return Err(std::io::Error::other(format!(
                                     "row {to} is outside the target's {total} rows"
                                 )));
+                            }
+                            if let (Some((values, mask)), Some((m, _, _))) =
+                                (part.as_mut(), magnitude.as_ref())
+                            {
+                                values[to] = m.get(row).copied().unwrap_or(f32::NAN);
+                                mask[to] = true;
                             }
                             for k in 0..rank {
                                 let value = b[row * rank + k];
@@ -316,6 +338,9 @@ fn prepare(
                                 }
                             }
                         }
+                    }
+                    if let (Some((values, mask)), Some(m)) = (part, magnitude.as_mut()) {
+                        *m = (values, *transposed, Some(mask));
                     }
                     if *transposed {
                         plain(backend.transpose(&a, rank, inner), scattered, rank)
@@ -358,7 +383,7 @@ fn prepare(
 }
 
 impl Prepared {
-    fn with_magnitude(self, magnitude: Option<(Vec<f32>, bool)>) -> Prepared {
+    fn with_magnitude(self, magnitude: Option<(Vec<f32>, bool, Option<Vec<bool>>)>) -> Prepared {
         Prepared { magnitude, ..self }
     }
 }
@@ -515,7 +540,7 @@ pub fn fuse(
     // never straddle two experts, whose right factors differ.
     let whole = deltas
         .iter()
-        .any(|d| d.magnitude.as_ref().is_some_and(|(_, columns)| *columns));
+        .any(|d| d.magnitude.as_ref().is_some_and(|(_, columns, _)| *columns));
     let rows_per_block = if whole {
         rows
     } else {

@@ -741,15 +741,6 @@ impl AdapterPlan<'_> {
                 "DoRA's magnitude belongs to the rows it was trained with, so it cannot be truncated, padded or aligned; fuse it into a base of its own widths",
             );
         }
-        if landing.by_role {
-            return refuse(
-                &format!(
-                    "goes into part of `{}`, a tensor of another layout",
-                    landing.tensor
-                ),
-                "DoRA is fused by name only for now; fuse it into a base of its own architecture",
-            );
-        }
         if self.recipe.merge.method.sparsify().is_some() || self.recipe.merge.method.elects_sign() {
             return refuse(
                 &format!("would be pruned by `[merge] method = \"{}\"`", serde_json::to_value(self.recipe.merge.method).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),

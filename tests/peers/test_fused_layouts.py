@@ -28,15 +28,21 @@ DIMS = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atten
             rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
 
 
-def llama_with_adapter(ws: Path, kv_heads: int, targets: list[str]) -> tuple[Path, Path, dict[str, torch.Tensor]]:
-    """A tiny LLaMA, a LoRA on `targets`, and PEFT's merge of the two."""
+def llama_with_adapter(ws: Path, kv_heads: int, targets: list[str],
+                       dora: bool = False) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A tiny LLaMA, a LoRA (a DoRA adapter, with its magnitudes moved off the weights' norms, when
+    `dora`) on `targets`, and PEFT's merge of the two."""
     torch.manual_seed(kv_heads)
     base = ws / f"llama-kv{kv_heads}"
     LlamaForCausalLM(LlamaConfig(num_key_value_heads=kv_heads, **DIMS)).save_pretrained(base)
-    peft = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(base), config)
     for name, param in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.2)
+        if "lora_magnitude_vector" in name:
+            with torch.no_grad():
+                param.mul_(1.0 + 0.3 * torch.rand(param.shape, generator=torch.Generator().manual_seed(7)))
     adapter = ws / f"lora-kv{kv_heads}"
     peft.save_pretrained(adapter)
     merged = {k: v.detach().clone() for k, v in peft.merge_and_unload().state_dict().items()}
@@ -375,11 +381,13 @@ def reference_attention(arch, merged, layer, x):
     return attention(x, t["q"], t["k"], t["v"], t["o"], rope)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("arch", ["gpt_neox", "chatglm", "chatglm2", "phi3", "gpt2"])
-def test_llama_adapter_into_every_fused_layout(tmp_path, arch):
-    # GPT-2's c_attn stacks full-height K and V: it takes a multi-head LLaMA only.
+def test_llama_adapter_into_every_fused_layout(tmp_path, arch, dora):
+    # GPT-2's c_attn stacks full-height K and V: it takes a multi-head LLaMA only. A DoRA adapter's
+    # magnitudes go with their rows: each row of a module's part is scaled as in the LLaMA.
     kv = 4 if arch == "gpt2" else 2
-    base, adapter, merged = llama_with_adapter(tmp_path, kv, SEVEN)
+    base, adapter, merged = llama_with_adapter(tmp_path, kv, SEVEN, dora)
     fused_base, config = to_layout(arch, load_file(base / "model.safetensors"), kv)
     want, _ = to_layout(arch, merged, kv)
     (tmp_path / arch).mkdir()
