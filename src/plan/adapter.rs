@@ -675,7 +675,7 @@ impl<'a> AdapterPlan<'a> {
             kind,
         };
         if let Some(magnitude) = &lora.magnitude {
-            self.check_dora(mapped, landing, adapt)?;
+            self.check_dora(mapped, adapt)?;
             check_float(&at, tensor, magnitude)?;
         }
         let factor = weight * lora.scaling;
@@ -720,14 +720,9 @@ impl AdapterPlan<'_> {
     }
 
     /// DoRA rescales each output row by its magnitude over the row's norm, so it is exact only
-    /// where whole rows of the target are the module's own, in its own widths, and the deltas
-    /// are summed as they are.
-    fn check_dora(
-        &self,
-        mapped: &Mapped,
-        landing: &Landing,
-        adapt: Option<Adapt>,
-    ) -> Result<(), PlanError> {
+    /// in its own widths (its rows may move: into another name or a fused tensor's part), and
+    /// where the deltas are summed as they are.
+    fn check_dora(&self, mapped: &Mapped, adapt: Option<Adapt>) -> Result<(), PlanError> {
         let module = &mapped.target;
         let refuse = |why: &str, help: &str| {
             Err(self.refuse(
