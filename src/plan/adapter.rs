@@ -674,6 +674,16 @@ impl<'a> AdapterPlan<'a> {
             scaling: lora.scaling,
             kind,
         };
+        if matches!(
+            landing.kind,
+            LoraKind::Experts { .. } | LoraKind::Expert { .. }
+        ) && self.recipe.output.adapter.is_some()
+        {
+            return Err(self.refuse(
+                format!("changes the experts' parameter `{tensor}` (`target_parameters`), which `[output] adapter` cannot write yet"),
+                "leave `[output] adapter` out, or the experts' parameters out of the adapter",
+            ));
+        }
         if let Some(magnitude) = &lora.magnitude {
             self.check_dora(mapped, adapt)?;
             check_float(&at, tensor, magnitude)?;
