@@ -576,10 +576,13 @@ def fingerprint() -> str:
     return h.hexdigest()
 
 
-def ensure(out: Path, force: bool = False) -> list[dict]:
-    """Generate into `out` unless it already holds fixtures with the same fingerprint."""
+def ensure(out: Path, force: bool = False, *, build_fn=None, fingerprint_fn=None,
+           label: str = "fixtures") -> list[dict]:
+    """Generate into `out` unless it already holds fixtures with the same fingerprint (the other
+    fixture scripts pass their own `build_fn` and `fingerprint_fn`)."""
+    build_fn, fingerprint_fn = build_fn or build, fingerprint_fn or fingerprint
     stamp = out / "cases.json"
-    fp = fingerprint()
+    fp = fingerprint_fn()
     if not force and stamp.exists():
         data = json.loads(stamp.read_text())
         if data.get("fingerprint") == fp:
@@ -588,18 +591,18 @@ def ensure(out: Path, force: bool = False) -> list[dict]:
     if stamp.exists():
         stamp.unlink()
     t0 = time.time()
-    cases = build(out)
+    cases = build_fn(out)
     stamp.write_text(json.dumps({"fingerprint": fp, "cases": cases}, indent=1))
-    print(f"fixtures: {len(cases)} cases in {time.time() - t0:.1f}s -> {out}", flush=True)
+    print(f"{label}: {len(cases)} cases in {time.time() - t0:.1f}s -> {out}", flush=True)
     return cases
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", nargs="?", default=str(DEFAULT_OUT))
+def main(argv=None, *, ensure_fn=None, default_out: Path = DEFAULT_OUT, doc: str = __doc__) -> int:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", default=str(default_out))
     ap.add_argument("--force", action="store_true", help="regenerate even if the fingerprint matches")
     args = ap.parse_args(argv)
-    ensure(Path(args.out).resolve(), force=args.force)
+    (ensure_fn or ensure)(Path(args.out).resolve(), force=args.force)
     return 0
 
 

@@ -26,7 +26,6 @@ Run:  .venv/bin/python tests/peers/make_real_adapters.py [OUT] [--force]
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -700,29 +699,11 @@ def fingerprint() -> str:
 
 def ensure(out: Path, force: bool = False) -> list[dict]:
     """Generate into `out` unless it already holds fixtures with the same fingerprint."""
-    stamp = out / "cases.json"
-    fp = fingerprint()
-    if not force and stamp.exists():
-        data = json.loads(stamp.read_text())
-        if data.get("fingerprint") == fp:
-            return data["cases"]
-    out.mkdir(parents=True, exist_ok=True)
-    if stamp.exists():
-        stamp.unlink()
-    t0 = time.time()
-    cases = build(out)
-    stamp.write_text(json.dumps({"fingerprint": fp, "cases": cases}, indent=1))
-    print(f"real-adapter fixtures: {len(cases)} cases in {time.time() - t0:.1f}s -> {out}", flush=True)
-    return cases
+    return mf.ensure(out, force, build_fn=build, fingerprint_fn=fingerprint, label="real-adapter fixtures")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", nargs="?", default=str(DEFAULT_OUT))
-    ap.add_argument("--force", action="store_true", help="regenerate even if the fingerprint matches")
-    args = ap.parse_args(argv)
-    ensure(Path(args.out).resolve(), force=args.force)
-    return 0
+    return mf.main(argv, ensure_fn=ensure, default_out=DEFAULT_OUT, doc=__doc__)
 
 
 if __name__ == "__main__":
