@@ -31,6 +31,8 @@ pub(crate) struct Staged {
     /// How many shards were linked from the previous output rather than written.
     pub kept: usize,
     dirs: Vec<(PathBuf, StagingDir)>,
+    /// Single files (the GGUF and its Modelfile), each renamed over its place.
+    singles: Vec<StagedFile>,
 }
 
 impl Staged {
@@ -38,6 +40,7 @@ impl Staged {
         self.files.extend(other.files);
         self.kept += other.kept;
         self.dirs.extend(other.dirs);
+        self.singles.extend(other.singles);
     }
 
     /// Swaps every output into place, then renames the lock file over the old one: the window
@@ -48,6 +51,10 @@ impl Staged {
         for (target, mut dir) in self.dirs {
             dir.commit().map_err(output_error(&target))?;
             old.push(dir);
+        }
+        for file in self.singles {
+            let path = file.target().to_owned();
+            file.commit().map_err(output_error(&path))?;
         }
         if let Some(lock) = lock {
             let path = lock.target().to_owned();
@@ -60,34 +67,18 @@ impl Staged {
     }
 }
 
-/// Where an output tensor's bytes come from.
-enum Source<'a> {
-    /// A tensor copied from an input file, at this offset.
-    Input(&'a SafetensorsFile, u64),
-    /// A computed tensor, from the cache.
-    Cached(&'a NodeKey),
-}
-
-impl<'a> Source<'a> {
-    fn input(res: &'a Resolution, plan: &'a TensorPlan) -> Self {
-        let name = &plan.out.name;
-        match &plan.origin {
-            Origin::Base { tensor, meta } => Source::Input(
-                res.plan
-                    .inputs
-                    .base
-                    .weights
-                    .get(tensor)
-                    .map(|(f, _)| f)
-                    .expect("planned"),
-                meta.start,
-            ),
-            Origin::Replacement { adapter, meta, .. } => Source::Input(
-                res.plan.inputs.adapters[*adapter]
-                    .tensor_file(name)
-                    .expect("planned"),
-                meta.start,
-            ),
+/// The input file and offset an uncomputed output tensor is copied from.
+fn input_of<'a>(res: &'a Resolution, plan: &'a TensorPlan) -> (&'a SafetensorsFile, u64) {
+    match &plan.origin {
+        Origin::Base { tensor, meta } => {
+            let (file, _) = res.plan.inputs.base.weights.get(tensor).expect("planned");
+            (file, meta.start)
+        }
+        Origin::Replacement { adapter, meta, .. } => {
+            let file = res.plan.inputs.adapters[*adapter]
+                .tensor_file(&plan.out.name)
+                .expect("planned");
+            (file, meta.start)
         }
     }
 }
@@ -116,10 +107,17 @@ pub(crate) fn assemble(
         files: Vec::new(),
         kept: 0,
         dirs: Vec::new(),
+        singles: Vec::new(),
     };
     if let Some(model) = &res.recipe.output.path {
         match write_model(res, engine, &model.path, shards, kept, progress, sync)? {
             Outcome::Written(model) => staged.extend(model),
+            stopped => return Ok(stopped),
+        }
+    }
+    if let (Some(gguf), Some(layout)) = (&res.recipe.output.gguf, res.gguf.as_ref()) {
+        match write_gguf(res, engine, layout, &gguf.path.path, sync)? {
+            Outcome::Written(gguf) => staged.extend(gguf),
             stopped => return Ok(stopped),
         }
     }
@@ -183,48 +181,16 @@ fn write_model(
         let mut out = ShardWriter::create(&path, shard).map_err(output_error(&path))?;
         for tensor in &shard.tensors {
             out.begin(&tensor.name).map_err(output_error(&path))?;
-            let len = tensor.len();
-            let source = match plans[tensor.name.as_str()] {
-                (_, Some(key)) => Source::Cached(key),
-                (plan, None) => Source::input(res, plan),
-            };
-            match source {
-                Source::Input(file, start) => {
-                    for window in file.windows(start, len) {
-                        out.write(&window?).map_err(output_error(&path))?;
-                    }
-                }
-                Source::Cached(key) => {
-                    if !ready(engine, res, key) {
-                        return Ok(Outcome::EngineStopped);
-                    }
-                    let entry = res.store.action(key);
-                    // What the engine computed in this build was hashed as it was written;
-                    // what earlier builds left is checked as it is read.
-                    let fresh = engine.is_some_and(|e| e.computed(key));
-                    let open = match fresh {
-                        true => VerifyingReader::open_fresh,
-                        false => VerifyingReader::open,
-                    };
-                    let reader = entry.and_then(|e| open(&res.store, &e).map(|r| (e, r)));
-                    let Some((entry, mut reader)) = reader.filter(|(e, _)| e.len == len) else {
-                        corrupt.push(tensor.name.clone());
-                        break;
-                    };
-                    let mut ok = true;
-                    for window in reader.windows(len) {
-                        let Ok(window) = window else {
-                            ok = false;
-                            break;
-                        };
-                        out.write(&window).map_err(output_error(&path))?;
-                    }
-                    if !(ok && reader.check()) {
-                        res.store.evict(&entry.tensor);
-                        corrupt.push(tensor.name.clone());
-                        break;
-                    }
-                    res.store.touch(&entry.tensor);
+            let (plan, key) = plans[tensor.name.as_str()];
+            let streamed = stream(res, engine, plan, key, &mut |window| {
+                out.write(window).map_err(output_error(&path))
+            })?;
+            match streamed {
+                Streamed::Done => {}
+                Streamed::EngineStopped => return Ok(Outcome::EngineStopped),
+                Streamed::Corrupt => {
+                    corrupt.push(tensor.name.clone());
+                    break;
                 }
             }
             bar.inc(1);
@@ -254,7 +220,159 @@ fn write_model(
         files: written,
         kept: linked,
         dirs: vec![(target.clone(), staging)],
+        singles: Vec::new(),
     }))
+}
+
+/// How streaming a tensor ended.
+enum Streamed {
+    Done,
+    /// Its cache object was damaged (and has been evicted).
+    Corrupt,
+    EngineStopped,
+}
+
+/// Streams the bytes of the output tensor `plan` into `sink`: from its input, or from its
+/// cache object (`key`) once the engine has put it there, checked as it is read.
+fn stream(
+    res: &Resolution,
+    engine: Option<&Engine>,
+    plan: &TensorPlan,
+    key: Option<&NodeKey>,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), ExecError>,
+) -> Result<Streamed, ExecError> {
+    let len = plan.out.len();
+    let key = match key {
+        None => {
+            let (file, start) = input_of(res, plan);
+            for window in file.windows(start, len) {
+                let window = window?;
+                sink(&window)?;
+            }
+            return Ok(Streamed::Done);
+        }
+        Some(key) => key,
+    };
+    if !ready(engine, res, key) {
+        return Ok(Streamed::EngineStopped);
+    }
+    let entry = res.store.action(key);
+    // What the engine computed in this build was hashed as it was written; what earlier builds
+    // left is checked as it is read.
+    let fresh = engine.is_some_and(|e| e.computed(key));
+    let open = match fresh {
+        true => VerifyingReader::open_fresh,
+        false => VerifyingReader::open,
+    };
+    let reader = entry.and_then(|e| open(&res.store, &e).map(|r| (e, r)));
+    let Some((entry, mut reader)) = reader.filter(|(e, _)| e.len == len) else {
+        return Ok(Streamed::Corrupt);
+    };
+    for window in reader.windows(len) {
+        let Ok(window) = window else {
+            res.store.evict(&entry.tensor);
+            return Ok(Streamed::Corrupt);
+        };
+        sink(&window)?;
+    }
+    if !reader.check() {
+        res.store.evict(&entry.tensor);
+        return Ok(Streamed::Corrupt);
+    }
+    res.store.touch(&entry.tensor);
+    Ok(Streamed::Done)
+}
+
+/// `[output] gguf`: the fused model as one GGUF file, converted tensor by tensor as
+/// `layout` says, and Ollama's Modelfile beside it; both staged beside their places.
+fn write_gguf(
+    res: &Resolution,
+    engine: Option<&Engine>,
+    layout: &crate::output::gguf::Layout,
+    target: &std::path::Path,
+    sync: bool,
+) -> Result<Outcome, ExecError> {
+    use std::io::Write;
+    let plans: HashMap<&str, (&TensorPlan, Option<&NodeKey>)> = res
+        .plan
+        .tensors
+        .iter()
+        .zip(&res.keys.tensors)
+        .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
+        .collect();
+    let (staged, file) = StagedFile::create(target).map_err(output_error(target))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut put = |bytes: &[u8]| -> Result<(), ExecError> {
+        hasher.update(bytes);
+        out.write_all(bytes).map_err(output_error(target))
+    };
+    put(&layout.header)?;
+    let mut corrupt = Vec::new();
+    for tensor in &layout.tensors {
+        let (plan, key) = plans[tensor.source.as_str()];
+        let block = tensor.block_rows() * tensor.row_bytes();
+        let mut pending = Vec::with_capacity(block);
+        let mut converted = Vec::new();
+        let streamed = stream(res, engine, plan, key, &mut |mut window| {
+            while !window.is_empty() {
+                let take = (block - pending.len()).min(window.len());
+                pending.extend_from_slice(&window[..take]);
+                window = &window[take..];
+                if pending.len() == block {
+                    converted.clear();
+                    tensor.convert(&pending, &mut converted);
+                    put(&converted)?;
+                    pending.clear();
+                }
+            }
+            Ok(())
+        })?;
+        match streamed {
+            Streamed::Done => {}
+            Streamed::EngineStopped => return Ok(Outcome::EngineStopped),
+            Streamed::Corrupt => {
+                corrupt.push(tensor.source.clone());
+                break;
+            }
+        }
+        converted.clear();
+        tensor.convert(&pending, &mut converted);
+        put(&converted)?;
+        put(&vec![0u8; layout.padding(tensor)])?;
+    }
+    if !corrupt.is_empty() {
+        return Ok(Outcome::Corrupt(corrupt));
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| output_error(target)(e.into_error()))?;
+    if sync {
+        file.sync_all().map_err(output_error(target))?;
+    }
+    drop(file);
+    let digest = FileDigest::new(hasher.finalize());
+    let modelfile = modelfile_path(target);
+    let staged_modelfile = StagedFile::new(&modelfile, layout.modelfile.as_bytes(), sync)
+        .map_err(output_error(&modelfile))?;
+    Ok(Outcome::Written(Staged {
+        files: vec![
+            (target.to_owned(), digest),
+            (modelfile, FileDigest::of(layout.modelfile.as_bytes())),
+        ],
+        kept: 0,
+        dirs: Vec::new(),
+        singles: vec![staged, staged_modelfile],
+    }))
+}
+
+/// Ollama's Modelfile for the GGUF `target`: `NAME.Modelfile` beside `NAME.gguf`.
+pub(crate) fn modelfile_path(target: &std::path::Path) -> PathBuf {
+    let stem = target
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    target.with_file_name(format!("{stem}.Modelfile"))
 }
 
 /// `[output] adapter`: the re-factored deltas as one PEFT adapter, with `refactor.json`
@@ -444,5 +562,6 @@ fn write_adapter(
         files: written,
         kept: 0,
         dirs: vec![(target.to_owned(), staging)],
+        singles: Vec::new(),
     }))
 }

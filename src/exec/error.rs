@@ -92,6 +92,17 @@ pub(crate) enum ExecError {
         span: miette::SourceSpan,
     },
 
+    #[error("cannot write the GGUF: {what}")]
+    #[diagnostic(code(modelforge::exec::gguf), help("{help}"))]
+    Gguf {
+        what: String,
+        help: String,
+        #[source_code]
+        src: crate::recipe::Src,
+        #[label("this output")]
+        span: miette::SourceSpan,
+    },
+
     #[error(transparent)]
     #[diagnostic(transparent)]
     Input(#[from] crate::io::InputError),

@@ -228,9 +228,7 @@ fn jobs(
         .zip(statuses)
         // Without a fused model to write (`[output] adapter` alone), only the re-factored
         // deltas are needed.
-        .filter(|(_, status)| {
-            res.recipe.output.path.is_some() && matches!(status, Status::Compute { .. })
-        })
+        .filter(|(_, status)| res.recipe.fuses() && matches!(status, Status::Compute { .. }))
         .filter_map(|((tensor, key), _)| {
             let (key, parts) = key.as_ref()?;
             tensor_job(res, tensor, *key, parts, None)

@@ -25,6 +25,8 @@ pub(crate) struct Resolution {
     pub seed: u64,
     /// Per tensor, with `[output] adapter`: the node re-factoring its delta.
     pub refactors: Vec<Option<(crate::digest::NodeKey, job::Refactor)>>,
+    /// With `[output] gguf`: how the GGUF is laid out, checked before anything is computed.
+    pub gguf: Option<crate::output::gguf::Layout>,
 }
 
 impl Resolution {
@@ -66,6 +68,28 @@ impl Resolution {
             Some(adapter) => refactors(&plan, &keys, adapter.rank),
             None => vec![None; plan.tensors.len()],
         };
+        let gguf = match &recipe.output.gguf {
+            None => None,
+            Some(output) => {
+                let path = &output.path.path;
+                let file = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let name = path
+                    .file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let layout = crate::output::gguf::layout(&plan, output.weights, &name, &file)
+                    .map_err(|e| ExecError::Gguf {
+                        what: e.what,
+                        help: e.help,
+                        src: recipe.src(),
+                        span: output.path.span,
+                    })?;
+                Some(layout)
+            }
+        };
         Ok(Resolution {
             recipe,
             store,
@@ -75,6 +99,7 @@ impl Resolution {
             recipe_digest,
             seed,
             refactors,
+            gguf,
         })
     }
 

@@ -123,7 +123,7 @@ pub(crate) fn remove_abandoned_beside(target: &Path) {
     }
 }
 
-/// A small file (the lock) written completely beside its target, then renamed over it.
+/// A file (the lock, a GGUF) written completely beside its target, then renamed over it.
 pub(crate) struct StagedFile {
     target: PathBuf,
     staging: PathBuf,
@@ -133,6 +133,17 @@ pub(crate) struct StagedFile {
 impl StagedFile {
     /// Writes `bytes` beside `target`, flushed to disk when `durable`.
     pub fn new(target: &Path, bytes: &[u8], durable: bool) -> std::io::Result<Self> {
+        let (staged, mut file) = StagedFile::create(target)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
+        Ok(staged)
+    }
+
+    /// An empty file beside `target`, for the caller to write (a large single-file output,
+    /// the GGUF), and what renames it over `target`.
+    pub fn create(target: &Path) -> std::io::Result<(Self, std::fs::File)> {
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
@@ -143,17 +154,14 @@ impl StagedFile {
             .to_string_lossy()
             .into_owned();
         remove_abandoned(&parent, &name);
+        std::fs::create_dir_all(&parent)?;
         let staged = StagedFile {
             target: target.to_owned(),
             staging: parent.join(format!(".{name}{MARK}{}", std::process::id())),
             committed: false,
         };
-        let mut file = std::fs::File::create(&staged.staging)?;
-        std::io::Write::write_all(&mut file, bytes)?;
-        if durable {
-            file.sync_all()?;
-        }
-        Ok(staged)
+        let file = std::fs::File::create(&staged.staging)?;
+        Ok((staged, file))
     }
 
     pub fn target(&self) -> &Path {

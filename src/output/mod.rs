@@ -1,6 +1,7 @@
 //! The rest of an output directory around the weights: the base's config and tokenizer files,
 //! a model card, and a manifest of what went in.
 mod card;
+pub(crate) mod gguf;
 
 use std::collections::BTreeMap;
 

@@ -14,7 +14,7 @@ use toml::Spanned;
 
 pub(crate) use error::{RecipeError, Src};
 pub(crate) use layers::LayerRange;
-pub(crate) use schema::{MajoritySign, MergeMethod, OutputDtype, ShardBy};
+pub(crate) use schema::{GgufType, MajoritySign, MergeMethod, OutputDtype, ShardBy};
 
 pub(crate) use weight::{layer_of, module_matches, ResolvedRule, Weight, WeightRule};
 
@@ -167,6 +167,14 @@ pub(crate) struct Output {
     pub shard_by: ShardBy,
     /// `[output] adapter`: the combined delta, re-factored into one PEFT adapter.
     pub adapter: Option<AdapterOutput>,
+    /// `[output] gguf`: the fused model as one GGUF file.
+    pub gguf: Option<GgufOutput>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct GgufOutput {
+    pub path: Entry,
+    pub weights: GgufType,
 }
 
 #[derive(Clone, Debug)]
@@ -235,15 +243,30 @@ impl Recipe {
             .map(|adapter| checker.adapter(adapter))
             .collect::<Result<_, _>>()?;
         let output = raw.output.get_ref();
-        if output.path.is_none() && output.adapter.is_none() {
+        if output.path.is_none() && output.adapter.is_none() && output.gguf.is_none() {
             return Err(checker.invalid(
                 "`[output]` names nothing to write".into(),
-                "add `path = \"build/<name>\"` for the fused model, `adapter = \"build/<name>-lora\"` for a PEFT adapter of the combined delta, or both",
+                "add `path = \"build/<name>\"` for the fused model, `gguf = \"build/<name>.gguf\"` for llama.cpp, `adapter = \"build/<name>-lora\"` for a PEFT adapter of the combined delta, or several",
                 raw.output.span(),
+            ));
+        }
+        if let (None, Some(span)) = (&output.gguf, output.gguf_type.as_ref().map(|t| t.span())) {
+            return Err(checker.invalid(
+                "`gguf_type` applies to `[output] gguf` only".into(),
+                "add `gguf = \"build/<name>.gguf\"` to [output], or remove it",
+                span,
             ));
         }
         let adapter_output = checker.adapter_output(output)?;
         let output = Output {
+            gguf: output.gguf.as_ref().map(|path| GgufOutput {
+                path: checker.entry(path),
+                weights: output
+                    .gguf_type
+                    .as_ref()
+                    .map(|t| *t.get_ref())
+                    .unwrap_or_default(),
+            }),
             adapter: adapter_output,
             path: output.path.as_ref().map(|path| checker.entry(path)),
             dtype: output
@@ -292,19 +315,28 @@ impl Recipe {
     /// The output that names the build (its record in the cache, the summary): the fused model,
     /// else the adapter.
     pub fn primary_output(&self) -> &Entry {
-        match (&self.output.path, &self.output.adapter) {
-            (Some(path), _) => path,
-            (None, Some(adapter)) => &adapter.path,
-            (None, None) => unreachable!("a recipe's [output] names a path or an adapter"),
+        match (&self.output.path, &self.output.adapter, &self.output.gguf) {
+            (Some(path), _, _) => path,
+            (None, Some(adapter), _) => &adapter.path,
+            (None, None, Some(gguf)) => &gguf.path,
+            (None, None, None) => {
+                unreachable!("a recipe's [output] names a path, an adapter or a GGUF")
+            }
         }
     }
 
-    /// The output directories, each replaced as a whole by a build.
+    /// Whether the fused model's tensors are needed: for the model directory or the GGUF.
+    pub fn fuses(&self) -> bool {
+        self.output.path.is_some() || self.output.gguf.is_some()
+    }
+
+    /// The outputs, each replaced as a whole by a build: directories, and the GGUF file.
     pub fn output_dirs(&self) -> impl Iterator<Item = &Entry> {
         self.output
             .path
             .iter()
             .chain(self.output.adapter.as_ref().map(|a| &a.path))
+            .chain(self.output.gguf.as_ref().map(|g| &g.path))
     }
 
     /// Refuses outputs that would replace an input, the recipe, or each other.

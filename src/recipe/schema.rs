@@ -178,6 +178,25 @@ pub(crate) struct RawOutput {
     /// Or the smallest rank per module that keeps this fraction of the delta's energy.
     #[serde(default)]
     pub adapter_energy: Option<Spanned<f64>>,
+    /// Also write the fused model as one GGUF file (llama.cpp, Ollama), here.
+    #[serde(default)]
+    pub gguf: Option<Spanned<String>>,
+    /// The GGUF's weight type.
+    #[serde(default)]
+    pub gguf_type: Option<Spanned<GgufType>>,
+}
+
+/// The type of a GGUF's weights (1-D tensors are always f32, as llama.cpp's converter writes
+/// them).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum GgufType {
+    F32,
+    /// The converter's default.
+    #[default]
+    F16,
+    Bf16,
+    Q8_0,
 }
 
 #[derive(Debug, Deserialize)]
