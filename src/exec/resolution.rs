@@ -49,25 +49,7 @@ impl Resolution {
                 adapter.check_finite().map_err(ExecError::from)?;
             }
         }
-        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
-        // Without a seed in the recipe, DARE's is derived from the recipe itself.
-        let seed = recipe.merge.seed.unwrap_or_else(|| {
-            let digest = blake3::hash(recipe.text.as_bytes());
-            u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) >> 1
-        });
-        let keys = Keys::new(
-            &plan,
-            &recipe_dir(&recipe),
-            &store,
-            cache.rehash,
-            device_class(&device),
-            (&recipe.merge, seed),
-        )
-        .map_err(|source| ExecError::Hash { source })?;
-        let refactors = match &recipe.output.adapter {
-            Some(adapter) => refactors(&plan, &keys, adapter.rank),
-            None => vec![None; plan.tensors.len()],
-        };
+        // What the GGUF cannot hold is refused before anything is hashed or computed.
         let gguf = match &recipe.output.gguf {
             None => None,
             Some(output) => {
@@ -89,6 +71,25 @@ impl Resolution {
                     })?;
                 Some(layout)
             }
+        };
+        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
+        // Without a seed in the recipe, DARE's is derived from the recipe itself.
+        let seed = recipe.merge.seed.unwrap_or_else(|| {
+            let digest = blake3::hash(recipe.text.as_bytes());
+            u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) >> 1
+        });
+        let keys = Keys::new(
+            &plan,
+            &recipe_dir(&recipe),
+            &store,
+            cache.rehash,
+            device_class(&device),
+            (&recipe.merge, seed),
+        )
+        .map_err(|source| ExecError::Hash { source })?;
+        let refactors = match &recipe.output.adapter {
+            Some(adapter) => refactors(&plan, &keys, adapter.rank),
+            None => vec![None; plan.tensors.len()],
         };
         Ok(Resolution {
             recipe,

@@ -31,3 +31,6 @@ mod limits;
 /// The adapters users bring: tied embeddings, DoRA, trainable tokens, resized vocabularies,
 /// experts' parameters, on known answers, and their refusals pinned.
 mod real_adapters;
+
+/// `[output] gguf`: the file's frame, the lock and `verify`, and its refusals pinned.
+mod gguf;
