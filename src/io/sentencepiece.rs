@@ -1,14 +1,28 @@
 //! The vocabulary of a SentencePiece model file (LLaMA's `tokenizer.model`, ChatGLM-6B's
 //! `ice_text.model`): a protobuf `ModelProto` whose field 1 repeats
 //! `SentencePiece { string piece = 1; float score = 2; Type type = 3; }`, a piece's id being its
-//! place. Only the pieces are read; every length is checked against the bytes, so a damaged or
-//! hostile file is an error, never a panic or a huge allocation.
+//! place. Every length is checked against the bytes, so a damaged or hostile file is an error,
+//! never a panic or a huge allocation.
 
 /// The most bytes a model file may have; real ones are a few MB.
 pub(crate) const MAX_LEN: u64 = 64 << 20;
 
 /// The pieces of a serialised `ModelProto`, in id order.
 pub(crate) fn pieces(bytes: &[u8]) -> Result<Vec<String>, String> {
+    Ok(scored_pieces(bytes)?.into_iter().map(|p| p.text).collect())
+}
+
+/// One piece of the vocabulary.
+pub(crate) struct Piece {
+    pub text: String,
+    pub score: f32,
+    /// SentencePiece's `Type`: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+    /// 6 byte (what llama.cpp's token types number too).
+    pub kind: u32,
+}
+
+/// The pieces of a serialised `ModelProto` with their scores and types, in id order.
+pub(crate) fn scored_pieces(bytes: &[u8]) -> Result<Vec<Piece>, String> {
     let mut pieces = Vec::new();
     let mut reader = Reader { bytes, at: 0 };
     while let Some((field, value)) = reader.field()? {
@@ -19,22 +33,31 @@ pub(crate) fn pieces(bytes: &[u8]) -> Result<Vec<String>, String> {
     Ok(pieces)
 }
 
-/// The `piece` string of one serialised `SentencePiece`.
-fn piece(bytes: &[u8]) -> Result<String, String> {
+/// One serialised `SentencePiece`.
+fn piece(bytes: &[u8]) -> Result<Piece, String> {
     let mut reader = Reader { bytes, at: 0 };
-    let mut piece = None;
+    let (mut text, mut score, mut kind) = (None, 0f32, 1u32);
     while let Some((field, value)) = reader.field()? {
-        if let (1, Value::Bytes(text)) = (field, value) {
-            piece = Some(
-                String::from_utf8(text.to_vec()).map_err(|_| "a piece is not UTF-8".to_owned())?,
-            );
+        match (field, value) {
+            (1, Value::Bytes(raw)) => {
+                text = Some(
+                    String::from_utf8(raw.to_vec())
+                        .map_err(|_| "a piece is not UTF-8".to_owned())?,
+                );
+            }
+            (2, Value::Fixed32(bits)) => score = f32::from_bits(bits),
+            (3, Value::Varint(n)) => kind = u32::try_from(n).unwrap_or(1),
+            _ => {}
         }
     }
-    piece.ok_or_else(|| "a piece has no text".to_owned())
+    let text = text.ok_or_else(|| "a piece has no text".to_owned())?;
+    Ok(Piece { text, score, kind })
 }
 
 enum Value<'a> {
-    Scalar,
+    Varint(u64),
+    Fixed32(u32),
+    Fixed64,
     Bytes(&'a [u8]),
 }
 
@@ -51,13 +74,10 @@ impl<'a> Reader<'a> {
         }
         let key = self.varint()?;
         let value = match key & 7 {
-            0 => {
-                self.varint()?;
-                Value::Scalar
-            }
+            0 => Value::Varint(self.varint()?),
             1 => {
                 self.take(8)?;
-                Value::Scalar
+                Value::Fixed64
             }
             2 => {
                 let len = usize::try_from(self.varint()?)
@@ -65,8 +85,8 @@ impl<'a> Reader<'a> {
                 Value::Bytes(self.take(len)?)
             }
             5 => {
-                self.take(4)?;
-                Value::Scalar
+                let raw = self.take(4)?;
+                Value::Fixed32(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
             }
             wire => return Err(format!("unsupported protobuf wire type {wire}")),
         };
@@ -144,6 +164,12 @@ mod tests {
             pieces(&bytes).unwrap(),
             ["<unk>", "<s>", "\u{2581}the", "好"]
         );
+    }
+
+    #[test]
+    fn pieces_keep_their_score_and_type() {
+        let pieces = scored_pieces(&model(&["<unk>", "a"])).unwrap();
+        assert_eq!((pieces[1].score, pieces[1].kind), (-1.5, 1));
     }
 
     #[test]

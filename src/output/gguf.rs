@@ -467,8 +467,27 @@ impl Hyper {
     }
 }
 
-/// The tokenizer's metadata (`tokenizer.ggml.*`) from the output's tokenizer files; returns the
-/// stop tokens for the Modelfile.
+/// A vocabulary as llama.cpp reads it: its tokens in id order with their types (1 normal,
+/// 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), and the model's own data.
+struct Vocab {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    model: VocabModel,
+}
+
+enum VocabModel {
+    /// A byte-level BPE `tokenizer.json`: `gpt2` in llama.cpp.
+    Bpe {
+        merges: Vec<String>,
+        pre: &'static str,
+    },
+    /// A SentencePiece `tokenizer.model`: `llama` in llama.cpp.
+    SentencePiece { scores: Vec<f32> },
+}
+
+/// The tokenizer's metadata (`tokenizer.ggml.*`) from the output's tokenizer files, as the
+/// converter writes it: from `tokenizer.model` where there is one (SentencePiece), else from a
+/// byte-level BPE `tokenizer.json`; returns the stop tokens for the Modelfile.
 fn tokenizer(plan: &Plan, hp: &Hyper, kv: &mut Metadata) -> Result<Vec<String>, Unsupported> {
     let file = |name: &str| {
         plan.tokenizer
@@ -481,12 +500,107 @@ fn tokenizer(plan: &Plan, hp: &Hyper, kv: &mut Metadata) -> Result<Vec<String>, 
         let bytes = std::fs::read(path).ok()?;
         serde_json::from_slice(&bytes).ok()
     };
-    let Some(tokenizer) = json(&file("tokenizer.json")) else {
-        return Err(unsupported(
-            "the base has no tokenizer.json".into(),
-            "GGUF output reads a fast (BPE) tokenizer's tokenizer.json; SentencePiece-only tokenizers are not written yet",
-        ));
+    let config = json(&file("tokenizer_config.json")).unwrap_or(Value::Null);
+    let spm = file("tokenizer.model");
+    let mut vocab = if spm.is_file() {
+        sentencepiece_vocab(&spm, &config)?
+    } else {
+        let Some(tokenizer) = json(&file("tokenizer.json")) else {
+            return Err(unsupported(
+                "the base has neither tokenizer.json nor tokenizer.model".into(),
+                "GGUF output reads a BPE tokenizer.json or a SentencePiece tokenizer.model; give the base its tokenizer files",
+            ));
+        };
+        bpe_vocab(&tokenizer)?
     };
+    if vocab.tokens.len() > hp.vocab {
+        return Err(unsupported(
+            format!(
+                "the tokenizer has {} tokens but the model's vocabulary {}",
+                vocab.tokens.len(),
+                hp.vocab
+            ),
+            "llama.cpp needs an embedding row for every token; give the model its own tokenizer",
+        ));
+    }
+    // The converter's filler for ids the tokenizer lacks.
+    for id in vocab.tokens.len()..hp.vocab {
+        vocab.tokens.push(format!("[PAD{id}]"));
+        vocab.types.push(5);
+        if let VocabModel::SentencePiece { scores } = &mut vocab.model {
+            scores.push(-1000.0);
+        }
+    }
+    match &vocab.model {
+        VocabModel::Bpe { pre, .. } => {
+            kv.string("tokenizer.ggml.model", "gpt2");
+            kv.string("tokenizer.ggml.pre", pre);
+        }
+        VocabModel::SentencePiece { .. } => kv.string("tokenizer.ggml.model", "llama"),
+    }
+    kv.strings("tokenizer.ggml.tokens", &vocab.tokens);
+    match &vocab.model {
+        VocabModel::Bpe { merges, .. } => {
+            kv.i32s("tokenizer.ggml.token_type", &vocab.types);
+            kv.strings("tokenizer.ggml.merges", merges);
+        }
+        VocabModel::SentencePiece { scores } => {
+            kv.f32s("tokenizer.ggml.scores", scores);
+            kv.i32s("tokenizer.ggml.token_type", &vocab.types);
+        }
+    }
+
+    let id_of = |token: &str| vocab.tokens.iter().position(|t| t == token);
+    let token_text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    };
+    let model_config = &plan.inputs.base.config;
+    let mut stop = Vec::new();
+    for (which, key) in [
+        ("bos", "bos"),
+        ("eos", "eos"),
+        ("unk", "unknown"),
+        ("pad", "padding"),
+    ] {
+        let from_tokenizer = config
+            .get(format!("{which}_token"))
+            .and_then(token_text)
+            .and_then(|t| id_of(&t));
+        let from_config = model_config
+            .get(&format!("{which}_token_id"))
+            .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64)))
+            .map(|v| v as usize);
+        if let Some(id) = from_tokenizer.or(from_config) {
+            kv.u32(&format!("tokenizer.ggml.{key}_token_id"), id as u32);
+            if which == "eos" {
+                stop.extend(vocab.tokens.get(id).cloned());
+            }
+        }
+    }
+    for (key, flag) in [
+        ("add_bos_token", "add_bos_token"),
+        ("add_eos_token", "add_eos_token"),
+    ] {
+        if let Some(add) = config.get(key).and_then(Value::as_bool) {
+            kv.bool(&format!("tokenizer.ggml.{flag}"), add);
+        }
+    }
+    let template = config
+        .get("chat_template")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| std::fs::read_to_string(file("chat_template.jinja")).ok());
+    if let Some(template) = template {
+        kv.string("tokenizer.chat_template", &template);
+    }
+    Ok(stop)
+}
+
+/// A byte-level BPE `tokenizer.json`: its vocabulary and added tokens (special ones are
+/// control tokens, others user-defined), and its merges.
+fn bpe_vocab(tokenizer: &Value) -> Result<Vocab, Unsupported> {
     let model = &tokenizer["model"];
     if model["type"].as_str() != Some("BPE") {
         return Err(unsupported(
@@ -494,55 +608,43 @@ fn tokenizer(plan: &Plan, hp: &Hyper, kv: &mut Metadata) -> Result<Vec<String>, 
                 "the tokenizer is a `{}` model",
                 model["type"].as_str().unwrap_or("?")
             ),
-            "GGUF output writes BPE tokenizers (tokenizer.json) for now",
+            "GGUF output writes BPE tokenizers (tokenizer.json) and SentencePiece ones (tokenizer.model)",
         ));
     }
-    let mut by_id: BTreeMap<usize, String> = BTreeMap::new();
+    if model["byte_fallback"].as_bool() == Some(true) {
+        return Err(unsupported(
+            "tokenizer.json is a SentencePiece-style BPE (`byte_fallback`) without its tokenizer.model".into(),
+            "give the base the tokenizer.model it was converted from, which llama.cpp reads as a SentencePiece vocabulary",
+        ));
+    }
+    let mut by_id: BTreeMap<usize, (String, i32)> = BTreeMap::new();
     if let Some(vocab) = model["vocab"].as_object() {
         for (token, id) in vocab {
             if let Some(id) = id.as_u64() {
-                by_id.insert(id as usize, token.clone());
+                by_id.insert(id as usize, (token.clone(), 1));
             }
         }
     }
-    let mut special: BTreeMap<usize, bool> = BTreeMap::new();
     for added in tokenizer["added_tokens"].as_array().into_iter().flatten() {
         if let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) {
-            by_id.insert(id as usize, content.to_owned());
-            special.insert(id as usize, added["special"].as_bool().unwrap_or(false));
+            let kind = if added["special"].as_bool().unwrap_or(false) {
+                3
+            } else {
+                4
+            };
+            by_id.insert(id as usize, (content.to_owned(), kind));
         }
     }
-    let tokenizer_size = by_id.keys().next_back().map_or(0, |id| id + 1);
-    if tokenizer_size > hp.vocab {
-        return Err(unsupported(
-            format!(
-                "the tokenizer has {tokenizer_size} tokens but the model's vocabulary {}",
-                hp.vocab
-            ),
-            "llama.cpp needs an embedding row for every token; give the model its own tokenizer",
-        ));
-    }
-    let size = hp.vocab;
-    let mut tokens = Vec::with_capacity(size);
-    let mut types = Vec::with_capacity(size);
+    let size = by_id.keys().next_back().map_or(0, |id| id + 1);
+    let (mut tokens, mut types) = (Vec::with_capacity(size), Vec::with_capacity(size));
     for id in 0..size {
-        match by_id.get(&id) {
-            // The converter's filler for ids the tokenizer lacks: UNUSED.
-            None => {
-                tokens.push(format!("[PAD{id}]"));
-                types.push(5);
-            }
-            Some(token) => {
-                tokens.push(token.clone());
-                types.push(match special.get(&id) {
-                    None => 1,
-                    Some(true) => 3,
-                    Some(false) => 4,
-                });
-            }
-        }
+        let (token, kind) = by_id
+            .remove(&id)
+            .unwrap_or_else(|| (format!("[PAD{id}]"), 5));
+        tokens.push(token);
+        types.push(kind);
     }
-    let merges: Vec<String> = model["merges"]
+    let merges = model["merges"]
         .as_array()
         .into_iter()
         .flatten()
@@ -557,49 +659,65 @@ fn tokenizer(plan: &Plan, hp: &Hyper, kv: &mut Metadata) -> Result<Vec<String>, 
             _ => None,
         })
         .collect();
-    kv.string("tokenizer.ggml.model", "gpt2");
-    kv.string("tokenizer.ggml.pre", pre_tokenizer(&tokenizer));
-    kv.strings("tokenizer.ggml.tokens", &tokens);
-    kv.i32s("tokenizer.ggml.token_type", &types);
-    kv.strings("tokenizer.ggml.merges", &merges);
+    Ok(Vocab {
+        tokens,
+        types,
+        model: VocabModel::Bpe {
+            merges,
+            pre: pre_tokenizer(tokenizer),
+        },
+    })
+}
 
-    let config = json(&file("tokenizer_config.json")).unwrap_or(Value::Null);
-    let id_of = |token: &str| by_id.iter().find(|(_, t)| *t == token).map(|(id, _)| *id);
-    let token_text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
-        _ => None,
+/// A SentencePiece `tokenizer.model`: its pieces, scores and types, then the tokens
+/// tokenizer_config.json adds (`added_tokens_decoder`: control when special, else
+/// user-defined), as the converter's `_create_vocab_sentencepiece` does.
+fn sentencepiece_vocab(path: &Path, config: &Value) -> Result<Vocab, Unsupported> {
+    let bad = |why: String| {
+        unsupported(
+            format!("`{}` cannot be read: {why}", path.display()),
+            "give the base a valid SentencePiece tokenizer.model",
+        )
     };
-    let model_config = &plan.inputs.base.config;
-    let mut stop = Vec::new();
-    for (which, key) in [("bos", "bos"), ("eos", "eos"), ("pad", "padding")] {
-        let from_tokenizer = config
-            .get(format!("{which}_token"))
-            .and_then(token_text)
-            .and_then(|t| id_of(&t));
-        let from_config = model_config
-            .get(&format!("{which}_token_id"))
-            .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64)))
-            .map(|v| v as usize);
-        if let Some(id) = from_tokenizer.or(from_config) {
-            kv.u32(&format!("tokenizer.ggml.{key}_token_id"), id as u32);
-            if which == "eos" {
-                stop.extend(by_id.get(&id).cloned());
+    let len = std::fs::metadata(path)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    if len > crate::io::sentencepiece::MAX_LEN {
+        return Err(bad(format!("it has {len} bytes")));
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let pieces = crate::io::sentencepiece::scored_pieces(&bytes).map_err(bad)?;
+    let mut tokens: Vec<String> = pieces.iter().map(|p| p.text.clone()).collect();
+    let mut scores: Vec<f32> = pieces.iter().map(|p| p.score).collect();
+    let mut types: Vec<i32> = pieces.iter().map(|p| p.kind as i32).collect();
+    if let Some(added) = config["added_tokens_decoder"].as_object() {
+        for (id, token) in added {
+            let (Ok(id), Some(content)) = (id.parse::<usize>(), token["content"].as_str()) else {
+                continue;
+            };
+            if id >= tokens.len() {
+                tokens.resize(id + 1, String::new());
+                scores.resize(id + 1, -1000.0);
+                types.resize(id + 1, 5);
             }
+            tokens[id] = content.to_owned();
+            types[id] = if token["special"].as_bool().unwrap_or(false) {
+                3
+            } else {
+                4
+            };
         }
     }
-    if let Some(add) = config.get("add_bos_token").and_then(Value::as_bool) {
-        kv.bool("tokenizer.ggml.add_bos_token", add);
+    for (id, token) in tokens.iter_mut().enumerate() {
+        if token.is_empty() {
+            *token = format!("[PAD{id}]");
+        }
     }
-    let template = config
-        .get("chat_template")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .or_else(|| std::fs::read_to_string(file("chat_template.jinja")).ok());
-    if let Some(template) = template {
-        kv.string("tokenizer.chat_template", &template);
-    }
-    Ok(stop)
+    Ok(Vocab {
+        tokens,
+        types,
+        model: VocabModel::SentencePiece { scores },
+    })
 }
 
 /// llama.cpp's name for the tokenizer's pre-tokenization, where its regular expression says it
@@ -668,6 +786,14 @@ impl Metadata {
         self.bytes.extend((values.len() as u64).to_le_bytes());
         for value in values {
             put_string(&mut self.bytes, value);
+        }
+    }
+    fn f32s(&mut self, key: &str, values: &[f32]) {
+        self.key(key, 9);
+        self.bytes.extend(6u32.to_le_bytes());
+        self.bytes.extend((values.len() as u64).to_le_bytes());
+        for value in values {
+            self.bytes.extend(value.to_le_bytes());
         }
     }
     fn i32s(&mut self, key: &str, values: &[i32]) {

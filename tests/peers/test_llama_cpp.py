@@ -1,9 +1,11 @@
 """llama.cpp itself loads modelforge's GGUF and runs it: node-llama-cpp (npm, prebuilt llama.cpp
 binaries, installed by scripts/test.sh into target/node) continues a prompt greedily, and its
-tokenization, its tokens and each step's probabilities of the five likeliest tokens must be
-transformers' on the same fused model's directory. Tied and untied, LLaMA (whose q/k rows the
-GGUF permutes) and Qwen2 (q/k/v biases, no permutation); weights scaled up so that attention is
-peaked and a wrong permutation would show.
+tokenization, its tokens and each step's five likeliest tokens must be transformers' on the same
+fused model's directory, with probabilities within 0.5% (llama.cpp's kernels sum in another
+order; a GGUF without the q/k permutation gives other tokens from the first step). Tied and untied, LLaMA (whose q/k rows the
+GGUF permutes) and Qwen2 (q/k/v biases, no permutation), with a byte-level BPE tokenizer and,
+for LLaMA, a SentencePiece one (`tokenizer.model`, written as llama.cpp's `llama` vocabulary);
+weights scaled up so that attention is peaked and a wrong permutation would show.
 """
 from __future__ import annotations
 
@@ -39,6 +41,24 @@ def model(kind: str, tie: bool, vocab: int):
     return Qwen2ForCausalLM(Qwen2Config(**common))
 
 
+def sentencepiece_tokenizer(dest: Path):
+    """A SentencePiece BPE model with byte fallback, as LLaMA 2's, trained here; the directory
+    holds tokenizer.model beside the tokenizer.json transformers converts it to."""
+    import io
+
+    import sentencepiece as spm
+    from test_gguf import CORPUS
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    dest.mkdir(parents=True)
+    (dest / "tokenizer.model").write_bytes(model.getvalue())
+    return LlamaTokenizer.from_pretrained(dest)
+
+
 def llama_cpp(gguf: Path) -> dict:
     if not (NODE / "node_modules" / "node-llama-cpp").is_dir():
         pytest.fail(f"node-llama-cpp is not installed in {NODE}: run scripts/test.sh, which installs it")
@@ -50,10 +70,11 @@ def llama_cpp(gguf: Path) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("qwen2", True)])
-def test_llama_cpp_runs_the_gguf_as_transformers_runs_the_model(tmp_path, kind, tie):
-    tok = bpe_tokenizer()
+@pytest.mark.parametrize("kind,tie,vocab", [("llama", False, "bpe"), ("llama", True, "bpe"), ("qwen2", True, "bpe"),
+                                            ("llama", False, "sentencepiece")])
+def test_llama_cpp_runs_the_gguf_as_transformers_runs_the_model(tmp_path, kind, tie, vocab):
     base = tmp_path / "base"
+    tok = bpe_tokenizer() if vocab == "bpe" else sentencepiece_tokenizer(base)
     model(kind, tie, len(tok)).save_pretrained(base)
     tok.save_pretrained(base)
     peft = get_peft_model(model(kind, tie, len(tok)),
@@ -80,7 +101,7 @@ def test_llama_cpp_runs_the_gguf_as_transformers_runs_the_model(tmp_path, kind, 
             assert step["token"] == int(top.indices[0]), "the same greedy token"
             assert [t for t, _ in step["top"]] == top.indices.tolist()
             for (t, p), q in zip(step["top"], top.values.tolist()):
-                assert abs(p - q) <= 1e-4 * q + 1e-7, (t, p, q)
+                assert abs(p - q) <= 5e-3 * q + 1e-7, (t, p, q)
             ids = torch.cat([ids, torch.tensor([[step["token"]]])], 1)
     # The steps are informative: attention is peaked enough that probabilities are far from uniform.
     assert max(p for _, p in ours["steps"][0]["top"]) > 2.0 / len(tok)
