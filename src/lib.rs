@@ -18,9 +18,8 @@ pub mod cli;
 #[doc(hidden)]
 pub mod fuzzing;
 
-pub mod digest;
 pub mod exec;
-pub mod store;
+pub use modelforge_core::{digest, store};
 
 pub(crate) mod arch;
 pub(crate) mod inspect;

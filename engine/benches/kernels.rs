@@ -8,9 +8,9 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use modelforge::digest::NodeKey;
-use modelforge::exec::job::{DeltaJob, DeltaValues, Slice, TensorJob};
-use modelforge::store::Store;
+use modelforge_core::digest::NodeKey;
+use modelforge_core::job::{DeltaJob, DeltaValues, Slice, TensorJob};
+use modelforge_core::store::Store;
 use modelforge_engine::backend::{Backend, BlockDelta, BlockValues};
 use modelforge_engine::fuse::{fuse, Inputs};
 use safetensors::Dtype;

@@ -7,8 +7,8 @@
 //! by its own SVD would leave the signs and rotations of its singular vectors ambiguous. A
 //! module's inner space is seen by that module alone: its map M is the orthogonal map that best
 //! takes the residual-mapped source weight onto the target's (orthogonal Procrustes).
-use modelforge::exec::job::{AlignStep, Side, Slice};
-use modelforge::store::{ActionEntry, Store, VerifyingReader};
+use modelforge_core::job::{AlignStep, Side, Slice};
+use modelforge_core::store::{ActionEntry, Store, VerifyingReader};
 use tch::{Kind, Tensor};
 
 use crate::backend::Backend;
@@ -252,7 +252,7 @@ fn oriented(w: Tensor, side: Side) -> Tensor {
 fn cached(
     backend: &Backend,
     store: &Store,
-    key: &modelforge::digest::NodeKey,
+    key: &modelforge_core::digest::NodeKey,
     cols: i64,
 ) -> Result<Tensor, String> {
     let bytes = cached_bytes(store, key)?;
@@ -272,7 +272,10 @@ fn cached(
 }
 
 /// The bytes of the object a step wrote, checked against its digest.
-pub fn cached_bytes(store: &Store, key: &modelforge::digest::NodeKey) -> Result<Vec<u8>, String> {
+pub fn cached_bytes(
+    store: &Store,
+    key: &modelforge_core::digest::NodeKey,
+) -> Result<Vec<u8>, String> {
     let missing = || format!("the alignment node {} is missing from the cache", key.hex());
     let entry = store.action(key).ok_or_else(missing)?;
     let mut reader = VerifyingReader::open(store, &entry).ok_or_else(missing)?;

@@ -1,6 +1,6 @@
 //! LibTorch through tch: device selection and the fusion arithmetic. Everything is computed in
 //! f32 and rounded to the output dtype once.
-use modelforge::exec::job::{MergeJob, Refactor, SignElection, Sparsify, Truncation};
+use modelforge_core::job::{MergeJob, Refactor, SignElection, Sparsify, Truncation};
 
 use crate::elementwise;
 use safetensors::Dtype;

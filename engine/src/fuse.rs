@@ -5,8 +5,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use modelforge::exec::job::{Adapt, DeltaValues, RowMap, Slice, TensorJob};
-use modelforge::store::{ActionEntry, ObjectWriter, Store};
+use modelforge_core::job::{Adapt, DeltaValues, RowMap, Slice, TensorJob};
+use modelforge_core::store::{ActionEntry, ObjectWriter, Store};
 use rayon::prelude::*;
 use safetensors::Dtype;
 

@@ -5,8 +5,8 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use modelforge::exec::job::{Done, Job, NonFinite, Reply};
-use modelforge::store::Store;
+use modelforge_core::job::{Done, Job, NonFinite, Reply};
+use modelforge_core::store::Store;
 use modelforge_engine::{align, backend, fuse};
 
 fn main() -> ExitCode {

@@ -5,10 +5,9 @@ mod assemble;
 mod cache;
 mod engine;
 mod error;
-pub mod job;
 mod record;
 mod resolution;
-pub mod rotary;
+pub use modelforge_core::{job, rotary};
 mod summary;
 
 use std::collections::BTreeMap;

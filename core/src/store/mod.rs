@@ -342,13 +342,13 @@ impl VerifyingReader {
     pub fn windows(
         &mut self,
         len: u64,
-    ) -> impl Iterator<Item = std::io::Result<crate::io::mapped::Window>> + '_ {
+    ) -> impl Iterator<Item = std::io::Result<crate::mapped::Window>> + '_ {
         use std::io::Seek;
         let start = self.file.stream_position().unwrap_or(0);
         // Past the end afterwards, so that `check` sees whether anything follows.
         let _ = self.file.seek(std::io::SeekFrom::Current(len as i64));
         let check = &mut self.check;
-        crate::io::mapped::windows(&self.file, start, len).inspect(move |window| {
+        crate::mapped::windows(&self.file, start, len).inspect(move |window| {
             if let Ok(window) = window {
                 check.update(window);
             }

@@ -102,7 +102,7 @@ impl Store {
         let mut digests = Digests::new();
         for (name, start, len) in tensors {
             let mut hasher = blake3::Hasher::new();
-            for window in crate::io::mapped::windows(&file, *start, *len) {
+            for window in crate::mapped::windows(&file, *start, *len) {
                 hasher.update(&window?);
             }
             digests.insert(name.clone(), TensorDigest::new(hasher.finalize()));
@@ -123,7 +123,7 @@ impl Store {
 pub fn hash_file(path: &Path) -> std::io::Result<FileDigest> {
     let file = File::open(path)?;
     let mut hasher = blake3::Hasher::new();
-    for window in crate::io::mapped::windows(&file, 0, file.metadata()?.len()) {
+    for window in crate::mapped::windows(&file, 0, file.metadata()?.len()) {
         hasher.update_rayon(&window?);
     }
     Ok(FileDigest::new(hasher.finalize()))

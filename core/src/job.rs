@@ -291,7 +291,7 @@ pub enum DeltaValues {
         rows: Option<RowMap>,
         /// q/k rows carried into the target's rotary convention, before `rows` places them.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        rotary: Option<crate::exec::rotary::RotaryMap>,
+        rotary: Option<crate::rotary::RotaryMap>,
         /// Made for other widths: how it fits the tensor.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         adapt: Option<Adapt>,
