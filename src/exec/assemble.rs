@@ -419,12 +419,9 @@ fn write_adapter(
             .strip_suffix(".weight")
             .unwrap_or(&tensor.out.name)
             .to_owned();
+        // As the refactor node transposed it: an input embedding is an embedding LoRA.
         let embedding = crate::plan::difference_kind(&tensor.out.name)
             == crate::io::peft::LoraKind::Embedding
-            && tensor
-                .deltas
-                .iter()
-                .all(|d| matches!(d.kind, crate::plan::DeltaKind::Difference(_)))
             || tensor.deltas.iter().any(|d| {
                 matches!(
                     &d.kind,

@@ -467,9 +467,12 @@ fn refactors(
                 RankChoice::Rank(k) => job::Truncation::Rank(k),
                 RankChoice::Energy(e) => job::Truncation::Energy(e),
             };
+            // An input embedding is written as PEFT's embedding LoRA, whatever changed it (a
+            // tied head's LoRA lands on it too): (B·A)ᵀ is the delta.
+            let embedding = crate::plan::difference_kind(&tensor.out.name) == LoraKind::Embedding;
             let refactor = job::Refactor {
                 truncation,
-                transpose: kinds[0] != LoraKind::Linear,
+                transpose: embedding || kinds[0] != LoraKind::Linear,
             };
             let key = crate::digest::NodeKey::of_value(&serde_json::json!({
                 "op": "refactor",

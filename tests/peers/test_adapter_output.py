@@ -167,3 +167,27 @@ def test_extraction_agrees_with_mergekit_extract_lora(ws, extracted):
     assert set(ours) == set(theirs)
     for name, want in theirs.items():
         assert (ours[name] - want).abs().max().item() <= 1e-5 * max(want.abs().max().item(), 1e-6), name
+
+
+def test_a_tied_heads_lora_is_written_as_the_embeddings(tmp_path):
+    """A LoRA on a tied model's lm_head changes the one shared tensor (the embedding): the written
+    adapter carries it as PEFT's embedding LoRA, and PEFT's merge of it gives the fused model.
+    (Unmerged, PEFT applies an embedding LoRA to the lookup only, not to the tied head.)"""
+    torch.manual_seed(3)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "lora")
+    (tmp_path / "recipe.toml").write_text('[base]\npath = "base"\n[[adapter]]\npath = "lora"\n'
+                                         '[output]\npath = "out"\nadapter = "out-lora"\n')
+    modelforge("build", tmp_path / "recipe.toml", "--quiet")
+    written = load_file(tmp_path / "out-lora" / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in written, sorted(written)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                       tmp_path / "out-lora").merge_and_unload().eval()
+    with torch.no_grad():
+        assert (loaded(ids).logits - fused(ids).logits).abs().max().item() < 1e-4
