@@ -3,17 +3,16 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::cli::InspectArgs;
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 
-pub fn inspect(args: &InspectArgs) -> miette::Result<()> {
-    let report = if args.path.join("adapter_config.json").is_file() {
-        adapter(&PeftAdapter::open(&args.path)?)
+pub fn inspect(path: &std::path::Path, json: bool) -> miette::Result<()> {
+    let report = if path.join("adapter_config.json").is_file() {
+        adapter(&PeftAdapter::open(path)?)
     } else {
-        model(&HfModel::open(&args.path)?)
+        model(&HfModel::open(path)?)
     };
-    if args.json {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("a report serialises")

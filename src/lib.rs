@@ -32,24 +32,50 @@ pub(crate) mod verify;
 
 use cli::{CacheCommand, Cli, Command};
 
-/// Runs one command. Every failure comes back as a report that says what is wrong, where and
-/// what to do about it; `main` prints it and exits non-zero.
+/// Runs one command, its arguments converted once into what execution asks for. Every failure
+/// comes back as a report that says what is wrong, where and what to do about it; `main` prints
+/// it and exits non-zero.
 pub fn run(cli: Cli) -> miette::Result<()> {
+    let cache = |args: cli::CacheArgs| exec::CacheOptions {
+        dir: args.cache,
+        rehash: args.rehash,
+    };
     match cli.command {
-        Command::Build(args) => exec::build(&args),
-        Command::Plan(args) => exec::plan(&args),
-        Command::Verify(args) => exec::verify(&args),
-        Command::Inspect(args) => inspect::inspect(&args),
+        Command::Build(args) => exec::build(&exec::BuildOptions {
+            recipe: args.recipe,
+            cache: cache(args.cache),
+            arch: args.arch,
+            locked: args.locked,
+            fsync: args.fsync,
+            quiet: args.quiet,
+            json: args.json,
+            check_finite: !args.allow_non_finite,
+            max_memory: args.max_memory,
+        }),
+        Command::Plan(args) => exec::plan(&exec::PlanOptions {
+            recipe: args.recipe,
+            cache: cache(args.cache),
+            arch: args.arch,
+            format: match args.format {
+                cli::PlanFormat::Text => exec::PlanFormat::Text,
+                cli::PlanFormat::Json => exec::PlanFormat::Json,
+                cli::PlanFormat::Dot => exec::PlanFormat::Dot,
+            },
+        }),
+        Command::Verify(args) => exec::verify(&args.recipe),
+        Command::Inspect(args) => inspect::inspect(&args.path, args.json),
         Command::Gc {
-            cache,
+            cache: dir,
             max_size,
             older_than,
-        } => exec::gc(&cache, max_size, older_than),
-        Command::Cache(CacheCommand::Stats { cache, json }) => exec::cache_stats(&cache, json),
+        } => exec::gc(&cache(dir), max_size, older_than),
+        Command::Cache(CacheCommand::Stats { cache: dir, json }) => {
+            exec::cache_stats(&cache(dir), json)
+        }
         Command::Cache(CacheCommand::Verify {
-            cache,
+            cache: dir,
             repair,
             json,
-        }) => exec::cache_verify(&cache, repair, json),
+        }) => exec::cache_verify(&cache(dir), repair, json),
     }
 }

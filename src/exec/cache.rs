@@ -1,10 +1,10 @@
 //! The cache commands: `cache stats`, `cache verify` and `gc`.
-use crate::cli::CacheArgs;
+use super::CacheOptions;
 
 use super::{open_store, ExecError};
 
 /// `modelforge cache stats`.
-pub fn cache_stats(cache: &CacheArgs, json: bool) -> miette::Result<()> {
+pub fn cache_stats(cache: &CacheOptions, json: bool) -> miette::Result<()> {
     let store = open_store(cache, None)?;
     let stats = crate::store::stats(&store);
     if json {
@@ -27,7 +27,7 @@ pub fn cache_stats(cache: &CacheArgs, json: bool) -> miette::Result<()> {
 
 /// `modelforge gc`.
 pub fn gc(
-    cache: &CacheArgs,
+    cache: &CacheOptions,
     max_size: Option<u64>,
     older_than: Option<std::time::Duration>,
 ) -> miette::Result<()> {
@@ -48,7 +48,7 @@ pub fn gc(
 }
 
 /// `modelforge cache verify`: re-hashes every object; fails if any is damaged.
-pub fn cache_verify(cache: &CacheArgs, repair: bool, json: bool) -> miette::Result<()> {
+pub fn cache_verify(cache: &CacheOptions, repair: bool, json: bool) -> miette::Result<()> {
     let store = open_store(cache, None)?;
     let report = crate::store::check(&store, repair);
     if json {

@@ -5,6 +5,7 @@ mod assemble;
 mod cache;
 mod engine;
 mod error;
+mod options;
 mod record;
 mod resolution;
 pub use modelforge_core::{job, rotary};
@@ -14,7 +15,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::cli::{BuildArgs, PlanArgs, PlanFormat};
 use crate::digest::FileDigest;
 use crate::io::peft::LoraKind;
 use crate::lock::{self, Lock};
@@ -23,6 +23,7 @@ use crate::recipe::{MajoritySign, Pruning, RankChoice, Recipe};
 
 pub use cache::{cache_stats, cache_verify, gc};
 pub(crate) use error::{output_error, ExecError};
+pub use options::{BuildOptions, CacheOptions, PlanFormat, PlanOptions};
 pub(crate) use resolution::{open_store, recipe_dir, Resolution};
 pub(crate) use summary::{Nodes, Phases, Summary};
 
@@ -32,15 +33,10 @@ pub(crate) use summary::{Nodes, Phases, Summary};
 const DEFAULT_BUDGET: u64 = 64 << 20;
 
 /// `modelforge build`.
-pub fn build(args: &BuildArgs) -> miette::Result<()> {
+pub fn build(args: &BuildOptions) -> miette::Result<()> {
     let started = Instant::now();
     let mut phases = Phases::default();
-    let res = Resolution::new(
-        &args.recipe,
-        &args.cache,
-        &args.arch,
-        !args.allow_non_finite,
-    )?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, args.check_finite)?;
     phases.resolve = started.elapsed().as_secs_f64();
     let lock_path = lock::path_for(&res.recipe.path);
     // What killed builds left: a staged lock, staged outputs, or a replaced output whose
@@ -99,7 +95,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
                 device: res.device.clone(),
                 budget,
                 fsync: args.fsync,
-                check_finite: !args.allow_non_finite,
+                check_finite: args.check_finite,
                 align,
                 tensors: jobs,
             };
@@ -201,7 +197,7 @@ pub fn build(args: &BuildArgs) -> miette::Result<()> {
     report(args, &summary)
 }
 
-fn report(args: &BuildArgs, summary: &Summary) -> miette::Result<()> {
+fn report(args: &BuildOptions, summary: &Summary) -> miette::Result<()> {
     if args.json {
         println!(
             "{}",
@@ -551,7 +547,7 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
 }
 
 /// `modelforge plan`: what a build would do, without doing it.
-pub fn plan(args: &PlanArgs) -> miette::Result<()> {
+pub fn plan(args: &PlanOptions) -> miette::Result<()> {
     // A plan computes nothing, so it does not read whole adapters to check their values.
     let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false)?;
     let statuses = res.statuses();
@@ -651,8 +647,8 @@ fn progress_bar(len: usize, label: &str, enabled: bool) -> indicatif::ProgressBa
 }
 
 /// `modelforge verify`: re-hashes the outputs and compares them with the lock.
-pub fn verify(args: &crate::cli::VerifyArgs) -> miette::Result<()> {
-    let recipe = Recipe::load(&args.recipe)?;
+pub fn verify(recipe: &Path) -> miette::Result<()> {
+    let recipe = Recipe::load(recipe)?;
     let lock_path = lock::path_for(&recipe.path);
     let lock = match Lock::read(&lock_path) {
         Some(Ok(lock)) => lock,

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::record::BuildRecord;
+use super::CacheOptions;
 use super::{job, refactors, ExecError};
-use crate::cli::CacheArgs;
 use crate::digest::FileDigest;
 use crate::io::writer;
 use crate::lock::{self, Lock, Resolved};
@@ -34,7 +34,7 @@ impl Resolution {
     /// inputs; with `check_finite`, also refuses adapters holding NaN or infinity.
     pub fn new(
         recipe_path: &Path,
-        cache: &CacheArgs,
+        cache: &CacheOptions,
         arch: &[PathBuf],
         check_finite: bool,
     ) -> miette::Result<Resolution> {
@@ -240,8 +240,8 @@ fn device_class(device: &str) -> &'static str {
 /// The cache: `--cache`, else `MODELFORGE_CACHE`, else the `cache/` folder at the top of the
 /// workspace the recipe lives in (the nearest folder above it holding `.git` or `cache/`),
 /// else `cache/` beside the recipe.
-pub(crate) fn cache_dir(args: &CacheArgs, recipe: Option<&Recipe>) -> PathBuf {
-    if let Some(dir) = &args.cache {
+pub(crate) fn cache_dir(args: &CacheOptions, recipe: Option<&Recipe>) -> PathBuf {
+    if let Some(dir) = &args.dir {
         return dir.clone();
     }
     if let Some(dir) = std::env::var_os("MODELFORGE_CACHE").filter(|d| !d.is_empty()) {
@@ -277,7 +277,7 @@ fn check_outputs_outside_cache(recipe: &Recipe, cache: &Path) -> Result<(), Exec
     }
 }
 
-pub(crate) fn open_store(args: &CacheArgs, recipe: Option<&Recipe>) -> Result<Store, ExecError> {
+pub(crate) fn open_store(args: &CacheOptions, recipe: Option<&Recipe>) -> Result<Store, ExecError> {
     let dir = cache_dir(args, recipe);
     Store::open(&dir).map_err(|source| ExecError::Cache { path: dir, source })
 }
