@@ -14,8 +14,7 @@ use crate::store::ActionEntry;
 pub struct Job {
     /// The cache directory (as given to `Store::open`).
     pub cache: PathBuf,
-    /// `cpu` or `cuda:N`.
-    pub device: String,
+    pub device: Device,
     /// Bytes of tensor blocks in flight.
     pub budget: u64,
     /// Flush each object to disk before recording it (`build --fsync`).
@@ -27,6 +26,57 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub align: Vec<AlignStep>,
     pub tensors: Vec<TensorJob>,
+}
+
+/// Where the engine computes; written `cpu` or `cuda:N` in the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    /// What node keys hold: results are the same on every GPU, not across CPU and GPU.
+    pub fn class(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("cuda:").map(str::parse) {
+            None if s == "cpu" => Ok(Device::Cpu),
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => Err(format!("unknown device `{s}`")),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// One node of `dims = "align"`; each writes an f32 object and answers like a tensor.

@@ -43,7 +43,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn kernels(c: &mut Criterion) {
-    let backend = Backend::select("cpu").expect("the CPU");
+    let backend = Backend::select(modelforge_core::job::Device::Cpu).expect("the CPU");
     let (rows, cols) = (BLOCK_ROWS, COLS);
     let base = bf16_bytes(&values(&[rows as i64, cols as i64], 0.02, 0));
     let b = values(&[rows as i64, RANK as i64], 0.01, 1);
@@ -137,7 +137,7 @@ fn tensor_job(dir: &Path) -> TensorJob {
 }
 
 fn whole_tensor(c: &mut Criterion) {
-    let backend = Backend::select("cpu").expect("the CPU");
+    let backend = Backend::select(modelforge_core::job::Device::Cpu).expect("the CPU");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store = Store::open(&dir.path().join("cache")).expect("a store");
     let job = tensor_job(dir.path());

@@ -14,21 +14,21 @@ pub struct Backend {
 
 impl Backend {
     /// The device named `cpu` or `cuda:N`, or why it cannot be used.
-    pub fn select(name: &str) -> Result<Backend, String> {
+    pub fn select(wanted: modelforge_core::job::Device) -> Result<Backend, String> {
+        use modelforge_core::job::Device as Wanted;
         // rayon spreads blocks over the cores; LibTorch's own pool would only oversubscribe them.
         tch::set_num_threads(1);
-        if name.starts_with("cuda") {
-            load_cuda()?;
-        }
-        let device = match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            None if name == "cpu" => Device::Cpu,
-            Some(Ok(n)) if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize => Device::Cuda(n),
-            Some(Ok(_)) => {
-                return Err(format!(
-                    "the device `{name}` is not available to this LibTorch; set `device = \"cpu\"` in the recipe's [build]"
-                ))
+        let device = match wanted {
+            Wanted::Cpu => Device::Cpu,
+            Wanted::Cuda(n) => {
+                load_cuda()?;
+                if !(tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize) {
+                    return Err(format!(
+                        "the device `{wanted}` is not available to this LibTorch; set `device = \"cpu\"` in the recipe's [build]"
+                    ));
+                }
+                Device::Cuda(n)
             }
-            _ => return Err(format!("unknown device `{name}`")),
         };
         Ok(Backend { device })
     }
@@ -603,7 +603,7 @@ mod tests {
 
     #[test]
     fn the_cpu_pass_gives_libtorchs_bytes() {
-        let backend = Backend::select("cpu").unwrap();
+        let backend = Backend::select(modelforge_core::job::Device::Cpu).unwrap();
         // Sizes that leave partial chunks; values around every rounding boundary's scale,
         // with infinities, the largest f16 and bf16-overflowing f32s, subnormals and zeros.
         let (rows, cols, rank) = (37, 301, 5);

@@ -39,7 +39,7 @@ fn run() -> Result<(), String> {
         .read_to_end(&mut request)
         .map_err(|e| format!("cannot read the job: {e}"))?;
     let job: Job = serde_json::from_slice(&request).map_err(|e| format!("malformed job: {e}"))?;
-    let backend = backend::Backend::select(&job.device)?;
+    let backend = backend::Backend::select(job.device)?;
     let store = Store::open(&job.cache)
         .map_err(|e| format!("cannot open the cache `{}`: {e}", job.cache.display()))?;
     let mut inputs = fuse::Inputs::default();

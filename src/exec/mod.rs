@@ -92,7 +92,7 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
                     .parent()
                     .unwrap_or(res.store.root())
                     .to_owned(),
-                device: res.device.clone(),
+                device: res.device,
                 budget,
                 fsync: args.fsync,
                 check_finite: args.check_finite,

@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::job::{self, Device};
 use super::record::BuildRecord;
 use super::CacheOptions;
-use super::{job, refactors, ExecError};
+use super::{refactors, ExecError};
 use crate::digest::FileDigest;
 use crate::io::writer;
 use crate::lock::{self, Lock, Resolved};
@@ -19,7 +20,7 @@ pub(crate) struct Resolution {
     pub store: Store,
     pub plan: Plan,
     pub keys: Keys,
-    pub device: String,
+    pub device: Device,
     pub recipe_digest: FileDigest,
     /// The seed of DARE's random pruning, as given or derived.
     pub seed: u64,
@@ -83,7 +84,7 @@ impl Resolution {
             &recipe_dir(&recipe),
             &store,
             cache.rehash,
-            device_class(&device),
+            device.class(),
             (&recipe.merge, seed),
         )
         .map_err(|source| ExecError::Hash { source })?;
@@ -106,7 +107,7 @@ impl Resolution {
 
     pub(crate) fn resolved(&self) -> Resolved {
         Resolved {
-            device: device_class(&self.device).to_owned(),
+            device: self.device.class().to_owned(),
             dtype: match self.recipe.output.dtype {
                 OutputDtype::Base => "base",
                 OutputDtype::F32 => "f32",
@@ -220,20 +221,12 @@ pub(crate) fn recipe_dir(recipe: &Recipe) -> PathBuf {
 }
 
 /// `cpu`, or `cuda:N` when asked for, or when `auto` and this machine has an NVIDIA device.
-fn resolve_device(request: DeviceRequest) -> String {
+fn resolve_device(request: DeviceRequest) -> Device {
     match request {
-        DeviceRequest::Cpu => "cpu".into(),
-        DeviceRequest::Cuda(n) => format!("cuda:{n}"),
-        DeviceRequest::Auto if Path::new("/dev/nvidia0").exists() => "cuda:0".into(),
-        DeviceRequest::Auto => "cpu".into(),
-    }
-}
-
-fn device_class(device: &str) -> &'static str {
-    if device.starts_with("cuda") {
-        "cuda"
-    } else {
-        "cpu"
+        DeviceRequest::Cpu => Device::Cpu,
+        DeviceRequest::Cuda(n) => Device::Cuda(n),
+        DeviceRequest::Auto if Path::new("/dev/nvidia0").exists() => Device::Cuda(0),
+        DeviceRequest::Auto => Device::Cpu,
     }
 }
 

@@ -106,7 +106,7 @@ impl Summary {
         Summary {
             output: res.recipe.primary_output().path.display().to_string(),
             up_to_date: false,
-            device: res.device.clone(),
+            device: res.device.to_string(),
             nodes,
             fused: res
                 .plan
