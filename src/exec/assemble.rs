@@ -146,13 +146,7 @@ fn write_model(
 ) -> Result<Outcome, ExecError> {
     let target = &target.to_path_buf();
     let staging = StagingDir::new(target).map_err(output_error(target))?;
-    let plans: HashMap<&str, (&TensorPlan, Option<&NodeKey>)> = res
-        .plan
-        .tensors
-        .iter()
-        .zip(&res.keys.tensors)
-        .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
-        .collect();
+    let plans = plans_by_name(res);
     let bar = super::progress_bar(res.plan.tensors.len(), "writing", progress);
 
     let mut written = Vec::new();
@@ -224,6 +218,16 @@ fn write_model(
     }))
 }
 
+/// Each output tensor's plan and, when it is computed, its node, by name.
+fn plans_by_name(res: &Resolution) -> HashMap<&str, (&TensorPlan, Option<&NodeKey>)> {
+    res.plan
+        .tensors
+        .iter()
+        .zip(&res.keys.tensors)
+        .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
+        .collect()
+}
+
 /// How streaming a tensor ended.
 enum Streamed {
     Done,
@@ -293,13 +297,7 @@ fn write_gguf(
     sync: bool,
 ) -> Result<Outcome, ExecError> {
     use std::io::Write;
-    let plans: HashMap<&str, (&TensorPlan, Option<&NodeKey>)> = res
-        .plan
-        .tensors
-        .iter()
-        .zip(&res.keys.tensors)
-        .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
-        .collect();
+    let plans = plans_by_name(res);
     let (staged, file) = StagedFile::create(target).map_err(output_error(target))?;
     let mut hasher = blake3::Hasher::new();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
