@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use modelforge_core::job::{Adapt, DeltaValues, RowMap, Slice, TensorJob};
 use modelforge_core::store::{ActionEntry, ObjectWriter, Store};
 use rayon::prelude::*;
-use safetensors::Dtype;
 
 use crate::backend::{Backend, BlockDelta, BlockValues, Magnitude, Rounded};
 
@@ -456,15 +455,6 @@ fn fit(values: &[f32], rows: usize, cols: usize, to_rows: usize, to_cols: usize)
     out
 }
 
-/// `bytes` of `dtype` rounded to `to` (a replacement loaded into a layer of the base's dtype),
-/// or as they are.
-fn cast(backend: &Backend, bytes: Vec<u8>, dtype: Dtype, to: Option<Dtype>) -> (Vec<u8>, Dtype) {
-    match to {
-        Some(to) if to != dtype => (backend.cast(&bytes, dtype, to), to),
-        _ => (bytes, dtype),
-    }
-}
-
 fn open(path: &PathBuf) -> std::io::Result<File> {
     File::open(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
@@ -493,7 +483,11 @@ pub fn fuse(
         // Pruning, sign election and SVD look at whole tensors: no blocks here.
         let mut base = vec![0u8; origin.len as usize];
         file.read_exact_at(&mut base, origin.start)?;
-        let (base, in_dtype) = cast(backend, base, origin.dtype, tensor.origin_cast);
+        // A replacement loaded into a layer of the base's dtype is rounded to it first.
+        let (base, in_dtype) = match tensor.origin_cast {
+            Some(to) if to != origin.dtype => (backend.cast(&base, origin.dtype, to), to),
+            _ => (base, origin.dtype),
+        };
         let models: Vec<Option<Vec<f32>>> = deltas
             .iter()
             .map(|d| d.model_rows(backend, 0, rows, cols))
@@ -581,8 +575,7 @@ pub fn fuse(
                             let cast_block;
                             let (base, in_dtype): (&[u8], _) = match tensor.origin_cast {
                                 Some(to) if to != origin.dtype => {
-                                    (cast_block, _) =
-                                        cast(backend, base.clone(), origin.dtype, Some(to));
+                                    cast_block = backend.cast(base, origin.dtype, to);
                                     (&cast_block, to)
                                 }
                                 _ => (base, origin.dtype),

@@ -619,7 +619,8 @@ fn read_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<Read, Inp
                 a,
                 b,
                 bias: part.bias,
-                rank: config_rank.min(rank),
+                // A wrapped parameter's A holds E·r rows; the rank is the config's.
+                rank: config_rank,
                 scaling: config.scaling(config_rank, alpha),
                 magnitude: part.magnitude,
                 parameter,
