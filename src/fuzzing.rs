@@ -108,7 +108,7 @@ pub fn arch_schema(bytes: &[u8]) -> Result<(), String> {
     });
     let config = config.as_object().expect("an object");
     let dims = schema.dims(config);
-    for role in crate::arch::ROLES {
+    for (_, role) in crate::arch::Role::ALL {
         let _ = schema.place_of(role, 3, dims.as_ref());
         let _ = schema.needs_widths(role);
     }

@@ -6,5 +6,6 @@
 pub mod digest;
 pub mod job;
 pub mod mapped;
+pub mod node;
 pub mod rotary;
 pub mod store;

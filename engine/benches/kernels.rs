@@ -8,11 +8,13 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use modelforge_core::digest::NodeKey;
-use modelforge_core::job::{DeltaJob, DeltaValues, Slice, TensorJob};
+use modelforge_core::digest::TensorDigest;
+use modelforge_core::job::{Job, Place, Task};
+use modelforge_core::node::{Content, Delta, DeviceClass, Fuse, Input, LoraKind, Node, Weighted};
 use modelforge_core::store::Store;
 use modelforge_engine::backend::{Backend, BlockDelta, BlockValues};
-use modelforge_engine::fuse::{fuse, Inputs};
+use modelforge_engine::fuse::fuse;
+use modelforge_engine::inputs::Inputs;
 use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
 
@@ -96,52 +98,89 @@ fn kernels(c: &mut Criterion) {
 }
 
 /// A base tensor and an adapter's factors in files, and the job that fuses them.
-fn tensor_job(dir: &Path) -> TensorJob {
+fn tensor_job(dir: &Path) -> Job {
     let base = bf16_bytes(&values(&[ROWS as i64, COLS as i64], 0.02, 3));
     let a = f32_bytes(&values(&[RANK as i64, COLS as i64], 0.02, 4));
     let b = f32_bytes(&values(&[ROWS as i64, RANK as i64], 0.01, 5));
     let (base_path, lora_path) = (dir.join("base.bin"), dir.join("lora.bin"));
     std::fs::write(&base_path, &base).expect("written");
     std::fs::write(&lora_path, [a.as_slice(), b.as_slice()].concat()).expect("written");
-    let slice = |path: &Path, dtype, shape: Vec<usize>, start: usize, len: usize| Slice {
-        path: path.to_owned(),
-        dtype,
-        shape,
-        start: start as u64,
-        len: len as u64,
-    };
-    TensorJob {
-        key: NodeKey::of(b"bench"),
-        name: "model.layers.0.mlp.up_proj.weight".into(),
-        origin: slice(&base_path, Dtype::BF16, vec![ROWS, COLS], 0, base.len()),
-        deltas: vec![DeltaJob {
+    let mut places = Vec::new();
+    let mut input =
+        |path: &Path, name: &str, dtype, shape: Vec<usize>, start: usize, len: usize| {
+            let content = Content::Bytes(TensorDigest::of(name.as_bytes()));
+            places.push(Place {
+                content: content.clone(),
+                tensor: name.into(),
+                path: path.to_owned(),
+                start: start as u64,
+                len: len as u64,
+            });
+            Input {
+                content,
+                tensor: name.into(),
+                dtype,
+                shape,
+            }
+        };
+    let fuse = Fuse {
+        origin: input(
+            &base_path,
+            "w",
+            Dtype::BF16,
+            vec![ROWS, COLS],
+            0,
+            base.len(),
+        ),
+        origin_cast: None,
+        deltas: vec![Weighted {
             weight: 1.0,
             scaling: 2.0,
-            values: DeltaValues::LowRank {
-                transposed: false,
-                a: slice(&lora_path, Dtype::F32, vec![RANK, COLS], 0, a.len()),
-                b: slice(&lora_path, Dtype::F32, vec![ROWS, RANK], a.len(), b.len()),
+            delta: Delta::LowRank {
+                kind: LoraKind::Linear,
+                a: input(&lora_path, "a", Dtype::F32, vec![RANK, COLS], 0, a.len()),
+                b: input(
+                    &lora_path,
+                    "b",
+                    Dtype::F32,
+                    vec![ROWS, RANK],
+                    a.len(),
+                    b.len(),
+                ),
                 rows: None,
                 rotary: None,
                 adapt: None,
-                experts: None,
-                expert: None,
                 magnitude: None,
             },
         }],
         merge: None,
-        refactor: None,
-        origin_cast: None,
-        out_dtype: Dtype::BF16,
+        dtype: Dtype::BF16,
+        device: DeviceClass::Cpu,
+    };
+    Job {
+        cache: dir.join("cache"),
+        device: modelforge_core::job::Device::Cpu,
+        budget: 64 << 20,
+        fsync: false,
+        check_finite: true,
+        nodes: vec![Task {
+            name: "model.layers.0.mlp.up_proj.weight".into(),
+            key: Node::Fuse(fuse.clone()).key(),
+            node: Node::Fuse(fuse),
+        }],
+        places,
     }
 }
 
 fn whole_tensor(c: &mut Criterion) {
     let backend = Backend::select(modelforge_core::job::Device::Cpu).expect("the CPU");
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = Store::open(&dir.path().join("cache")).expect("a store");
     let job = tensor_job(dir.path());
-    let mut inputs = Inputs::default();
+    let store = Store::open(&job.cache).expect("a store");
+    let Node::Fuse(node) = &job.nodes[0].node else {
+        unreachable!("a fusion")
+    };
+    let mut inputs = Inputs::new(&job.places);
     let mut group = c.benchmark_group(format!("tensor {ROWS}×{COLS}, rank {RANK}"));
     group
         .sample_size(10)
@@ -150,15 +189,7 @@ fn whole_tensor(c: &mut Criterion) {
     // work with the inputs in the page cache.
     group.bench_function("fuse into a cache object (all cores)", |bench| {
         bench.iter(|| {
-            let entry = fuse(
-                &backend,
-                &store,
-                &mut inputs,
-                black_box(&job),
-                64 << 20,
-                false,
-                true,
-            );
+            let entry = fuse(&backend, &store, &mut inputs, black_box(node), None, &job);
             assert!(entry.is_ok(), "fused");
         })
     });

@@ -7,12 +7,13 @@
 //! by its own SVD would leave the signs and rotations of its singular vectors ambiguous. A
 //! module's inner space is seen by that module alone: its map M is the orthogonal map that best
 //! takes the residual-mapped source weight onto the target's (orthogonal Procrustes).
-use modelforge_core::job::{AlignStep, Side, Slice};
-use modelforge_core::store::{ActionEntry, Store, VerifyingReader};
+use modelforge_core::node::{Input, Node, Side};
+use modelforge_core::store::{ActionEntry, Store};
 use tch::{Kind, Tensor};
 
 use crate::backend::Backend;
-use crate::fuse::Inputs;
+use crate::error::{shape, EngineError};
+use crate::inputs::{node_bytes, Inputs};
 
 /// Where the inner map has no evidence (directions neither base weight uses), it keeps the
 /// index alignment: Procrustes on P + λ·I, λ this fraction of P's largest singular value.
@@ -27,16 +28,16 @@ pub fn step(
     backend: &Backend,
     store: &Store,
     inputs: &mut Inputs,
-    step: &AlignStep,
+    step: &Node,
     sync: bool,
-) -> Result<ActionEntry, String> {
-    let mut load = |slice: &Slice| -> Result<Tensor, String> {
-        let bytes = inputs.read(slice).map_err(|e| e.to_string())?;
-        let (rows, cols) = matrix(slice)?;
-        Ok(backend.base(&bytes, slice.dtype, rows, cols))
+) -> Result<ActionEntry, EngineError> {
+    let mut load = |input: &Input| -> Result<Tensor, EngineError> {
+        let bytes = inputs.read(input)?;
+        let (rows, cols) = matrix(input)?;
+        Ok(backend.base(&bytes, input.dtype, rows, cols))
     };
     let (result, overlap, energy) = match step {
-        AlignStep::Residual {
+        Node::ResidualMap {
             source,
             target,
             pairs,
@@ -45,7 +46,7 @@ pub fn step(
             let (r, fit) = residual_map(backend, &load(source)?, &load(target)?, pairs)?;
             (vec![r], Some(fit), None)
         }
-        AlignStep::Inner {
+        Node::InnerMap {
             residual,
             side,
             source,
@@ -59,7 +60,7 @@ pub fn step(
                 Some(rows) => {
                     let ids: Vec<i64> = rows.iter().map(|&r| i64::from(r)).collect();
                     let ids = Tensor::from_slice(&ids).to_device(backend.device);
-                    wt.f_index_select(0, &ids).map_err(|e| e.to_string())?
+                    wt.f_index_select(0, &ids)?
                 }
                 None => wt,
             };
@@ -68,7 +69,7 @@ pub fn step(
             let (m, overlap) = inner_map(&ws, &wt, &r)?;
             (vec![m], Some(overlap), None)
         }
-        AlignStep::Delta {
+        Node::AlignDelta {
             residual,
             inner,
             side,
@@ -92,7 +93,7 @@ pub fn step(
             };
             (vec![a_t, b_t], None, Some(energy))
         }
-        AlignStep::Fit { a, b, to, .. } => {
+        Node::FitEnergy { a, b, to } => {
             let (a, b) = (load(a)?, load(b)?);
             let kept = low_rank_norm(&fitted(&b, 0, to[0]), &fitted(&a, 1, to[1]))?;
             let source = low_rank_norm(&b, &a)?;
@@ -102,12 +103,15 @@ pub fn step(
                 Some(if source > 0.0 { kept / source } else { 0.0 }),
             )
         }
+        Node::Copy { .. } | Node::Fuse(_) | Node::Refactor { .. } => {
+            return Err(shape!("not an alignment node"))
+        }
     };
-    let mut out = store.object_writer().map_err(|e| e.to_string())?;
+    let mut out = store.object_writer()?;
     for t in result {
-        out.write(&f32_bytes(&t)).map_err(|e| e.to_string())?;
+        out.write(&f32_bytes(&t))?;
     }
-    let mut entry = out.finish(sync).map_err(|e| e.to_string())?;
+    let mut entry = out.finish(sync)?;
     entry.overlap = overlap;
     entry.energy = energy;
     Ok(entry)
@@ -123,7 +127,7 @@ fn residual_map(
     source: &Tensor,
     target: &Tensor,
     pairs: &[[u32; 2]],
-) -> Result<(Tensor, f64), String> {
+) -> Result<(Tensor, f64), EngineError> {
     let index = |column: usize| {
         let ids: Vec<i64> = pairs.iter().map(|p| p[column] as i64).collect();
         Tensor::from_slice(&ids).to_device(backend.device)
@@ -135,9 +139,7 @@ fn residual_map(
     } else {
         "gelsd"
     };
-    let (solution, _, _, _) = x
-        .f_linalg_lstsq(&y, None, driver)
-        .map_err(|e| format!("least squares on the embeddings failed: {e}"))?;
+    let (solution, _, _, _) = x.f_linalg_lstsq(&y, None, driver)?;
     let r = polar(&solution.tr())?;
     let fit = norm(&(x.matmul(&r.tr()) - &y)) / norm(&y).max(f64::MIN_POSITIVE);
     Ok((r, fit))
@@ -146,30 +148,24 @@ fn residual_map(
 /// M (inner_t × inner_s) = argmin over orthonormal M of ‖M·W_s·Rᵀ − W_t‖, both weights in the
 /// input-side orientation (inner × residual); and the mean cosine of the principal angles
 /// between the leading right singular subspaces (the residual side) of W_s·Rᵀ and W_t.
-fn inner_map(ws: &Tensor, wt: &Tensor, r: &Tensor) -> Result<(Tensor, f64), String> {
+fn inner_map(ws: &Tensor, wt: &Tensor, r: &Tensor) -> Result<(Tensor, f64), EngineError> {
     let mapped = ws.matmul(&r.tr());
     let p = wt.matmul(&mapped.tr());
     let (inner_t, inner_s) = (p.size()[0], p.size()[1]);
-    let largest = p
-        .f_svd(false, false)
-        .map_err(|e| e.to_string())?
-        .1
-        .max()
-        .double_value(&[]);
+    let largest = p.f_svd(false, false)?.1.max().double_value(&[]);
     let prior =
         Tensor::eye_m(inner_t, inner_s, (Kind::Float, p.device())) * (IDENTITY_PRIOR * largest);
     let m = polar(&(p + prior))?;
     let width = mapped.size()[1].min(wt.size()[1]) as usize;
     let k = (width / OVERLAP_FRACTION).max(1) as i64;
-    let leading = |w: &Tensor| -> Result<Tensor, String> {
-        let (_, _, v) = w.f_svd(true, true).map_err(|e| e.to_string())?;
+    let leading = |w: &Tensor| -> Result<Tensor, EngineError> {
+        let (_, _, v) = w.f_svd(true, true)?;
         Ok(v.narrow(1, 0, k.min(v.size()[1])))
     };
     let cosines = leading(&mapped)?
         .tr()
         .matmul(&leading(wt)?)
-        .f_svd(false, false)
-        .map_err(|e| e.to_string())?
+        .f_svd(false, false)?
         .1;
     Ok((m, cosines.mean(Kind::Double).double_value(&[])))
 }
@@ -183,14 +179,11 @@ fn aligned_delta(
     m: &Tensor,
     r: &Tensor,
     rank: usize,
-) -> Result<(Tensor, Tensor, f64), String> {
+) -> Result<(Tensor, Tensor, f64), EngineError> {
     let (b_t, a_t) = (m.matmul(b), a.matmul(&r.tr()));
-    let (qb, rb) = Tensor::f_linalg_qr(&b_t, "reduced").map_err(|e| e.to_string())?;
-    let (qa, ra) = Tensor::f_linalg_qr(&a_t.tr(), "reduced").map_err(|e| e.to_string())?;
-    let (u, s, v) = rb
-        .matmul(&ra.tr())
-        .f_svd(true, true)
-        .map_err(|e| e.to_string())?;
+    let (qb, rb) = Tensor::f_linalg_qr(&b_t, "reduced")?;
+    let (qa, ra) = Tensor::f_linalg_qr(&a_t.tr(), "reduced")?;
+    let (u, s, v) = rb.matmul(&ra.tr()).f_svd(true, true)?;
     let k = (rank as i64).min(s.size()[0]);
     let kept = s.narrow(0, 0, k);
     let b_new = qb.matmul(&u.narrow(1, 0, k)) * kept.unsqueeze(0);
@@ -224,15 +217,15 @@ fn fitted(t: &Tensor, dim: i64, len: usize) -> Tensor {
 }
 
 /// ‖B·A‖_F without forming B·A.
-fn low_rank_norm(b: &Tensor, a: &Tensor) -> Result<f64, String> {
-    let (_, rb) = Tensor::f_linalg_qr(b, "reduced").map_err(|e| e.to_string())?;
-    let (_, ra) = Tensor::f_linalg_qr(&a.tr(), "reduced").map_err(|e| e.to_string())?;
+fn low_rank_norm(b: &Tensor, a: &Tensor) -> Result<f64, EngineError> {
+    let (_, rb) = Tensor::f_linalg_qr(b, "reduced")?;
+    let (_, ra) = Tensor::f_linalg_qr(&a.tr(), "reduced")?;
     Ok(norm(&rb.matmul(&ra.tr())))
 }
 
 /// U·Vᵀ of A's thin SVD: the matrix with orthonormal rows or columns nearest to A.
-fn polar(a: &Tensor) -> Result<Tensor, String> {
-    let (u, _, v) = a.f_svd(true, true).map_err(|e| e.to_string())?;
+fn polar(a: &Tensor) -> Result<Tensor, EngineError> {
+    let (u, _, v) = a.f_svd(true, true)?;
     Ok(u.matmul(&v.tr()))
 }
 
@@ -254,14 +247,11 @@ fn cached(
     store: &Store,
     key: &modelforge_core::digest::NodeKey,
     cols: i64,
-) -> Result<Tensor, String> {
-    let bytes = cached_bytes(store, key)?;
+) -> Result<Tensor, EngineError> {
+    let bytes = node_bytes(store, key)?;
     let numel = (bytes.len() / 4) as i64;
     if cols <= 0 || numel % cols != 0 {
-        return Err(format!(
-            "the alignment map {} has the wrong size",
-            key.hex()
-        ));
+        return Err(shape!("the alignment map {} has the wrong size", key.hex()));
     }
     Ok(backend.base(
         &bytes,
@@ -271,30 +261,14 @@ fn cached(
     ))
 }
 
-/// The bytes of the object a step wrote, checked against its digest.
-pub fn cached_bytes(
-    store: &Store,
-    key: &modelforge_core::digest::NodeKey,
-) -> Result<Vec<u8>, String> {
-    let missing = || format!("the alignment node {} is missing from the cache", key.hex());
-    let entry = store.action(key).ok_or_else(missing)?;
-    let mut reader = VerifyingReader::open(store, &entry).ok_or_else(missing)?;
-    let mut bytes = vec![0u8; entry.len as usize];
-    reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
-    if !reader.check() {
-        store.evict(&entry.tensor);
-        return Err(format!(
-            "the alignment node {} was damaged in the cache and has been evicted; build again",
-            key.hex()
-        ));
-    }
-    Ok(bytes)
-}
-
-fn matrix(slice: &Slice) -> Result<(usize, usize), String> {
-    match slice.shape[..] {
+fn matrix(input: &Input) -> Result<(usize, usize), EngineError> {
+    match input.shape[..] {
         [rows, cols] => Ok((rows, cols)),
-        _ => Err(format!("expected a matrix, found shape {:?}", slice.shape)),
+        _ => Err(shape!(
+            "`{}` should be a matrix, and is shaped {:?}",
+            input.tensor,
+            input.shape
+        )),
     }
 }
 

@@ -1,6 +1,7 @@
 //! LibTorch through tch: device selection and the fusion arithmetic. Everything is computed in
 //! f32 and rounded to the output dtype once.
-use modelforge_core::job::{MergeJob, Refactor, SignElection, Sparsify, Truncation};
+use crate::error::EngineError;
+use modelforge_core::node::{Merge, Refactor, SignElection, Sparsify, Truncation};
 
 use crate::elementwise;
 use safetensors::Dtype;
@@ -14,7 +15,7 @@ pub struct Backend {
 
 impl Backend {
     /// The device named `cpu` or `cuda:N`, or why it cannot be used.
-    pub fn select(wanted: modelforge_core::job::Device) -> Result<Backend, String> {
+    pub fn select(wanted: modelforge_core::job::Device) -> Result<Backend, EngineError> {
         use modelforge_core::job::Device as Wanted;
         // rayon spreads blocks over the cores; LibTorch's own pool would only oversubscribe them.
         tch::set_num_threads(1);
@@ -23,9 +24,9 @@ impl Backend {
             Wanted::Cuda(n) => {
                 load_cuda()?;
                 if !(tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize) {
-                    return Err(format!(
+                    return Err(EngineError::Device(format!(
                         "the device `{wanted}` is not available to this LibTorch; set `device = \"cpu\"` in the recipe's [build]"
-                    ));
+                    )));
                 }
                 Device::Cuda(n)
             }
@@ -279,7 +280,7 @@ fn product_into<'a>(
 /// the linker leaves it out and the same binary runs with a CPU-only LibTorch; loading it
 /// registers its CUDA kernels and hooks with LibTorch, after which `tch::Cuda` sees the GPUs.
 /// It is found through the engine's run path to LibTorch, or LD_LIBRARY_PATH.
-fn load_cuda() -> Result<(), String> {
+fn load_cuda() -> Result<(), EngineError> {
     let name = c"libtorch_cuda.so";
     // SAFETY: a valid NUL-terminated name; the handle is kept open for the process's life.
     let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
@@ -297,9 +298,9 @@ fn load_cuda() -> Result<(), String> {
                 .into_owned()
         }
     };
-    Err(format!(
+    Err(EngineError::Device(format!(
         "this LibTorch has no CUDA support ({reason}); set `device = \"cpu\"` in the recipe's [build], or point LD_LIBRARY_PATH at a CUDA build of LibTorch 2.11"
-    ))
+    )))
 }
 
 /// A result in its output dtype, and whether it is finite.
@@ -415,7 +416,7 @@ impl Backend {
         cols: usize,
         tasks: &[BlockDelta<'_>],
         weights: &[f64],
-        merge: Option<&MergeJob>,
+        merge: Option<&Merge>,
     ) -> Tensor {
         let shape = [rows as i64, cols as i64];
         let Some(merge) = merge else {

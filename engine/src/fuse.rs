@@ -1,15 +1,19 @@
 //! One tensor, fused block of rows by block of rows in parallel and streamed into a cache
 //! object, so memory stays bounded whatever the tensor's size.
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use modelforge_core::job::{Adapt, DeltaValues, RowMap, Slice, TensorJob};
+use modelforge_core::job::Job;
+use modelforge_core::node::{Adapt, Delta, Fuse, Input, Refactor, RowMap};
 use modelforge_core::store::{ActionEntry, ObjectWriter, Store};
 use rayon::prelude::*;
 
+use modelforge_core::node::LoraKind;
+
 use crate::backend::{Backend, BlockDelta, BlockValues, Magnitude, Rounded};
+use crate::error::{shape, EngineError};
+use crate::inputs::{Inputs, Slice};
 
 std::thread_local! {
     /// Each worker's buffer for the base rows of its block, kept from block to block: a
@@ -17,54 +21,14 @@ std::thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Why a tensor could not be computed.
-pub enum FuseError {
-    Io(std::io::Error),
-    /// The result holds NaN or infinity at this element, and the job asked for finite results.
-    NonFinite {
-        index: u64,
-        what: &'static str,
-    },
-}
-
-impl From<std::io::Error> for FuseError {
-    fn from(e: std::io::Error) -> Self {
-        FuseError::Io(e)
-    }
-}
-
 /// The bytes of a result that starts at element `offset` of its tensor, or why they are refused.
-fn accept(rounded: Rounded, offset: u64, check_finite: bool) -> Result<Vec<u8>, FuseError> {
+fn accept(rounded: Rounded, offset: u64, check_finite: bool) -> Result<Vec<u8>, EngineError> {
     match rounded.non_finite {
-        Some((index, what)) if check_finite => Err(FuseError::NonFinite {
+        Some((index, what)) if check_finite => Err(EngineError::NonFinite {
             index: offset + index,
             what,
         }),
         _ => Ok(rounded.bytes),
-    }
-}
-
-/// Input files, opened once each.
-#[derive(Default)]
-pub struct Inputs {
-    files: HashMap<PathBuf, File>,
-}
-
-impl Inputs {
-    fn file(&mut self, path: &PathBuf) -> std::io::Result<&File> {
-        if !self.files.contains_key(path) {
-            let file = File::open(path)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            self.files.insert(path.clone(), file);
-        }
-        Ok(&self.files[path])
-    }
-
-    pub(crate) fn read(&mut self, slice: &Slice) -> std::io::Result<Vec<u8>> {
-        let mut bytes = vec![0u8; slice.len as usize];
-        self.file(&slice.path)?
-            .read_exact_at(&mut bytes, slice.start)?;
-        Ok(bytes)
     }
 }
 
@@ -180,13 +144,13 @@ fn prepare(
     backend: &Backend,
     store: &Store,
     inputs: &mut Inputs,
-    tensor: &TensorJob,
-) -> std::io::Result<Vec<Prepared>> {
+    tensor: &Fuse,
+) -> Result<Vec<Prepared>, EngineError> {
     let (rows, cols) = matrix(&tensor.origin.shape);
     let mut prepared = Vec::new();
     for delta in &tensor.deltas {
-        let mut load = |slice: &Slice| -> std::io::Result<Vec<f32>> {
-            Ok(backend.f32_values(&inputs.read(slice)?, slice.dtype, &slice.shape))
+        let mut load = |input: &Input| -> Result<Vec<f32>, EngineError> {
+            Ok(backend.f32_values(&inputs.read(input)?, input.dtype, &input.shape))
         };
         let plain = |left, right, rank| Prepared {
             factor: delta.factor(),
@@ -199,35 +163,40 @@ fn prepare(
             magnitude: None,
             tokens: None,
         };
-        prepared.push(match &delta.values {
-            DeltaValues::Dense(v) => plain(load(v)?, Vec::new(), 0),
-            DeltaValues::Tokens { indices, values } => {
+        prepared.push(match &delta.delta {
+            Delta::Vector(v) => plain(load(v)?, Vec::new(), 0),
+            Delta::Tokens { indices, values } => {
                 let values = load(values)?;
                 if values.len() != indices.len() * cols || indices.iter().any(|&i| i >= rows) {
-                    return Err(std::io::Error::other(format!(
+                    return Err(shape!(
                         "{} trainable token rows do not fit a {rows} × {cols} tensor",
                         indices.len()
-                    )));
+                    ));
                 }
                 Prepared {
                     tokens: Some((indices.clone(), values)),
                     ..plain(Vec::new(), Vec::new(), 0)
                 }
             }
-            DeltaValues::LowRank {
+            Delta::LowRank {
                 a,
                 b,
-                experts: Some(experts),
-                expert: Some([index, offset]),
+                kind:
+                    LoraKind::Expert {
+                        count: experts,
+                        index,
+                        offset,
+                    },
                 ..
             } => {
                 let (a, b) = (load(a)?, load(b)?);
                 let (e, r) = (*experts, a.len() / cols.max(1) / experts.max(&1));
+                let (index, offset) = (*index, *offset);
                 let outer = b.len() / (e * r).max(1);
-                if r == 0 || a.len() != e * r * cols || index >= experts || offset + rows > outer {
-                    return Err(std::io::Error::other(format!(
+                if r == 0 || a.len() != e * r * cols || index >= *experts || offset + rows > outer {
+                    return Err(shape!(
                         "expert {index}'s LoRA does not fit a {rows} × {cols} tensor"
-                    )));
+                    ));
                 }
                 // Rows `offset..` of B_e (column k·E + e of B) and A_e.
                 let left = (0..rows)
@@ -237,11 +206,14 @@ fn prepare(
                 let right = a[index * r * cols..(index + 1) * r * cols].to_vec();
                 plain(left, right, r)
             }
-            DeltaValues::LowRank {
-                transposed,
+            Delta::LowRank {
                 a,
                 b,
-                experts: Some(experts),
+                kind:
+                    LoraKind::Experts {
+                        count: experts,
+                        transposed,
+                    },
                 ..
             } => {
                 let (a, b) = (load(a)?, load(b)?);
@@ -252,26 +224,28 @@ fn prepare(
                         ..plain(left, Vec::new(), rank)
                     })
                     .ok_or_else(|| {
-                        std::io::Error::other(format!(
+                        shape!(
                             "a LoRA of {experts} experts does not fit a {rows} × {cols} tensor"
-                        ))
+                        )
                     })?
             }
-            DeltaValues::Model(m) => Prepared {
-                model: Some((open(&m.path)?, m.clone())),
+            Delta::Difference(m) => Prepared {
+                model: {
+                    let slice = inputs.slice(m)?;
+                    Some((open(&slice.path)?, slice))
+                },
                 ..plain(Vec::new(), Vec::new(), 0)
             },
-            DeltaValues::LowRank {
-                transposed,
+            Delta::LowRank {
+                kind,
                 a,
                 b,
                 rows: row_map,
                 rotary,
                 adapt,
                 magnitude,
-                experts: None,
-                expert: _,
             } => {
+                let transposed = &kind.transposed();
                 let mut magnitude = match magnitude {
                     Some(m) => Some((load(m)?, *transposed, None)),
                     None => None,
@@ -281,8 +255,7 @@ fn prepare(
                     Some(Adapt::Aligned { node, rank }) => {
                         // Made by an alignment step of this job or an earlier build: A's then
                         // B's f32 values, A as wide as the target's input side.
-                        let bytes = crate::align::cached_bytes(store, node)
-                            .map_err(std::io::Error::other)?;
+                        let bytes = crate::inputs::node_bytes(store, node)?;
                         let values =
                             backend.f32_values(&bytes, safetensors::Dtype::F32, &[bytes.len() / 4]);
                         let inner = if *transposed { rows } else { cols };
@@ -290,10 +263,10 @@ fn prepare(
                             || !values.len().is_multiple_of(*rank)
                             || values.len() / rank <= inner
                         {
-                            return Err(std::io::Error::other(format!(
+                            return Err(shape!(
                                 "the aligned delta {} does not fit a {rows} × {cols} tensor at rank {rank}",
                                 node.hex()
-                            )));
+                            ));
                         }
                         let (a, b) = values.split_at(rank * inner);
                         (*rank, inner, a.to_vec(), b.to_vec())
@@ -318,9 +291,9 @@ fn prepare(
                         let from = rotary.map_or(row, |r| r.row(row));
                         for to in map.targets(from) {
                             if to >= total {
-                                return Err(std::io::Error::other(format!(
+                                return Err(shape!(
                                     "row {to} is outside the target's {total} rows"
-                                )));
+                                ));
                             }
                             if let (Some((values, mask)), Some((m, _, _))) =
                                 (part.as_mut(), magnitude.as_ref())
@@ -359,7 +332,7 @@ fn prepare(
                     };
                     let (left_rows, right_cols) =
                         (left.len() / rank.max(1), right.len() / rank.max(1));
-                    if *adapt == Some(Adapt::Fit) {
+                    if matches!(adapt, Some(Adapt::Fit { .. })) {
                         // Made for other widths: its leading rows and columns, zeros after.
                         plain(
                             fit(&left, left_rows, rank, rows, rank),
@@ -367,9 +340,9 @@ fn prepare(
                             rank,
                         )
                     } else if rank > 0 && (left_rows, right_cols) != (rows, cols) {
-                        return Err(std::io::Error::other(format!(
+                        return Err(shape!(
                             "a delta of {left_rows} × {right_cols} does not fit the {rows} × {cols} tensor"
-                        )));
+                        ));
                     } else {
                         plain(left, right, rank)
                     }
@@ -464,12 +437,12 @@ pub fn fuse(
     backend: &Backend,
     store: &Store,
     inputs: &mut Inputs,
-    tensor: &TensorJob,
-    budget: u64,
-    sync: bool,
-    check_finite: bool,
-) -> Result<ActionEntry, FuseError> {
-    let origin = &tensor.origin;
+    tensor: &Fuse,
+    refactor: Option<&Refactor>,
+    job: &Job,
+) -> Result<ActionEntry, EngineError> {
+    let (budget, sync, check_finite) = (job.budget, job.fsync, job.check_finite);
+    let origin = &inputs.slice(&tensor.origin)?;
     let mut out = store.object_writer()?;
     let numel: usize = origin.shape.iter().product();
     if numel == 0 {
@@ -479,7 +452,7 @@ pub fn fuse(
     let deltas = prepare(backend, store, inputs, tensor)?;
     let file = inputs.file(&origin.path)?;
 
-    if tensor.refactor.is_some() || tensor.merge.is_some() {
+    if refactor.is_some() || tensor.merge.is_some() {
         // Pruning, sign election and SVD look at whole tensors: no blocks here.
         let mut base = vec![0u8; origin.len as usize];
         file.read_exact_at(&mut base, origin.start)?;
@@ -509,14 +482,14 @@ pub fn fuse(
         let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
         let w = backend.base(&base, in_dtype, rows, cols);
         let delta = backend.merged_delta(&w, rows, cols, &tasks, &weights, tensor.merge.as_ref());
-        if let Some(refactor) = &tensor.refactor {
+        if let Some(refactor) = refactor {
             let (factors, energy) = backend.refactor(&delta, refactor);
             out.write(&accept(factors, 0, check_finite)?)?;
             let mut entry = out.finish(sync)?;
             entry.energy = Some(energy);
             return Ok(entry);
         }
-        let fused = backend.add_and_round(w, delta, tensor.out_dtype);
+        let fused = backend.add_and_round(w, delta, tensor.dtype);
         out.write(&accept(fused, 0, check_finite)?)?;
         return Ok(out.finish(sync)?);
     }
@@ -564,9 +537,9 @@ pub fn fuse(
             }
             Ok(out)
         });
-        let computed = (|| -> Result<(), FuseError> {
+        let computed = (|| -> Result<(), EngineError> {
             for window in blocks.chunks(in_flight) {
-                let results: Vec<Result<Vec<u8>, FuseError>> = window
+                let results: Vec<Result<Vec<u8>, EngineError>> = window
                     .par_iter()
                     .map(|&(start, n)| {
                         SCRATCH.with_borrow_mut(|base| {
@@ -589,14 +562,8 @@ pub fn fuse(
                                 .zip(&models)
                                 .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
                                 .collect();
-                            let fused = backend.fuse_block(
-                                base,
-                                in_dtype,
-                                n,
-                                cols,
-                                &block,
-                                tensor.out_dtype,
-                            );
+                            let fused =
+                                backend.fuse_block(base, in_dtype, n, cols, &block, tensor.dtype);
                             accept(fused, (start * cols) as u64, check_finite)
                         })
                     })

@@ -3,4 +3,6 @@
 pub mod align;
 pub mod backend;
 pub mod elementwise;
+pub mod error;
 pub mod fuse;
+pub mod inputs;

@@ -5,8 +5,11 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use modelforge_core::job::{Done, Job, NonFinite, Reply};
+use modelforge_core::job::{Done, Job, NonFinite, Reply, Task};
+use modelforge_core::node::Node;
 use modelforge_core::store::Store;
+use modelforge_engine::error::EngineError;
+use modelforge_engine::inputs::Inputs;
 use modelforge_engine::{align, backend, fuse};
 
 fn main() -> ExitCode {
@@ -39,10 +42,10 @@ fn run() -> Result<(), String> {
         .read_to_end(&mut request)
         .map_err(|e| format!("cannot read the job: {e}"))?;
     let job: Job = serde_json::from_slice(&request).map_err(|e| format!("malformed job: {e}"))?;
-    let backend = backend::Backend::select(job.device)?;
+    let backend = backend::Backend::select(job.device).map_err(|e| e.to_string())?;
     let store = Store::open(&job.cache)
         .map_err(|e| format!("cannot open the cache `{}`: {e}", job.cache.display()))?;
-    let mut inputs = fuse::Inputs::default();
+    let mut inputs = Inputs::new(&job.places);
     let stdout = std::io::stdout();
     let answer = |reply: &Reply| {
         let line = serde_json::to_string(reply).expect("a reply serialises");
@@ -51,45 +54,41 @@ fn run() -> Result<(), String> {
             .and_then(|_| out.flush())
             .map_err(|e| format!("cannot answer: {e}"))
     };
-    // Alignment maps first: the aligned deltas read them, and the tensors read those.
-    for step in &job.align {
-        let key = step.key();
-        let entry = align::step(&backend, &store, &mut inputs, step, job.fsync)
-            .map_err(|e| format!("alignment node {}: {e}", key.hex()))?;
-        store
-            .put_action(&key, &entry)
-            .map_err(|e| format!("cannot record alignment node {}: {e}", key.hex()))?;
-        answer(&Reply::Done(Done { key, entry }))?;
-    }
-    for tensor in &job.tensors {
-        let entry = match fuse::fuse(
-            &backend,
-            &store,
-            &mut inputs,
-            tensor,
-            job.budget,
-            job.fsync,
-            job.check_finite,
-        ) {
+    // In the job's order: each node after those it reads.
+    for Task { name, key, node } in &job.nodes {
+        if node.key() != *key {
+            return Err(format!(
+                "`{name}` reads back as another node than the build wrote ({} for {}): the build and the engine disagree on the job's format",
+                node.key().hex(),
+                key.hex()
+            ));
+        }
+        let key = *key;
+        let computed = match node {
+            Node::Fuse(f) => fuse::fuse(&backend, &store, &mut inputs, f, None, &job),
+            Node::Refactor { fuse: f, refactor } => {
+                fuse::fuse(&backend, &store, &mut inputs, f, Some(refactor), &job)
+            }
+            Node::Copy { .. } => Err(EngineError::Shape("a copied tensor is not computed".into())),
+            step => align::step(&backend, &store, &mut inputs, step, job.fsync),
+        };
+        let entry = match computed {
             Ok(entry) => entry,
-            Err(fuse::FuseError::Io(e)) => return Err(format!("`{}`: {e}", tensor.name)),
-            Err(fuse::FuseError::NonFinite { index, what }) => {
+            Err(EngineError::NonFinite { index, what }) => {
                 answer(&Reply::NonFinite(NonFinite {
-                    tensor: tensor.name.clone(),
+                    tensor: name.clone(),
                     index,
                     what: what.into(),
                 }))?;
                 // The build explains it; nothing to add here.
                 return Err(String::new());
             }
+            Err(e) => return Err(format!("`{name}` ({}): {e}", key.hex())),
         };
         store
-            .put_action(&tensor.key, &entry)
-            .map_err(|e| format!("cannot record `{}` in the cache: {e}", tensor.name))?;
-        answer(&Reply::Done(Done {
-            key: tensor.key,
-            entry,
-        }))?;
+            .put_action(&key, &entry)
+            .map_err(|e| format!("cannot record `{name}` in the cache: {e}"))?;
+        answer(&Reply::Done(Done { key, entry }))?;
     }
     Ok(())
 }

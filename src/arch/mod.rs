@@ -4,6 +4,7 @@
 //! row lands on.
 mod dims;
 mod error;
+mod role;
 mod schema;
 
 use std::path::{Path, PathBuf};
@@ -12,10 +13,11 @@ use serde_json::{Map, Value};
 
 pub(crate) use dims::Dims;
 pub(crate) use error::ArchError;
+pub(crate) use role::Role;
+pub(crate) use schema::Schema;
 use schema::{Holds, Layout};
-pub(crate) use schema::{Schema, ROLES};
 
-use crate::exec::job::RowMap;
+use modelforge_core::node::RowMap;
 
 const BUILTIN: &[(&str, &str)] = &[
     ("arch/llama.toml", include_str!("../../arch/llama.toml")),
@@ -34,10 +36,6 @@ const BUILTIN: &[(&str, &str)] = &[
 
 /// The largest schema file read: the shipped ones are under 2 kB.
 const MAX_SCHEMA_LEN: u64 = 1 << 20;
-
-/// Roles that do the same work in gated and non-gated MLPs: a SwiGLU `up` projection lands on a
-/// GELU MLP's input projection, `down` on its output one. (`gate` has no counterpart.)
-const COUNTERPARTS: &[(&str, &str)] = &[("mlp.up", "mlp.fc_in"), ("mlp.down", "mlp.fc_out")];
 
 /// Every schema a build knows: the user's (`--arch`), then the shipped ones. A user's schema
 /// named like a shipped one replaces it.
@@ -164,14 +162,6 @@ impl Place {
     }
 }
 
-fn counterpart(role: &str) -> Option<&'static str> {
-    COUNTERPARTS.iter().find_map(|(a, b)| {
-        (*a == role)
-            .then_some(*b)
-            .or_else(|| (*b == role).then_some(*a))
-    })
-}
-
 /// `{layer}` in `template` matched against `name`: the layer index.
 fn layer_in(template: &str, name: &str) -> Option<usize> {
     let (prefix, suffix) = template.split_once("{layer}")?;
@@ -189,53 +179,53 @@ impl Schema {
     }
 
     /// The role and layer of a tensor that holds a single role.
-    pub fn role_of(&self, tensor: &str) -> Option<(&str, usize)> {
+    pub fn role_of(&self, tensor: &str) -> Option<(Role, usize)> {
         self.tensors.iter().find_map(|t| {
             let Holds::Role(role) = &t.holds else {
                 return None;
             };
-            layer_in(&t.name, tensor).map(|layer| (role.as_str(), layer))
+            layer_in(&t.name, tensor).map(|layer| (*role, layer))
         })
     }
 
-    fn holds(&self, role: &str) -> bool {
+    fn holds(&self, role: Role) -> bool {
         self.tensors.iter().any(|t| match &t.holds {
-            Holds::Role(r) => r == role,
-            Holds::Parts { parts, .. } => parts.iter().any(|p| p.role.get_ref() == role),
+            Holds::Role(r) => *r == role,
+            Holds::Parts { parts, .. } => parts.iter().any(|p| p.role == role),
         })
     }
 
     /// Whether no tensor of this schema holds `role` or its counterpart.
-    pub fn has_no(&self, role: &str) -> bool {
-        !self.holds(role) && !self.holds(counterpart(role).unwrap_or(role))
+    pub fn has_no(&self, role: Role) -> bool {
+        !self.holds(role) && !self.holds(role.counterpart().unwrap_or(role))
     }
 
     /// Whether placing `role` (or its counterpart) needs the model's widths: it is a part of a
     /// fused tensor.
-    pub fn needs_widths(&self, role: &str) -> bool {
+    pub fn needs_widths(&self, role: Role) -> bool {
         let role = if self.holds(role) {
             role
         } else {
-            counterpart(role).unwrap_or(role)
+            role.counterpart().unwrap_or(role)
         };
         self.tensors.iter().any(|t| match &t.holds {
             Holds::Role(_) => false,
-            Holds::Parts { parts, .. } => parts.iter().any(|p| p.role.get_ref() == role),
+            Holds::Parts { parts, .. } => parts.iter().any(|p| p.role == role),
         })
     }
 
     /// Where `role` (or, when this schema lacks it, its counterpart) of `layer` lives in a model
     /// of this schema with widths `dims` (needed for parts of fused tensors only).
-    pub fn place_of(&self, role: &str, layer: usize, dims: Option<&Dims>) -> Option<Place> {
+    pub fn place_of(&self, role: Role, layer: usize, dims: Option<&Dims>) -> Option<Place> {
         let role = if self.holds(role) {
             role
         } else {
-            counterpart(role)?
+            role.counterpart()?
         };
         for t in &self.tensors {
             let name = t.name.replace("{layer}", &layer.to_string());
             let (layout, parts) = match &t.holds {
-                Holds::Role(r) if r == role => {
+                Holds::Role(r) if *r == role => {
                     return Some(Place {
                         transposed: t.transposed,
                         ..Place::named(name)
@@ -244,7 +234,7 @@ impl Schema {
                 Holds::Role(_) => continue,
                 Holds::Parts { layout, parts } => (layout, parts),
             };
-            let Some(index) = parts.iter().position(|p| p.role.get_ref() == role) else {
+            let Some(index) = parts.iter().position(|p| p.role == role) else {
                 continue;
             };
             let dims = dims?;
@@ -294,18 +284,18 @@ mod tests {
         let llama = schemas.named("llama").unwrap();
         assert_eq!(
             llama.role_of("model.layers.3.self_attn.k_proj.weight"),
-            Some(("attn.k", 3))
+            Some((Role::AttnK, 3))
         );
         let phi3 = schemas.named("phi3").unwrap();
-        let k = phi3.place_of("attn.k", 1, Some(&dims())).unwrap();
+        let k = phi3.place_of(Role::AttnK, 1, Some(&dims())).unwrap();
         assert_eq!(k.tensor, "model.layers.1.self_attn.qkv_proj.weight");
         assert_eq!(k.rows, Some(RowMap::Offset { offset: 8 }));
         assert_eq!(k.part_rows, Some(4));
         assert_eq!(k.fused_rows, Some(16));
-        let up = phi3.place_of("mlp.up", 0, Some(&dims())).unwrap();
+        let up = phi3.place_of(Role::MlpUp, 0, Some(&dims())).unwrap();
         assert_eq!(up.rows, Some(RowMap::Offset { offset: 12 }));
         let neox = schemas.named("gpt_neox").unwrap();
-        let v = neox.place_of("attn.v", 0, Some(&dims())).unwrap();
+        let v = neox.place_of(Role::AttnV, 0, Some(&dims())).unwrap();
         assert_eq!(
             v.rows,
             Some(RowMap::PerHead {
@@ -340,10 +330,10 @@ mod tests {
             [8 + 4 + 1, 8 + 6 + 1]
         );
         // GPT-NeoX's non-gated MLP takes LLaMA's up and down projections as its own.
-        let fc_in = neox.place_of("mlp.up", 0, Some(&dims())).unwrap();
+        let fc_in = neox.place_of(Role::MlpUp, 0, Some(&dims())).unwrap();
         assert_eq!(fc_in.tensor, "gpt_neox.layers.0.mlp.dense_h_to_4h.weight");
         assert!(
-            neox.place_of("mlp.gate", 0, Some(&dims())).is_none(),
+            neox.place_of(Role::MlpGate, 0, Some(&dims())).is_none(),
             "GPT-NeoX has no gate"
         );
     }
@@ -373,10 +363,10 @@ mod tests {
             "multi_query_attention": true, "multi_query_group_num": 2, "ffn_hidden_size": 48});
         let dims = glm2.dims(config.as_object().unwrap()).unwrap();
         assert_eq!((dims.q, dims.kv, dims.intermediate), (32, 16, 48));
-        let v = glm2.place_of("attn.v", 0, Some(&dims)).unwrap();
+        let v = glm2.place_of(Role::AttnV, 0, Some(&dims)).unwrap();
         assert_eq!(v.rows, Some(RowMap::Offset { offset: 48 }));
         assert_eq!(v.fused_rows, Some(64));
-        let up = glm2.place_of("mlp.up", 0, Some(&dims)).unwrap();
+        let up = glm2.place_of(Role::MlpUp, 0, Some(&dims)).unwrap();
         assert_eq!(up.rows, Some(RowMap::Offset { offset: 48 }));
         // Without multi-query attention every head has its own k and v.
         let mha = serde_json::json!({"hidden_size": 32, "num_attention_heads": 4, "kv_channels": 8,
@@ -391,11 +381,11 @@ mod tests {
         let config = serde_json::json!({"n_embd": 8, "n_head": 2, "n_layer": 2, "n_inner": null});
         let dims = gpt2.dims(config.as_object().unwrap()).unwrap();
         assert_eq!(dims.intermediate, 32);
-        let k = gpt2.place_of("attn.k", 1, Some(&dims)).unwrap();
+        let k = gpt2.place_of(Role::AttnK, 1, Some(&dims)).unwrap();
         assert_eq!(k.tensor, "transformer.h.1.attn.c_attn.weight");
         assert!(k.transposed);
         assert_eq!(k.rows, Some(RowMap::Offset { offset: 8 }));
-        let fc_in = gpt2.place_of("mlp.up", 0, Some(&dims)).unwrap();
+        let fc_in = gpt2.place_of(Role::MlpUp, 0, Some(&dims)).unwrap();
         assert_eq!(fc_in.tensor, "transformer.h.0.mlp.c_fc.weight");
         assert!(fc_in.transposed);
     }

@@ -10,21 +10,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::error::ArchError;
-use crate::exec::rotary::Rotary;
+use super::role::Role;
 use crate::recipe::Src;
-
-/// The roles a tensor or a part of a fused tensor can hold.
-pub(crate) const ROLES: &[&str] = &[
-    "attn.q",
-    "attn.k",
-    "attn.v",
-    "attn.o",
-    "mlp.gate",
-    "mlp.up",
-    "mlp.down",
-    "mlp.fc_in",
-    "mlp.fc_out",
-];
+use modelforge_core::rotary::Rotary;
 
 /// A checked schema: every role known, every name template with one `{layer}`.
 #[derive(Debug)]
@@ -56,7 +44,7 @@ pub(crate) struct TensorSchema {
 
 #[derive(Debug)]
 pub(crate) enum Holds {
-    Role(String),
+    Role(Role),
     Parts { layout: Layout, parts: Vec<Part> },
 }
 
@@ -69,10 +57,18 @@ pub(crate) enum Layout {
     PerHead,
 }
 
+/// One part of a fused tensor, as a schema file writes it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawPart {
+    role: Spanned<String>,
+    rows: Rows,
+}
+
+/// One part of a fused tensor, checked.
+#[derive(Debug)]
 pub(crate) struct Part {
-    pub role: Spanned<String>,
+    pub role: Role,
     pub rows: Rows,
 }
 
@@ -169,7 +165,7 @@ struct RawTensor {
     #[serde(default)]
     layout: Option<Spanned<Layout>>,
     #[serde(default)]
-    parts: Option<Spanned<Vec<Part>>>,
+    parts: Option<Spanned<Vec<RawPart>>>,
     #[serde(default)]
     transposed: bool,
 }
@@ -237,23 +233,23 @@ pub(crate) fn parse(path: &str, text: &str) -> Result<Schema, ArchError> {
     }
 
     let mut tensors = Vec::new();
-    let mut seen_roles: Vec<&str> = Vec::new();
-    let mut check_role = |role: &Spanned<String>| -> Result<(), ArchError> {
-        let Some(known) = ROLES.iter().find(|r| **r == role.get_ref()) else {
+    let mut seen_roles: Vec<Role> = Vec::new();
+    let mut check_role = |role: &Spanned<String>| -> Result<Role, ArchError> {
+        let Some(known) = Role::parse(role.get_ref()) else {
             return Err(invalid(
                 format!("unknown role `{}`", role.get_ref()),
                 &format!(
                     "roles are {}",
-                    ROLES
+                    Role::ALL
                         .iter()
-                        .map(|r| format!("`{r}`"))
+                        .map(|(r, _)| format!("`{r}`"))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
                 Some(role.span()),
             ));
         };
-        if seen_roles.contains(known) {
+        if seen_roles.contains(&known) {
             return Err(invalid(
                 format!("the role `{known}` is held by two tensors"),
                 "each role lives in one tensor (or one part of a fused tensor); remove one",
@@ -261,7 +257,7 @@ pub(crate) fn parse(path: &str, text: &str) -> Result<Schema, ArchError> {
             ));
         }
         seen_roles.push(known);
-        Ok(())
+        Ok(known)
     };
     for tensor in raw.tensors {
         let span = tensor.span();
@@ -283,10 +279,7 @@ pub(crate) fn parse(path: &str, text: &str) -> Result<Schema, ArchError> {
             ));
         }
         let holds = match (tensor.role, tensor.layout, tensor.parts) {
-            (Some(role), None, None) => {
-                check_role(&role)?;
-                Holds::Role(role.into_inner())
-            }
+            (Some(role), None, None) => Holds::Role(check_role(&role)?),
             (None, Some(layout), Some(parts)) => {
                 if parts.get_ref().is_empty() {
                     return Err(invalid(
@@ -296,10 +289,16 @@ pub(crate) fn parse(path: &str, text: &str) -> Result<Schema, ArchError> {
                     ));
                 }
                 let parts_span = parts.span();
-                let parts = parts.into_inner();
-                for part in &parts {
-                    check_role(&part.role)?;
-                }
+                let parts = parts
+                    .into_inner()
+                    .into_iter()
+                    .map(|part| {
+                        Ok(Part {
+                            role: check_role(&part.role)?,
+                            rows: part.rows,
+                        })
+                    })
+                    .collect::<Result<Vec<Part>, ArchError>>()?;
                 let layout = *layout.get_ref();
                 if layout == Layout::PerHead && parts.iter().any(|p| p.rows != parts[0].rows) {
                     return Err(invalid(

@@ -205,7 +205,7 @@ fn write_model(
         std::fs::write(&path, &index).map_err(output_error(&path))?;
         written.push((target.join(crate::io::hf::INDEX), FileDigest::of(&index)));
     }
-    for (name, bytes) in crate::output::files(res).map_err(output_error(target))? {
+    for (name, bytes) in crate::output::files(&res.surroundings()).map_err(output_error(target))? {
         let path = staging.path().join(&name);
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
         written.push((target.join(&name), FileDigest::of(&bytes)));
@@ -223,8 +223,10 @@ fn plans_by_name(res: &Resolution) -> HashMap<&str, (&TensorPlan, Option<&NodeKe
     res.plan
         .tensors
         .iter()
-        .zip(&res.keys.tensors)
-        .map(|(t, k)| (t.out.name.as_str(), (t, k.as_ref().map(|(node, _)| node))))
+        .map(|t| {
+            let key = res.graph.fused(&t.out.name).map(|keyed| &keyed.key);
+            (t.out.name.as_str(), (t, key))
+        })
         .collect()
 }
 
@@ -390,8 +392,9 @@ fn write_adapter(
     let mut objects = Vec::new();
     let mut fan_in_fan_out = false;
     let mut left_out = Vec::new();
-    for (tensor, refactor) in res.plan.tensors.iter().zip(&res.refactors) {
-        let Some((key, refactor)) = refactor else {
+    for tensor in &res.plan.tensors {
+        let Some((crate::plan::Keyed { key, .. }, refactor)) = res.graph.refactor(&tensor.out.name)
+        else {
             if !tensor.deltas.is_empty() {
                 left_out.push(tensor.out.name.clone());
             }
@@ -546,7 +549,7 @@ fn write_adapter(
         files.push((name.into(), bytes));
     }
     if with_transfer_report {
-        files.extend(crate::output::transfer_files(res).map_err(output_error(target))?);
+        files.extend(crate::output::transfer_files(&res.fates()).map_err(output_error(target))?);
     }
     for (name, bytes) in files {
         let path = staging.path().join(&name);

@@ -77,7 +77,7 @@ impl Engine {
             let _ = stdin.write_all(&request);
         }
         let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
-        let bar = super::progress_bar(job.align.len() + job.tensors.len(), "fusing ", progress);
+        let bar = super::progress_bar(job.nodes.len(), "fusing ", progress);
         let stdout = child.stdout.take();
         let shared = state.clone();
         let reader = std::thread::spawn(move || {
@@ -109,7 +109,7 @@ impl Engine {
             reader: Some(reader),
             state,
             path,
-            expected: job.align.len() + job.tensors.len(),
+            expected: job.nodes.len(),
         })
     }
 
@@ -154,6 +154,8 @@ impl Engine {
                 tensor: found.tensor,
                 what: found.what,
                 index: found.index,
+                src: None,
+                weights: Vec::new(),
             });
         }
         let done = state.done.len();

@@ -76,6 +76,11 @@ pub(crate) enum ExecError {
         tensor: String,
         what: String,
         index: u64,
+        /// The recipe, once the build says which of its weights went into the tensor.
+        #[source_code]
+        src: Option<crate::recipe::Src>,
+        #[label(collection)]
+        weights: Vec<miette::LabeledSpan>,
     },
 
     #[error("the output `{}` would overlap the cache `{}`", output.display(), cache.display())]

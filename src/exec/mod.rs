@@ -3,6 +3,7 @@
 //! outputs all match the lock file does nothing at all.
 mod assemble;
 mod cache;
+mod changes;
 mod engine;
 mod error;
 mod options;
@@ -15,11 +16,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use modelforge_core::node::Node;
+
 use crate::digest::FileDigest;
-use crate::io::peft::LoraKind;
 use crate::lock::{self, Lock};
-use crate::plan::{BuildGraph, DeltaKind, Keys, MergeKey, Origin, Plan, Status, TensorKey};
-use crate::recipe::{MajoritySign, Pruning, RankChoice, Recipe};
+use crate::plan::Status;
+use crate::recipe::Recipe;
 
 pub use cache::{cache_stats, cache_verify, gc};
 pub(crate) use error::{output_error, ExecError};
@@ -54,7 +56,12 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
             eprintln!("warning: {warning}");
         }
     }
-    let copied = res.keys.tensors.iter().filter(|k| k.is_none()).count();
+    let copied = res
+        .plan
+        .tensors
+        .iter()
+        .filter(|t| res.graph.fused(&t.out.name).is_none())
+        .count();
     if previous
         .as_ref()
         .is_some_and(|lock| res.up_to_date(lock, args.cache.rehash))
@@ -70,21 +77,22 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     }
 
     // Shards whose bytes would not change stay as the previous output has them.
-    let shards = res.shards();
-    let shard_keys = record::shard_keys(&res, &shards);
-    let kept = record::kept_shards(&res, &shards, &shard_keys, args.cache.rehash);
+    let shards = &res.shards;
+    let shard_keys = record::shard_keys(&res, shards);
+    let kept = record::kept_shards(&res, shards, &shard_keys, args.cache.rehash);
 
     let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
     let mut computed = 0;
     let mut evicted = Vec::new();
     let mut engine_peak = 0;
     let staged = loop {
-        let statuses = res.statuses();
-        let jobs = jobs(&res, &statuses, &shards);
-        let align = align_steps(&res);
-        computed += jobs.len();
+        let tasks = tasks(&res);
+        computed += tasks
+            .iter()
+            .filter(|t| matches!(t.node, Node::Fuse(_) | Node::Refactor { .. }))
+            .count();
         let mut engine = None;
-        if !jobs.is_empty() || !align.is_empty() {
+        if !tasks.is_empty() {
             let job = job::Job {
                 cache: res
                     .store
@@ -96,8 +104,8 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
                 budget,
                 fsync: args.fsync,
                 check_finite: args.check_finite,
-                align,
-                tensors: jobs,
+                places: res.graph.places(tasks.iter().map(|t| &t.node)),
+                nodes: tasks,
             };
             engine = Some(engine::Engine::start(&job, false)?);
         }
@@ -107,14 +115,14 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
         let outcome = assemble::assemble(
             &res,
             engine.as_ref(),
-            &shards,
+            shards,
             &kept,
             !args.quiet,
             args.fsync,
         )?;
         phases.assemble += assemble_started.elapsed().as_secs_f64();
         if let Some(engine) = engine.take() {
-            let run = engine.finish()?;
+            let run = engine.finish().map_err(|e| weights_of(&res, e))?;
             engine_peak = engine_peak.max(run.peak_rss);
             phases.engine += run.seconds;
             phases.waiting += run.waited;
@@ -178,7 +186,7 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     for (path, digest) in &files {
         let _ = res.store.record_file_digest(path, *digest);
     }
-    let record = record::BuildRecord::new(&res, &shards, &shard_keys, &files);
+    let record = record::BuildRecord::new(&res, shards, &shard_keys, &files);
     let _ = record.write(&res.store, &res.recipe.primary_output().path);
     // The slow part last: removing the previous outputs.
     drop(previous_outputs);
@@ -197,6 +205,42 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     report(args, &summary)
 }
 
+/// A non-finite result, pointed at the weights in the recipe that went into it.
+fn weights_of(res: &Resolution, err: ExecError) -> ExecError {
+    let ExecError::NonFinite {
+        tensor,
+        what,
+        index,
+        ..
+    } = err
+    else {
+        return err;
+    };
+    let plan = res.plan.tensors.iter().find(|t| t.out.name == tensor);
+    let weights = plan
+        .map(|plan| {
+            plan.deltas
+                .iter()
+                .map(|delta| {
+                    let entry = &res.recipe.adapters[delta.adapter].entry;
+                    let (label, span) = match delta.weight_span {
+                        Some(span) => (format!("`{}`'s weight", entry.written), span),
+                        None => (format!("`{}`, weight 1", entry.written), entry.span),
+                    };
+                    miette::LabeledSpan::new_with_span(Some(label), span)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ExecError::NonFinite {
+        tensor,
+        what,
+        index,
+        src: Some(res.recipe.src()),
+        weights,
+    }
+}
+
 fn report(args: &BuildOptions, summary: &Summary) -> miette::Result<()> {
     if args.json {
         println!(
@@ -209,301 +253,51 @@ fn report(args: &BuildOptions, summary: &Summary) -> miette::Result<()> {
     Ok(())
 }
 
-/// The engine's work: every fused tensor and every re-factored delta the cache lacks.
-fn jobs(
-    res: &Resolution,
-    statuses: &[Status],
-    shards: &[crate::io::writer::Shard],
-) -> Vec<job::TensorJob> {
-    let mut jobs: Vec<job::TensorJob> = res
-        .plan
-        .tensors
-        .iter()
-        .zip(&res.keys.tensors)
-        .zip(statuses)
-        // Without a fused model to write (`[output] adapter` alone), only the re-factored
-        // deltas are needed.
-        .filter(|(_, status)| res.recipe.fuses() && matches!(status, Status::Compute { .. }))
-        .filter_map(|((tensor, key), _)| {
-            let (key, parts) = key.as_ref()?;
-            tensor_job(res, tensor, *key, parts, None)
-        })
-        .collect();
-    // In the order the output is written, so that writing can follow computing closely.
-    let position: std::collections::HashMap<&str, usize> = shards
+/// The engine's work, walking the graph: every node the cache lacks, each after the nodes it
+/// reads. Alignment nodes come first (the tensors read them; all are computed even when the
+/// tensors using them are cached, for the transfer report reads their figures), then the
+/// fused tensors in the order the output is written, so that writing can follow computing
+/// closely (none without a fused model to write: `[output] adapter` alone needs only the
+/// re-factored deltas), then the re-factored deltas.
+fn tasks(res: &Resolution) -> Vec<job::Task> {
+    let lacking = |key| res.store.action(key).is_none();
+    let mut seen = std::collections::HashSet::new();
+    let (mut align, mut fused, mut refactors) = (Vec::new(), Vec::new(), Vec::new());
+    for keyed in res.graph.in_order() {
+        if !lacking(&keyed.key) || !seen.insert(keyed.key) {
+            continue;
+        }
+        match keyed.node {
+            Node::Copy { .. } => {}
+            Node::Fuse(_) if !res.recipe.fuses() => {}
+            Node::Fuse(_) => fused.push(keyed),
+            Node::Refactor { .. } => refactors.push(keyed),
+            _ => align.push(keyed),
+        }
+    }
+    let position: std::collections::HashMap<&str, usize> = res
+        .shards
         .iter()
         .flat_map(|shard| shard.tensors.iter())
         .enumerate()
         .map(|(i, tensor)| (tensor.name.as_str(), i))
         .collect();
-    jobs.sort_by_key(|job| {
+    fused.sort_by_key(|keyed| {
         position
-            .get(job.name.as_str())
+            .get(keyed.name.as_str())
             .copied()
             .unwrap_or(usize::MAX)
     });
-    for (tensor, (refactor, key)) in res
-        .plan
-        .tensors
-        .iter()
-        .zip(res.refactors.iter().zip(&res.keys.tensors))
-    {
-        if let (Some((node, refactor)), Some((_, parts))) = (refactor, key) {
-            if res.store.action(node).is_none() {
-                jobs.extend(tensor_job(res, tensor, *node, parts, Some(*refactor)));
-            }
-        }
-    }
-    jobs
-}
-
-fn tensor_job(
-    res: &Resolution,
-    tensor: &crate::plan::TensorPlan,
-    key: crate::digest::NodeKey,
-    parts: &TensorKey,
-    refactor: Option<job::Refactor>,
-) -> Option<job::TensorJob> {
-    let plan = &res.plan;
-    let origin = match &tensor.origin {
-        Origin::Base { tensor: name, meta } => {
-            let (file, _) = plan.inputs.base.weights.get(name)?;
-            slice(&file.path, meta)
-        }
-        Origin::Replacement { adapter, meta, .. } => slice(
-            &plan.inputs.adapters[*adapter]
-                .tensor_file(&tensor.out.name)?
-                .path,
-            meta,
-        ),
-    };
-    let deltas = tensor
-        .deltas
-        .iter()
-        .map(|delta| {
-            let path = &plan.inputs.adapters[delta.adapter]
-                .tensor_file(&tensor.out.name)
-                .expect("planned tensors exist")
-                .path;
-            let values = match &delta.kind {
-                DeltaKind::LowRank {
-                    kind,
-                    a,
-                    b,
-                    rows,
-                    rotary,
-                    adapt,
-                    magnitude,
-                } => job::DeltaValues::LowRank {
-                    transposed: match kind {
-                        LoraKind::Linear => false,
-                        LoraKind::LinearTransposed | LoraKind::Embedding => true,
-                        LoraKind::Experts { transposed, .. } => *transposed,
-                        LoraKind::Expert { .. } => false,
-                    },
-                    a: slice(path, a),
-                    b: slice(path, b),
-                    rows: *rows,
-                    rotary: *rotary,
-                    adapt: adapt.map(|adapt| res.keys.align.adapt(plan, adapt)),
-                    experts: match kind {
-                        LoraKind::Experts { count, .. } | LoraKind::Expert { count, .. } => {
-                            Some(*count)
-                        }
-                        _ => None,
-                    },
-                    expert: match kind {
-                        LoraKind::Expert { index, offset, .. } => Some([*index, *offset]),
-                        _ => None,
-                    },
-                    magnitude: magnitude.as_ref().map(|m| slice(path, m)),
-                },
-                DeltaKind::Tokens { indices, values } => job::DeltaValues::Tokens {
-                    indices: indices.clone(),
-                    values: slice(path, values),
-                },
-                DeltaKind::Vector(v) => job::DeltaValues::Dense(slice(path, v)),
-                DeltaKind::Difference(m) => job::DeltaValues::Model(slice(path, m)),
-            };
-            job::DeltaJob {
-                weight: delta.weight,
-                scaling: delta.scaling,
-                values,
-            }
-        })
-        .collect();
-    Some(job::TensorJob {
-        key,
-        name: tensor.out.name.clone(),
-        origin,
-        deltas,
-        merge: parts.merge.as_ref().map(merge_job),
-        origin_cast: match &tensor.origin {
-            Origin::Replacement { cast, .. } => *cast,
-            Origin::Base { .. } => None,
-        },
-        refactor,
-        out_dtype: tensor.out.dtype,
-    })
-}
-
-/// The alignment nodes (`dims = "align"`) the cache lacks, in the order they depend on each
-/// other: residual maps, inner maps, aligned deltas. All are computed even when the tensors
-/// using them are cached, for the transfer report reads their figures.
-fn align_steps(res: &Resolution) -> Vec<job::AlignStep> {
-    let (align, keys) = (&res.plan.align, &res.keys.align);
-    let tensor = |t: &crate::plan::TensorRef| slice(&t.path, &t.meta);
-    let residuals =
-        align
-            .residuals
-            .iter()
-            .zip(&keys.residuals)
-            .map(|(r, key)| job::AlignStep::Residual {
-                key: *key,
-                source: tensor(&r.source),
-                target: tensor(&r.target),
-                pairs: r.pairs.clone(),
-            });
-    let inners = align
-        .inners
-        .iter()
-        .zip(&keys.inners)
-        .map(|(m, key)| job::AlignStep::Inner {
-            key: *key,
-            residual: keys.residuals[m.residual],
-            side: m.side,
-            source: tensor(&m.source),
-            target: tensor(&m.target),
-            layout: m.layout.clone(),
-        });
-    let deltas = align.deltas.iter().zip(&keys.deltas).map(|(d, key)| {
-        let inner = &align.inners[d.inner];
-        let path = &res.plan.inputs.adapters[d.adapter]
-            .lora()
-            .expect("only LoRA modules are aligned")
-            .file
-            .path;
-        job::AlignStep::Delta {
-            key: *key,
-            residual: keys.residuals[inner.residual],
-            inner: keys.inners[d.inner],
-            side: inner.side,
-            a: slice(path, &d.a),
-            b: slice(path, &d.b),
-            rank: d.rank,
-        }
-    });
-    let fits = align.fits.iter().zip(&keys.fits).map(|(f, key)| {
-        let path = &res.plan.inputs.adapters[f.adapter]
-            .lora()
-            .expect("only LoRA modules are adapted")
-            .file
-            .path;
-        job::AlignStep::Fit {
-            key: *key,
-            a: slice(path, &f.a),
-            b: slice(path, &f.b),
-            to: f.to,
-        }
-    });
-    residuals
-        .chain(inners)
-        .chain(deltas)
-        .chain(fits)
-        .filter(|step| res.store.action(&step.key()).is_none())
-        .collect()
-}
-
-/// For `[output] adapter`: per tensor, the node that factors its combined delta, when the
-/// delta is low-rank (a LoRA module's; bias vectors and replaced tensors have no factors).
-fn refactors(
-    plan: &Plan,
-    keys: &Keys,
-    rank: RankChoice,
-) -> Vec<Option<(crate::digest::NodeKey, job::Refactor)>> {
-    plan.tensors
-        .iter()
-        .zip(&keys.tensors)
-        .map(|(tensor, key)| {
-            let (node, _) = key.as_ref()?;
-            let kinds: Vec<LoraKind> = tensor
-                .deltas
-                .iter()
-                .filter_map(|d| match &d.kind {
-                    DeltaKind::LowRank { kind, .. } => Some(*kind),
-                    DeltaKind::Difference(_) => {
-                        Some(crate::plan::difference_kind(&tensor.out.name))
-                    }
-                    DeltaKind::Vector(_) | DeltaKind::Tokens { .. } => None,
-                })
-                .collect();
-            if kinds.is_empty() || kinds.len() != tensor.deltas.len() || tensor.out.shape.len() != 2
-            {
-                return None;
-            }
-            let truncation = match rank {
-                RankChoice::Exact => job::Truncation::Rank(
-                    tensor
-                        .deltas
-                        .iter()
-                        .map(|d| match &d.kind {
-                            DeltaKind::LowRank {
-                                adapt: Some(crate::plan::Adapt::Aligned(i)),
-                                ..
-                            } => plan.align.deltas[*i].rank,
-                            DeltaKind::LowRank { a, .. } => a.shape[0],
-                            // A full model's delta has no rank to speak of: keep it all.
-                            DeltaKind::Difference(_) => {
-                                tensor.out.shape[0].min(tensor.out.shape[1])
-                            }
-                            DeltaKind::Vector(_) | DeltaKind::Tokens { .. } => 0,
-                        })
-                        .sum(),
-                ),
-                RankChoice::Rank(k) => job::Truncation::Rank(k),
-                RankChoice::Energy(e) => job::Truncation::Energy(e),
-            };
-            // An input embedding is written as PEFT's embedding LoRA, whatever changed it (a
-            // tied head's LoRA lands on it too): (B·A)ᵀ is the delta.
-            let embedding = crate::plan::difference_kind(&tensor.out.name) == LoraKind::Embedding;
-            let refactor = job::Refactor {
-                truncation,
-                transpose: embedding || kinds[0] != LoraKind::Linear,
-            };
-            let key = crate::digest::NodeKey::of_value(&serde_json::json!({
-                "op": "refactor",
-                "version": 1,
-                "of": node,
-                "refactor": refactor,
-            }));
-            Some((key, refactor))
+    align
+        .into_iter()
+        .chain(fused)
+        .chain(refactors)
+        .map(|keyed| job::Task {
+            name: keyed.name.clone(),
+            key: keyed.key,
+            node: keyed.node.clone(),
         })
         .collect()
-}
-
-fn merge_job(key: &MergeKey) -> job::MergeJob {
-    job::MergeJob {
-        sparsify: key.method.sparsify().map(|p| match p {
-            Pruning::Magnitude => job::Sparsify::Magnitude,
-            Pruning::Random => job::Sparsify::Random,
-        }),
-        elect_sign: key.method.elects_sign().then_some(match key.majority_sign {
-            MajoritySign::Total => job::SignElection::Total,
-            MajoritySign::Frequency => job::SignElection::Frequency,
-        }),
-        density: key.density,
-        seed: key.seed,
-    }
-}
-
-fn slice(path: &Path, meta: &crate::io::safetensors::TensorMeta) -> job::Slice {
-    job::Slice {
-        path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
-        dtype: meta.dtype,
-        shape: meta.shape.clone(),
-        start: meta.start,
-        len: meta.len,
-    }
 }
 
 fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Result<(), ExecError> {
@@ -519,7 +313,7 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
     if lock.recipe != res.recipe_digest {
         return Err(locked("the recipe changed".into(), None));
     }
-    for file in &res.keys.files {
+    for file in &res.graph.files {
         if lock.inputs.get(&file.shown) != Some(&file.digest) {
             // Point at the recipe entry that brought the file in.
             let span = std::iter::once(&res.recipe.base)
@@ -536,7 +330,7 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
     if let Some(gone) = lock
         .inputs
         .keys()
-        .find(|shown| !res.keys.files.iter().any(|f| &f.shown == *shown))
+        .find(|shown| !res.graph.files.iter().any(|f| &f.shown == *shown))
     {
         return Err(locked(
             format!("the locked input `{gone}` is no longer used"),
@@ -550,22 +344,19 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
 pub fn plan(args: &PlanOptions) -> miette::Result<()> {
     // A plan computes nothing, so it does not read whole adapters to check their values.
     let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false)?;
-    let statuses = res.statuses();
-    let shards = res.shards();
-    let kept = kept_shards(&res, &shards, args.cache.rehash);
+    let last = res.last_build();
+    let status = |keyed: &crate::plan::Keyed| res.status(keyed, &last);
+    let shards = &res.shards;
+    let kept = kept_shards(&res, shards, args.cache.rehash);
+    let statuses: Vec<Status> = res
+        .plan
+        .tensors
+        .iter()
+        .map(|t| status(res.graph.tensor(&t.out.name)))
+        .collect();
     match args.format {
-        PlanFormat::Dot => print!(
-            "{}",
-            BuildGraph::new(&res.plan, &res.keys, &statuses, &shards, &|key| {
-                res.store.action(key).is_some()
-            })
-            .dot()
-        ),
+        PlanFormat::Dot => print!("{}", res.graph.dot(&status)),
         PlanFormat::Json => {
-            let graph = BuildGraph::new(&res.plan, &res.keys, &statuses, &shards, &|key| {
-                res.store.action(key).is_some()
-            });
-            let nodes: Vec<_> = graph.graph.node_weights().collect();
             let shards: Vec<_> = shards
                 .iter()
                 .map(|s| serde_json::json!({"file": s.file_name, "kept": kept.contains_key(&s.file_name)}))
@@ -573,7 +364,7 @@ pub fn plan(args: &PlanOptions) -> miette::Result<()> {
             let value = serde_json::json!({
                 "recipe": res.recipe.path.display().to_string(),
                 "totals": totals(&statuses),
-                "nodes": nodes,
+                "nodes": res.graph.json(&status),
                 "shards": shards,
             });
             println!(
@@ -591,7 +382,7 @@ pub fn plan(args: &PlanOptions) -> miette::Result<()> {
                     }
                 }
             }
-            for shard in &shards {
+            for shard in shards {
                 let what = match kept.contains_key(&shard.file_name) {
                     true => "keep   ",
                     false => "write  ",

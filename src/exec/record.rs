@@ -11,17 +11,17 @@ use serde_json::json;
 use super::Resolution;
 use crate::digest::{FileDigest, NodeKey};
 use crate::io::writer::Shard;
-use crate::plan::TensorKey;
 use crate::store::Store;
+use modelforge_core::node::Node;
 
 /// Bumped whenever the writer would make other bytes of the same tensors.
 const SHARD_VERSION: u32 = 1;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct BuildRecord {
-    /// Computed tensors by name.
+    /// The nodes of computed tensors, by the tensors' names.
     #[serde(default)]
-    pub tensors: BTreeMap<String, TensorKey>,
+    pub tensors: BTreeMap<String, Node>,
     /// The fused model's shards by file name.
     #[serde(default)]
     pub shards: BTreeMap<String, ShardRecord>,
@@ -48,8 +48,8 @@ impl BuildRecord {
             .plan
             .tensors
             .iter()
-            .zip(&res.keys.tensors)
-            .filter_map(|(t, k)| k.as_ref().map(|(_, key)| (t.out.name.clone(), key.clone())))
+            .filter_map(|t| res.graph.fused(&t.out.name))
+            .map(|keyed| (keyed.name.clone(), keyed.node.clone()))
             .collect();
         let digests: HashMap<&Path, FileDigest> =
             files.iter().map(|(path, d)| (path.as_path(), *d)).collect();
@@ -85,20 +85,16 @@ impl BuildRecord {
 /// Each shard's key: the writer's format and, for each tensor in order, its name, dtype, shape
 /// and what its bytes depend on. Two shards with the same key have the same bytes.
 pub(crate) fn shard_keys(res: &Resolution, shards: &[Shard]) -> Vec<NodeKey> {
-    let bytes: HashMap<&str, &NodeKey> = res
-        .plan
-        .tensors
-        .iter()
-        .zip(&res.keys.bytes)
-        .map(|(tensor, key)| (tensor.out.name.as_str(), key))
-        .collect();
     shards
         .iter()
         .map(|shard| {
             let tensors: Vec<_> = shard
                 .tensors
                 .iter()
-                .map(|t| json!([t.name, t.dtype.to_string(), t.shape, bytes[t.name.as_str()]]))
+                .map(|t| {
+                    let bytes = res.graph.tensor(&t.name).key;
+                    json!([t.name, t.dtype.to_string(), t.shape, bytes])
+                })
                 .collect();
             NodeKey::of_value(&json!({
                 "op": "shard",

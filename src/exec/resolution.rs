@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::job::{self, Device};
+use super::job::Device;
 use super::record::BuildRecord;
 use super::CacheOptions;
-use super::{refactors, ExecError};
+use super::ExecError;
 use crate::digest::FileDigest;
 use crate::io::writer;
 use crate::lock::{self, Lock, Resolved};
-use crate::plan::{Keys, Origin, Plan, Status};
+use crate::plan::{BuildGraph, Keyed, Origin, Plan, Settings, Status};
 use crate::recipe::{DeviceRequest, OutputDtype, Recipe, ShardBy};
 use crate::store::Store;
 
@@ -19,13 +19,14 @@ pub(crate) struct Resolution {
     pub recipe: Recipe,
     pub store: Store,
     pub plan: Plan,
-    pub keys: Keys,
+    /// Every node of the build, with its inputs and the fused model's files.
+    pub graph: BuildGraph,
+    /// The fused model's files and the tensors each holds.
+    pub shards: Vec<writer::Shard>,
     pub device: Device,
     pub recipe_digest: FileDigest,
     /// The seed of DARE's random pruning, as given or derived.
     pub seed: u64,
-    /// Per tensor, with `[output] adapter`: the node re-factoring its delta.
-    pub refactors: Vec<Option<(crate::digest::NodeKey, job::Refactor)>>,
     /// With `[output] gguf`: how the GGUF is laid out, checked before anything is computed.
     pub gguf: Option<crate::output::gguf::Layout>,
 }
@@ -79,35 +80,35 @@ impl Resolution {
             let digest = blake3::hash(recipe.text.as_bytes());
             u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) >> 1
         });
-        let keys = Keys::new(
-            &plan,
-            &recipe_dir(&recipe),
-            &store,
-            cache.rehash,
-            device.class(),
-            (&recipe.merge, seed),
-        )
-        .map_err(|source| ExecError::Hash { source })?;
-        let refactors = match &recipe.output.adapter {
-            Some(adapter) => refactors(&plan, &keys, adapter.rank),
-            None => vec![None; plan.tensors.len()],
+        let settings = Settings {
+            device: device.class(),
+            merge: &recipe.merge,
+            seed,
+            refactor: recipe.output.adapter.as_ref().map(|a| a.rank),
         };
+        let mut graph =
+            BuildGraph::new(&plan, &recipe_dir(&recipe), &store, cache.rehash, &settings)
+                .map_err(|source| ExecError::Hash { source })?;
+        let shards = shards(&recipe, &plan);
+        if recipe.fuses() {
+            graph.add_outputs(&shards);
+        }
         Ok(Resolution {
             recipe,
             store,
             plan,
-            keys,
+            graph,
+            shards,
             device,
             recipe_digest,
             seed,
-            refactors,
             gguf,
         })
     }
 
     pub(crate) fn resolved(&self) -> Resolved {
         Resolved {
-            device: self.device.class().to_owned(),
+            device: self.device.class().name().to_owned(),
             dtype: match self.recipe.output.dtype {
                 OutputDtype::Base => "base",
                 OutputDtype::F32 => "f32",
@@ -121,82 +122,79 @@ impl Resolution {
     }
 
     pub(crate) fn input_digests(&self) -> BTreeMap<String, FileDigest> {
-        self.keys
+        self.graph
             .files
             .iter()
             .map(|f| (f.shown.clone(), f.digest))
             .collect()
     }
 
-    /// What a build would do for each tensor, and why.
-    pub fn statuses(&self) -> Vec<Status> {
-        let last = BuildRecord::read(&self.store, &self.recipe.primary_output().path).tensors;
-        self.plan
-            .tensors
-            .iter()
-            .zip(&self.keys.tensors)
-            .map(|(tensor, key)| match key {
-                None => Status::Copy,
-                Some((node, _)) if self.store.action(node).is_some() => Status::Cached,
-                Some((_, key)) => Status::Compute {
-                    why: match last.get(&tensor.out.name) {
-                        Some(old) => {
-                            key.changes_since(old, &self.keys.files, &self.sources(tensor))
-                        }
-                        None => vec!["it was never built".into()],
-                    },
-                },
-            })
-            .collect()
-    }
-
-    /// The files a tensor's origin and each of its deltas are read from, as the lock shows them.
-    fn sources(&self, tensor: &crate::plan::TensorPlan) -> Vec<String> {
-        let plan = &self.plan;
-        let origin = match &tensor.origin {
-            Origin::Base { tensor: name, .. } => plan.inputs.base.weights.get(name).map(|(f, _)| f),
-            Origin::Replacement { adapter, .. } => {
-                plan.inputs.adapters[*adapter].tensor_file(&tensor.out.name)
+    /// What a build would do for a node, and why; `last` is the record of the last build.
+    pub fn status(&self, keyed: &Keyed, last: &BuildRecord) -> Status {
+        if matches!(keyed.node, modelforge_core::node::Node::Copy { .. }) {
+            return Status::Copy;
+        }
+        if self.store.action(&keyed.key).is_some() {
+            return Status::Cached;
+        }
+        let why = match (keyed.fuse(), last.tensors.get(&keyed.name)) {
+            (Some(new), Some(modelforge_core::node::Node::Fuse(old))) => {
+                super::changes::since(self, &keyed.name, new, old)
             }
+            (Some(_), _) => vec!["it was never built".into()],
+            (None, _) => vec!["it is not in the cache".into()],
         };
-        let deltas = tensor
-            .deltas
-            .iter()
-            .map(|d| plan.inputs.adapters[d.adapter].tensor_file(&tensor.out.name));
-        std::iter::once(origin)
-            .chain(deltas)
-            .map(|file| {
-                file.and_then(|file| self.keys.files.iter().find(|f| f.path == file.path))
-                    .map_or_else(|| "an input".into(), |f| f.shown.clone())
-            })
-            .collect()
+        Status::Compute { why }
     }
 
-    /// The fused model's files and the tensors each holds (`[output] shard_by`).
-    pub fn shards(&self) -> Vec<writer::Shard> {
-        let tensors = self.plan.tensors.iter();
-        let groups = match self.recipe.output.shard_by {
-            ShardBy::Size => vec![tensors.map(|t| t.out.clone()).collect()],
-            ShardBy::Inputs => {
-                // Keyed by the adapters a tensor depends on; the base's own tensors come first.
-                let mut groups: BTreeMap<Vec<usize>, Vec<writer::OutTensor>> = BTreeMap::new();
-                for tensor in tensors {
-                    let replacement = match tensor.origin {
-                        Origin::Replacement { adapter, .. } => Some(adapter),
-                        Origin::Base { .. } => None,
-                    };
-                    let mut adapters: Vec<usize> = replacement
-                        .into_iter()
-                        .chain(tensor.deltas.iter().map(|d| d.adapter))
-                        .collect();
-                    adapters.sort_unstable();
-                    adapters.dedup();
-                    groups.entry(adapters).or_default().push(tensor.out.clone());
+    /// The fate of every module, with the figures of aligned ones read from their cache
+    /// entries.
+    pub fn fates(&self) -> Vec<crate::plan::Fate> {
+        use crate::plan::AlignItem;
+        let res = self;
+        let align = &res.plan.align;
+        let figure = |item| {
+            let key = &res.graph.align(item).key;
+            res.store.action(key).and_then(|e| e.energy.or(e.overlap))
+        };
+        res.plan
+            .transfer
+            .iter()
+            .map(|fate| {
+                let mut fate = fate.clone();
+                match fate.adapted {
+                    Some(crate::plan::Adapt::Aligned {
+                        node: AlignItem::Delta(i),
+                        ..
+                    }) => {
+                        let inner = align.deltas[i].inner;
+                        let residual = align.inners[inner].residual;
+                        fate.energy = figure(AlignItem::Delta(i));
+                        fate.overlap = figure(AlignItem::Inner(inner));
+                        fate.residual_fit = figure(AlignItem::Residual(residual));
+                    }
+                    Some(crate::plan::Adapt::Fit { energy }) => fate.energy = figure(energy),
+                    _ => {}
                 }
-                groups.into_values().collect()
-            }
-        };
-        writer::layout(groups, self.recipe.output.max_shard_size)
+                fate
+            })
+            .collect()
+    }
+
+    /// What the files around the weights are made from.
+    pub fn surroundings(&self) -> crate::output::Surroundings<'_> {
+        crate::output::Surroundings {
+            recipe: &self.recipe,
+            recipe_digest: self.recipe_digest,
+            plan: &self.plan,
+            fates: self.fates(),
+            inputs: self.input_digests(),
+        }
+    }
+
+    /// The record of the last build of the primary output.
+    pub fn last_build(&self) -> BuildRecord {
+        BuildRecord::read(&self.store, &self.recipe.primary_output().path)
     }
 
     /// Whether the lock records exactly this recipe, these inputs, and outputs still on disk.
@@ -214,6 +212,33 @@ impl Resolution {
                     .is_ok_and(|d| d == *digest)
             })
     }
+}
+
+/// The fused model's files and the tensors each holds (`[output] shard_by`).
+fn shards(recipe: &Recipe, plan: &Plan) -> Vec<writer::Shard> {
+    let tensors = plan.tensors.iter();
+    let groups = match recipe.output.shard_by {
+        ShardBy::Size => vec![tensors.map(|t| t.out.clone()).collect()],
+        ShardBy::Inputs => {
+            // Keyed by the adapters a tensor depends on; the base's own tensors come first.
+            let mut groups: BTreeMap<Vec<usize>, Vec<writer::OutTensor>> = BTreeMap::new();
+            for tensor in tensors {
+                let replacement = match tensor.origin {
+                    Origin::Replacement { adapter, .. } => Some(adapter),
+                    Origin::Base { .. } => None,
+                };
+                let mut adapters: Vec<usize> = replacement
+                    .into_iter()
+                    .chain(tensor.deltas.iter().map(|d| d.adapter))
+                    .collect();
+                adapters.sort_unstable();
+                adapters.dedup();
+                groups.entry(adapters).or_default().push(tensor.out.clone());
+            }
+            groups.into_values().collect()
+        }
+    };
+    writer::layout(groups, recipe.output.max_shard_size)
 }
 
 pub(crate) fn recipe_dir(recipe: &Recipe) -> PathBuf {

@@ -80,9 +80,10 @@ pub(crate) struct Aligned {
 
 impl Aligned {
     fn of(res: &Resolution) -> Option<Aligned> {
-        let fates: Vec<_> = crate::output::transfer(res)
+        let fates: Vec<_> = res
+            .fates()
             .into_iter()
-            .filter(|f| matches!(f.adapted, Some(crate::plan::Adapt::Aligned(_))))
+            .filter(|f| matches!(f.adapted, Some(crate::plan::Adapt::Aligned { .. })))
             .collect();
         let mean = |f: fn(&crate::plan::Fate) -> Option<f64>| {
             fates.iter().filter_map(f).sum::<f64>() / fates.len() as f64

@@ -15,30 +15,7 @@ const WEIGHTS: &str = "adapter_model.safetensors";
 /// PEFT saves keys relative to the `PeftModel`, whose base model sits at `base_model.model`.
 const PREFIX: &str = "base_model.model.";
 
-/// How a module's low-rank product becomes a delta of the base tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LoraKind {
-    /// `nn.Linear`: Δ = B·A, shaped (out, in).
-    Linear,
-    /// GPT-2's `Conv1D` stores weights as (in, out): Δ = (B·A)ᵀ.
-    LinearTransposed,
-    /// `nn.Embedding`: A is (r, vocab), B is (dim, r), Δ = (B·A)ᵀ shaped (vocab, dim).
-    Embedding,
-    /// PEFT's `ParamWrapper` on a 3-D parameter of `count` experts (`target_parameters`, e.g.
-    /// transformers 5's `mlp.experts.gate_up_proj` [E, out, in]): A is (E·r, in), B is
-    /// (out, E·r) with expert e's rank columns interleaved (column k·E + e), and expert e's delta
-    /// is B_e·A_e, or (B_e·A_e)ᵀ when the parameter is stored [E, in, out] (`transposed`).
-    Experts { count: usize, transposed: bool },
-    /// The same LoRA landing on one expert's 2-D tensor in a checkpoint that stores experts
-    /// apart (`block_sparse_moe.experts.N.w1`, `mlp.experts.N.gate_proj`, as transformers
-    /// writes Mixtral and Qwen-MoE checkpoints): expert `index`'s delta rows `offset..` (the
-    /// gate half of `gate_up_proj` is `w1`, the up half `w3`).
-    Expert {
-        count: usize,
-        index: usize,
-        offset: usize,
-    },
-}
+pub(crate) use modelforge_core::node::LoraKind;
 
 /// One LoRA module: the base tensor it changes and how.
 #[derive(Clone, Debug)]

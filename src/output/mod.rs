@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::exec::Resolution;
-use crate::plan::{Adapt, Plan};
-use crate::recipe::OutputDtype;
+use crate::digest::FileDigest;
+use crate::plan::{Fate, Plan};
+use crate::recipe::{OutputDtype, Recipe};
 
 pub(crate) const MANIFEST: &str = "modelforge.json";
 
@@ -46,10 +46,21 @@ fn is_copied(name: &str) -> bool {
         || name == MANIFEST)
 }
 
+/// What the files around the weights are made from.
+pub(crate) struct Surroundings<'a> {
+    pub recipe: &'a Recipe,
+    pub recipe_digest: FileDigest,
+    pub plan: &'a Plan,
+    /// The fate of every module, with the figures of width adaptation.
+    pub fates: Vec<Fate>,
+    /// Every input file, as the lock names it, and its digest.
+    pub inputs: BTreeMap<String, FileDigest>,
+}
+
 /// Everything but the weights, as (file name, bytes): the base's config and tokenizer files,
 /// the model card and the manifest.
-pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>> {
-    let (recipe, plan) = (&res.recipe, &res.plan);
+pub(crate) fn files(around: &Surroundings<'_>) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let (recipe, plan) = (around.recipe, around.plan);
     let base_dir = &plan.inputs.base.dir;
     let mut names: Vec<String> = std::fs::read_dir(base_dir)?
         .filter_map(Result::ok)
@@ -85,8 +96,9 @@ pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>>
         "README.md".into(),
         card::model_card(recipe, plan).into_bytes(),
     ));
-    files.extend(transfer_files(res)?);
-    let mut manifest = serde_json::to_vec_pretty(&manifest(res)).map_err(std::io::Error::other)?;
+    files.extend(transfer_files(&around.fates)?);
+    let mut manifest =
+        serde_json::to_vec_pretty(&manifest(around)).map_err(std::io::Error::other)?;
     manifest.push(b'\n');
     files.push((MANIFEST.into(), manifest));
     Ok(files)
@@ -94,46 +106,20 @@ pub(crate) fn files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>>
 
 /// `transfer.json` and `transfer.txt`, when something was mapped, skipped or dropped: what became
 /// of every module.
-pub(crate) fn transfer_files(res: &Resolution) -> std::io::Result<Vec<(String, Vec<u8>)>> {
-    if res.plan.transfer.iter().all(|f| f.is_plain()) {
+pub(crate) fn transfer_files(fates: &[Fate]) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    if fates.iter().all(|f| f.is_plain()) {
         return Ok(Vec::new());
     }
-    let transfer = transfer(res);
-    let mut json = serde_json::to_vec_pretty(&transfer).map_err(std::io::Error::other)?;
+    let mut json = serde_json::to_vec_pretty(fates).map_err(std::io::Error::other)?;
     json.push(b'\n');
-    let text: String = transfer.iter().map(transfer_line).collect();
+    let text: String = fates.iter().map(transfer_line).collect();
     Ok(vec![
         ("transfer.json".into(), json),
         ("transfer.txt".into(), text.into_bytes()),
     ])
 }
 
-/// The fate of every module, with the figures of aligned ones read from their cache entries.
-pub(crate) fn transfer(res: &Resolution) -> Vec<crate::plan::Fate> {
-    let (align, keys) = (&res.plan.align, &res.keys.align);
-    let figure = |key| res.store.action(key).and_then(|e| e.energy.or(e.overlap));
-    res.plan
-        .transfer
-        .iter()
-        .map(|fate| {
-            let mut fate = fate.clone();
-            match fate.adapted {
-                Some(Adapt::Aligned(i)) => {
-                    let inner = align.deltas[i].inner;
-                    let residual = align.inners[inner].residual;
-                    fate.energy = figure(&keys.deltas[i]);
-                    fate.overlap = figure(&keys.inners[inner]);
-                    fate.residual_fit = figure(&keys.residuals[residual]);
-                }
-                Some(Adapt::Fit(i)) => fate.energy = figure(&keys.fits[i]),
-                None => {}
-            }
-            fate
-        })
-        .collect()
-}
-
-fn transfer_line(fate: &crate::plan::Fate) -> String {
+fn transfer_line(fate: &Fate) -> String {
     let mut line = format!("{}: {}: {}", fate.adapter, fate.module, fate.fate);
     if let Some(dims) = &fate.dims {
         line += &format!("; dims {dims}");
@@ -181,18 +167,17 @@ fn config_json(plan: &Plan, dtype: OutputDtype) -> Vec<u8> {
 
 /// What went into the build, by blake3 digest; no timestamps, so the same inputs give the same
 /// manifest. (The lock file beside the recipe also records what came out.)
-fn manifest(res: &Resolution) -> Value {
-    let inputs: BTreeMap<&str, String> = res
-        .keys
-        .files
+fn manifest(around: &Surroundings<'_>) -> Value {
+    let inputs: BTreeMap<&str, String> = around
+        .inputs
         .iter()
-        .map(|f| (f.shown.as_str(), f.digest.hex()))
+        .map(|(shown, digest)| (shown.as_str(), digest.hex()))
         .collect();
     json!({
         "modelforge": env!("CARGO_PKG_VERSION"),
         "recipe": {
-            "path": res.recipe.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "blake3": res.recipe_digest.hex(),
+            "path": around.recipe.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "blake3": around.recipe_digest.hex(),
         },
         "inputs": inputs,
     })

@@ -9,12 +9,13 @@ use super::{
     check_float, origin_meta, Adapt, Alignment, Delta, DeltaKind, Located, Origin, PlanError,
     TensorPlan,
 };
+use crate::arch::Role;
 use crate::arch::{Place, Schema, Schemas};
-use crate::exec::job::{Layout, RowMap, Side};
-use crate::exec::rotary::{Rotary, RotaryMap};
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 use crate::recipe::{layer_of, DimsMap, Recipe, Weight};
+use modelforge_core::node::{Layout, RowMap, Side};
+use modelforge_core::rotary::{Rotary, RotaryMap};
 
 /// What planning builds up, adapter by adapter.
 pub(super) struct Planned {
@@ -95,7 +96,7 @@ impl<'a> AdapterPlan<'a> {
     }
 
     /// A source module's role, layer and rotary convention, by the adapter's schema.
-    fn source_role(&self, module: &str) -> Option<(&'a str, usize, Option<Rotary>)> {
+    fn source_role(&self, module: &str) -> Option<(Role, usize, Option<Rotary>)> {
         let tensor = format!("{module}.weight");
         let schema = self
             .source_schema
@@ -132,10 +133,10 @@ impl<'a> AdapterPlan<'a> {
 
     /// The module's role, when the base's architecture has no such role at all (a SwiGLU gate
     /// going into a non-gated MLP): it is skipped with a warning, never silently.
-    fn no_counterpart(&self, module: &str) -> Option<String> {
+    fn no_counterpart(&self, module: &str) -> Option<Role> {
         let target = self.target_schema?;
         let (role, _, _) = self.source_role(module)?;
-        target.has_no(role).then(|| role.to_owned())
+        target.has_no(role).then_some(role)
     }
 
     /// Refuses an adapter none of whose modules has a place in the base, saying why.
@@ -313,7 +314,7 @@ impl<'a> AdapterPlan<'a> {
                 adapter: name.clone(),
                 module: mapped.source.to_string(),
                 leaf: mapped.source.rsplit('.').next().unwrap_or_default().into(),
-                role,
+                role: role.name().into(),
                 arch: self.target_schema.map_or("?", |s| s.name.as_str()).into(),
                 src: self.src.clone(),
                 span,
@@ -369,7 +370,7 @@ impl<'a> AdapterPlan<'a> {
         let role = self.source_role(module).map(|(role, _, _)| role);
         let head_dim = self.dims.map_or(0, |d| d.head_dim);
         if let (Some(map), Some(part_rows), Some(dims)) = (rows.as_mut(), part_rows, self.dims) {
-            if matches!(role, Some("attn.k" | "attn.v")) {
+            if role.is_some_and(Role::is_kv) {
                 *map = repeat_kv_heads(*map, out, part_rows, dims.head_dim);
             }
         }
@@ -404,7 +405,8 @@ impl<'a> AdapterPlan<'a> {
             (true, Some(part_rows)) => part_rows / repeat,
             (true, None) => extent(out_axis),
         };
-        if let (Some(part_rows), Some("attn.k" | "attn.v"), false) = (part_rows, role, aligning) {
+        if let (Some(part_rows), true, false) = (part_rows, role.is_some_and(Role::is_kv), aligning)
+        {
             if out * repeat != part_rows && head_dim > 0 && out % head_dim == 0 {
                 return Err(PlanError::KvHeads {
                     adapter: self.name.clone(),
@@ -561,7 +563,9 @@ impl<'a> AdapterPlan<'a> {
         let fit = planned.align.fit(self.index, mapped.lora, to);
         let how = if truncate { "truncate" } else { "pad" };
         Ok(Widths::Adapted(
-            Adapt::Fit(fit),
+            Adapt::Fit {
+                energy: super::AlignItem::Fit(fit),
+            },
             format!("{how} {delta_shape:?} -> {shape:?}"),
         ))
     }
@@ -645,7 +649,11 @@ impl<'a> AdapterPlan<'a> {
             planned.by_role += 1;
         }
         let note = planned.align.describe(aligned);
-        Ok(Widths::Adapted(Adapt::Aligned(aligned), note))
+        let adapt = Adapt::Aligned {
+            node: super::AlignItem::Delta(aligned),
+            rank: planned.align.deltas[aligned].rank,
+        };
+        Ok(Widths::Adapted(adapt, note))
     }
 
     /// The module's deltas on its target tensor (and on its bias, for a `lora_bias`), once
@@ -658,7 +666,8 @@ impl<'a> AdapterPlan<'a> {
         planned: &mut Planned,
     ) -> Result<(), PlanError> {
         let (module, lora) = (mapped.target.as_str(), mapped.lora);
-        let weight = self.weight.for_module(module, layer_of(module)) * mapped.share;
+        let (weight, weight_span) = self.weight.rule_for(module, layer_of(module));
+        let weight = weight * mapped.share;
         let at = self.at();
         let tensor = &landing.tensor;
         let plan = planned
@@ -671,6 +680,7 @@ impl<'a> AdapterPlan<'a> {
         let delta = |kind| Delta {
             adapter: self.index,
             weight,
+            weight_span,
             scaling: lora.scaling,
             kind,
         };
@@ -807,11 +817,12 @@ impl AdapterPlan<'_> {
             check_float(&self.at(), tensor, &tokens.values)?;
             check_float(&self.at(), tensor, origin_meta(&plan.origin))?;
             let module = tensor.strip_suffix(".weight").unwrap_or(tensor);
-            let weight = self.weight.for_module(module, layer_of(module));
+            let (weight, weight_span) = self.weight.rule_for(module, layer_of(module));
             if weight != 0.0 {
                 plan.deltas.push(Delta {
                     adapter: self.index,
                     weight,
+                    weight_span,
                     scaling: 1.0,
                     kind: DeltaKind::Tokens {
                         indices: tokens.indices.clone(),

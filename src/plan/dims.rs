@@ -12,16 +12,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::exec::job::{Layout, Side};
 use crate::io::hf::HfModel;
 use crate::io::peft::LoraModule;
 use crate::io::safetensors::TensorMeta;
+use modelforge_core::node::{Layout, Side};
 
 /// Embedding tensors' module names, by family.
 const EMBEDDINGS: &[&str] = &["embed_tokens", "wte", "word_embeddings", "embed_in"];
-
-/// Roles whose weight writes the residual stream (its rows are the residual side).
-const WRITES_RESIDUAL: &[&str] = &["attn.o", "mlp.down", "mlp.fc_out"];
 
 /// A tensor of a model the planner opened: where its bytes are.
 #[derive(Clone, Debug)]
@@ -269,8 +266,8 @@ impl Alignment {
 }
 
 /// Which side of a module faces the residual stream, from its role in the schemas.
-pub(crate) fn side_of(role: &str) -> Side {
-    if WRITES_RESIDUAL.contains(&role) {
+pub(crate) fn side_of(role: crate::arch::Role) -> Side {
+    if role.writes_residual() {
         Side::Output
     } else {
         Side::Input

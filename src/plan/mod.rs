@@ -5,7 +5,6 @@ mod adapter;
 mod dims;
 mod error;
 mod graph;
-mod keys;
 mod tie;
 mod transfer;
 
@@ -15,12 +14,9 @@ use safetensors::Dtype;
 
 pub(crate) use dims::{Alignment, TensorRef};
 pub(crate) use error::PlanError;
-pub(crate) use graph::{BuildGraph, Status};
-pub(crate) use keys::{pathdiff, Keys, MergeKey, TensorKey};
+pub(crate) use graph::{pathdiff, BuildGraph, Keyed, Settings, Status};
 
 use crate::arch::{Place, Schema, Schemas};
-use crate::exec::job::RowMap;
-use crate::exec::rotary::RotaryMap;
 use crate::io::hf::HfModel;
 use crate::io::peft::{LoraKind, PeftAdapter};
 use crate::io::safetensors::TensorMeta;
@@ -105,47 +101,29 @@ pub(crate) struct Delta {
     pub adapter: usize,
     /// The recipe's weight for this adapter and module.
     pub weight: f64,
+    /// Where the recipe gives that weight (`None`: the default, 1).
+    pub weight_span: Option<miette::SourceSpan>,
     /// The adapter's own scaling.
     pub scaling: f64,
     pub kind: DeltaKind,
 }
 
-#[derive(Clone, Debug)]
-pub(crate) enum DeltaKind {
-    /// B·A, transposed for `LoraKind::LinearTransposed` and `Embedding`.
-    LowRank {
-        kind: LoraKind,
-        a: TensorMeta,
-        b: TensorMeta,
-        /// In a fused target tensor (another architecture's layout), where B's rows go.
-        rows: Option<RowMap>,
-        /// q/k rows carried into the target's rotary convention, before `rows` places them.
-        rotary: Option<RotaryMap>,
-        /// Made for other widths (`[adapter.map] dims`).
-        adapt: Option<Adapt>,
-        /// DoRA: once the delta is added, each output row of the sum is scaled by
-        /// m / ‖W + Δ‖, m being this `lora_magnitude_vector` and W the tensor's starting value.
-        magnitude: Option<TensorMeta>,
-    },
-    /// Trainable tokens: these rows of the tensor become the rows of `values`.
-    Tokens {
-        indices: Vec<usize>,
-        values: TensorMeta,
-    },
-    /// A bias vector (`lora_bias`).
-    Vector(TensorMeta),
-    /// A full model's tensor: the delta is it minus the base's.
-    Difference(TensorMeta),
-}
+/// What an adapter adds to a tensor, as the node that fuses it will say (see
+/// [`modelforge_core::node::Delta`]): tensors named by their place in the adapter's file, and
+/// the nodes of width adaptation by what the plan calls them.
+pub(crate) type DeltaKind = modelforge_core::node::Delta<TensorMeta, AlignItem>;
 
 /// How a delta made for other widths fits its tensor.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Adapt {
-    /// Its leading rows and columns, zeros after (`truncate`, `pad`); the energy this keeps
-    /// is measured by `Plan::align.fits[i]`.
+pub(crate) type Adapt = modelforge_core::node::Adapt<AlignItem>;
+
+/// A node of width adaptation, by its place in [`Alignment`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum AlignItem {
+    Residual(usize),
+    Inner(usize),
+    Delta(usize),
+    /// The energy `truncate` or `pad` keeps, measured for the report.
     Fit(usize),
-    /// `Plan::align.deltas[i]`, computed before fusing (`align`).
-    Aligned(usize),
 }
 
 /// What to write for one output tensor.
@@ -471,6 +449,7 @@ fn resolve_rules(
             };
         resolved.push(ResolvedRule {
             value: rule.value,
+            span: rule.span,
             layers: layers_range,
             modules: rule.modules.clone(),
         });
@@ -521,11 +500,12 @@ fn model_deltas(
         let module = name
             .rsplit_once('.')
             .map_or(name.as_str(), |(module, _)| module);
-        let w = weight.for_module(module, layer_of(module));
+        let (w, weight_span) = weight.rule_for(module, layer_of(module));
         if w != 0.0 {
             plan.deltas.push(Delta {
                 adapter: index,
                 weight: w,
+                weight_span,
                 scaling: 1.0,
                 kind: DeltaKind::Difference(meta.clone()),
             });
@@ -547,35 +527,6 @@ pub(crate) fn difference_kind(tensor: &str) -> LoraKind {
     } else {
         LoraKind::Linear
     }
-}
-
-/// The files a tensor's bytes are read from.
-pub(crate) fn tensor_inputs(plan: &Plan, tensor: &TensorPlan) -> Vec<std::path::PathBuf> {
-    let mut paths = vec![match &tensor.origin {
-        Origin::Base { tensor: name, .. } => plan
-            .inputs
-            .base
-            .weights
-            .get(name)
-            .map(|(file, _)| file.path.clone())
-            .unwrap_or_default(),
-        Origin::Replacement { adapter, .. } => plan.inputs.adapters[*adapter]
-            .tensor_file(&tensor.out.name)
-            .map(|file| file.path.clone())
-            .unwrap_or_default(),
-    }];
-    for delta in &tensor.deltas {
-        let Some(path) = plan.inputs.adapters[delta.adapter]
-            .tensor_file(&tensor.out.name)
-            .map(|file| &file.path)
-        else {
-            continue;
-        };
-        if !paths.contains(path) {
-            paths.push(path.clone());
-        }
-    }
-    paths
 }
 
 fn origin_meta(origin: &Origin) -> &TensorMeta {

@@ -2,9 +2,10 @@
 //! goes to (`[adapter.map] layers`), how q and k rows move between rotary conventions, and the
 //! fate of every module, which the transfer report prints.
 use crate::arch::Place;
-use crate::exec::rotary::{Rotary, RotaryMap};
+use crate::arch::Role;
 use crate::io::peft::PeftAdapter;
 use crate::recipe::layer_of;
+use modelforge_core::rotary::{Rotary, RotaryMap};
 
 use super::{Adapt, PlanError};
 
@@ -12,7 +13,7 @@ use super::{Adapt, PlanError};
 /// base's: only q and k, and only when the two differ. `Err`: the conventions and why a delta of
 /// `out` rows cannot be carried.
 pub(super) fn rotary_between(
-    role: &str,
+    role: Role,
     from: Option<Rotary>,
     to: Option<Rotary>,
     head_dim: usize,
@@ -21,7 +22,7 @@ pub(super) fn rotary_between(
     let (Some(from), Some(to)) = (from, to) else {
         return Ok(None);
     };
-    if from == to || !matches!(role, "attn.q" | "attn.k") {
+    if from == to || !role.is_rotated() {
         return Ok(None);
     }
     if !from.fits(head_dim) || !to.fits(head_dim) {

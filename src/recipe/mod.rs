@@ -14,7 +14,8 @@ use toml::Spanned;
 
 pub(crate) use error::{RecipeError, Src};
 pub(crate) use layers::LayerRange;
-pub(crate) use schema::{GgufType, MajoritySign, MergeMethod, OutputDtype, ShardBy};
+pub(crate) use modelforge_core::node::{SignElection as MajoritySign, Sparsify};
+pub(crate) use schema::{GgufType, MergeMethod, OutputDtype, ShardBy};
 
 pub(crate) use weight::{layer_of, module_matches, ResolvedRule, Weight, WeightRule};
 
@@ -57,11 +58,11 @@ pub(crate) struct Merge {
 
 impl MergeMethod {
     /// Whether the method prunes each delta, and whether by magnitude or at random.
-    pub fn sparsify(self) -> Option<Pruning> {
+    pub fn sparsify(self) -> Option<Sparsify> {
         match self {
             MergeMethod::Linear | MergeMethod::Cat => None,
-            MergeMethod::Ties | MergeMethod::MagnitudePrune => Some(Pruning::Magnitude),
-            MergeMethod::DareLinear | MergeMethod::DareTies => Some(Pruning::Random),
+            MergeMethod::Ties | MergeMethod::MagnitudePrune => Some(Sparsify::Magnitude),
+            MergeMethod::DareLinear | MergeMethod::DareTies => Some(Sparsify::Random),
         }
     }
 
@@ -69,14 +70,6 @@ impl MergeMethod {
     pub fn elects_sign(self) -> bool {
         matches!(self, MergeMethod::Ties | MergeMethod::DareTies)
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Pruning {
-    /// Keep the largest entries by magnitude (TIES, magnitude pruning).
-    Magnitude,
-    /// Keep each entry with probability `density` and rescale by 1/density (DARE).
-    Random,
 }
 
 /// How an adapter's layers land on the base's.
@@ -377,6 +370,19 @@ impl Recipe {
     pub fn src(&self) -> Src {
         NamedSource::new(self.path.display().to_string(), self.text.clone())
     }
+
+    /// `recipe.toml:12`: the recipe's file name and the line `span` starts on.
+    pub fn line_of(&self, span: miette::SourceSpan) -> String {
+        let line = 1 + self.text[..span.offset().min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count();
+        let name = self.path.file_name().map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        format!("{name}:{line}")
+    }
 }
 
 fn parse_device(text: &str) -> Option<DeviceRequest> {
@@ -512,6 +518,7 @@ impl Checker {
         let weight = match &adapter.weight {
             None => vec![WeightRule {
                 value: 1.0,
+                span: None,
                 layers: None,
                 modules: None,
             }],
@@ -683,6 +690,7 @@ impl Checker {
         match raw.get_ref() {
             RawWeight::Scalar(value) => Ok(vec![WeightRule {
                 value: self.finite(*value, raw.span())?,
+                span: Some(raw.span().into()),
                 layers: None,
                 modules: None,
             }]),
@@ -732,6 +740,7 @@ impl Checker {
         }
         Ok(WeightRule {
             value: self.finite(*rule.value.get_ref(), rule.value.span())?,
+            span: Some(rule.value.span().into()),
             layers,
             modules: rule.modules.as_ref().map(|m| m.get_ref().clone()),
         })

@@ -1,5 +1,6 @@
 //! The recipe as written: serde types that mirror the TOML and keep each value's span, so that
 //! later checks can point at the line that caused them. Unknown keys are errors.
+use super::MajoritySign;
 use std::fmt;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -46,16 +47,6 @@ pub(crate) enum MergeMethod {
     DareLinear,
     DareTies,
     MagnitudePrune,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum MajoritySign {
-    /// The sign of the sum of the deltas.
-    #[default]
-    Total,
-    /// The sign most deltas have.
-    Frequency,
 }
 
 #[derive(Debug, Deserialize)]

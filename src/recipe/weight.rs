@@ -8,6 +8,8 @@ use super::layers::LayerRange;
 #[derive(Clone, Debug)]
 pub(crate) struct WeightRule {
     pub value: f64,
+    /// Where the recipe gives the value (`None`: the default).
+    pub span: Option<SourceSpan>,
     pub layers: Option<(LayerRange, SourceSpan)>,
     /// Module names matched as PEFT matches `target_modules`: the whole path or its last parts.
     pub modules: Option<Vec<String>>,
@@ -17,6 +19,7 @@ pub(crate) struct WeightRule {
 #[derive(Clone, Debug)]
 pub(crate) struct ResolvedRule {
     pub value: f64,
+    pub span: Option<SourceSpan>,
     pub layers: Option<Range<usize>>,
     pub modules: Option<Vec<String>>,
 }
@@ -35,9 +38,16 @@ impl Weight {
     /// The weight of the delta for `module` (its dotted path in the base, without `.weight`)
     /// in `layer`. Unmatched modules keep weight 1.0.
     pub fn for_module(&self, module: &str, layer: Option<usize>) -> f64 {
-        let mut weight = 1.0;
+        self.rule_for(module, layer).0
+    }
+
+    /// The weight for `module` in `layer`, and where the recipe gives it (`None`: nowhere,
+    /// the default 1.0).
+    pub fn rule_for(&self, module: &str, layer: Option<usize>) -> (f64, Option<SourceSpan>) {
+        let mut weight = (1.0, None);
         for ResolvedRule {
             value,
+            span,
             layers,
             modules,
         } in &self.rules
@@ -51,7 +61,7 @@ impl Weight {
                 .as_ref()
                 .is_none_or(|names| names.iter().any(|name| module_matches(module, name)));
             if layer_ok && module_ok {
-                weight = *value;
+                weight = (*value, *span);
             }
         }
         weight
@@ -79,6 +89,7 @@ mod tests {
     fn the_last_matching_rule_wins() {
         let rule = |value, layers, modules| ResolvedRule {
             value,
+            span: None,
             layers,
             modules,
         };

@@ -70,7 +70,7 @@ fn changing_one_adapter_recomputes_only_its_tensors() {
 
     write_recipe(&ws, 0.25);
     let plan = ws.ok(&["plan", "recipe.toml"]);
-    assert!(plan.contains("compute  model.layers.0.self_attn.v_proj.weight  (the weight × scaling of `b/adapter_model.safetensors` went from 1 to 0.5)"), "{plan}");
+    assert!(plan.contains("compute  model.layers.0.self_attn.v_proj.weight  (the weight of `b` (recipe.toml:7) went from 0.5 to 0.25)"), "{plan}");
     assert!(
         plan.contains("cached   model.layers.0.self_attn.q_proj.weight"),
         "{plan}"
