@@ -246,6 +246,19 @@ pub enum Delta<T, N> {
 }
 
 impl<T, N> Delta<T, N> {
+    /// B·A of `kind` read from `a` and `b`, placed as it is: every optional field unset.
+    pub fn low_rank(kind: LoraKind, a: T, b: T) -> Delta<T, N> {
+        Delta::LowRank {
+            kind,
+            a,
+            b,
+            rows: None,
+            rotary: None,
+            adapt: None,
+            magnitude: None,
+        }
+    }
+
     /// The tensors it reads.
     pub fn tensors(&self) -> Vec<&T> {
         match self {

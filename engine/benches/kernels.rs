@@ -136,10 +136,10 @@ fn tensor_job(dir: &Path) -> Job {
         deltas: vec![Weighted {
             weight: 1.0,
             scaling: 2.0,
-            delta: Delta::LowRank {
-                kind: LoraKind::Linear,
-                a: input(&lora_path, "a", Dtype::F32, vec![RANK, COLS], 0, a.len()),
-                b: input(
+            delta: Delta::low_rank(
+                LoraKind::Linear,
+                input(&lora_path, "a", Dtype::F32, vec![RANK, COLS], 0, a.len()),
+                input(
                     &lora_path,
                     "b",
                     Dtype::F32,
@@ -147,11 +147,7 @@ fn tensor_job(dir: &Path) -> Job {
                     a.len(),
                     b.len(),
                 ),
-                rows: None,
-                rotary: None,
-                adapt: None,
-                magnitude: None,
-            },
+            ),
         }],
         merge: None,
         dtype: Dtype::BF16,

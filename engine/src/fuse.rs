@@ -32,6 +32,10 @@ fn accept(rounded: Rounded, offset: u64, check_finite: bool) -> Result<Vec<u8>, 
     }
 }
 
+/// DoRA's magnitude per output row, or per column of a transposed tensor (`true`), and in a
+/// fused tensor which rows (columns) are the module's.
+type Magnitudes = (Vec<f32>, bool, Option<Vec<bool>>);
+
 /// A delta in f32, laid out so that any block of output rows is a contiguous slice; or, for a
 /// full model, where to read its rows.
 struct Prepared {
@@ -46,9 +50,7 @@ struct Prepared {
     rank: usize,
     /// A full model's tensor, read block by block.
     model: Option<(File, Slice)>,
-    /// DoRA's magnitude per output row, or per column of a transposed tensor, and in a fused
-    /// tensor which rows (columns) are the module's.
-    magnitude: Option<(Vec<f32>, bool, Option<Vec<bool>>)>,
+    magnitude: Option<Magnitudes>,
     /// Trainable tokens: rows and their new values (indices × cols).
     tokens: Option<(Vec<usize>, Vec<f32>)>,
 }
@@ -152,17 +154,8 @@ fn prepare(
         let mut load = |input: &Input| -> Result<Vec<f32>, EngineError> {
             Ok(backend.f32_values(&inputs.read(input)?, input.dtype, &input.shape))
         };
-        let plain = |left, right, rank| Prepared {
-            factor: delta.factor(),
-            left,
-            right,
-            rights: Vec::new(),
-            group: 0,
-            rank,
-            model: None,
-            magnitude: None,
-            tokens: None,
-        };
+        let plain =
+            |left, right, rank| Prepared::new(left, right, rank).with_factor(delta.factor());
         prepared.push(match &delta.delta {
             Delta::Vector(v) => plain(load(v)?, Vec::new(), 0),
             Delta::Tokens { indices, values } => {
@@ -224,9 +217,7 @@ fn prepare(
                         ..plain(left, Vec::new(), rank)
                     })
                     .ok_or_else(|| {
-                        shape!(
-                            "a LoRA of {experts} experts does not fit a {rows} × {cols} tensor"
-                        )
+                        shape!("a LoRA of {experts} experts does not fit a {rows} × {cols} tensor")
                     })?
             }
             Delta::Difference(m) => Prepared {
@@ -236,126 +227,184 @@ fn prepare(
                 },
                 ..plain(Vec::new(), Vec::new(), 0)
             },
-            Delta::LowRank {
-                kind,
-                a,
-                b,
-                rows: row_map,
-                rotary,
-                adapt,
-                magnitude,
-            } => {
-                let transposed = &kind.transposed();
-                let mut magnitude = match magnitude {
-                    Some(m) => Some((load(m)?, *transposed, None)),
-                    None => None,
-                };
-                // The factors in the LoRA's orientation: A (rank × inner), B (outer × rank).
-                let (rank, inner, a, b) = match adapt {
-                    Some(Adapt::Aligned { node, rank }) => {
-                        // Made by an alignment step of this job or an earlier build: A's then
-                        // B's f32 values, A as wide as the target's input side.
-                        let bytes = crate::inputs::node_bytes(store, node)?;
-                        let values =
-                            backend.f32_values(&bytes, safetensors::Dtype::F32, &[bytes.len() / 4]);
-                        let inner = if *transposed { rows } else { cols };
-                        if *rank == 0
-                            || !values.len().is_multiple_of(*rank)
-                            || values.len() / rank <= inner
-                        {
-                            return Err(shape!(
-                                "the aligned delta {} does not fit a {rows} × {cols} tensor at rank {rank}",
-                                node.hex()
-                            ));
-                        }
-                        let (a, b) = values.split_at(rank * inner);
-                        (*rank, inner, a.to_vec(), b.to_vec())
-                    }
-                    _ => (a.shape[0], a.shape[1], load(a)?, load(b)?),
-                };
-                let outer = b.len() / rank.max(1);
-                if row_map.is_some() || rotary.is_some() {
-                    // A part of a fused tensor: B's rows (the delta's output features)
-                    // scattered to where the part's are, zero elsewhere, so that the block loop
-                    // sees one tensor-shaped delta. In a transposed target (GPT-2's Conv1D) they
-                    // are columns: Δ = Aᵀ · (Bᵀ scattered into columns).
-                    let axis = usize::from(*transposed);
-                    let total = tensor.origin.shape.get(axis).copied().unwrap_or(0);
-                    let map = row_map.unwrap_or(RowMap::Offset { offset: 0 });
-                    let mut scattered = vec![0f32; total * rank];
-                    // DoRA's magnitude goes with its rows; the part's other rows keep theirs.
-                    let mut part = magnitude
-                        .as_ref()
-                        .map(|_| (vec![0f32; total], vec![false; total]));
-                    for row in 0..outer {
-                        let from = rotary.map_or(row, |r| r.row(row));
-                        for to in map.targets(from) {
-                            if to >= total {
-                                return Err(shape!(
-                                    "row {to} is outside the target's {total} rows"
-                                ));
-                            }
-                            if let (Some((values, mask)), Some((m, _, _))) =
-                                (part.as_mut(), magnitude.as_ref())
-                            {
-                                values[to] = m.get(row).copied().unwrap_or(f32::NAN);
-                                mask[to] = true;
-                            }
-                            for k in 0..rank {
-                                let value = b[row * rank + k];
-                                if *transposed {
-                                    scattered[k * total + to] = value;
-                                } else {
-                                    scattered[to * rank + k] = value;
-                                }
-                            }
-                        }
-                    }
-                    if let (Some((values, mask)), Some(m)) = (part, magnitude.as_mut()) {
-                        *m = (values, *transposed, Some(mask));
-                    }
-                    if *transposed {
-                        plain(backend.transpose(&a, rank, inner), scattered, rank)
-                    } else {
-                        plain(scattered, a, rank)
-                    }
-                } else {
-                    let (left, right) = if *transposed {
-                        // Δ = (B·A)ᵀ = Aᵀ·Bᵀ: rows of Aᵀ, all of Bᵀ.
-                        (
-                            backend.transpose(&a, rank, inner),
-                            backend.transpose(&b, outer, rank),
-                        )
-                    } else {
-                        // Δ = B·A: rows of B, all of A.
-                        (b, a)
-                    };
-                    let (left_rows, right_cols) =
-                        (left.len() / rank.max(1), right.len() / rank.max(1));
-                    if matches!(adapt, Some(Adapt::Fit { .. })) {
-                        // Made for other widths: its leading rows and columns, zeros after.
-                        plain(
-                            fit(&left, left_rows, rank, rows, rank),
-                            fit(&right, rank, right_cols, rank, cols),
-                            rank,
-                        )
-                    } else if rank > 0 && (left_rows, right_cols) != (rows, cols) {
-                        return Err(shape!(
-                            "a delta of {left_rows} × {right_cols} does not fit the {rows} × {cols} tensor"
-                        ));
-                    } else {
-                        plain(left, right, rank)
-                    }
-                }
-                .with_magnitude(magnitude)
-            }
+            Delta::LowRank { .. } => low_rank(
+                backend,
+                store,
+                &mut load,
+                &delta.delta,
+                &tensor.origin.shape,
+            )?
+            .with_factor(delta.factor()),
         });
     }
     Ok(prepared)
 }
 
+/// A LoRA module's B·A (not of experts), in the tensor's orientation: read, or the aligned
+/// factors of another node; cut or padded when made for other widths; scattered into its
+/// part's rows of a fused tensor.
+fn low_rank(
+    backend: &Backend,
+    store: &Store,
+    load: &mut dyn FnMut(&Input) -> Result<Vec<f32>, EngineError>,
+    delta: &Delta<Input, modelforge_core::digest::NodeKey>,
+    shape: &[usize],
+) -> Result<Prepared, EngineError> {
+    let Delta::LowRank {
+        kind,
+        a,
+        b,
+        rows: row_map,
+        rotary,
+        adapt,
+        magnitude,
+    } = delta
+    else {
+        unreachable!("called for low-rank deltas")
+    };
+    let (rows, cols) = matrix(shape);
+    let transposed = kind.transposed();
+    let mut magnitude = match magnitude {
+        Some(m) => Some((load(m)?, transposed, None)),
+        None => None,
+    };
+    // The factors in the LoRA's orientation: A (rank × inner), B (outer × rank).
+    let (rank, inner, a, b) = match adapt {
+        Some(Adapt::Aligned { node, rank }) => {
+            // Made by an alignment step of this job or an earlier build: A's then B's f32
+            // values, A as wide as the target's input side.
+            let bytes = crate::inputs::node_bytes(store, node)?;
+            let values = backend.f32_values(&bytes, safetensors::Dtype::F32, &[bytes.len() / 4]);
+            let inner = if transposed { rows } else { cols };
+            if *rank == 0 || !values.len().is_multiple_of(*rank) || values.len() / rank <= inner {
+                return Err(shape!(
+                    "the aligned delta {} does not fit a {rows} × {cols} tensor at rank {rank}",
+                    node.hex()
+                ));
+            }
+            let (a, b) = values.split_at(rank * inner);
+            (*rank, inner, a.to_vec(), b.to_vec())
+        }
+        _ => (a.shape[0], a.shape[1], load(a)?, load(b)?),
+    };
+    let outer = b.len() / rank.max(1);
+    if row_map.is_some() || rotary.is_some() {
+        // A part of a fused tensor. In a transposed target (GPT-2's Conv1D) its rows are
+        // columns: Δ = Aᵀ · (Bᵀ scattered into columns).
+        let axis = usize::from(transposed);
+        let total = shape.get(axis).copied().unwrap_or(0);
+        let map = row_map.unwrap_or(RowMap::Offset { offset: 0 });
+        let scattered = scatter(
+            &b,
+            rank,
+            outer,
+            total,
+            map,
+            *rotary,
+            transposed,
+            &mut magnitude,
+        )?;
+        let prepared = if transposed {
+            Prepared::new(backend.transpose(&a, rank, inner), scattered, rank)
+        } else {
+            Prepared::new(scattered, a, rank)
+        };
+        return Ok(prepared.with_magnitude(magnitude));
+    }
+    let (left, right) = if transposed {
+        // Δ = (B·A)ᵀ = Aᵀ·Bᵀ: rows of Aᵀ, all of Bᵀ.
+        (
+            backend.transpose(&a, rank, inner),
+            backend.transpose(&b, outer, rank),
+        )
+    } else {
+        // Δ = B·A: rows of B, all of A.
+        (b, a)
+    };
+    let (left_rows, right_cols) = (left.len() / rank.max(1), right.len() / rank.max(1));
+    let prepared = if matches!(adapt, Some(Adapt::Fit { .. })) {
+        // Made for other widths: its leading rows and columns, zeros after.
+        Prepared::new(
+            fit(&left, left_rows, rank, rows, rank),
+            fit(&right, rank, right_cols, rank, cols),
+            rank,
+        )
+    } else if rank > 0 && (left_rows, right_cols) != (rows, cols) {
+        return Err(shape!(
+            "a delta of {left_rows} × {right_cols} does not fit the {rows} × {cols} tensor"
+        ));
+    } else {
+        Prepared::new(left, right, rank)
+    };
+    Ok(prepared.with_magnitude(magnitude))
+}
+
+/// B's rows (the delta's output features, `outer` of them, `rank` wide) scattered to where
+/// its part's rows are in a fused tensor of `total` rows, zero elsewhere, so that the block
+/// loop sees one tensor-shaped delta; laid out (total × rank), or (rank × total) when
+/// `transposed`. A DoRA magnitude goes with its rows, and the part's other rows keep theirs.
+#[allow(clippy::too_many_arguments)]
+fn scatter(
+    b: &[f32],
+    rank: usize,
+    outer: usize,
+    total: usize,
+    map: RowMap,
+    rotary: Option<modelforge_core::rotary::RotaryMap>,
+    transposed: bool,
+    magnitude: &mut Option<Magnitudes>,
+) -> Result<Vec<f32>, EngineError> {
+    let mut scattered = vec![0f32; total * rank];
+    let mut part = magnitude
+        .as_ref()
+        .map(|_| (vec![0f32; total], vec![false; total]));
+    for row in 0..outer {
+        let from = rotary.map_or(row, |r| r.row(row));
+        for to in map.targets(from) {
+            if to >= total {
+                return Err(shape!("row {to} is outside the target's {total} rows"));
+            }
+            if let (Some((values, mask)), Some((m, _, _))) = (part.as_mut(), magnitude.as_ref()) {
+                values[to] = m.get(row).copied().unwrap_or(f32::NAN);
+                mask[to] = true;
+            }
+            for k in 0..rank {
+                let value = b[row * rank + k];
+                if transposed {
+                    scattered[k * total + to] = value;
+                } else {
+                    scattered[to * rank + k] = value;
+                }
+            }
+        }
+    }
+    if let (Some((values, mask)), Some(m)) = (part, magnitude.as_mut()) {
+        *m = (values, transposed, Some(mask));
+    }
+    Ok(scattered)
+}
+
 impl Prepared {
-    fn with_magnitude(self, magnitude: Option<(Vec<f32>, bool, Option<Vec<bool>>)>) -> Prepared {
+    /// A delta of `left · right` (or of `left` alone when dense), factor 1.
+    fn new(left: Vec<f32>, right: Vec<f32>, rank: usize) -> Prepared {
+        Prepared {
+            factor: 1.0,
+            left,
+            right,
+            rights: Vec::new(),
+            group: 0,
+            rank,
+            model: None,
+            magnitude: None,
+            tokens: None,
+        }
+    }
+
+    fn with_factor(self, factor: f64) -> Prepared {
+        Prepared { factor, ..self }
+    }
+
+    fn with_magnitude(self, magnitude: Option<Magnitudes>) -> Prepared {
         Prepared { magnitude, ..self }
     }
 }
@@ -432,6 +481,61 @@ fn open(path: &PathBuf) -> std::io::Result<File> {
     File::open(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
+/// A tensor computed whole: pruning, sign election and SVD look at whole tensors, so a merge
+/// other than the plain sum, or a re-factored delta, is not cut into blocks.
+#[allow(clippy::too_many_arguments)]
+fn whole(
+    backend: &Backend,
+    file: &File,
+    origin: &Slice,
+    tensor: &Fuse,
+    deltas: &[Prepared],
+    refactor: Option<&Refactor>,
+    mut out: ObjectWriter,
+    check_finite: bool,
+    sync: bool,
+) -> Result<ActionEntry, EngineError> {
+    let (rows, cols) = matrix(&origin.shape);
+    let mut base = vec![0u8; origin.len as usize];
+    file.read_exact_at(&mut base, origin.start)?;
+    // A replacement loaded into a layer of the base's dtype is rounded to it first.
+    let (base, in_dtype) = match tensor.origin_cast {
+        Some(to) if to != origin.dtype => (backend.cast(&base, origin.dtype, to), to),
+        _ => (base, origin.dtype),
+    };
+    let models: Vec<Option<Vec<f32>>> = deltas
+        .iter()
+        .map(|d| d.model_rows(backend, 0, rows, cols))
+        .collect::<Result<_, _>>()?;
+    // A pruning merge weights the scaled deltas itself; the plain sum takes weight × scaling.
+    let tasks: Vec<BlockDelta<'_>> = deltas
+        .iter()
+        .zip(&tensor.deltas)
+        .zip(&models)
+        .map(|((prepared, delta), model)| BlockDelta {
+            factor: if tensor.merge.is_some() {
+                delta.scaling
+            } else {
+                delta.factor()
+            },
+            ..prepared.block(0, rows, cols, model.as_deref())
+        })
+        .collect();
+    let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
+    let w = backend.base(&base, in_dtype, rows, cols);
+    let delta = backend.merged_delta(&w, rows, cols, &tasks, &weights, tensor.merge.as_ref());
+    if let Some(refactor) = refactor {
+        let (factors, energy) = backend.refactor(&delta, refactor);
+        out.write(&accept(factors, 0, check_finite)?)?;
+        let mut entry = out.finish(sync)?;
+        entry.energy = Some(energy);
+        return Ok(entry);
+    }
+    let fused = backend.add_and_round(w, delta, tensor.dtype);
+    out.write(&accept(fused, 0, check_finite)?)?;
+    Ok(out.finish(sync)?)
+}
+
 /// Computes `tensor` into a new cache object.
 pub fn fuse(
     backend: &Backend,
@@ -453,45 +557,17 @@ pub fn fuse(
     let file = inputs.file(&origin.path)?;
 
     if refactor.is_some() || tensor.merge.is_some() {
-        // Pruning, sign election and SVD look at whole tensors: no blocks here.
-        let mut base = vec![0u8; origin.len as usize];
-        file.read_exact_at(&mut base, origin.start)?;
-        // A replacement loaded into a layer of the base's dtype is rounded to it first.
-        let (base, in_dtype) = match tensor.origin_cast {
-            Some(to) if to != origin.dtype => (backend.cast(&base, origin.dtype, to), to),
-            _ => (base, origin.dtype),
-        };
-        let models: Vec<Option<Vec<f32>>> = deltas
-            .iter()
-            .map(|d| d.model_rows(backend, 0, rows, cols))
-            .collect::<Result<_, _>>()?;
-        // A pruning merge weights the scaled deltas itself; the plain sum takes weight × scaling.
-        let tasks: Vec<BlockDelta<'_>> = deltas
-            .iter()
-            .zip(&tensor.deltas)
-            .zip(&models)
-            .map(|((prepared, delta), model)| BlockDelta {
-                factor: if tensor.merge.is_some() {
-                    delta.scaling
-                } else {
-                    delta.factor()
-                },
-                ..prepared.block(0, rows, cols, model.as_deref())
-            })
-            .collect();
-        let weights: Vec<f64> = tensor.deltas.iter().map(|d| d.weight).collect();
-        let w = backend.base(&base, in_dtype, rows, cols);
-        let delta = backend.merged_delta(&w, rows, cols, &tasks, &weights, tensor.merge.as_ref());
-        if let Some(refactor) = refactor {
-            let (factors, energy) = backend.refactor(&delta, refactor);
-            out.write(&accept(factors, 0, check_finite)?)?;
-            let mut entry = out.finish(sync)?;
-            entry.energy = Some(energy);
-            return Ok(entry);
-        }
-        let fused = backend.add_and_round(w, delta, tensor.dtype);
-        out.write(&accept(fused, 0, check_finite)?)?;
-        return Ok(out.finish(sync)?);
+        return whole(
+            backend,
+            file,
+            origin,
+            tensor,
+            &deltas,
+            refactor,
+            out,
+            check_finite,
+            sync,
+        );
     }
 
     // A window of two blocks per thread is computed while the writer hashes and writes the

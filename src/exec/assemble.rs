@@ -383,13 +383,13 @@ fn write_adapter(
     target: &std::path::Path,
     with_transfer_report: bool,
 ) -> Result<Outcome, ExecError> {
-    use safetensors::Dtype;
-    use serde_json::{json, Map, Value};
+    use crate::io::peft::write::{self as peft, Factors};
+    use serde_json::{json, Map};
 
     let staging = StagingDir::new(target).map_err(output_error(target))?;
-    let mut tensors = Vec::new();
-    let mut report = Map::new();
+    let mut modules = Vec::new();
     let mut objects = Vec::new();
+    let mut report = Map::new();
     let mut fan_in_fan_out = false;
     let mut left_out = Vec::new();
     for tensor in &res.plan.tensors {
@@ -413,58 +413,41 @@ fn write_adapter(
         } else {
             (rows, cols)
         };
-        let k = (entry.len as usize / 4) / (p + q);
-        let module = tensor
-            .out
-            .name
-            .strip_suffix(".weight")
-            .unwrap_or(&tensor.out.name)
-            .to_owned();
-        // As the refactor node transposed it: an input embedding is an embedding LoRA.
-        let embedding = crate::plan::difference_kind(&tensor.out.name)
-            == crate::io::peft::LoraKind::Embedding
-            || tensor.deltas.iter().any(|d| {
-                matches!(
-                    &d.kind,
-                    crate::plan::DeltaKind::LowRank {
-                        kind: crate::io::peft::LoraKind::Embedding,
-                        ..
-                    }
-                )
-            });
-        fan_in_fan_out |= refactor.transpose && !embedding;
-        let (a_name, b_name) = if embedding {
-            (
-                format!("base_model.model.{module}.lora_embedding_A"),
-                format!("base_model.model.{module}.lora_embedding_B"),
-            )
-        } else {
-            (
-                format!("base_model.model.{module}.lora_A.weight"),
-                format!("base_model.model.{module}.lora_B.weight"),
-            )
+        let name = &tensor.out.name;
+        let factors = Factors {
+            module: name.strip_suffix(".weight").unwrap_or(name).to_owned(),
+            // As the refactor node transposed it: an input embedding is an embedding LoRA.
+            embedding: crate::plan::difference_kind(name) == crate::io::peft::LoraKind::Embedding
+                || tensor.deltas.iter().any(|d| {
+                    matches!(
+                        &d.kind,
+                        crate::plan::DeltaKind::LowRank {
+                            kind: crate::io::peft::LoraKind::Embedding,
+                            ..
+                        }
+                    )
+                }),
+            rank: (entry.len as usize / 4) / (p + q),
+            p,
+            q,
         };
-        tensors.push(writer::OutTensor {
-            name: a_name.clone(),
-            dtype: Dtype::F32,
-            shape: vec![k, q],
-        });
-        tensors.push(writer::OutTensor {
-            name: b_name.clone(),
-            dtype: Dtype::F32,
-            shape: vec![p, k],
-        });
-        objects.push((a_name, b_name, entry, tensor.out.name.clone()));
-        report.insert(module, json!({ "rank": k, "energy": entry.energy }));
+        fan_in_fan_out |= refactor.transpose && !factors.embedding;
+        report.insert(
+            factors.module.clone(),
+            json!({ "rank": factors.rank, "energy": entry.energy }),
+        );
+        objects.push((factors.clone(), entry, name.clone()));
+        modules.push(factors);
     }
+    let mut tensors: Vec<writer::OutTensor> = modules.iter().flat_map(Factors::tensors).collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let shard = writer::Shard {
         file_name: "adapter_model.safetensors".into(),
         tensors,
     };
     // Both factors of a module come from one object: A's bytes, then B's.
-    let mut bytes_of: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
-    for (a_name, b_name, entry, tensor) in &objects {
+    let mut bytes_of: HashMap<String, Vec<u8>> = HashMap::new();
+    for (factors, entry, tensor) in &objects {
         let Some(mut reader) = VerifyingReader::open(&res.store, entry) else {
             return Ok(Outcome::Corrupt(vec![tensor.clone()]));
         };
@@ -473,15 +456,11 @@ fn write_adapter(
             res.store.evict(&entry.tensor);
             return Ok(Outcome::Corrupt(vec![tensor.clone()]));
         }
-        let a_len = shard
-            .tensors
-            .iter()
-            .find(|t| &t.name == a_name)
-            .map(writer::OutTensor::len)
-            .unwrap_or(0) as usize;
-        let b = all.split_off(a_len);
-        bytes_of.insert(a_name.clone(), all);
-        bytes_of.insert(b_name.clone(), b);
+        let [a, _] = factors.tensors();
+        let b = all.split_off(a.len() as usize);
+        let (a_name, b_name) = factors.names();
+        bytes_of.insert(a_name, all);
+        bytes_of.insert(b_name, b);
     }
     let weights_path = staging.path().join(&shard.file_name);
     let mut out =
@@ -497,48 +476,7 @@ fn write_adapter(
         FileDigest::new(out.finish(false).map_err(output_error(&weights_path))?),
     )];
 
-    // One rank for most modules; the others in rank_pattern, with alpha = rank everywhere so
-    // that every module's scaling is 1 and B·A is the delta itself.
-    let mut counts: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
-    for value in report.values() {
-        *counts
-            .entry(value["rank"].as_u64().unwrap_or(0))
-            .or_default() += 1;
-    }
-    let r = counts
-        .iter()
-        .max_by_key(|(rank, n)| (**n, std::cmp::Reverse(**rank)))
-        .map(|(rank, _)| *rank)
-        .unwrap_or(1);
-    let mut rank_pattern = Map::new();
-    for (module, value) in &report {
-        let k = value["rank"].as_u64().unwrap_or(0);
-        if k != r {
-            rank_pattern.insert(regex::escape(module), Value::from(k));
-        }
-    }
-    let mut targets: Vec<String> = report
-        .keys()
-        .map(|m| m.rsplit('.').next().unwrap_or(m).to_owned())
-        .collect();
-    targets.sort();
-    targets.dedup();
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": res.recipe.base.written,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": rank_pattern.clone(),
-        "alpha_pattern": rank_pattern,
-        "target_modules": targets,
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": false,
-        "use_dora": false,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "inference_mode": true,
-    });
+    let config = peft::config(&res.recipe.base.written, &modules, fan_in_fan_out);
     // What changed in the fused model but has no LoRA form (bias vectors, norms, replaced
     // tensors) is named, not silently dropped.
     let report = json!({ "modules": report, "not_in_adapter": left_out });

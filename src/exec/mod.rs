@@ -81,81 +81,7 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     let shard_keys = record::shard_keys(&res, shards);
     let kept = record::kept_shards(&res, shards, &shard_keys, args.cache.rehash);
 
-    let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
-    let mut computed = 0;
-    let mut evicted = Vec::new();
-    let mut engine_peak = 0;
-    let staged = loop {
-        let tasks = tasks(&res);
-        computed += tasks
-            .iter()
-            .filter(|t| matches!(t.node, Node::Fuse(_) | Node::Refactor { .. }))
-            .count();
-        let mut engine = None;
-        if !tasks.is_empty() {
-            let job = job::Job {
-                cache: res
-                    .store
-                    .root()
-                    .parent()
-                    .unwrap_or(res.store.root())
-                    .to_owned(),
-                device: res.device,
-                budget,
-                fsync: args.fsync,
-                check_finite: args.check_finite,
-                places: res.graph.places(tasks.iter().map(|t| &t.node)),
-                nodes: tasks,
-            };
-            engine = Some(engine::Engine::start(&job, false)?);
-        }
-        // The output is written while the engine computes, each computed tensor as soon as it
-        // is in the cache. A failed assembly stops the engine (dropping it kills it).
-        let assemble_started = Instant::now();
-        let outcome = assemble::assemble(
-            &res,
-            engine.as_ref(),
-            shards,
-            &kept,
-            !args.quiet,
-            args.fsync,
-        )?;
-        phases.assemble += assemble_started.elapsed().as_secs_f64();
-        if let Some(engine) = engine.take() {
-            let run = engine.finish().map_err(|e| weights_of(&res, e))?;
-            engine_peak = engine_peak.max(run.peak_rss);
-            phases.engine += run.seconds;
-            phases.waiting += run.waited;
-        }
-        match outcome {
-            assemble::Outcome::EngineStopped => {
-                return Err(ExecError::Engine {
-                    message: "the engine stopped before computing every tensor".into(),
-                    help: "its own message is above; what it finished is cached, so the next build resumes there".into(),
-                }
-                .into())
-            }
-            assemble::Outcome::Written(staged) => break staged,
-            assemble::Outcome::Corrupt(names) if evicted.is_empty() => {
-                for name in &names {
-                    eprintln!(
-                        "warning: the cached result for `{name}` did not match its digest; it was evicted and is being recomputed"
-                    );
-                }
-                evicted = names;
-            }
-            assemble::Outcome::Corrupt(names) => {
-                return Err(ExecError::Cache {
-                    path: res.store.root().to_owned(),
-                    source: std::io::Error::other(format!(
-                        "objects for {names:?} are corrupt again after recomputing"
-                    )),
-                }
-                .into())
-            }
-        }
-    };
-
+    let (staged, computed, engine_peak) = compute_and_write(&res, args, &kept, &mut phases)?;
     let shards_kept = staged.kept;
     // The lock, staged beside its place; then the outputs and the lock go into place together.
     let dir = recipe_dir(&res.recipe);
@@ -203,6 +129,88 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     summary.phases = Some(phases);
     summary.shards_kept = shards_kept;
     report(args, &summary)
+}
+
+/// Has the engine compute what the cache lacks while the outputs are written into staging,
+/// once more if a cached object turns out damaged. Returns the staged outputs, how many
+/// tensors were computed and the engine's peak memory.
+fn compute_and_write(
+    res: &Resolution,
+    args: &BuildOptions,
+    kept: &std::collections::HashMap<String, FileDigest>,
+    phases: &mut Phases,
+) -> miette::Result<(assemble::Staged, usize, u64)> {
+    let shards = &res.shards;
+    let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
+    let mut computed = 0;
+    let mut evicted = Vec::new();
+    let mut engine_peak = 0;
+    let staged = loop {
+        let tasks = tasks(res);
+        computed += tasks
+            .iter()
+            .filter(|t| matches!(t.node, Node::Fuse(_) | Node::Refactor { .. }))
+            .count();
+        let mut engine = None;
+        if !tasks.is_empty() {
+            let job = job::Job {
+                cache: res
+                    .store
+                    .root()
+                    .parent()
+                    .unwrap_or(res.store.root())
+                    .to_owned(),
+                device: res.device,
+                budget,
+                fsync: args.fsync,
+                check_finite: args.check_finite,
+                places: res.graph.places(tasks.iter().map(|t| &t.node)),
+                nodes: tasks,
+            };
+            engine = Some(engine::Engine::start(&job, false)?);
+        }
+        // The output is written while the engine computes, each computed tensor as soon as it
+        // is in the cache. A failed assembly stops the engine (dropping it kills it).
+        let assemble_started = Instant::now();
+        let outcome =
+            assemble::assemble(res, engine.as_ref(), shards, kept, !args.quiet, args.fsync)?;
+        phases.assemble += assemble_started.elapsed().as_secs_f64();
+        if let Some(engine) = engine.take() {
+            let run = engine.finish().map_err(|e| weights_of(res, e))?;
+            engine_peak = engine_peak.max(run.peak_rss);
+            phases.engine += run.seconds;
+            phases.waiting += run.waited;
+        }
+        match outcome {
+            assemble::Outcome::EngineStopped => {
+                return Err(ExecError::Engine {
+                    message: "the engine stopped before computing every tensor".into(),
+                    help: "its own message is above; what it finished is cached, so the next build resumes there".into(),
+                }
+                .into())
+            }
+            assemble::Outcome::Written(staged) => break staged,
+            assemble::Outcome::Corrupt(names) if evicted.is_empty() => {
+                for name in &names {
+                    eprintln!(
+                        "warning: the cached result for `{name}` did not match its digest; it was evicted and is being recomputed"
+                    );
+                }
+                evicted = names;
+            }
+            assemble::Outcome::Corrupt(names) => {
+                return Err(ExecError::Cache {
+                    path: res.store.root().to_owned(),
+                    source: std::io::Error::other(format!(
+                        "objects for {names:?} are corrupt again after recomputing"
+                    )),
+                }
+                .into())
+            }
+        }
+    };
+
+    Ok((staged, computed, engine_peak))
 }
 
 /// A non-finite result, pointed at the weights in the recipe that went into it.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::dims::{self, TensorRef};
-use super::transfer::{rotary_between, Fate, Mapped};
+use super::transfer::{rotary_between, Fate, Mapped, What};
 use super::{
     check_float, origin_meta, Adapt, Alignment, Delta, DeltaKind, Located, Origin, PlanError,
     TensorPlan,
@@ -34,6 +34,7 @@ pub(super) struct Planned {
 
 /// A vocabulary tensor replaced by one of another number of rows: the adapter was trained
 /// after `resize_token_embeddings`.
+#[derive(Clone)]
 pub(super) struct Resize {
     pub(super) adapter: usize,
     pub(super) tensor: String,
@@ -284,7 +285,7 @@ impl<'a> AdapterPlan<'a> {
                     Some(place) => {
                         Fate::fused(place, landing.by_role, mapped.share, landing.rotary)
                     }
-                    None => "no target".into(),
+                    None => What::NoTarget,
                 },
             )
         });
@@ -323,11 +324,9 @@ impl<'a> AdapterPlan<'a> {
         planned.warnings.push(format!(
             "`{name}`: `{module}` ({role}) has no counterpart in the base's architecture; skipped"
         ));
-        planned.transfer.push(Fate::new(
-            name,
-            mapped.source,
-            format!("skipped: {role} has no counterpart in the base"),
-        ));
+        planned
+            .transfer
+            .push(Fate::new(name, mapped.source, What::NoCounterpart(role)));
         Ok(true)
     }
 
@@ -380,22 +379,7 @@ impl<'a> AdapterPlan<'a> {
         };
         let out_axis = usize::from(transposed);
         let extent = |axis: usize| shape.get(axis).copied().unwrap_or(0);
-        if let (Some(expected), Some(schema)) = (
-            place.as_ref().and_then(|p| p.fused_rows),
-            self.target_schema,
-        ) {
-            if extent(out_axis) != expected {
-                return Err(PlanError::SchemaMismatch {
-                    tensor: tensor.clone(),
-                    found: extent(out_axis),
-                    expected,
-                    what: "the sum of its parts".into(),
-                    arch: schema.name.clone(),
-                    src: self.src.clone(),
-                    span: self.recipe.base.span,
-                });
-            }
-        }
+        self.check_fused_height(&tensor, extent(out_axis), place.as_ref())?;
         // The rows the delta has when it reaches the fusion: an aligned one is made in
         // the target's rows (of its part, once per group of repeated kv heads), whatever
         // the source's head count.
@@ -419,22 +403,9 @@ impl<'a> AdapterPlan<'a> {
                 });
             }
         }
-        // q and k rows carried into the base's rotary convention, head by head.
-        let rotary = match (by_role, self.source_role(module), self.target_schema) {
-            (true, Some((role, _, from)), Some(schema)) => {
-                rotary_between(role, from, schema.rotary, head_dim, delta_rows).map_err(
-                    |(from, to, reason)| PlanError::Rotary {
-                        adapter: self.name.clone(),
-                        module: mapped.source.to_string(),
-                        from: from.name().into(),
-                        to: to.name().into(),
-                        reason,
-                        src: self.src.clone(),
-                        span: self.entry.span,
-                    },
-                )?
-            }
-            _ => None,
+        let rotary = match by_role {
+            true => self.rotary(mapped, head_dim, delta_rows)?,
+            false => None,
         };
         Ok(Landing {
             place,
@@ -451,6 +422,57 @@ impl<'a> AdapterPlan<'a> {
             delta_rows,
             rotary,
         })
+    }
+
+    /// A fused tensor's height must be the sum of its parts' by the schema.
+    fn check_fused_height(
+        &self,
+        tensor: &str,
+        found: usize,
+        place: Option<&Place>,
+    ) -> Result<(), PlanError> {
+        let (Some(expected), Some(schema)) = (place.and_then(|p| p.fused_rows), self.target_schema)
+        else {
+            return Ok(());
+        };
+        if found == expected {
+            return Ok(());
+        }
+        Err(PlanError::SchemaMismatch {
+            tensor: tensor.to_owned(),
+            found,
+            expected,
+            what: "the sum of its parts".into(),
+            arch: schema.name.clone(),
+            src: self.src.clone(),
+            span: self.recipe.base.span,
+        })
+    }
+
+    /// How a module placed by role carries its q and k rows into the base's rotary
+    /// convention, head by head.
+    fn rotary(
+        &self,
+        mapped: &Mapped,
+        head_dim: usize,
+        delta_rows: usize,
+    ) -> Result<Option<RotaryMap>, PlanError> {
+        let (Some((role, _, from)), Some(schema)) =
+            (self.source_role(&mapped.target), self.target_schema)
+        else {
+            return Ok(None);
+        };
+        rotary_between(role, from, schema.rotary, head_dim, delta_rows).map_err(
+            |(from, to, reason)| PlanError::Rotary {
+                adapter: self.name.clone(),
+                module: mapped.source.to_string(),
+                from: from.name().into(),
+                to: to.name().into(),
+                reason,
+                src: self.src.clone(),
+                span: self.entry.span,
+            },
+        )
     }
 
     fn dims_error(&self, message: String, help: &str) -> PlanError {
@@ -589,11 +611,9 @@ impl<'a> AdapterPlan<'a> {
             planned.warnings.push(format!(
                 "`{name}`: `{source_module}` is not a linear layer of a known architecture; `dims = \"align\"` has no map for it, so it is skipped"
             ));
-            planned.transfer.push(Fate::new(
-                name,
-                source_module,
-                "skipped: dims = align has no map for it (not a linear layer of a known architecture)".into(),
-            ));
+            planned
+                .transfer
+                .push(Fate::new(name, source_module, What::NoAlignMap));
             return Ok(Widths::Skipped);
         };
         if lora.bias.is_some() {
@@ -643,7 +663,10 @@ impl<'a> AdapterPlan<'a> {
                 rank,
             )
             .map_err(|m| {
-                self.dims_error(m, "`source` must be the base the adapter was trained on")
+                self.dims_error(
+                    m.to_string(),
+                    "`source` must be the base the adapter was trained on",
+                )
             })?;
         if rows.is_some() {
             planned.by_role += 1;

@@ -39,6 +39,38 @@ impl TensorRef {
     }
 }
 
+/// Why the maps of `dims = "align"` cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AlignError {
+    #[error("{0}")]
+    Input(#[from] crate::io::InputError),
+    #[error("{path}: {source}", path = path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the {which} base has no token embedding ({} tensor)", EMBEDDINGS.join(", "))]
+    NoEmbedding { which: &'static str },
+    #[error("the two bases' embeddings have {source_rows} and {target_rows} rows, and they do not both have a vocabulary to match tokens by (tokenizer.json, or a SentencePiece tokenizer.model or ice_text.model)")]
+    NoVocabulary {
+        source_rows: usize,
+        target_rows: usize,
+    },
+    #[error("the two vocabularies share no token")]
+    NoSharedToken,
+    #[error("the source base `{dir}` has no `{tensor}`", dir = dir.display())]
+    NoSourceTensor { dir: PathBuf, tensor: String },
+    #[error("the delta on `{tensor}` is {delta:?} but the source base's tensor is {base:?}")]
+    DeltaShape {
+        tensor: String,
+        delta: [usize; 2],
+        base: Vec<usize>,
+    },
+    /// A vocabulary file that cannot be read as one.
+    #[error("`{path}` {what}", path = path.display())]
+    Vocabulary { path: PathBuf, what: String },
+}
+
 /// How the shared tokens were found.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum TokenMatch {
@@ -121,18 +153,13 @@ pub(crate) struct Alignment {
 
 impl Alignment {
     /// The residual map from the source base at `dir` to `target`, planned once per source.
-    pub fn residual(&mut self, dir: &Path, target: &HfModel) -> Result<usize, String> {
+    pub fn residual(&mut self, dir: &Path, target: &HfModel) -> Result<usize, AlignError> {
         if let Some(i) = self.residuals.iter().position(|r| r.source_dir == dir) {
             return Ok(i);
         }
-        let source = HfModel::open(dir).map_err(|e| e.to_string())?;
-        let embedding = |model: &HfModel, which: &str| {
-            embedding(model).ok_or_else(|| {
-                format!(
-                    "the {which} base has no token embedding ({} tensor)",
-                    EMBEDDINGS.join(", ")
-                )
-            })
+        let source = HfModel::open(dir)?;
+        let embedding = |model: &HfModel, which: &'static str| {
+            embedding(model).ok_or(AlignError::NoEmbedding { which })
         };
         let (s, t) = (embedding(&source, "source")?, embedding(target, "target")?);
         let (s_rows, t_rows) = (s.meta.shape[0], t.meta.shape[0]);
@@ -146,13 +173,14 @@ impl Alignment {
                 TokenMatch::ById,
             ),
             _ => {
-                return Err(format!(
-                    "the two bases' embeddings have {s_rows} and {t_rows} rows, and they do not both have a vocabulary to match tokens by (tokenizer.json, or a SentencePiece tokenizer.model or ice_text.model)"
-                ))
+                return Err(AlignError::NoVocabulary {
+                    source_rows: s_rows,
+                    target_rows: t_rows,
+                })
             }
         };
         if pairs.is_empty() {
-            return Err("the two vocabularies share no token".into());
+            return Err(AlignError::NoSharedToken);
         }
         self.sources.push(source);
         self.residuals.push(ResidualPlan {
@@ -172,7 +200,7 @@ impl Alignment {
         side: Side,
         source_tensor: &str,
         (target, layout): (TensorRef, Layout),
-    ) -> Result<usize, String> {
+    ) -> Result<usize, AlignError> {
         if let Some(i) = self.inners.iter().position(|m| {
             m.residual == residual
                 && m.source.name == source_tensor
@@ -186,12 +214,11 @@ impl Alignment {
             .iter()
             .find(|m| m.dir == self.residuals[residual].source_dir)
             .expect("the residual map opened its source");
-        let source = TensorRef::of(model, source_tensor).ok_or_else(|| {
-            format!(
-                "the source base `{}` has no `{source_tensor}`",
-                model.dir.display()
-            )
-        })?;
+        let source =
+            TensorRef::of(model, source_tensor).ok_or_else(|| AlignError::NoSourceTensor {
+                dir: model.dir.clone(),
+                tensor: source_tensor.to_owned(),
+            })?;
         self.inners.push(InnerPlan {
             residual,
             side,
@@ -214,14 +241,16 @@ impl Alignment {
         target: (TensorRef, Layout),
         (adapter, lora): (usize, &LoraModule),
         rank: Option<usize>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, AlignError> {
         let inner = self.inner(residual, side, source_tensor, target)?;
         let source_shape = &self.inners[inner].source.meta.shape;
         let delta_shape = [lora.b.shape[0], lora.a.shape[1]];
         if source_shape[..] != delta_shape {
-            return Err(format!(
-                "the delta on `{source_tensor}` is {delta_shape:?} but the source base's tensor is {source_shape:?}"
-            ));
+            return Err(AlignError::DeltaShape {
+                tensor: source_tensor.to_owned(),
+                delta: delta_shape,
+                base: source_shape.clone(),
+            });
         }
         self.deltas.push(AlignedPlan {
             inner,
@@ -293,20 +322,22 @@ const SENTENCEPIECE: &[&str] = &["tokenizer.model", "ice_text.model"];
 /// put 20,000 image tokens before the text pieces).
 type Vocabulary = (BTreeMap<String, u32>, String);
 
-fn vocabulary(dir: &Path) -> Result<Option<Vocabulary>, String> {
+fn vocabulary(dir: &Path) -> Result<Option<Vocabulary>, AlignError> {
     let path = dir.join("tokenizer.json");
-    if crate::io::hf::present(&path).map_err(|e| e.to_string())? {
+    if crate::io::hf::present(&path)? {
         return tokenizer_json(&path).map(|v| Some((v, "tokenizer.json".into())));
     }
     for name in SENTENCEPIECE {
         let path = dir.join(name);
-        if crate::io::hf::present(&path).map_err(|e| e.to_string())? {
+        if crate::io::hf::present(&path)? {
             let offset = image_tokens(dir)?;
             let pieces = sentencepiece(&path)?;
             let mut vocab = BTreeMap::new();
             for (id, piece) in pieces.into_iter().enumerate() {
-                let id = u32::try_from(id as u64 + offset)
-                    .map_err(|_| format!("`{}` has too many pieces", path.display()))?;
+                let id = u32::try_from(id as u64 + offset).map_err(|_| AlignError::Vocabulary {
+                    path: path.clone(),
+                    what: "has too many pieces".into(),
+                })?;
                 vocab.entry(piece).or_insert(id);
             }
             return Ok(Some((vocab, (*name).to_owned())));
@@ -316,46 +347,51 @@ fn vocabulary(dir: &Path) -> Result<Option<Vocabulary>, String> {
 }
 
 /// The pieces of a SentencePiece model file.
-fn sentencepiece(path: &Path) -> Result<Vec<String>, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn sentencepiece(path: &Path) -> Result<Vec<String>, AlignError> {
+    let read = |source| AlignError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
     if !meta.is_file() || meta.len() > crate::io::sentencepiece::MAX_LEN {
-        return Err(format!(
-            "`{}` is not a SentencePiece model file of at most {} MB",
-            path.display(),
-            crate::io::sentencepiece::MAX_LEN >> 20
-        ));
+        return Err(AlignError::Vocabulary {
+            path: path.to_owned(),
+            what: format!(
+                "is not a SentencePiece model file of at most {} MB",
+                crate::io::sentencepiece::MAX_LEN >> 20
+            ),
+        });
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    crate::io::sentencepiece::pieces(&bytes).map_err(|e| {
-        format!(
-            "`{}` is not a readable SentencePiece model: {e}",
-            path.display()
-        )
+    let bytes = std::fs::read(path).map_err(read)?;
+    crate::io::sentencepiece::pieces(&bytes).map_err(|e| AlignError::Vocabulary {
+        path: path.to_owned(),
+        what: format!("is not a readable SentencePiece model: {e}"),
     })
 }
 
 /// tokenizer_config.json's `num_image_tokens`, 0 when it does not say.
-fn image_tokens(dir: &Path) -> Result<u64, String> {
+fn image_tokens(dir: &Path) -> Result<u64, AlignError> {
     let path = dir.join("tokenizer_config.json");
-    if !crate::io::hf::present(&path).map_err(|e| e.to_string())? {
+    if !crate::io::hf::present(&path)? {
         return Ok(0);
     }
-    let json = crate::io::hf::read_json(&path).map_err(|e| e.to_string())?;
+    let json = crate::io::hf::read_json(&path)?;
     match json.get("num_image_tokens") {
         None | Some(Value::Null) => Ok(0),
-        Some(n) => n.as_u64().ok_or_else(|| {
-            format!(
-                "`{}`: `num_image_tokens` is not a whole number",
-                path.display()
-            )
+        Some(n) => n.as_u64().ok_or_else(|| AlignError::Vocabulary {
+            path: path.clone(),
+            what: "gives a `num_image_tokens` that is not a whole number".into(),
         }),
     }
 }
 
 /// The vocabulary of a tokenizer.json.
-fn tokenizer_json(path: &Path) -> Result<BTreeMap<String, u32>, String> {
-    let json = crate::io::hf::read_json(path).map_err(|e| e.to_string())?;
-    let malformed = || format!("`{}` has no readable `model.vocab`", path.display());
+fn tokenizer_json(path: &Path) -> Result<BTreeMap<String, u32>, AlignError> {
+    let json = crate::io::hf::read_json(path)?;
+    let malformed = || AlignError::Vocabulary {
+        path: path.to_owned(),
+        what: "has no readable `model.vocab`".into(),
+    };
     let mut vocab = BTreeMap::new();
     match json.pointer("/model/vocab") {
         // BPE and WordPiece: a map of token to id.

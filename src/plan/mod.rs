@@ -237,67 +237,16 @@ impl Plan {
                     continue;
                 }
             };
-            let name = entry.entry.written.clone();
-            // The schema the adapter's module names follow: as the recipe says, else as its
-            // source base's config.json says, else whichever schema knows the name.
-            let source_schema = match &entry.arch {
-                Some(named) => Some(resolve_arch(schemas, named, &src)?),
-                None => entry
-                    .source
-                    .as_ref()
-                    .and_then(|s| crate::io::hf::read_json(&s.path.join("config.json")).ok())
-                    .and_then(|config| config.as_object().and_then(|c| schemas.detect(c))),
-            };
-            // `dims = "align"`: one residual map per pair of bases, shared by their adapters.
-            let residual = match (entry.dims.map, &entry.source) {
-                (DimsMap::Align { .. }, Some(source)) => {
-                    Some(out.align.residual(&source.path, &base).map_err(|message| {
-                        PlanError::Dims {
-                            message: format!("cannot align `{name}`: {message}"),
-                            help: "alignment maps the residual stream through the embeddings of the tokens both bases share; give both a tokenizer.json, or use `dims = \"truncate\"` or `\"pad\"`".into(),
-                            src: src.clone(),
-                            span: source.span,
-                            label: "this source base",
-                        }
-                    })?)
-                }
-                _ => None,
-            };
-            let plan = AdapterPlan {
+            let target = (target_schema, dims.as_ref());
+            plan_lora(
                 recipe,
-                entry,
-                index,
-                adapter,
-                made_for: adapter
-                    .config
-                    .base_model
-                    .as_ref()
-                    .map(|b| format!(" (its adapter_config.json names `{b}`)"))
-                    .unwrap_or_default(),
-                name,
-                src: &src,
-                base: &base,
                 schemas,
-                target_schema,
-                source_schema,
-                dims,
-                residual,
-                weight: &weights[index],
-            };
-            // Layers: each source module goes to the target layers its layer maps to, sharing
-            // its delta when several source layers meet in one target.
-            let mapped = map_layers(entry, adapter, layers, &mut out.transfer, &src)?;
-            let places: std::collections::BTreeMap<&str, Option<Place>> = mapped
-                .iter()
-                .map(|m| (m.target.as_str(), plan.place(&m.target, &out.tensors)))
-                .collect();
-            plan.check_places(&places)?;
-            plan.replace_tensors(&mut out)?;
-            plan.token_deltas(&mut out)?;
-            for mapped in &mapped {
-                let target = places[mapped.target.as_str()].clone();
-                plan.place_module(mapped, target, &mut out)?;
-            }
+                &base,
+                target,
+                (index, adapter),
+                &weights[index],
+                &mut out,
+            )?;
         }
 
         let mut config = serde_json::Map::new();
@@ -315,58 +264,7 @@ impl Plan {
                 notes.push(why);
             }
         }
-        let mut tokenizer = Vec::new();
-        if let Some(resize) = out.resized.first() {
-            let entry = &recipe.adapters[resize.adapter];
-            let adapter = entry.entry.written.clone();
-            let refuse = |message: String| {
-                PlanError::Adapter {
-                adapter: adapter.clone(),
-                message,
-                help: "fuse it into the base it was trained on (resized with `resize_token_embeddings` and saved), or save the adapter with both the embedding and the output head in `modules_to_save`".into(),
-                src: src.clone(),
-                span: entry.span,
-            }
-            };
-            let (from, to) = (resize.from, resize.to);
-            if let Some(other) = out.resized.iter().find(|r| r.to != to) {
-                return Err(refuse(format!(
-                    "resizes the vocabulary to {to} rows (`{}`), but `{}` to {}",
-                    resize.tensor, other.tensor, other.to
-                )));
-            }
-            if let Some((embedding, head)) = tie::vocabulary_tensors(&base) {
-                for name in [embedding, head] {
-                    match out.tensors.get(name) {
-                        Some(plan) if plan.out.shape.first() != Some(&to) => {
-                            return Err(refuse(format!(
-                                "resizes the vocabulary from {from} to {to} rows (`{}`), but carries no resized `{name}`, which would keep {} rows",
-                                resize.tensor,
-                                plan.out.shape.first().copied().unwrap_or(0)
-                            )))
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            config.insert("vocab_size".into(), to.into());
-            let dir = &entry.entry.path;
-            tokenizer = crate::output::TOKENIZER_FILES
-                .iter()
-                .map(|name| dir.join(name))
-                .filter(|path| path.is_file())
-                .collect();
-            let note = format!(
-                "`{adapter}` was trained on a vocabulary resized from {from} to {to} tokens: the output has {to} (config.json's `vocab_size`), with {}",
-                if tokenizer.is_empty() {
-                    "the base's tokenizer files, as the adapter directory has none: give it the tokenizer it was trained with".to_owned()
-                } else {
-                    "the tokenizer files of the adapter directory".to_owned()
-                }
-            );
-            out.warnings.push(note.clone());
-            notes.push(note);
-        }
+        let tokenizer = resized_vocabulary(recipe, &base, &mut out, &mut config, &mut notes)?;
         let Planned {
             tensors,
             mut warnings,
@@ -455,6 +353,149 @@ fn resolve_rules(
         });
     }
     Ok(Weight::new(resolved))
+}
+
+/// Plans one LoRA adapter (number `index` of the recipe) onto the base, whose schema and
+/// widths are `target` when known: each module to its layers, places and rows.
+fn plan_lora(
+    recipe: &Recipe,
+    schemas: &Schemas,
+    base: &HfModel,
+    (target_schema, dims): (Option<&Schema>, Option<&crate::arch::Dims>),
+    (index, adapter): (usize, &PeftAdapter),
+    weight: &Weight,
+    out: &mut Planned,
+) -> Result<(), PlanError> {
+    let src = recipe.src();
+    let entry = &recipe.adapters[index];
+    let name = entry.entry.written.clone();
+    // The schema the adapter's module names follow: as the recipe says, else as its
+    // source base's config.json says, else whichever schema knows the name.
+    let source_schema = match &entry.arch {
+        Some(named) => Some(resolve_arch(schemas, named, &src)?),
+        None => entry
+            .source
+            .as_ref()
+            .and_then(|s| crate::io::hf::read_json(&s.path.join("config.json")).ok())
+            .and_then(|config| config.as_object().and_then(|c| schemas.detect(c))),
+    };
+    // `dims = "align"`: one residual map per pair of bases, shared by their adapters.
+    let residual = match (entry.dims.map, &entry.source) {
+        (DimsMap::Align { .. }, Some(source)) => {
+            Some(out.align.residual(&source.path, base).map_err(|message| {
+                PlanError::Dims {
+                    message: format!("cannot align `{name}`: {message}"),
+                    help: "alignment maps the residual stream through the embeddings of the tokens both bases share; give both a tokenizer.json, or use `dims = \"truncate\"` or `\"pad\"`".into(),
+                    src: src.clone(),
+                    span: source.span,
+                    label: "this source base",
+                }
+            })?)
+        }
+        _ => None,
+    };
+    let plan = AdapterPlan {
+        recipe,
+        entry,
+        index,
+        adapter,
+        made_for: adapter
+            .config
+            .base_model
+            .as_ref()
+            .map(|b| format!(" (its adapter_config.json names `{b}`)"))
+            .unwrap_or_default(),
+        name,
+        src: &src,
+        base,
+        schemas,
+        target_schema,
+        source_schema,
+        dims: dims.copied(),
+        residual,
+        weight,
+    };
+    // Layers: each source module goes to the target layers its layer maps to, sharing
+    // its delta when several source layers meet in one target.
+    let mapped = map_layers(entry, adapter, base.layer_count(), &mut out.transfer, &src)?;
+    let places: std::collections::BTreeMap<&str, Option<Place>> = mapped
+        .iter()
+        .map(|m| (m.target.as_str(), plan.place(&m.target, &out.tensors)))
+        .collect();
+    plan.check_places(&places)?;
+    plan.replace_tensors(out)?;
+    plan.token_deltas(out)?;
+    for mapped in &mapped {
+        let target = places[mapped.target.as_str()].clone();
+        plan.place_module(mapped, target, out)?;
+    }
+    Ok(())
+}
+
+/// An adapter trained on a resized vocabulary: the resized model, when the adapter carries a
+/// full embedding and head of the new size (`vocab_size` and its tokenizer files follow), or
+/// why it cannot be built. Returns the tokenizer files to take.
+fn resized_vocabulary(
+    recipe: &Recipe,
+    base: &HfModel,
+    out: &mut Planned,
+    config: &mut serde_json::Map<String, serde_json::Value>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<std::path::PathBuf>, PlanError> {
+    let Some(resize) = out.resized.first().cloned() else {
+        return Ok(Vec::new());
+    };
+    let src = recipe.src();
+    let entry = &recipe.adapters[resize.adapter];
+    let adapter = entry.entry.written.clone();
+    let refuse = |message: String| {
+        PlanError::Adapter {
+            adapter: adapter.clone(),
+            message,
+            help: "fuse it into the base it was trained on (resized with `resize_token_embeddings` and saved), or save the adapter with both the embedding and the output head in `modules_to_save`".into(),
+            src: src.clone(),
+            span: entry.span,
+        }
+    };
+    let (from, to) = (resize.from, resize.to);
+    if let Some(other) = out.resized.iter().find(|r| r.to != to) {
+        return Err(refuse(format!(
+            "resizes the vocabulary to {to} rows (`{}`), but `{}` to {}",
+            resize.tensor, other.tensor, other.to
+        )));
+    }
+    if let Some((embedding, head)) = tie::vocabulary_tensors(base) {
+        for name in [embedding, head] {
+            match out.tensors.get(name) {
+                    Some(plan) if plan.out.shape.first() != Some(&to) => {
+                        return Err(refuse(format!(
+                            "resizes the vocabulary from {from} to {to} rows (`{}`), but carries no resized `{name}`, which would keep {} rows",
+                            resize.tensor,
+                            plan.out.shape.first().copied().unwrap_or(0)
+                        )))
+                    }
+                    _ => {}
+                }
+        }
+    }
+    config.insert("vocab_size".into(), to.into());
+    let dir = &entry.entry.path;
+    let tokenizer: Vec<std::path::PathBuf> = crate::output::TOKENIZER_FILES
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|path| path.is_file())
+        .collect();
+    let note = format!(
+            "`{adapter}` was trained on a vocabulary resized from {from} to {to} tokens: the output has {to} (config.json's `vocab_size`), with {}",
+            if tokenizer.is_empty() {
+                "the base's tokenizer files, as the adapter directory has none: give it the tokenizer it was trained with".to_owned()
+            } else {
+                "the tokenizer files of the adapter directory".to_owned()
+            }
+        );
+    out.warnings.push(note.clone());
+    notes.push(note);
+    Ok(tokenizer)
 }
 
 /// A full fine-tuned model as a delta source: every tensor it shares with the base contributes

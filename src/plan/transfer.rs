@@ -36,12 +36,92 @@ pub(super) fn rotary_between(
     Ok(Some(RotaryMap { from, to, head_dim }))
 }
 
+/// What became of one source module.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum What {
+    /// Fused into `tensor` (a part of it, when `part`), with `share` of its delta (1/n when n
+    /// source layers meet there).
+    Fused {
+        tensor: String,
+        part: bool,
+        /// Its rows land in the tensor's columns: placed by role, or by name, into a tensor
+        /// stored (in × out).
+        transposed: bool,
+        by_role: bool,
+        share: f64,
+        rotary: Option<RotaryMap>,
+    },
+    /// No place in the base (`[output] adapter` writes it as it is).
+    NoTarget,
+    /// Left out by the recipe's `modules = { ... = "skip" }`.
+    SkippedByRecipe,
+    /// The base's architecture has nothing doing this role's work (a SwiGLU gate into a
+    /// non-gated MLP).
+    NoCounterpart(Role),
+    /// `dims = "align"` has no map for it.
+    NoAlignMap,
+    /// Its layer maps to no layer of the base.
+    Dropped { layer: usize },
+}
+
+impl std::fmt::Display for What {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            What::Fused {
+                tensor,
+                part,
+                transposed,
+                by_role,
+                share,
+                rotary,
+            } => {
+                let permuted = rotary.map_or(String::new(), |r| {
+                    format!(
+                        "; rows permuted from `{}` into `{}` rotary pairs",
+                        r.from.name(),
+                        r.to.name()
+                    )
+                });
+                match (part, *transposed && *by_role) {
+                    (true, columns) => write!(
+                        f,
+                        "fused by role into part of `{tensor}`{} (share {share}){permuted}",
+                        if columns { ", as columns" } else { "" }
+                    ),
+                    (false, transposed) => write!(
+                        f,
+                        "fused into `{tensor}`{} (share {share}){permuted}",
+                        if transposed { ", transposed" } else { "" }
+                    ),
+                }
+            }
+            What::NoTarget => f.write_str("no target"),
+            What::SkippedByRecipe => f.write_str("skipped by the recipe"),
+            What::NoCounterpart(role) => {
+                write!(f, "skipped: {role} has no counterpart in the base")
+            }
+            What::NoAlignMap => f.write_str(
+                "skipped: dims = align has no map for it (not a linear layer of a known architecture)",
+            ),
+            What::Dropped { layer } => {
+                write!(f, "dropped: source layer {layer} maps to no layer of the base")
+            }
+        }
+    }
+}
+
+impl serde::Serialize for What {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// The fate of one source module, for the transfer report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub(crate) struct Fate {
     pub adapter: String,
     pub module: String,
-    pub fate: String,
+    pub fate: What,
     /// The width adaptation used, when widths were adapted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dims: Option<String>,
@@ -61,7 +141,7 @@ pub(crate) struct Fate {
 }
 
 impl Fate {
-    pub(super) fn new(adapter: &str, module: &str, fate: String) -> Fate {
+    pub(super) fn new(adapter: &str, module: &str, fate: What) -> Fate {
         Fate {
             adapter: adapter.to_owned(),
             module: module.to_owned(),
@@ -80,33 +160,32 @@ impl Fate {
         by_role: bool,
         share: f64,
         rotary: Option<RotaryMap>,
-    ) -> String {
-        let tensor = &place.tensor;
-        let permuted = rotary.map_or(String::new(), |r| {
-            format!(
-                "; rows permuted from `{}` into `{}` rotary pairs",
-                r.from.name(),
-                r.to.name()
-            )
-        });
-        match (place.rows, place.transposed && by_role) {
-            (Some(_), columns) => format!(
-                "fused by role into part of `{tensor}`{} (share {share}){permuted}",
-                if columns { ", as columns" } else { "" }
-            ),
-            (None, transposed) => format!(
-                "fused into `{tensor}`{} (share {share}){permuted}",
-                if transposed { ", transposed" } else { "" }
-            ),
+    ) -> What {
+        What::Fused {
+            tensor: place.tensor.clone(),
+            part: place.rows.is_some(),
+            transposed: place.transposed,
+            by_role,
+            share,
+            rotary,
         }
     }
 
     /// Whether the module landed on its own name (a parameter's LoRA is keyed by the
     /// tensor's name itself), with nothing mapped.
     pub fn is_plain(&self) -> bool {
+        let own = |tensor: &str| {
+            tensor == self.module || tensor.strip_suffix(".weight") == Some(&self.module)
+        };
         self.dims.is_none()
-            && (self.fate == format!("fused into `{}.weight` (share 1)", self.module)
-                || self.fate == format!("fused into `{}` (share 1)", self.module))
+            && matches!(&self.fate, What::Fused {
+                tensor,
+                part: false,
+                transposed,
+                by_role,
+                share,
+                rotary: None,
+            } if own(tensor) && *share == 1.0 && !(*transposed && *by_role))
     }
 }
 
@@ -193,7 +272,7 @@ pub(super) fn map_layers<'a>(
     let mut mapped = Vec::new();
     for (module, lora) in &adapter.modules {
         if entry.skip.iter().any(|skip| module_matches(module, skip)) {
-            transfer.push(Fate::new(name, module, "skipped by the recipe".into()));
+            transfer.push(Fate::new(name, module, What::SkippedByRecipe));
             continue;
         }
         let Some(layer) = layer_of(module) else {
@@ -207,11 +286,7 @@ pub(super) fn map_layers<'a>(
         };
         let to = targets(layer);
         if to.is_empty() {
-            transfer.push(Fate::new(
-                name,
-                module,
-                format!("dropped: source layer {layer} maps to no layer of the base"),
-            ));
+            transfer.push(Fate::new(name, module, What::Dropped { layer }));
         }
         for (t, share) in to {
             mapped.push(Mapped {

@@ -1,5 +1,7 @@
 //! PEFT LoRA adapters: `adapter_config.json` and `adapter_model.safetensors`, read into the
 //! modules they change, each with its A/B matrices and scaling.
+pub(crate) mod write;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
