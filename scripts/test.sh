@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the whole test suite: the Rust tests, then the peer tests
-# that compare modelforge with PEFT, transformers and llama.cpp (tests/peers/).
+# Sets up everything the tests need (scripts/setup.sh: all of scripts/requirements.txt) and runs
+# the whole test suite: the Rust tests, then the peer tests that compare modelforge with PEFT,
+# transformers and llama.cpp (tests/peers/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
@@ -8,6 +9,12 @@ bash scripts/setup.sh
 if [ ! -d target/node/node_modules/node-llama-cpp ]; then
   echo "test: installing node-llama-cpp 3.21.1 into target/node (llama.cpp for the GGUF tests)" >&2
   npm install --prefix target/node --no-audit --no-fund --loglevel=error node-llama-cpp@3.21.1
+fi
+# A real S3 server for the remote-cache tests: s3s-fs, built once into target/s3s (about 4 min on
+# two cores; kept between runs).
+if [ ! -x target/s3s/bin/s3s-fs ]; then
+  echo "test: building s3s-fs 0.14.1 into target/s3s (an S3 server for the remote-cache tests)" >&2
+  cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary --root target/s3s
 fi
 cargo build --quiet
 cargo test --quiet

@@ -21,6 +21,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Re-hash a recipe's output and compare it with the lock file.
     Verify(VerifyArgs),
+    /// Upload the node results a recipe's build uses, from the local cache, to the remote
+    /// cache (what `build --push` does after building).
+    Push(PushArgs),
     /// Describe a model or a PEFT adapter directory.
     Inspect(InspectArgs),
     /// Remove cache entries: unused for longer than `--older-than`, then the least recently
@@ -110,6 +113,29 @@ pub struct BuildArgs {
     /// plus LibTorch's fixed overhead.
     #[arg(long, value_name = "SIZE", value_parser = crate::io::size::parse_size)]
     pub max_memory: Option<u64>,
+    /// A shared remote cache, `s3://BUCKET/PREFIX` (configured by the standard AWS variables:
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP)
+    /// or `file:///DIR`; default MODELFORGE_REMOTE. What the local cache lacks is pulled from
+    /// it before anything is computed; it is never written without `--push`.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Upload what this build made (and pulled) to the remote cache.
+    #[arg(long)]
+    pub push: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// An architecture schema to know besides the shipped ones; repeatable.
+    #[arg(long = "arch", value_name = "FILE")]
+    pub arch: Vec<PathBuf>,
+    /// The remote cache, `s3://BUCKET/PREFIX` or `file:///DIR`; default MODELFORGE_REMOTE.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
 }
 
 #[derive(Debug, Args)]

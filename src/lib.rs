@@ -28,6 +28,7 @@ pub(crate) mod lock;
 pub(crate) mod output;
 pub(crate) mod plan;
 pub(crate) mod recipe;
+pub(crate) mod remote;
 pub(crate) mod verify;
 
 use cli::{CacheCommand, Cli, Command};
@@ -51,6 +52,11 @@ pub fn run(cli: Cli) -> miette::Result<()> {
             json: args.json,
             check_finite: !args.allow_non_finite,
             max_memory: args.max_memory,
+            remote: args
+                .remote
+                .or_else(|| std::env::var("MODELFORGE_REMOTE").ok())
+                .filter(|url| !url.is_empty()),
+            push: args.push,
         }),
         Command::Plan(args) => exec::plan(&exec::PlanOptions {
             recipe: args.recipe,
@@ -63,6 +69,15 @@ pub fn run(cli: Cli) -> miette::Result<()> {
             },
         }),
         Command::Verify(args) => exec::verify(&args.recipe),
+        Command::Push(args) => exec::push_built(&exec::PushOptions {
+            recipe: args.recipe,
+            cache: cache(args.cache),
+            arch: args.arch,
+            remote: args
+                .remote
+                .or_else(|| std::env::var("MODELFORGE_REMOTE").ok())
+                .filter(|url| !url.is_empty()),
+        }),
         Command::Inspect(args) => inspect::inspect(&args.path, args.json),
         Command::Gc {
             cache: dir,

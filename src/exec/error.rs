@@ -67,6 +67,13 @@ pub(crate) enum ExecError {
         first: PathBuf,
     },
 
+    #[error("{message}")]
+    #[diagnostic(
+        code(modelforge::exec::remote),
+        help("check the address, that the server is up, and the AWS_* variables (credentials, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true for plain http); a build without `--remote` needs none of it")
+    )]
+    Remote { message: String },
+
     #[error("the fused tensor `{tensor}` holds {what} (at element {index})")]
     #[diagnostic(
         code(modelforge::exec::non_finite),

@@ -25,7 +25,7 @@ use crate::recipe::Recipe;
 
 pub use cache::{cache_stats, cache_verify, gc};
 pub(crate) use error::{output_error, ExecError};
-pub use options::{BuildOptions, CacheOptions, PlanFormat, PlanOptions};
+pub use options::{BuildOptions, CacheOptions, PlanFormat, PlanOptions, PushOptions};
 pub(crate) use resolution::{open_store, recipe_dir, Resolution};
 pub(crate) use summary::{Nodes, Phases, Summary};
 
@@ -56,6 +56,15 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
             eprintln!("warning: {warning}");
         }
     }
+    let remote = match &args.remote {
+        Some(url) => Some(crate::remote::Remote::open(url).map_err(remote_error)?),
+        None if args.push => {
+            return Err(remote_error(crate::remote::RemoteError::Address(
+                "(none: --push needs --remote URL or MODELFORGE_REMOTE)".into(),
+            )))
+        }
+        None => None,
+    };
     let copied = res
         .plan
         .tensors
@@ -72,9 +81,14 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
             reused: res.plan.tensors.len() - copied,
             copied,
         };
-        let summary = Summary::up_to_date(&res, nodes, started.elapsed());
+        let mut summary = Summary::up_to_date(&res, nodes, started.elapsed());
+        if let (Some(remote), true) = (&remote, args.push) {
+            summary.pushed = Some(push(&res, remote)?);
+        }
         return report(args, &summary);
     }
+    // What the local cache lacks, from the remote first.
+    let pulled = remote.as_ref().map(|remote| pull(&res, remote, args.quiet));
 
     // Shards whose bytes would not change stay as the previous output has them.
     let shards = &res.shards;
@@ -128,7 +142,87 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     summary.peak_rss.engine = (engine_peak > 0).then_some(engine_peak);
     summary.phases = Some(phases);
     summary.shards_kept = shards_kept;
+    summary.pulled = pulled;
+    if let (Some(remote), true) = (&remote, args.push) {
+        summary.pushed = Some(push(&res, remote)?);
+    }
     report(args, &summary)
+}
+
+/// Pulls what the build needs and the local cache lacks from the remote, saying what could
+/// not be used: a damaged object (computed here instead) or a remote that cannot be read
+/// (everything computed here).
+fn pull(res: &Resolution, remote: &crate::remote::Remote, quiet: bool) -> crate::remote::Transfer {
+    let lacking = lacking(res);
+    let keys: Vec<crate::digest::NodeKey> = lacking.iter().map(|k| k.key).collect();
+    let pulled = remote.pull(&res.store, &keys);
+    if !quiet {
+        for key in &pulled.damaged {
+            let name = lacking
+                .iter()
+                .find(|k| k.key == *key)
+                .map_or("", |k| &k.name);
+            eprintln!(
+                "warning: the remote cache's object for `{name}` (node {}) does not match its digest; it was not used and is computed here",
+                key.hex()
+            );
+        }
+        if let Some(why) = &pulled.unreachable {
+            eprintln!(
+                "warning: the remote cache `{}` cannot be read ({why}); what it lacks is computed here",
+                remote.url()
+            );
+        }
+    }
+    pulled.transfer
+}
+
+/// `modelforge push`: the node results the recipe's build uses, from the local cache to the
+/// remote.
+pub fn push_built(args: &PushOptions) -> miette::Result<()> {
+    let Some(url) = &args.remote else {
+        return Err(remote_error(crate::remote::RemoteError::Address(
+            "(none: give --remote URL or MODELFORGE_REMOTE)".into(),
+        )));
+    };
+    let remote = crate::remote::Remote::open(url).map_err(remote_error)?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false)?;
+    let pushed = push(&res, &remote)?;
+    eprintln!(
+        "pushed {} objects ({:.1} MB) to {}",
+        pushed.objects,
+        pushed.bytes as f64 / 1e6,
+        remote.url()
+    );
+    Ok(())
+}
+
+/// Pushes every node result this build uses that the local cache holds.
+fn push(
+    res: &Resolution,
+    remote: &crate::remote::Remote,
+) -> Result<crate::remote::Transfer, miette::Report> {
+    let mut seen = std::collections::HashSet::new();
+    let keys: Vec<crate::digest::NodeKey> = res
+        .graph
+        .in_order()
+        .into_iter()
+        .filter(|keyed| match keyed.node {
+            Node::Copy { .. } => false,
+            Node::Fuse(_) => res.recipe.fuses(),
+            _ => true,
+        })
+        .map(|keyed| keyed.key)
+        .filter(|key| seen.insert(*key))
+        .collect();
+    remote.push(&res.store, &keys).map_err(remote_error)
+}
+
+fn remote_error(e: crate::remote::RemoteError) -> miette::Report {
+    ExecError::Remote {
+        message: e.to_string(),
+    }
+    .into()
 }
 
 /// Has the engine compute what the cache lacks while the outputs are written into staging,
@@ -261,6 +355,23 @@ fn report(args: &BuildOptions, summary: &Summary) -> miette::Result<()> {
     Ok(())
 }
 
+/// The nodes this build needs and the local cache lacks, each once, each after the nodes it
+/// reads: every node but copies, and fused tensors only when a fused model is written
+/// (`[output] adapter` alone needs only the re-factored deltas).
+fn lacking(res: &Resolution) -> Vec<&crate::plan::Keyed> {
+    let mut seen = std::collections::HashSet::new();
+    res.graph
+        .in_order()
+        .into_iter()
+        .filter(|keyed| match keyed.node {
+            Node::Copy { .. } => false,
+            Node::Fuse(_) => res.recipe.fuses(),
+            _ => true,
+        })
+        .filter(|keyed| res.store.action(&keyed.key).is_none() && seen.insert(keyed.key))
+        .collect()
+}
+
 /// The engine's work, walking the graph: every node the cache lacks, each after the nodes it
 /// reads. Alignment nodes come first (the tensors read them; all are computed even when the
 /// tensors using them are cached, for the transfer report reads their figures), then the
@@ -268,16 +379,9 @@ fn report(args: &BuildOptions, summary: &Summary) -> miette::Result<()> {
 /// closely (none without a fused model to write: `[output] adapter` alone needs only the
 /// re-factored deltas), then the re-factored deltas.
 fn tasks(res: &Resolution) -> Vec<job::Task> {
-    let lacking = |key| res.store.action(key).is_none();
-    let mut seen = std::collections::HashSet::new();
     let (mut align, mut fused, mut refactors) = (Vec::new(), Vec::new(), Vec::new());
-    for keyed in res.graph.in_order() {
-        if !lacking(&keyed.key) || !seen.insert(keyed.key) {
-            continue;
-        }
+    for keyed in lacking(res) {
         match keyed.node {
-            Node::Copy { .. } => {}
-            Node::Fuse(_) if !res.recipe.fuses() => {}
             Node::Fuse(_) => fused.push(keyed),
             Node::Refactor { .. } => refactors.push(keyed),
             _ => align.push(keyed),

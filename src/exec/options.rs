@@ -30,6 +30,19 @@ pub struct BuildOptions {
     pub check_finite: bool,
     /// Bytes of tensor blocks the engine may hold in flight.
     pub max_memory: Option<u64>,
+    /// The shared remote cache's address (`--remote`, else MODELFORGE_REMOTE).
+    pub remote: Option<String>,
+    /// Upload what the build made to the remote.
+    pub push: bool,
+}
+
+/// `modelforge push`.
+#[derive(Clone, Debug)]
+pub struct PushOptions {
+    pub recipe: PathBuf,
+    pub cache: CacheOptions,
+    pub arch: Vec<PathBuf>,
+    pub remote: Option<String>,
 }
 
 /// How `modelforge plan` prints.

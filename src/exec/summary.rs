@@ -46,6 +46,12 @@ pub(crate) struct Summary {
     pub phases: Option<Phases>,
     /// Shards of the previous output kept as they were (hard-linked, not written again).
     pub shards_kept: usize,
+    /// Node results taken from the remote cache (`--remote`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulled: Option<crate::remote::Transfer>,
+    /// Node results uploaded to the remote cache (`--push`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<crate::remote::Transfer>,
 }
 
 /// Seconds spent in each phase of a build.
@@ -128,6 +134,8 @@ impl Summary {
             phases: None,
             aligned: Aligned::of(res),
             shards_kept: 0,
+            pulled: None,
+            pushed: None,
         }
     }
 
@@ -173,8 +181,17 @@ impl Summary {
             n => format!("; {n} shards unchanged, kept"),
         };
         let notes: String = self.notes.iter().map(|n| format!("; {n}")).collect();
+        let remote = |what: &str, t: Option<crate::remote::Transfer>| match t {
+            Some(t) if t.objects > 0 => format!(
+                "; {} {what} the remote cache ({:.1} MB)",
+                t.objects,
+                t.bytes as f64 / 1e6
+            ),
+            _ => String::new(),
+        };
+        let remote = remote("pulled from", self.pulled) + &remote("pushed to", self.pushed);
         format!(
-            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{kept}{transfer}{notes}",
+            "built {} in {:.2}s on {}: {} tensors ({} computed, {} from cache, {} copied), {:.1} MB in {} files{kept}{remote}{transfer}{notes}",
             self.output,
             self.seconds,
             self.device,

@@ -1,0 +1,383 @@
+//! A shared remote cache: node results on S3-compatible storage or a shared folder, so that a
+//! teammate or a CI runner pulls what another machine computed instead of computing it.
+//!
+//! ```text
+//! PREFIX/modelforge/v1/cas/ab/abcdef…   an object's bytes, named by their blake3 digest
+//! PREFIX/modelforge/v1/ac/12/12ab…      node key → the action entry of the object it produced
+//! ```
+//!
+//! Every object pulled is checked against its digest as it is written into the local cache, and
+//! recorded there only if it matches: a damaged remote object never reaches an output or the
+//! local cache. Objects are pushed before the entries naming them, both created only if absent,
+//! so a reader never sees an entry without its object and two machines pushing the same build
+//! agree. Only the store's address is ever shown; credentials come from the standard AWS
+//! variables and are never printed or recorded.
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::digest::{NodeKey, TensorDigest};
+use crate::store::{ActionEntry, Store, VerifyingReader};
+
+/// Bumped when the remote layout changes; other layouts are ignored, never misread.
+const LAYOUT: &str = "modelforge/v1";
+/// Objects larger than this are read in ranges of this size, several at once, and written in
+/// parts of this size.
+const PART: u64 = 16 << 20;
+/// Requests in flight at once.
+const CONCURRENCY: usize = 8;
+
+/// Why the remote cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RemoteError {
+    #[error("`{0}` is not a remote cache address: use `s3://BUCKET/PREFIX` or `file:///DIR`")]
+    Address(String),
+    #[error("cannot use the remote `{url}`: {message}")]
+    Unusable { url: String, message: String },
+    #[error("the local cache: {0}")]
+    Local(#[from] std::io::Error),
+}
+
+/// What a pull brought.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub(crate) struct Transfer {
+    pub objects: usize,
+    pub bytes: u64,
+}
+
+/// The outcome of pulling a set of nodes.
+#[derive(Debug, Default)]
+pub(crate) struct Pulled {
+    pub transfer: Transfer,
+    /// Nodes whose remote object did not match its digest (left out; computed instead).
+    pub damaged: Vec<NodeKey>,
+    /// Why the remote could not be read, when it could not.
+    pub unreachable: Option<String>,
+}
+
+pub(crate) struct Remote {
+    /// The address as the user gave it (holds no credentials).
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Remote {
+    /// The remote at `url`: `s3://BUCKET/PREFIX` (configured by `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, and `AWS_ALLOW_HTTP=true` for
+    /// plain http) or `file:///DIR`. Every request gives up within seconds, so that a remote
+    /// that is down costs a build little.
+    pub fn open(url: &str) -> Result<Remote, RemoteError> {
+        let unusable = |message: String| RemoteError::Unusable {
+            url: url.to_owned(),
+            message,
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, String) =
+            if let Some(rest) = url.strip_prefix("s3://") {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(RemoteError::Address(url.to_owned()));
+                }
+                let allow_http = std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true");
+                let client = object_store::ClientOptions::new()
+                    .with_allow_http(allow_http)
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout(Duration::from_secs(20));
+                let retry = object_store::RetryConfig {
+                    backoff: object_store::BackoffConfig {
+                        init_backoff: Duration::from_millis(100),
+                        max_backoff: Duration::from_secs(1),
+                        base: 2.0,
+                    },
+                    max_retries: 2,
+                    retry_timeout: Duration::from_secs(8),
+                };
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(client)
+                    .with_retry(retry);
+                if std::env::var_os("AWS_REGION").is_none()
+                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+                {
+                    builder = builder.with_region("us-east-1");
+                }
+                // A custom endpoint (a server of one's own) is addressed by path.
+                if std::env::var_os("AWS_ENDPOINT_URL").is_some()
+                    || std::env::var_os("AWS_ENDPOINT").is_some()
+                {
+                    builder = builder.with_virtual_hosted_style_request(false);
+                }
+                let s3 = builder.build().map_err(|e| unusable(e.to_string()))?;
+                (Arc::new(s3), prefix.trim_matches('/').to_owned())
+            } else if let Some(dir) = url.strip_prefix("file://") {
+                if !dir.starts_with('/') {
+                    return Err(RemoteError::Address(url.to_owned()));
+                }
+                std::fs::create_dir_all(dir).map_err(|e| unusable(e.to_string()))?;
+                let local = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| unusable(e.to_string()))?;
+                (Arc::new(local), String::new())
+            } else {
+                return Err(RemoteError::Address(url.to_owned()));
+            };
+        let prefix = match prefix.is_empty() {
+            true => ObjectPath::from(LAYOUT),
+            false => ObjectPath::from(format!("{prefix}/{LAYOUT}")),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(RemoteError::Local)?;
+        Ok(Remote {
+            url: url.to_owned(),
+            store,
+            prefix,
+            runtime,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn object(&self, digest: &TensorDigest) -> ObjectPath {
+        let hex = digest.hex();
+        ObjectPath::from(format!("{}/cas/{}/{hex}", self.prefix, &hex[..2]))
+    }
+
+    fn entry(&self, key: &NodeKey) -> ObjectPath {
+        let hex = key.hex();
+        ObjectPath::from(format!("{}/ac/{}/{hex}", self.prefix, &hex[..2]))
+    }
+
+    /// Pulls the nodes `keys` that the remote holds into `store`, each checked against its
+    /// digest before it is recorded.
+    pub fn pull(&self, store: &Store, keys: &[NodeKey]) -> Pulled {
+        // Once one request finds the remote unusable, the others are not tried.
+        let down = std::sync::atomic::AtomicBool::new(false);
+        self.runtime.block_on(async {
+            let results: Vec<(NodeKey, Result<Option<u64>, Fault>)> =
+                futures::stream::iter(keys.iter().copied())
+                    .map(|key| {
+                        let down = &down;
+                        async move {
+                            if down.load(std::sync::atomic::Ordering::Relaxed) {
+                                return (key, Ok(None));
+                            }
+                            let result = self.pull_one(store, &key).await;
+                            if matches!(result, Err(Fault::Unreachable(_))) {
+                                down.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            (key, result)
+                        }
+                    })
+                    .buffer_unordered(CONCURRENCY)
+                    .collect()
+                    .await;
+            let mut pulled = Pulled::default();
+            for (key, result) in results {
+                match result {
+                    Ok(Some(bytes)) => {
+                        pulled.transfer.objects += 1;
+                        pulled.transfer.bytes += bytes;
+                    }
+                    Ok(None) => {}
+                    Err(Fault::Damaged) => pulled.damaged.push(key),
+                    Err(Fault::Unreachable(message)) => {
+                        pulled.unreachable.get_or_insert(message);
+                    }
+                }
+            }
+            pulled
+        })
+    }
+
+    async fn pull_one(&self, store: &Store, key: &NodeKey) -> Result<Option<u64>, Fault> {
+        let bytes = match self.store.get(&self.entry(key)).await {
+            Ok(got) => got.bytes().await.map_err(Fault::from)?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let remote: ActionEntry = serde_json::from_slice(&bytes).map_err(|_| Fault::Damaged)?;
+        let path = self.object(&remote.tensor);
+        let mut out = store.object_writer().map_err(|_| Fault::Damaged)?;
+        let write = |out: &mut crate::store::ObjectWriter, bytes: &[u8]| {
+            out.write(bytes)
+                .map_err(|e| Fault::Unreachable(format!("the local cache: {e}")))
+        };
+        if remote.len > PART {
+            // Large objects in ranges, several in flight, written in order.
+            let ranges: Vec<std::ops::Range<u64>> = (0..remote.len)
+                .step_by(PART as usize)
+                .map(|start| start..(start + PART).min(remote.len))
+                .collect();
+            let mut parts = futures::stream::iter(ranges)
+                .map(|range| {
+                    let path = path.clone();
+                    async move { self.store.get_range(&path, range).await }
+                })
+                .buffered(4);
+            while let Some(part) = parts.next().await {
+                write(&mut out, &part.map_err(not_found_is_damage)?)?;
+            }
+        } else {
+            let got = self.store.get(&path).await.map_err(not_found_is_damage)?;
+            let mut chunks = got.into_stream();
+            while let Some(chunk) = chunks.try_next().await.map_err(Fault::from)? {
+                write(&mut out, &chunk)?;
+            }
+        }
+        let local = out
+            .finish(false)
+            .map_err(|e| Fault::Unreachable(format!("the local cache: {e}")))?;
+        if local.tensor != remote.tensor || local.len != remote.len {
+            // Its bytes are in the local store under their own digest, named by no entry: the
+            // next `gc` removes them.
+            return Err(Fault::Damaged);
+        }
+        let entry = ActionEntry {
+            energy: remote.energy,
+            overlap: remote.overlap,
+            ..local
+        };
+        store
+            .put_action(key, &entry)
+            .map_err(|e| Fault::Unreachable(format!("the local cache: {e}")))?;
+        Ok(Some(local.len))
+    }
+
+    /// Pushes the nodes `keys` that `store` holds and the remote lacks: each object (checked as
+    /// it is read) before the entry naming it, both created only if absent.
+    pub fn push(&self, store: &Store, keys: &[NodeKey]) -> Result<Transfer, RemoteError> {
+        self.runtime.block_on(async {
+            let results: Vec<Result<Option<u64>, Fault>> = futures::stream::iter(keys)
+                .map(|key| self.push_one(store, key))
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            let mut pushed = Transfer::default();
+            for result in results {
+                match result {
+                    Ok(Some(bytes)) => {
+                        pushed.objects += 1;
+                        pushed.bytes += bytes;
+                    }
+                    Ok(None) | Err(Fault::Damaged) => {}
+                    Err(Fault::Unreachable(message)) => {
+                        return Err(RemoteError::Unusable {
+                            url: self.url.clone(),
+                            message,
+                        })
+                    }
+                }
+            }
+            Ok(pushed)
+        })
+    }
+
+    async fn push_one(&self, store: &Store, key: &NodeKey) -> Result<Option<u64>, Fault> {
+        let Some(entry) = store.action(key) else {
+            return Ok(None);
+        };
+        match self.store.head(&self.entry(key)).await {
+            Ok(_) => return Ok(None),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let path = self.object(&entry.tensor);
+        let present = match self.store.head(&path).await {
+            Ok(meta) => meta.size == entry.len,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !present {
+            // Read through the check, so that a damaged local object is never pushed.
+            let Some(mut reader) = VerifyingReader::open(store, &entry) else {
+                return Err(Fault::Damaged);
+            };
+            if entry.len <= PART {
+                let mut bytes = vec![0u8; entry.len as usize];
+                reader.read_exact(&mut bytes).map_err(|_| Fault::Damaged)?;
+                if !reader.check() {
+                    store.evict(&entry.tensor);
+                    return Err(Fault::Damaged);
+                }
+                create(&*self.store, &path, bytes.into()).await?;
+            } else {
+                let upload = self.store.put_multipart(&path).await?;
+                let mut writer =
+                    object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
+                let mut left = entry.len;
+                let mut buffer = vec![0u8; PART as usize];
+                while left > 0 {
+                    let n = left.min(PART) as usize;
+                    if reader.read_exact(&mut buffer[..n]).is_err() {
+                        writer.abort().await?;
+                        return Err(Fault::Damaged);
+                    }
+                    writer.write(&buffer[..n]);
+                    writer.wait_for_capacity(2).await?;
+                    left -= n as u64;
+                }
+                if !reader.check() {
+                    writer.abort().await?;
+                    store.evict(&entry.tensor);
+                    return Err(Fault::Damaged);
+                }
+                writer.finish().await?;
+            }
+        }
+        let remote = ActionEntry {
+            check: None,
+            ..entry
+        };
+        let bytes = serde_json::to_vec(&remote).expect("an entry serialises");
+        create(&*self.store, &self.entry(key), bytes.into()).await?;
+        Ok(Some(entry.len))
+    }
+}
+
+/// Writes `payload` at `path` unless something is there already (the same bytes: names are
+/// digests). Stores that do not enforce the condition overwrite with the same bytes.
+async fn create(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    payload: PutPayload,
+) -> Result<(), Fault> {
+    let options = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    match store.put_opts(path, payload, options).await {
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+        Err(object_store::Error::NotImplemented { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Why one node could not be pulled or pushed.
+enum Fault {
+    /// Its remote object is missing or does not match its digest, or its local one is damaged.
+    Damaged,
+    /// The remote could not be read or written: the message says why.
+    Unreachable(String),
+}
+
+impl From<object_store::Error> for Fault {
+    fn from(e: object_store::Error) -> Self {
+        Fault::Unreachable(e.to_string())
+    }
+}
+
+/// An entry whose object is missing is a damaged remote, not an unreachable one.
+fn not_found_is_damage(e: object_store::Error) -> Fault {
+    match e {
+        object_store::Error::NotFound { .. } => Fault::Damaged,
+        e => e.into(),
+    }
+}
