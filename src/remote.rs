@@ -146,8 +146,7 @@ impl Remote {
     }
 
     fn object(&self, digest: &TensorDigest) -> ObjectPath {
-        let hex = digest.hex();
-        ObjectPath::from(format!("{}/cas/{}/{hex}", self.prefix, &hex[..2]))
+        ObjectPath::from(self.object_name(&digest.hex()))
     }
 
     fn entry(&self, key: &NodeKey) -> ObjectPath {
@@ -340,6 +339,165 @@ impl Remote {
         create(&*self.store, &self.entry(key), bytes.into()).await?;
         Ok(Some(entry.len))
     }
+}
+
+impl Remote {
+    /// Uploads output files (final path, digest) the remote lacks, as objects named by their
+    /// digest, each checked as it is read: identical files of different builds are stored once.
+    pub fn push_files(
+        &self,
+        files: &[(std::path::PathBuf, crate::digest::FileDigest)],
+    ) -> Result<Transfer, RemoteError> {
+        self.runtime.block_on(async {
+            let mut pushed = Transfer::default();
+            for (path, digest) in files {
+                let object = ObjectPath::from(self.object_name(&digest.hex()));
+                match self.store.head(&object).await {
+                    Ok(_) => continue,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.unusable(e.to_string())),
+                }
+                let len = upload_file(&*self.store, &object, path, digest)
+                    .await
+                    .map_err(|e| match e {
+                        Fault::Unreachable(m) => self.unusable(m),
+                        Fault::Damaged => self.unusable(format!(
+                            "`{}` changed while it was being uploaded",
+                            path.display()
+                        )),
+                    })?;
+                pushed.objects += 1;
+                pushed.bytes += len;
+            }
+            Ok(pushed)
+        })
+    }
+
+    /// Downloads the object of each `digest` into a file staged beside `target`, checked
+    /// against the digest as it is written; nothing is renamed into place here. An error names
+    /// the file that is missing or damaged.
+    pub fn fetch_files(
+        &self,
+        files: &[(crate::digest::FileDigest, std::path::PathBuf)],
+    ) -> Result<(Vec<crate::io::atomic::StagedFile>, Transfer), FetchError> {
+        self.runtime.block_on(async {
+            let mut staged = Vec::new();
+            let mut fetched = Transfer::default();
+            for (digest, target) in files {
+                let object = ObjectPath::from(self.object_name(&digest.hex()));
+                let (file, mut out) =
+                    crate::io::atomic::StagedFile::create(target).map_err(|source| {
+                        FetchError::Local {
+                            path: target.clone(),
+                            source,
+                        }
+                    })?;
+                let mut hasher = blake3::Hasher::new();
+                let mut len = 0u64;
+                let got = self.store.get(&object).await.map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => FetchError::Missing(target.clone()),
+                    e => FetchError::Remote(self.unusable(e.to_string())),
+                })?;
+                let mut chunks = got.into_stream();
+                while let Some(chunk) = chunks
+                    .try_next()
+                    .await
+                    .map_err(|e| FetchError::Remote(self.unusable(e.to_string())))?
+                {
+                    crate::digest::hash_into(&mut hasher, &chunk);
+                    len += chunk.len() as u64;
+                    std::io::Write::write_all(&mut out, &chunk).map_err(|source| {
+                        FetchError::Local {
+                            path: target.clone(),
+                            source,
+                        }
+                    })?;
+                }
+                if crate::digest::FileDigest::new(hasher.finalize()) != *digest {
+                    return Err(FetchError::Damaged(target.clone()));
+                }
+                fetched.objects += 1;
+                fetched.bytes += len;
+                staged.push(file);
+            }
+            Ok((staged, fetched))
+        })
+    }
+
+    fn object_name(&self, hex: &str) -> String {
+        format!("{}/cas/{}/{hex}", self.prefix, &hex[..2])
+    }
+
+    fn unusable(&self, message: String) -> RemoteError {
+        RemoteError::Unusable {
+            url: self.url.clone(),
+            message,
+        }
+    }
+}
+
+/// Why an output could not be fetched from the remote.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FetchError {
+    #[error("the remote cache has no object for `{}`", .0.display())]
+    Missing(std::path::PathBuf),
+    #[error("the remote cache's object for `{}` does not match the lock's digest", .0.display())]
+    Damaged(std::path::PathBuf),
+    #[error(transparent)]
+    Remote(RemoteError),
+    #[error("`{path}`: {source}", path = path.display())]
+    Local {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Uploads the file at `path` as `object`, in parts when large, checking that its bytes have
+/// the digest `digest` before completing the upload. Returns its length.
+async fn upload_file(
+    store: &dyn ObjectStore,
+    object: &ObjectPath,
+    path: &std::path::Path,
+    digest: &crate::digest::FileDigest,
+) -> Result<u64, Fault> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path).map_err(|e| Fault::Unreachable(e.to_string()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Fault::Unreachable(e.to_string()))?
+        .len();
+    let mut hasher = blake3::Hasher::new();
+    if len <= PART {
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Fault::Unreachable(e.to_string()))?;
+        crate::digest::hash_into(&mut hasher, &bytes);
+        if crate::digest::FileDigest::new(hasher.finalize()) != *digest {
+            return Err(Fault::Damaged);
+        }
+        create(store, object, bytes.into()).await?;
+        return Ok(len);
+    }
+    let upload = store.put_multipart(object).await?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
+    let mut buffer = vec![0u8; PART as usize];
+    loop {
+        let n = file
+            .read(&mut buffer)
+            .map_err(|e| Fault::Unreachable(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        crate::digest::hash_into(&mut hasher, &buffer[..n]);
+        writer.write(&buffer[..n]);
+        writer.wait_for_capacity(2).await?;
+    }
+    if crate::digest::FileDigest::new(hasher.finalize()) != *digest {
+        writer.abort().await?;
+        return Err(Fault::Damaged);
+    }
+    writer.finish().await?;
+    Ok(len)
 }
 
 /// Writes `payload` at `path` unless something is there already (the same bytes: names are

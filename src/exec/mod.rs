@@ -37,6 +37,11 @@ const DEFAULT_BUDGET: u64 = 64 << 20;
 /// `modelforge build`.
 pub fn build(args: &BuildOptions) -> miette::Result<()> {
     let started = Instant::now();
+    if let (true, Some(url)) = (args.locked, &args.remote) {
+        if let Some(summary) = from_lock(args, url, started)? {
+            return report(args, &summary);
+        }
+    }
     let mut phases = Phases::default();
     let res = Resolution::new(&args.recipe, &args.cache, &args.arch, args.check_finite)?;
     phases.resolve = started.elapsed().as_secs_f64();
@@ -197,8 +202,88 @@ pub fn push_built(args: &PushOptions) -> miette::Result<()> {
     Ok(())
 }
 
-/// Pushes every node result this build uses that the local cache holds.
+/// `build --locked --remote` where the lock's inputs are not on this machine: every output file
+/// the lock records, fetched from the remote by its digest and checked against it, then renamed
+/// into place together. No input is read and the engine never starts. `None` when the inputs
+/// are here (the build proceeds as usual) or there is no lock to go by.
+fn from_lock(args: &BuildOptions, url: &str, started: Instant) -> miette::Result<Option<Summary>> {
+    let lock_path = lock::path_for(&args.recipe);
+    let Some(Ok(lock)) = Lock::read(&lock_path) else {
+        return Ok(None);
+    };
+    let dir = args.recipe.parent().map(Path::to_owned).unwrap_or_default();
+    if lock.inputs.keys().all(|shown| dir.join(shown).exists()) {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&args.recipe).map_err(|source| ExecError::Remote {
+        message: format!("cannot read `{}`: {source}", args.recipe.display()),
+    })?;
+    if FileDigest::of(text.as_bytes()) != lock.recipe {
+        return Err(ExecError::Locked {
+            lock: lock_path,
+            what: "the recipe changed".into(),
+            src: miette::NamedSource::new(args.recipe.display().to_string(), text.into()),
+            span: None,
+        }
+        .into());
+    }
+    let remote = crate::remote::Remote::open(url).map_err(remote_error)?;
+    let files: Vec<(FileDigest, std::path::PathBuf)> = lock
+        .outputs
+        .iter()
+        .map(|(shown, digest)| (*digest, dir.join(shown)))
+        .collect();
+    let (staged, pulled) = remote.fetch_files(&files).map_err(|e| ExecError::Remote {
+        message: format!(
+            "the inputs of `{}` are not here, and its outputs cannot be taken from the remote cache `{}`: {e}",
+            args.recipe.display(),
+            remote.url()
+        ),
+    })?;
+    for file in staged {
+        let path = file.target().to_owned();
+        file.commit().map_err(output_error(&path))?;
+    }
+    let paths: Vec<std::path::PathBuf> = files.into_iter().map(|(_, p)| p).collect();
+    let output = paths
+        .first()
+        .and_then(|p| p.parent())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    Ok(Some(Summary::from_remote(
+        output,
+        &paths,
+        pulled,
+        started.elapsed(),
+    )))
+}
+
+/// Pushes every node result this build uses that the local cache holds, and the output files
+/// the lock records (so that a machine with the recipe and its lock alone can fetch them).
 fn push(
+    res: &Resolution,
+    remote: &crate::remote::Remote,
+) -> Result<crate::remote::Transfer, miette::Report> {
+    let nodes = push_nodes(res, remote)?;
+    let dir = recipe_dir(&res.recipe);
+    let files: Vec<(std::path::PathBuf, FileDigest)> =
+        match Lock::read(&lock::path_for(&res.recipe.path)) {
+            Some(Ok(lock)) => lock
+                .outputs
+                .iter()
+                .map(|(shown, digest)| (dir.join(shown), *digest))
+                .collect(),
+            _ => Vec::new(),
+        };
+    let outputs = remote.push_files(&files).map_err(remote_error)?;
+    Ok(crate::remote::Transfer {
+        objects: nodes.objects + outputs.objects,
+        bytes: nodes.bytes + outputs.bytes,
+    })
+}
+
+/// Pushes every node result this build uses that the local cache holds.
+fn push_nodes(
     res: &Resolution,
     remote: &crate::remote::Remote,
 ) -> Result<crate::remote::Transfer, miette::Report> {

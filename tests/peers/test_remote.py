@@ -102,6 +102,11 @@ def build(ws: Path, cache: Path, *args: str, env: dict[str, str] | None = None,
     return run
 
 
+def said(text: str) -> str:
+    """A diagnostic's words, without the line wrapping and the frame miette draws."""
+    return " ".join(text.replace("│", " ").split())
+
+
 def summary(run: subprocess.CompletedProcess) -> dict:
     return json.loads(run.stdout)
 
@@ -119,15 +124,16 @@ def test_a_second_machine_pulls_instead_of_computing(tmp_path, remote):
     url, env, folder = remote
     first = workspace(tmp_path / "a")
     pushed = summary(build(first, tmp_path / "cache-a", "--remote", url, "--push", env=env))
-    assert pushed["nodes"]["computed"] > 0
-    assert pushed["pushed"]["objects"] == pushed["nodes"]["computed"]
-    assert len(remote_objects(folder)) == pushed["nodes"]["computed"]
+    computed = pushed["nodes"]["computed"]
+    assert computed > 0
+    # Each computed tensor, and each output file (for machines without the inputs).
+    assert pushed["pushed"]["objects"] == computed + len(outputs(first))
+    assert len(remote_objects(folder)) == pushed["pushed"]["objects"]
 
     second = workspace(tmp_path / "b")
     pulled = summary(build(second, tmp_path / "cache-b", "--remote", url, env=env))
     assert pulled["nodes"]["computed"] == 0, pulled
-    assert pulled["pulled"]["objects"] == pushed["nodes"]["computed"]
-    assert pulled["pulled"]["bytes"] == pushed["pushed"]["bytes"]
+    assert pulled["pulled"]["objects"] == computed
     assert "pushed" not in pulled, "a build without --push never writes to the remote"
     assert outputs(first) == outputs(second)
     # The pulled objects are in the second cache for good: no remote needed any more.
@@ -160,7 +166,10 @@ def test_a_damaged_remote_object_is_never_used(tmp_path, remote):
     url, env, folder = remote
     first = workspace(tmp_path / "a")
     build(first, tmp_path / "cache-a", "--remote", url, "--push", env=env)
-    victim = remote_objects(folder)[0]
+    # The object one node's entry names.
+    entry = next(p for p in (folder / "modelforge" / "v1" / "ac").rglob("*") if p.is_file())
+    digest = json.loads(entry.read_text())["tensor"]
+    victim = folder / "modelforge" / "v1" / "cas" / digest[:2] / digest
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -169,7 +178,8 @@ def test_a_damaged_remote_object_is_never_used(tmp_path, remote):
     run = build(second, tmp_path / "cache-b", "--remote", url, env=env)
     s = summary(run)
     assert s["nodes"]["computed"] == 1, s
-    assert "does not match its digest" in run.stderr and "node " in run.stderr, run.stderr
+    assert "does not match its digest" in said(run.stderr), run.stderr
+    assert "node " in run.stderr, run.stderr
     assert outputs(first) == outputs(second)
     # The damaged bytes are in no entry of the local cache.
     verify = subprocess.run([str(BIN), "cache", "verify", "--cache", str(tmp_path / "cache-b")],
@@ -190,7 +200,7 @@ def test_a_remote_that_is_down_costs_one_warning(tmp_path, s3):
     # Pushing to it is an error, not a silent success; the output is written all the same.
     run = build(workspace(tmp_path / "b"), tmp_path / "cache-b", "--remote", "s3://bucket/team",
                 "--push", env=env, check=False)
-    assert run.returncode != 0 and "s3://bucket/team" in run.stderr, run.stderr
+    assert run.returncode != 0 and "s3://bucket/team" in said(run.stderr), run.stderr
 
 
 def test_wrong_credentials_are_a_warning_and_never_printed(tmp_path, s3):
@@ -234,4 +244,44 @@ def test_a_bad_address_is_a_diagnostic(tmp_path):
     ws = workspace(tmp_path / "a")
     run = build(ws, tmp_path / "cache", "--remote", "ftp://somewhere", check=False)
     assert run.returncode != 0
-    assert "s3://BUCKET/PREFIX" in run.stderr and "file:///DIR" in run.stderr, run.stderr
+    assert "s3://BUCKET/PREFIX" in said(run.stderr), run.stderr
+    assert "file:///DIR" in said(run.stderr), run.stderr
+
+
+def test_a_machine_with_the_recipe_and_lock_alone_fetches_the_outputs(tmp_path, remote):
+    url, env, folder = remote
+    first = workspace(tmp_path / "a")
+    build(first, tmp_path / "cache-a", "--remote", url, "--push", env=env)
+    # Only the recipe and its lock: no base, no adapter, an empty cache, and no engine to start.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("recipe.toml", "recipe.lock"):
+        shutil.copy(first / name, bare / name)
+    no_engine = {**env, "MODELFORGE_ENGINE": str(tmp_path / "no-engine")}
+    run = summary(build(bare, tmp_path / "cache-b", "--locked", "--remote", url, env=no_engine))
+    assert run["nodes"]["computed"] == 0, run
+    assert run["pulled"]["objects"] == len(outputs(first)), run
+    assert outputs(bare) == outputs(first)
+    assert (bare / "recipe.lock").read_bytes() == (first / "recipe.lock").read_bytes()
+
+    # A damaged object fails the build, naming the file, and leaves the output as it was.
+    before = outputs(bare)
+    lock = (first / "recipe.lock").read_text()
+    digest = next(line.split('"')[3] for line in lock.splitlines()
+                  if line.startswith('"out/model.safetensors"'))
+    victim = folder / "modelforge" / "v1" / "cas" / digest[:2] / digest
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    failed = build(bare, tmp_path / "cache-c", "--locked", "--remote", url, env=no_engine,
+                   check=False)
+    assert failed.returncode != 0
+    assert "model.safetensors" in said(failed.stderr), failed.stderr
+    assert "does not match" in said(failed.stderr), failed.stderr
+    assert outputs(bare) == before
+    assert not [p for p in bare.rglob("*") if p.name.startswith(".")], "nothing half-written"
+
+    # Without the remote there is nothing to build from: a clear error.
+    gone = build(bare, tmp_path / "cache-d", "--locked", "--remote", f"file://{tmp_path}/empty",
+                 env=no_engine, check=False)
+    assert gone.returncode != 0 and "has no object" in said(gone.stderr), gone.stderr
