@@ -212,7 +212,11 @@ fn from_lock(args: &BuildOptions, url: &str, started: Instant) -> miette::Result
         return Ok(None);
     };
     let dir = args.recipe.parent().map(Path::to_owned).unwrap_or_default();
-    if lock.inputs.keys().all(|shown| dir.join(shown).exists()) {
+    let here = |shown: &String| match crate::io::hf_cache::path_of(shown) {
+        Some(path) => path.exists(),
+        None => dir.join(shown).exists(),
+    };
+    if lock.inputs.keys().all(here) {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&args.recipe).map_err(|source| ExecError::Remote {

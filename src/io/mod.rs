@@ -4,6 +4,7 @@ pub(crate) mod atomic;
 pub(crate) mod direct;
 pub(crate) mod error;
 pub(crate) mod hf;
+pub(crate) mod hf_cache;
 pub(crate) use modelforge_core::mapped;
 pub(crate) mod paths;
 pub(crate) mod peft;

@@ -473,7 +473,10 @@ fn hash_inputs(
             let digest = store
                 .file_digest(&path, rehash)
                 .map_err(|e| with_path(e, &path))?;
-            let shown = pathdiff(&path, recipe_dir);
+            // A file of a cached Hugging Face snapshot is named by repository and commit, the
+            // same on every machine.
+            let shown =
+                crate::io::hf_cache::shown(&path).unwrap_or_else(|| pathdiff(&path, recipe_dir));
             Ok(InputFile {
                 path,
                 shown,

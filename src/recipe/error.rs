@@ -61,6 +61,22 @@ pub(crate) enum RecipeError {
         span: SourceSpan,
     },
 
+    #[error("the {what} `{repo}` (revision `{revision}`) is not in the local Hugging Face cache (`{}`)", folder.display())]
+    #[diagnostic(
+        code(modelforge::recipe::not_in_hf_cache),
+        help("download it first: `hf download {repo} --revision {revision}`. modelforge reads the local Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub) and never downloads")
+    )]
+    NotInHfCache {
+        what: &'static str,
+        repo: String,
+        revision: String,
+        folder: PathBuf,
+        #[source_code]
+        src: Src,
+        #[label("not in the cache")]
+        span: SourceSpan,
+    },
+
     #[error("cannot look at the {what} `{}`", path.display())]
     #[diagnostic(
         code(modelforge::recipe::inaccessible),

@@ -123,6 +123,13 @@ pub(crate) struct DimsChoice {
     pub span: SourceSpan,
 }
 
+/// How a recipe names a base or an adapter: `path`, or `hf` with an optional `revision`.
+type InputKeys<'a> = (
+    &'a Option<Spanned<String>>,
+    &'a Option<Spanned<String>>,
+    &'a Option<Spanned<String>>,
+);
+
 /// A path the recipe names, with where it names it.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
@@ -229,7 +236,11 @@ impl Recipe {
         let checker = Checker { src, dir };
         let raw: RawRecipe = toml::from_str(&text).map_err(|err| checker.syntax(err))?;
 
-        let base = checker.existing_dir("base model", &raw.base.get_ref().path)?;
+        let base = {
+            let b = raw.base.get_ref();
+            let at = raw.base.span();
+            checker.input_dir("base model", (&b.path, &b.hf, &b.revision), at)?
+        };
         let adapters = raw
             .adapters
             .iter()
@@ -469,6 +480,73 @@ impl Checker {
         }
     }
 
+    /// A base or an adapter: a folder (`path`), or a Hugging Face repository (`hf`, with an
+    /// optional `revision`) found in the local Hugging Face cache.
+    fn input_dir(
+        &self,
+        what: &'static str,
+        (path, hf, revision): InputKeys<'_>,
+        table: std::ops::Range<usize>,
+    ) -> Result<Entry, RecipeError> {
+        match (path, hf) {
+            (Some(path), None) => {
+                if let Some(revision) = revision {
+                    return Err(self.invalid(
+                        "`revision` belongs with `hf`".into(),
+                        "a folder has no revisions: drop `revision`, or name the model by `hf = \"org/name\"`",
+                        revision.span(),
+                    ));
+                }
+                self.existing_dir(what, path)
+            }
+            (None, Some(repo)) => self.hf_snapshot(what, repo, revision.as_ref()),
+            (Some(path), Some(_)) => Err(self.invalid(
+                format!("the {what} has both a `path` and an `hf` repository"),
+                "keep one: `path` for a folder, `hf = \"org/name\"` for a model in the local Hugging Face cache",
+                path.span(),
+            )),
+            (None, None) => Err(self.invalid(
+                format!("the {what} has neither a `path` nor an `hf` repository"),
+                "add `path = \"FOLDER\"`, or `hf = \"org/name\"` (with `revision` if not `main`) for a model in the local Hugging Face cache",
+                table,
+            )),
+        }
+    }
+
+    fn hf_snapshot(
+        &self,
+        what: &'static str,
+        repo: &Spanned<String>,
+        revision: Option<&Spanned<String>>,
+    ) -> Result<Entry, RecipeError> {
+        use crate::io::hf_cache::{self, Missing};
+        let rev = revision.map_or("main", |r| r.get_ref().as_str());
+        let span = revision.map_or(repo.span(), |r| r.span());
+        match hf_cache::snapshot(&hf_cache::cache_root(), repo.get_ref(), rev) {
+            Ok(snapshot) => Ok(Entry {
+                path: snapshot.dir,
+                written: repo.get_ref().clone(),
+                span: repo.span().into(),
+            }),
+            Err(Missing::BadName) => Err(self.invalid(
+                format!(
+                    "`{}` (revision `{rev}`) is not a Hugging Face repository name",
+                    repo.get_ref()
+                ),
+                "name it `org/name`, as on the hub, with a branch, tag or commit as `revision`",
+                span,
+            )),
+            Err(Missing::NotCached(folder)) => Err(RecipeError::NotInHfCache {
+                what,
+                repo: repo.get_ref().clone(),
+                revision: rev.to_owned(),
+                folder,
+                src: self.src.clone(),
+                span: span.into(),
+            }),
+        }
+    }
+
     fn existing_dir(
         &self,
         what: &'static str,
@@ -514,7 +592,11 @@ impl Checker {
 
     fn adapter(&self, raw: &Spanned<schema::RawAdapter>) -> Result<AdapterEntry, RecipeError> {
         let adapter = raw.get_ref();
-        let entry = self.existing_dir("adapter", &adapter.path)?;
+        let entry = self.input_dir(
+            "adapter",
+            (&adapter.path, &adapter.hf, &adapter.revision),
+            raw.span(),
+        )?;
         let weight = match &adapter.weight {
             None => vec![WeightRule {
                 value: 1.0,

@@ -52,7 +52,14 @@ pub(crate) enum MergeMethod {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBase {
-    pub path: Spanned<String>,
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// A Hugging Face repository, `org/name`, found in the local Hugging Face cache.
+    #[serde(default)]
+    pub hf: Option<Spanned<String>>,
+    /// With `hf`: a branch, tag or commit (default `main`).
+    #[serde(default)]
+    pub revision: Option<Spanned<String>>,
     /// The base's architecture schema by name, instead of the one its config.json suggests.
     #[serde(default)]
     pub arch: Option<Spanned<String>>,
@@ -61,7 +68,14 @@ pub(crate) struct RawBase {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdapter {
-    pub path: Spanned<String>,
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// A Hugging Face repository, `org/name`, found in the local Hugging Face cache.
+    #[serde(default)]
+    pub hf: Option<Spanned<String>>,
+    /// With `hf`: a branch, tag or commit (default `main`).
+    #[serde(default)]
+    pub revision: Option<Spanned<String>>,
     #[serde(default)]
     pub weight: Option<Spanned<RawWeight>>,
     /// The base the adapter was trained on (its layer count drives layer mapping).
