@@ -259,6 +259,19 @@ fn is_plain_file_name(name: &str) -> bool {
     ) && !name.contains('\\')
 }
 
+/// The files a tokenizer is saved as (`save_pretrained`): taken from an adapter's directory
+/// when it was trained on a resized vocabulary.
+pub(crate) const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

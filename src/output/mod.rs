@@ -13,19 +13,6 @@ use crate::recipe::{OutputDtype, Recipe};
 
 pub(crate) const MANIFEST: &str = "modelforge.json";
 
-/// The files a tokenizer is saved as (`save_pretrained`): taken from an adapter's directory
-/// when it was trained on a resized vocabulary.
-pub(crate) const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-];
-
 /// Files of the base never copied: its weights (rewritten), its card and manifest (rewritten).
 fn is_copied(name: &str) -> bool {
     let weights = [

@@ -480,7 +480,7 @@ fn resized_vocabulary(
     }
     config.insert("vocab_size".into(), to.into());
     let dir = &entry.entry.path;
-    let tokenizer: Vec<std::path::PathBuf> = crate::output::TOKENIZER_FILES
+    let tokenizer: Vec<std::path::PathBuf> = crate::io::hf::TOKENIZER_FILES
         .iter()
         .map(|name| dir.join(name))
         .filter(|path| path.is_file())
