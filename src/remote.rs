@@ -205,32 +205,11 @@ impl Remote {
         let remote: ActionEntry = serde_json::from_slice(&bytes).map_err(|_| Fault::Damaged)?;
         let path = self.object(&remote.tensor);
         let mut out = store.object_writer().map_err(|_| Fault::Damaged)?;
-        let write = |out: &mut crate::store::ObjectWriter, bytes: &[u8]| {
+        download(&*self.store, &path, remote.len, &mut |bytes| {
             out.write(bytes)
                 .map_err(|e| Fault::Unreachable(format!("the local cache: {e}")))
-        };
-        if remote.len > PART {
-            // Large objects in ranges, several in flight, written in order.
-            let ranges: Vec<std::ops::Range<u64>> = (0..remote.len)
-                .step_by(PART as usize)
-                .map(|start| start..(start + PART).min(remote.len))
-                .collect();
-            let mut parts = futures::stream::iter(ranges)
-                .map(|range| {
-                    let path = path.clone();
-                    async move { self.store.get_range(&path, range).await }
-                })
-                .buffered(4);
-            while let Some(part) = parts.next().await {
-                write(&mut out, &part.map_err(not_found_is_damage)?)?;
-            }
-        } else {
-            let got = self.store.get(&path).await.map_err(not_found_is_damage)?;
-            let mut chunks = got.into_stream();
-            while let Some(chunk) = chunks.try_next().await.map_err(Fault::from)? {
-                write(&mut out, &chunk)?;
-            }
-        }
+        })
+        .await?;
         let local = out
             .finish(false)
             .map_err(|e| Fault::Unreachable(format!("the local cache: {e}")))?;
@@ -381,47 +360,70 @@ impl Remote {
         files: &[(crate::digest::FileDigest, std::path::PathBuf)],
     ) -> Result<(Vec<crate::io::atomic::StagedFile>, Transfer), FetchError> {
         self.runtime.block_on(async {
+            let results: Vec<Result<(crate::io::atomic::StagedFile, u64), FetchError>> =
+                futures::stream::iter(files)
+                    .map(|(digest, target)| self.fetch_file(digest, target))
+                    .buffer_unordered(4)
+                    .collect()
+                    .await;
             let mut staged = Vec::new();
             let mut fetched = Transfer::default();
-            for (digest, target) in files {
-                let object = ObjectPath::from(self.object_name(&digest.hex()));
-                let (file, mut out) =
-                    crate::io::atomic::StagedFile::create(target).map_err(|source| {
-                        FetchError::Local {
-                            path: target.clone(),
-                            source,
-                        }
-                    })?;
-                let mut hasher = blake3::Hasher::new();
-                let mut len = 0u64;
-                let got = self.store.get(&object).await.map_err(|e| match e {
-                    object_store::Error::NotFound { .. } => FetchError::Missing(target.clone()),
-                    e => FetchError::Remote(self.unusable(e.to_string())),
-                })?;
-                let mut chunks = got.into_stream();
-                while let Some(chunk) = chunks
-                    .try_next()
-                    .await
-                    .map_err(|e| FetchError::Remote(self.unusable(e.to_string())))?
-                {
-                    crate::digest::hash_into(&mut hasher, &chunk);
-                    len += chunk.len() as u64;
-                    std::io::Write::write_all(&mut out, &chunk).map_err(|source| {
-                        FetchError::Local {
-                            path: target.clone(),
-                            source,
-                        }
-                    })?;
-                }
-                if crate::digest::FileDigest::new(hasher.finalize()) != *digest {
-                    return Err(FetchError::Damaged(target.clone()));
-                }
+            for result in results {
+                let (file, len) = result?;
                 fetched.objects += 1;
                 fetched.bytes += len;
                 staged.push(file);
             }
             Ok((staged, fetched))
         })
+    }
+
+    async fn fetch_file(
+        &self,
+        digest: &crate::digest::FileDigest,
+        target: &std::path::Path,
+    ) -> Result<(crate::io::atomic::StagedFile, u64), FetchError> {
+        let object = ObjectPath::from(self.object_name(&digest.hex()));
+        let remote_error = |e: object_store::Error| match e {
+            object_store::Error::NotFound { .. } => FetchError::Missing(target.to_owned()),
+            e => FetchError::Remote(self.unusable(e.to_string())),
+        };
+        let len = self.store.head(&object).await.map_err(remote_error)?.size;
+        let (file, out) =
+            crate::io::atomic::StagedFile::create(target).map_err(|source| FetchError::Local {
+                path: target.to_owned(),
+                source,
+            })?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+        let mut hasher = blake3::Hasher::new();
+        let mut local = None;
+        let written = download(&*self.store, &object, len, &mut |bytes| {
+            crate::digest::hash_into(&mut hasher, bytes);
+            std::io::Write::write_all(&mut out, bytes).map_err(|e| {
+                local = Some(e);
+                Fault::Damaged
+            })
+        })
+        .await;
+        if let Some(source) = local {
+            return Err(FetchError::Local {
+                path: target.to_owned(),
+                source,
+            });
+        }
+        match written {
+            Ok(()) => {}
+            Err(Fault::Damaged) => return Err(FetchError::Missing(target.to_owned())),
+            Err(Fault::Unreachable(m)) => return Err(FetchError::Remote(self.unusable(m))),
+        }
+        std::io::Write::flush(&mut out).map_err(|source| FetchError::Local {
+            path: target.to_owned(),
+            source,
+        })?;
+        if crate::digest::FileDigest::new(hasher.finalize()) != *digest {
+            return Err(FetchError::Damaged(target.to_owned()));
+        }
+        Ok((file, len))
     }
 
     fn object_name(&self, hex: &str) -> String {
@@ -498,6 +500,35 @@ async fn upload_file(
     }
     writer.finish().await?;
     Ok(len)
+}
+
+/// Streams the object at `path`, `len` bytes long, into `write` in order: large objects as
+/// ranges fetched several at once.
+async fn download(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    len: u64,
+    write: &mut dyn FnMut(&[u8]) -> Result<(), Fault>,
+) -> Result<(), Fault> {
+    if len > PART {
+        let ranges: Vec<std::ops::Range<u64>> = (0..len)
+            .step_by(PART as usize)
+            .map(|start| start..(start + PART).min(len))
+            .collect();
+        let mut parts = futures::stream::iter(ranges)
+            .map(|range| store.get_range(path, range))
+            .buffered(4);
+        while let Some(part) = parts.next().await {
+            write(&part.map_err(not_found_is_damage)?)?;
+        }
+    } else {
+        let got = store.get(path).await.map_err(not_found_is_damage)?;
+        let mut chunks = got.into_stream();
+        while let Some(chunk) = chunks.try_next().await.map_err(Fault::from)? {
+            write(&chunk)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `payload` at `path` unless something is there already (the same bytes: names are

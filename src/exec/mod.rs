@@ -291,19 +291,7 @@ fn push_nodes(
     res: &Resolution,
     remote: &crate::remote::Remote,
 ) -> Result<crate::remote::Transfer, miette::Report> {
-    let mut seen = std::collections::HashSet::new();
-    let keys: Vec<crate::digest::NodeKey> = res
-        .graph
-        .in_order()
-        .into_iter()
-        .filter(|keyed| match keyed.node {
-            Node::Copy { .. } => false,
-            Node::Fuse(_) => res.recipe.fuses(),
-            _ => true,
-        })
-        .map(|keyed| keyed.key)
-        .filter(|key| seen.insert(*key))
-        .collect();
+    let keys: Vec<crate::digest::NodeKey> = needed(res).iter().map(|k| k.key).collect();
     remote.push(&res.store, &keys).map_err(remote_error)
 }
 
@@ -444,10 +432,10 @@ fn report(args: &BuildOptions, summary: &Summary) -> miette::Result<()> {
     Ok(())
 }
 
-/// The nodes this build needs and the local cache lacks, each once, each after the nodes it
-/// reads: every node but copies, and fused tensors only when a fused model is written
-/// (`[output] adapter` alone needs only the re-factored deltas).
-fn lacking(res: &Resolution) -> Vec<&crate::plan::Keyed> {
+/// The nodes this build needs, each once, each after the nodes it reads: every node but copies,
+/// and fused tensors only when a fused model is written (`[output] adapter` alone needs only
+/// the re-factored deltas).
+fn needed(res: &Resolution) -> Vec<&crate::plan::Keyed> {
     let mut seen = std::collections::HashSet::new();
     res.graph
         .in_order()
@@ -457,7 +445,15 @@ fn lacking(res: &Resolution) -> Vec<&crate::plan::Keyed> {
             Node::Fuse(_) => res.recipe.fuses(),
             _ => true,
         })
-        .filter(|keyed| res.store.action(&keyed.key).is_none() && seen.insert(keyed.key))
+        .filter(|keyed| seen.insert(keyed.key))
+        .collect()
+}
+
+/// Of those, the ones the local cache lacks.
+fn lacking(res: &Resolution) -> Vec<&crate::plan::Keyed> {
+    needed(res)
+        .into_iter()
+        .filter(|keyed| res.store.action(&keyed.key).is_none())
         .collect()
 }
 
