@@ -57,13 +57,17 @@ def curl_all(jobs: list[list[str]], env: dict) -> float:
     """Runs one curl per job, 8 at a time; the wall time of them all."""
     started = time.perf_counter()
     running: list[subprocess.Popen] = []
+    failed = 0
     for job in jobs:
         while len(running) >= 8:
-            running.pop(0).wait()
+            failed += running.pop(0).wait() != 0
         running.append(subprocess.Popen(job, env=env))
     for p in running:
-        p.wait()
-    return time.perf_counter() - started
+        failed += p.wait() != 0
+    elapsed = time.perf_counter() - started
+    if failed:
+        sys.exit(f"{failed} of {len(jobs)} curl transfers failed")
+    return elapsed
 
 
 def main(argv=None) -> int:
@@ -94,7 +98,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET,
                AWS_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true",
                MODELFORGE_REMOTE="")
-    sigv4 = ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{KEY}:{SECRET}", "-sf"]
+    sigv4 = ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{KEY}:{SECRET}", "-sSf",
+             "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
     try:
         cache = d / "remote-cache"
         shutil.rmtree(cache, ignore_errors=True)

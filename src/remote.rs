@@ -299,7 +299,7 @@ impl Remote {
                         return Err(Fault::Damaged);
                     }
                     writer.write(&buffer[..n]);
-                    writer.wait_for_capacity(2).await?;
+                    writer.wait_for_capacity(8).await?;
                     left -= n as u64;
                 }
                 if !reader.check() {
@@ -328,28 +328,44 @@ impl Remote {
         files: &[(std::path::PathBuf, crate::digest::FileDigest)],
     ) -> Result<Transfer, RemoteError> {
         self.runtime.block_on(async {
+            let results: Vec<Result<u64, RemoteError>> = futures::stream::iter(files)
+                .map(|(path, digest)| self.push_file(path, digest))
+                .buffer_unordered(4)
+                .collect()
+                .await;
             let mut pushed = Transfer::default();
-            for (path, digest) in files {
-                let object = ObjectPath::from(self.object_name(&digest.hex()));
-                match self.store.head(&object).await {
-                    Ok(_) => continue,
-                    Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(self.unusable(e.to_string())),
+            for len in results {
+                let len = len?;
+                if len > 0 {
+                    pushed.objects += 1;
+                    pushed.bytes += len;
                 }
-                let len = upload_file(&*self.store, &object, path, digest)
-                    .await
-                    .map_err(|e| match e {
-                        Fault::Unreachable(m) => self.unusable(m),
-                        Fault::Damaged => self.unusable(format!(
-                            "`{}` changed while it was being uploaded",
-                            path.display()
-                        )),
-                    })?;
-                pushed.objects += 1;
-                pushed.bytes += len;
             }
             Ok(pushed)
         })
+    }
+
+    /// One output file, unless the remote has it: its length, or 0.
+    async fn push_file(
+        &self,
+        path: &std::path::Path,
+        digest: &crate::digest::FileDigest,
+    ) -> Result<u64, RemoteError> {
+        let object = ObjectPath::from(self.object_name(&digest.hex()));
+        match self.store.head(&object).await {
+            Ok(_) => return Ok(0),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.unusable(e.to_string())),
+        }
+        upload_file(&*self.store, &object, path, digest)
+            .await
+            .map_err(|e| match e {
+                Fault::Unreachable(m) => self.unusable(m),
+                Fault::Damaged => self.unusable(format!(
+                    "`{}` changed while it was being uploaded",
+                    path.display()
+                )),
+            })
     }
 
     /// Downloads the object of each `digest` into a file staged beside `target`, checked
@@ -492,7 +508,7 @@ async fn upload_file(
         }
         crate::digest::hash_into(&mut hasher, &buffer[..n]);
         writer.write(&buffer[..n]);
-        writer.wait_for_capacity(2).await?;
+        writer.wait_for_capacity(8).await?;
     }
     if crate::digest::FileDigest::new(hasher.finalize()) != *digest {
         writer.abort().await?;
