@@ -282,7 +282,7 @@ impl Remote {
                 let mut bytes = vec![0u8; entry.len as usize];
                 reader.read_exact(&mut bytes).map_err(|_| Fault::Damaged)?;
                 if !reader.check() {
-                    store.evict(&entry.tensor);
+                    store.evict(&entry);
                     return Err(Fault::Damaged);
                 }
                 create(&*self.store, &path, bytes.into()).await?;
@@ -304,14 +304,16 @@ impl Remote {
                 }
                 if !reader.check() {
                     writer.abort().await?;
-                    store.evict(&entry.tensor);
+                    store.evict(&entry);
                     return Err(Fault::Damaged);
                 }
                 writer.finish().await?;
             }
         }
+        // On the remote, every result is an object of its own.
         let remote = ActionEntry {
             check: None,
+            within: None,
             ..entry
         };
         let bytes = serde_json::to_vec(&remote).expect("an entry serialises");

@@ -87,6 +87,10 @@ pub struct Task {
     /// one that reads back otherwise than it was written.
     pub key: NodeKey,
     pub node: Node,
+    /// Hand the result to the build (which writes it into an output shard, then records it
+    /// there) rather than make it an object: its bytes are then written to disk once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hand_off: bool,
 }
 
 /// Where the bytes of an input named by content are: any file holding them will do.
@@ -99,11 +103,14 @@ pub struct Place {
     pub len: u64,
 }
 
-/// The engine's answer for one tensor, written to the cache under `key`.
+/// The engine's answer for one tensor: written to the cache under `key`, or, for a task to
+/// hand off, left in the file `handed` for the build to settle (see `Store::handed_writer`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Done {
     pub key: NodeKey,
     pub entry: ActionEntry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed: Option<PathBuf>,
 }
 
 /// The engine's answer when a result holds NaN or infinity (and the job asks for the check):

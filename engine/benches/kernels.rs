@@ -163,6 +163,7 @@ fn tensor_job(dir: &Path) -> Job {
             name: "model.layers.0.mlp.up_proj.weight".into(),
             key: Node::Fuse(fuse.clone()).key(),
             node: Node::Fuse(fuse),
+            hand_off: false,
         }],
         places,
     }
@@ -185,7 +186,16 @@ fn whole_tensor(c: &mut Criterion) {
     // work with the inputs in the page cache.
     group.bench_function("fuse into a cache object (all cores)", |bench| {
         bench.iter(|| {
-            let entry = fuse(&backend, &store, &mut inputs, black_box(node), None, &job);
+            let out = store.object_writer().expect("a cache object");
+            let entry = fuse(
+                &backend,
+                &store,
+                &mut inputs,
+                black_box(node),
+                None,
+                &job,
+                out,
+            );
             assert!(entry.is_ok(), "fused");
         })
     });

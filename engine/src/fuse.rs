@@ -536,7 +536,7 @@ fn whole(
     Ok(out.finish(sync)?)
 }
 
-/// Computes `tensor` into a new cache object.
+/// Computes `tensor` into `out`, a new cache object (or a result to hand to the build).
 pub fn fuse(
     backend: &Backend,
     store: &Store,
@@ -544,10 +544,10 @@ pub fn fuse(
     tensor: &Fuse,
     refactor: Option<&Refactor>,
     job: &Job,
+    mut out: ObjectWriter,
 ) -> Result<ActionEntry, EngineError> {
     let (budget, sync, check_finite) = (job.budget, job.fsync, job.check_finite);
     let origin = &inputs.slice(&tensor.origin)?;
-    let mut out = store.object_writer()?;
     let numel: usize = origin.shape.iter().product();
     if numel == 0 {
         return Ok(out.finish(sync)?);

@@ -85,7 +85,7 @@ pub fn node_bytes(store: &Store, key: &NodeKey) -> Result<Vec<u8>, EngineError> 
     let mut bytes = vec![0u8; entry.len as usize];
     reader.read_exact(&mut bytes)?;
     if !reader.check() {
-        store.evict(&entry.tensor);
+        store.evict(&entry);
         return Err(EngineError::Missing {
             node: *key,
             damaged: true,

@@ -54,8 +54,16 @@ fn run() -> Result<(), String> {
             .and_then(|_| out.flush())
             .map_err(|e| format!("cannot answer: {e}"))
     };
+    // Results to hand off live as long as the build that asked for them.
+    let build = std::os::unix::process::parent_id();
     // In the job's order: each node after those it reads.
-    for Task { name, key, node } in &job.nodes {
+    for Task {
+        name,
+        key,
+        node,
+        hand_off,
+    } in &job.nodes
+    {
         if node.key() != *key {
             return Err(format!(
                 "`{name}` reads back as another node than the build wrote ({} for {}): the build and the engine disagree on the job's format",
@@ -64,11 +72,29 @@ fn run() -> Result<(), String> {
             ));
         }
         let key = *key;
-        let computed = match node {
-            Node::Fuse(f) => fuse::fuse(&backend, &store, &mut inputs, f, None, &job),
-            Node::Refactor { fuse: f, refactor } => {
-                fuse::fuse(&backend, &store, &mut inputs, f, Some(refactor), &job)
+        let writer = || {
+            match hand_off {
+                true => store.handed_writer(build),
+                false => store.object_writer(),
             }
+            .map_err(|e| format!("cannot write into the cache: {e}"))
+        };
+        let mut handed = None;
+        let computed = match node {
+            Node::Fuse(f) => {
+                let out = writer()?;
+                handed = hand_off.then(|| out.path().to_owned());
+                fuse::fuse(&backend, &store, &mut inputs, f, None, &job, out)
+            }
+            Node::Refactor { fuse: f, refactor } => fuse::fuse(
+                &backend,
+                &store,
+                &mut inputs,
+                f,
+                Some(refactor),
+                &job,
+                writer()?,
+            ),
             Node::Copy { .. } => Err(EngineError::Shape("a copied tensor is not computed".into())),
             step => align::step(&backend, &store, &mut inputs, step, job.fsync),
         };
@@ -85,10 +111,12 @@ fn run() -> Result<(), String> {
             }
             Err(e) => return Err(format!("`{name}` ({}): {e}", key.hex())),
         };
-        store
-            .put_action(&key, &entry)
-            .map_err(|e| format!("cannot record `{name}` in the cache: {e}"))?;
-        answer(&Reply::Done(Done { key, entry }))?;
+        if handed.is_none() {
+            store
+                .put_action(&key, &entry)
+                .map_err(|e| format!("cannot record `{name}` in the cache: {e}"))?;
+        }
+        answer(&Reply::Done(Done { key, entry, handed }))?;
     }
     Ok(())
 }

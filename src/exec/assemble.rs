@@ -152,6 +152,16 @@ fn write_model(
     let mut written = Vec::new();
     let mut linked = 0;
     let mut corrupt = Vec::new();
+    // How many more times each computed tensor is written: a result the engine handed over
+    // is dropped after its last.
+    let mut uses: HashMap<&NodeKey, usize> = HashMap::new();
+    for shard in shards.iter().filter(|s| !kept.contains_key(&s.file_name)) {
+        for tensor in &shard.tensors {
+            if let (_, Some(key)) = plans[tensor.name.as_str()] {
+                *uses.entry(key).or_default() += 1;
+            }
+        }
+    }
     for shard in shards {
         let path = staging.path().join(&shard.file_name);
         // Where the shard goes, and where the previous output has it.
@@ -173,14 +183,33 @@ fn write_model(
             }
         }
         let mut out = ShardWriter::create(&path, shard).map_err(output_error(&path))?;
+        // The tensors the engine handed over, and where their bytes are in the shard.
+        let mut handed = Vec::new();
         for tensor in &shard.tensors {
-            out.begin(&tensor.name).map_err(output_error(&path))?;
+            let offset = out.begin(&tensor.name).map_err(output_error(&path))?;
             let (plan, key) = plans[tensor.name.as_str()];
+            let handed_over = match (engine, key) {
+                (Some(engine), Some(key)) => {
+                    ready(Some(engine), res, key) && engine.handed(key).is_some()
+                }
+                _ => false,
+            };
             let streamed = stream(res, engine, plan, key, &mut |window| {
                 out.write(window).map_err(output_error(&path))
             })?;
             match streamed {
-                Streamed::Done => {}
+                Streamed::Done => {
+                    if let (Some(engine), Some(key), true) = (engine, key, handed_over) {
+                        handed.push((*key, offset));
+                        let left = uses.get_mut(key).map_or(0, |n| {
+                            *n -= 1;
+                            *n
+                        });
+                        if left == 0 {
+                            engine.consume(key);
+                        }
+                    }
+                }
                 Streamed::EngineStopped => return Ok(Outcome::EngineStopped),
                 Streamed::Corrupt => {
                     corrupt.push(tensor.name.clone());
@@ -193,8 +222,20 @@ fn write_model(
             // The staging directory is dropped, and with it everything written so far.
             return Ok(Outcome::Corrupt(corrupt));
         }
-        let file = out.finish(sync).map_err(output_error(&path))?;
-        written.push((placed, FileDigest::new(file)));
+        let digest = FileDigest::new(out.finish(sync).map_err(output_error(&path))?);
+        if let (Some(engine), false) = (engine, handed.is_empty()) {
+            // The shard is the cache object of the tensors handed over. Where it cannot be
+            // linked into the cache, the engine makes them objects of their own when it ends.
+            if res.store.adopt(&path, &digest).is_ok() {
+                engine
+                    .settle(digest, &handed)
+                    .map_err(|source| ExecError::Cache {
+                        path: res.store.root().to_owned(),
+                        source,
+                    })?;
+            }
+        }
+        written.push((placed, digest));
     }
     bar.finish_and_clear();
 
@@ -262,6 +303,24 @@ fn stream(
     if !ready(engine, res, key) {
         return Ok(Streamed::EngineStopped);
     }
+    if let Some((entry, path)) = engine.and_then(|e| e.handed(key)) {
+        // Handed over by the engine, hashed as it was written: only its length is checked.
+        let reader = VerifyingReader::open_handed(&path, &entry).filter(|_| entry.len == len);
+        let Some(mut reader) = reader else {
+            return Ok(Streamed::Corrupt);
+        };
+        for window in reader.windows(len) {
+            sink(&window.map_err(|e| ExecError::Cache {
+                path: path.clone(),
+                source: e,
+            })?)?;
+        }
+        return Ok(if reader.check() {
+            Streamed::Done
+        } else {
+            Streamed::Corrupt
+        });
+    }
     let entry = res.store.action(key);
     // What the engine computed in this build was hashed as it was written; what earlier builds
     // left is checked as it is read.
@@ -276,16 +335,16 @@ fn stream(
     };
     for window in reader.windows(len) {
         let Ok(window) = window else {
-            res.store.evict(&entry.tensor);
+            res.store.evict(&entry);
             return Ok(Streamed::Corrupt);
         };
         sink(&window)?;
     }
     if !reader.check() {
-        res.store.evict(&entry.tensor);
+        res.store.evict(&entry);
         return Ok(Streamed::Corrupt);
     }
-    res.store.touch(&entry.tensor);
+    res.store.touch(&entry);
     Ok(Streamed::Done)
 }
 
@@ -453,7 +512,7 @@ fn write_adapter(
         };
         let mut all = vec![0u8; entry.len as usize];
         if reader.read_exact(&mut all).is_err() || !reader.check() {
-            res.store.evict(&entry.tensor);
+            res.store.evict(entry);
             return Ok(Outcome::Corrupt(vec![tensor.clone()]));
         }
         let [a, _] = factors.tensors();

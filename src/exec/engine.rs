@@ -1,6 +1,6 @@
 //! Running `modelforge-engine`, the separate program that links LibTorch: starting LibTorch
 //! costs about 0.2 s and 115 MB, which a build that computes nothing never pays.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -9,7 +9,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::job::{Job, NonFinite, Reply};
 use super::ExecError;
-use crate::digest::NodeKey;
+use crate::digest::{FileDigest, NodeKey};
+use crate::store::{ActionEntry, Store, Within};
 
 const NAME: &str = "modelforge-engine";
 
@@ -33,11 +34,19 @@ pub(crate) struct Engine {
     state: Arc<(Mutex<State>, Condvar)>,
     path: PathBuf,
     expected: usize,
+    /// Where results go that no shard settled (see [`Engine::settle`]).
+    store: Store,
+    fsync: bool,
 }
 
 #[derive(Default)]
 struct State {
     done: HashSet<NodeKey>,
+    /// Results handed to the build, not yet settled: their entry and file.
+    handed: HashMap<NodeKey, (ActionEntry, PathBuf)>,
+    /// Handed results written where the build needs them, whose files are gone: their entry,
+    /// until the shard holding them is complete.
+    consumed: HashMap<NodeKey, ActionEntry>,
     /// The engine refused a result holding NaN or infinity.
     refused: Option<NonFinite>,
     /// The engine's standard output is closed: nothing more will come.
@@ -58,8 +67,9 @@ pub(crate) struct Run {
 }
 
 impl Engine {
-    /// Starts the engine on `job`; its results land in the cache one by one.
-    pub fn start(job: &Job, progress: bool) -> Result<Engine, ExecError> {
+    /// Starts the engine on `job`; its results land in the cache one by one, or, for the tasks
+    /// it hands off, in files the build settles.
+    pub fn start(job: &Job, store: &Store, progress: bool) -> Result<Engine, ExecError> {
         let path = engine_path();
         let started = std::time::Instant::now();
         let mut child = Command::new(&path)
@@ -91,6 +101,9 @@ impl Engine {
                 match serde_json::from_str::<Reply>(&line) {
                     Ok(Reply::Done(done)) => {
                         state.done.insert(done.key);
+                        if let Some(path) = done.handed {
+                            state.handed.insert(done.key, (done.entry, path));
+                        }
                         bar.inc(1);
                     }
                     Ok(Reply::NonFinite(found)) => state.refused = Some(found),
@@ -110,7 +123,66 @@ impl Engine {
             state,
             path,
             expected: job.nodes.len(),
+            store: store.clone(),
+            fsync: job.fsync,
         })
+    }
+
+    /// The result of `key` if the engine handed it over and no shard has settled it yet: its
+    /// entry and the file holding its bytes.
+    pub fn handed(&self, key: &NodeKey) -> Option<(ActionEntry, PathBuf)> {
+        let (lock, _) = &*self.state;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        state.handed.get(key).cloned()
+    }
+
+    /// The build has written the handed result `key` everywhere it needs it: its file goes
+    /// now, before the kernel writes it back, so that its bytes reach the disk once, in the
+    /// shard. Its entry waits for [`Engine::settle`]; a build that stops before then (or
+    /// whose shard cannot be linked into the cache) computes it again next time.
+    pub fn consume(&self, key: &NodeKey) {
+        let (lock, _) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((entry, path)) = state.handed.remove(key) {
+            let _ = std::fs::remove_file(path);
+            state.consumed.insert(*key, entry);
+        }
+    }
+
+    /// Records the handed results written into the shard `object` (already adopted by the
+    /// store) at the offsets given, and removes the files of those not yet consumed.
+    pub fn settle(&self, object: FileDigest, placed: &[(NodeKey, u64)]) -> std::io::Result<()> {
+        let (lock, _) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, offset) in placed {
+            let entry = match (state.consumed.remove(key), state.handed.remove(key)) {
+                (Some(entry), _) => entry,
+                (None, Some((entry, path))) => {
+                    let _ = std::fs::remove_file(path);
+                    entry
+                }
+                (None, None) => continue,
+            };
+            let within = Some(Within {
+                object,
+                offset: *offset,
+            });
+            self.store
+                .put_action(key, &ActionEntry { within, ..entry })?;
+        }
+        Ok(())
+    }
+
+    /// Makes every handed result no shard settled an object of its own: a build that stops
+    /// early, or whose shards could not be linked into the cache, still caches what the
+    /// engine computed.
+    fn promote_rest(&self) -> std::io::Result<()> {
+        let (lock, _) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, (entry, path)) in std::mem::take(&mut state.handed) {
+            self.store.promote(&path, &key, &entry, self.fsync)?;
+        }
+        Ok(())
     }
 
     /// Whether this engine computed `key` (so far).
@@ -146,6 +218,10 @@ impl Engine {
         let (status, peak_rss) = wait_with_peak(&self.child).map_err(|e| ExecError::Engine {
             message: e.to_string(),
             help: "the engine could not be waited for".into(),
+        })?;
+        self.promote_rest().map_err(|source| ExecError::Cache {
+            path: self.store.root().to_owned(),
+            source,
         })?;
         let (lock, _) = &*self.state;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -187,6 +263,7 @@ impl Drop for Engine {
             if let Some(reader) = self.reader.take() {
                 let _ = reader.join();
             }
+            let _ = self.promote_rest();
         }
     }
 }

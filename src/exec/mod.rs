@@ -338,7 +338,7 @@ fn compute_and_write(
                 places: res.graph.places(tasks.iter().map(|t| &t.node)),
                 nodes: tasks,
             };
-            engine = Some(engine::Engine::start(&job, false)?);
+            engine = Some(engine::Engine::start(&job, &res.store, false)?);
         }
         // The output is written while the engine computes, each computed tensor as soon as it
         // is in the cache. A failed assembly stops the engine (dropping it kills it).
@@ -462,7 +462,8 @@ fn lacking(res: &Resolution) -> Vec<&crate::plan::Keyed> {
 /// tensors using them are cached, for the transfer report reads their figures), then the
 /// fused tensors in the order the output is written, so that writing can follow computing
 /// closely (none without a fused model to write: `[output] adapter` alone needs only the
-/// re-factored deltas), then the re-factored deltas.
+/// re-factored deltas), then the re-factored deltas. A fused tensor that goes into an output
+/// shard is handed to the build rather than cached: the shard becomes its cache object.
 fn tasks(res: &Resolution) -> Vec<job::Task> {
     let (mut align, mut fused, mut refactors) = (Vec::new(), Vec::new(), Vec::new());
     for keyed in lacking(res) {
@@ -485,6 +486,13 @@ fn tasks(res: &Resolution) -> Vec<job::Task> {
             .copied()
             .unwrap_or(usize::MAX)
     });
+    // Where the cache cannot hold the output's shards (another file system), every result
+    // becomes an object of its own.
+    let hand_off = !fused.is_empty()
+        && res.recipe.output.path.as_ref().is_some_and(|out| {
+            let dir = out.path.parent().filter(|d| !d.as_os_str().is_empty());
+            res.store.can_adopt_from(dir.unwrap_or(Path::new(".")))
+        });
     align
         .into_iter()
         .chain(fused)
@@ -493,6 +501,9 @@ fn tasks(res: &Resolution) -> Vec<job::Task> {
             name: keyed.name.clone(),
             key: keyed.key,
             node: keyed.node.clone(),
+            hand_off: hand_off
+                && matches!(keyed.node, Node::Fuse(_))
+                && position.contains_key(keyed.name.as_str()),
         })
         .collect()
 }

@@ -180,8 +180,8 @@ impl ShardWriter {
         Ok(writer)
     }
 
-    /// Starts the next tensor, which must be `name`.
-    pub fn begin(&mut self, name: &str) -> std::io::Result<()> {
+    /// Starts the next tensor, which must be `name`; returns where its bytes start in the file.
+    pub fn begin(&mut self, name: &str) -> std::io::Result<u64> {
         if self.remaining != 0 {
             return Err(std::io::Error::other(format!(
                 "tensor before `{name}` is incomplete"
@@ -190,7 +190,7 @@ impl ShardWriter {
         match self.pending.pop_front() {
             Some((next, len)) if next == name => {
                 self.remaining = len;
-                Ok(())
+                Ok(self.size)
             }
             other => Err(std::io::Error::other(format!(
                 "wrote `{name}` out of order (expected {other:?})"

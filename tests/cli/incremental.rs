@@ -179,31 +179,72 @@ fn cache_is_sound(ws: &Workspace, cache: &str) -> u64 {
     report["objects"].as_u64().unwrap()
 }
 
+/// The cache's entries for computed tensors, as JSON.
+fn entries(ws: &Workspace, cache: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for fan in std::fs::read_dir(ws.path(&format!("{cache}/v1/actions"))).unwrap() {
+        for entry in std::fs::read_dir(fan.unwrap().path()).unwrap() {
+            out.push(
+                serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn fused_bytes_are_written_once_the_output_shard_being_their_cache_object() {
+    use std::os::unix::fs::MetadataExt;
+    let ws = workspace(0.5);
+    build(&ws, &[]);
+    let shard = std::fs::metadata(ws.path("out/model.safetensors")).unwrap();
+    let digest = blake3::hash(&read(&ws, "out/model.safetensors"))
+        .to_hex()
+        .to_string();
+    // Every computed tensor's entry names its range in the output's shard, and the cache
+    // holds that shard under a second name: one file, no copy.
+    let entries = entries(&ws, "cache");
+    assert_eq!(entries.len(), 4);
+    for entry in &entries {
+        assert_eq!(entry["within"]["object"], json!(digest), "{entry}");
+    }
+    let object = ws.path(&format!("cache/v1/objects/{}/{digest}", &digest[..2]));
+    let meta = std::fs::metadata(&object).unwrap();
+    assert_eq!((meta.ino(), meta.nlink()), (shard.ino(), 2));
+    assert_eq!(cache_is_sound(&ws, "cache"), 1);
+    assert_eq!(ws.unreferenced_objects(), Vec::<std::path::PathBuf>::new());
+    assert!(std::fs::read_dir(ws.path("cache/v1/tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    // Removing the output leaves the cache whole: a rebuild computes nothing.
+    let good = read(&ws, "out/model.safetensors");
+    std::fs::remove_dir_all(ws.path("out")).unwrap();
+    assert_eq!(nodes(&build(&ws, &[])), (0, 4, 7));
+    assert_eq!(good, read(&ws, "out/model.safetensors"));
+}
+
 #[test]
 fn a_corrupt_cache_object_is_evicted_and_recomputed() {
     let ws = workspace(0.5);
     build(&ws, &[]);
     let good = read(&ws, "out/model.safetensors");
-    let objects = ws.path("cache/v1/objects");
-    let fan = std::fs::read_dir(&objects)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let object = std::fs::read_dir(fan)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    // One byte of a computed tensor, inside the cache object that is also the output's file
+    // (as a tool rewriting the output in place would).
+    let entry = &entries(&ws, "cache")[0];
+    let digest = entry["within"]["object"].as_str().unwrap();
+    let object = ws.path(&format!("cache/v1/objects/{}/{digest}", &digest[..2]));
+    let at = entry["within"]["offset"].as_u64().unwrap() as usize;
     let mut bytes = std::fs::read(&object).unwrap();
-    bytes[0] ^= 0xff;
+    bytes[at] ^= 0xff;
     std::fs::write(&object, bytes).unwrap();
-    std::fs::remove_dir_all(ws.path("out")).unwrap();
+    assert_ne!(good, read(&ws, "out/model.safetensors"));
     let err = ws.fail(&["cache", "verify", "--cache", "cache"]);
     assert!(err.contains("1 object(s) in the cache"), "{err}");
 
+    // The damaged output is rebuilt, not passed off as current; the cache's damaged object goes.
+    std::fs::remove_file(ws.path("recipe.lock")).unwrap();
     let out = ws.command(&["build", "recipe.toml"]).output().unwrap();
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -212,7 +253,7 @@ fn a_corrupt_cache_object_is_evicted_and_recomputed() {
         "{stderr}"
     );
     assert_eq!(good, read(&ws, "out/model.safetensors"));
-    assert_eq!(cache_is_sound(&ws, "cache"), 4);
+    assert_eq!(cache_is_sound(&ws, "cache"), 1);
 }
 
 #[test]
@@ -394,7 +435,8 @@ fn gc_trims_the_cache_and_builds_recover() {
     build(&ws, &["--fsync"]);
     let stats: Value =
         serde_json::from_str(&ws.ok(&["cache", "stats", "--json", "--cache", "cache"])).unwrap();
-    assert_eq!(stats["objects"], 4);
+    // The four computed tensors are ranges of one object: the output's shard.
+    assert_eq!(stats["objects"], 1);
     assert_eq!(stats["actions"], 4);
     // Recently used objects survive an age limit; a size limit of one byte removes them all.
     assert!(ws
@@ -402,7 +444,9 @@ fn gc_trims_the_cache_and_builds_recover() {
         .contains("removed 0 objects"));
     assert!(ws
         .ok(&["gc", "--cache", "cache", "--max-size", "1B"])
-        .contains("removed 4 objects"));
+        .contains("removed 1 objects"));
+    // The output keeps its file.
+    assert!(ws.path("out/model.safetensors").exists());
     let stats: Value =
         serde_json::from_str(&ws.ok(&["cache", "stats", "--json", "--cache", "cache"])).unwrap();
     assert_eq!(

@@ -349,7 +349,12 @@ impl Workspace {
                 .filter_map(|a| {
                     let entry: serde_json::Value =
                         serde_json::from_slice(&std::fs::read(a).ok()?).ok()?;
-                    Some(entry["tensor"].as_str()?.to_owned())
+                    // A result inside an output shard names the shard's object.
+                    let object = match entry.get("within") {
+                        Some(within) => &within["object"],
+                        None => &entry["tensor"],
+                    };
+                    Some(object.as_str()?.to_owned())
                 })
                 .collect();
             unreferenced.extend(objects.into_iter().filter(|o| {

@@ -50,9 +50,7 @@ pub fn check(store: &Store, repair: bool) -> CheckReport {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok());
             entry.is_none_or(|entry| {
-                let object = store.object_path(&entry.tensor);
-                bad_objects.contains(&object)
-                    || std::fs::metadata(&object).map_or(true, |m| m.len() != entry.len)
+                bad_objects.contains(&store.object_of(&entry).0) || !store.holds(&entry)
             })
         })
         .map(|(path, _)| path.clone())

@@ -1,13 +1,21 @@
 //! The content-addressed cache. Layout (versioned, so a future format lives beside this one):
 //!
 //! ```text
-//! cache/v1/objects/ab/abcdef…   tensor bytes, named by their blake3 digest
-//! cache/v1/actions/12/12ab…     node key → the digest of the tensor it produced (JSON)
+//! cache/v1/objects/ab/abcdef…   tensor bytes, or an output shard holding several tensors,
+//!                               named by the blake3 digest of their bytes
+//! cache/v1/actions/12/12ab…     node key → the digest of the tensor it produced, and where its
+//!                               bytes are (JSON)
 //! cache/v1/files/9f/9f3c…       path → (device, inode, size, mtime) → file digest, like git's index
 //! cache/v1/builds/4e…            per output directory: the node keys of its last build, to explain
 //!                                what a new build recomputes and why
 //! cache/v1/tmp/                 files being written; renamed into place when complete
 //! ```
+//!
+//! A fused tensor is written once: the engine hands it to the build in a temporary file, the
+//! build writes it into an output shard, and once the shard is complete the shard itself
+//! becomes an object (a second name for the output's file, [`Store::adopt`]) and the tensor's
+//! action names its range inside it ([`Within`]). Where the shard cannot be linked (another
+//! file system), the temporary file becomes an object of its own ([`Store::promote`]).
 //!
 //! Every write goes to `tmp/` and is then renamed, so a killed process leaves at worst a stray
 //! temporary file, never a partial object. Objects are checked whenever they are read: against
@@ -32,7 +40,7 @@ pub use check::{check, CheckReport};
 pub use gc::{collect, parse_duration, stats, GcReport, Stats};
 pub use stat::hash_file;
 
-use crate::digest::{NodeKey, TensorDigest};
+use crate::digest::{Digest, FileDigest, NodeKey, TensorDigest};
 
 const LAYOUT: &str = "v1";
 
@@ -42,11 +50,15 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// What an action produced: the tensor's digest and byte count.
+/// What an action produced: the tensor's digest and byte count, and where its bytes are.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ActionEntry {
     pub tensor: TensorDigest,
     pub len: u64,
+    /// The bytes are a range of another object (an output shard) rather than an object of
+    /// their own, named by `tensor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<Within>,
     /// For a re-factored delta: the fraction of its energy the truncation kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy: Option<f64>,
@@ -57,6 +69,25 @@ pub struct ActionEntry {
     /// The object's XXH3-64 checksum, which reads check instead of re-hashing with blake3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Checksum>,
+}
+
+/// Where inside another object a result's bytes are.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Within {
+    /// The object: an output shard, named by the digest of the whole file.
+    pub object: FileDigest,
+    /// Where the result's bytes start in it.
+    pub offset: u64,
+}
+
+impl ActionEntry {
+    /// The object's name and the range of it holding the result.
+    fn place(&self) -> (String, u64) {
+        match self.within {
+            Some(w) => (w.object.hex(), w.offset),
+            None => (self.tensor.hex(), 0),
+        }
+    }
 }
 
 /// An XXH3-64 checksum, written in hexadecimal.
@@ -101,8 +132,15 @@ impl Store {
         self.root.join(bucket).join(&hex[..2]).join(hex)
     }
 
-    pub fn object_path(&self, digest: &TensorDigest) -> PathBuf {
+    /// The object named `digest`: a tensor's bytes, or a file's (an adopted output shard).
+    pub fn object_path<K>(&self, digest: &Digest<K>) -> PathBuf {
         self.fanout("objects", &digest.hex())
+    }
+
+    /// The object holding an entry's bytes, and where in it they start.
+    fn object_of(&self, entry: &ActionEntry) -> (PathBuf, u64) {
+        let (hex, offset) = entry.place();
+        (self.fanout("objects", &hex), offset)
     }
 
     fn action_path(&self, key: &NodeKey) -> PathBuf {
@@ -112,11 +150,16 @@ impl Store {
     /// A new temporary file in the store, named after this process so that others can tell
     /// whether its writer is still alive.
     fn tmp_file(&self) -> std::io::Result<(PathBuf, File)> {
+        self.tmp_file_of(std::process::id(), "")
+    }
+
+    /// A temporary file that lives as long as the process `owner`.
+    fn tmp_file_of(&self, owner: u32, tag: &str) -> std::io::Result<(PathBuf, File)> {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = self
             .root
             .join("tmp")
-            .join(format!("{}-{n}", std::process::id()));
+            .join(format!("{owner}-{}{tag}{n}", std::process::id()));
         let file = File::create(&path)?;
         Ok((path, file))
     }
@@ -124,9 +167,23 @@ impl Store {
     /// Starts writing a new object.
     pub fn object_writer(&self) -> std::io::Result<ObjectWriter> {
         let (path, file) = self.tmp_file()?;
-        Ok(ObjectWriter {
+        Ok(self.writer(path, file, false))
+    }
+
+    /// Starts writing a result to be handed to the process `owner` (the build), which writes it
+    /// into an output shard and then settles it: [`Store::adopt`] and [`Store::put_action`],
+    /// or [`Store::promote`]. [`ObjectWriter::finish`] leaves it where
+    /// [`ObjectWriter::path`] says; it lives as long as `owner` does.
+    pub fn handed_writer(&self, owner: u32) -> std::io::Result<ObjectWriter> {
+        let (path, file) = self.tmp_file_of(owner, "h")?;
+        Ok(self.writer(path, file, true))
+    }
+
+    fn writer(&self, path: PathBuf, file: File, handed: bool) -> ObjectWriter {
+        ObjectWriter {
             store: self.clone(),
             tmp: path,
+            handed,
             // Plain buffered writes: the kernel writes them back after the build. Pacing them
             // to the disk (`io::write_behind`) made cold builds about 2 s slower on the 2-core
             // machine; the output goes around the page cache, so these are the build's only
@@ -135,37 +192,96 @@ impl Store {
             hasher: blake3::Hasher::new(),
             checksum: Xxh3::new(),
             len: 0,
-        })
+        }
     }
 
-    /// Opens an object for reading, if the store has it. The caller checks the digest of what
-    /// it reads (see [`VerifyingReader`]).
-    pub fn open_object(&self, digest: &TensorDigest) -> Option<File> {
-        File::open(self.object_path(digest)).ok()
+    /// Makes the complete file at `path`, whose blake3 is `digest`, an object too, under a
+    /// second name (a hard link: no byte is copied). Fails where the file system cannot link
+    /// it into the store.
+    pub fn adopt(&self, path: &Path, digest: &FileDigest) -> std::io::Result<()> {
+        let object = self.object_path(digest);
+        if let Some(parent) = object.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::hard_link(path, &object) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Whether a file written in `dir` can be adopted (see [`Store::adopt`]): the same file
+    /// system, one that has hard links. Tried with an empty file.
+    pub fn can_adopt_from(&self, dir: &Path) -> bool {
+        let probe = dir.join(format!(".modelforge-probe-{}", std::process::id()));
+        if std::fs::create_dir_all(dir).is_err() || File::create(&probe).is_err() {
+            return false;
+        }
+        let linked = self.tmp_file().and_then(|(tmp, _)| {
+            std::fs::remove_file(&tmp)?;
+            let result = std::fs::hard_link(&probe, &tmp);
+            let _ = std::fs::remove_file(&tmp);
+            result
+        });
+        let _ = std::fs::remove_file(&probe);
+        linked.is_ok()
+    }
+
+    /// Makes a handed result (see [`Store::handed_writer`]) an object of its own and records
+    /// it under `key`.
+    pub fn promote(
+        &self,
+        handed: &Path,
+        key: &NodeKey,
+        entry: &ActionEntry,
+        sync: bool,
+    ) -> std::io::Result<()> {
+        if sync {
+            File::open(handed)?.sync_all()?;
+        }
+        let path = self.object_path(&entry.tensor);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(handed, &path)?;
+        self.put_action(
+            key,
+            &ActionEntry {
+                within: None,
+                ..*entry
+            },
+        )
     }
 
     /// Hashes an object in full; `false` if it is missing or its bytes do not match its name.
-    pub fn verify_object(&self, digest: &TensorDigest) -> bool {
-        let Some(file) = self.open_object(digest) else {
+    pub fn verify_object<K>(&self, digest: &Digest<K>) -> bool {
+        let Ok(file) = File::open(self.object_path(digest)) else {
             return false;
         };
         let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(file).is_ok() && TensorDigest::new(hasher.finalize()) == *digest
+        hasher.update_reader(file).is_ok() && Digest::<K>::new(hasher.finalize()) == *digest
     }
 
-    /// Removes a damaged object and every action that points at it lazily (an action whose
-    /// object is missing is treated as absent).
-    pub fn evict(&self, digest: &TensorDigest) {
-        let _ = std::fs::remove_file(self.object_path(digest));
+    /// Removes the object holding a damaged entry's bytes, and with it, lazily, every action
+    /// that points at it (an action whose object is missing is treated as absent). An output
+    /// the object was linked from keeps its file.
+    pub fn evict(&self, entry: &ActionEntry) {
+        let _ = std::fs::remove_file(self.object_of(entry).0);
+    }
+
+    /// Whether the object an entry names is present and long enough to hold its bytes.
+    pub fn holds(&self, entry: &ActionEntry) -> bool {
+        let (object, offset) = self.object_of(entry);
+        std::fs::metadata(&object).is_ok_and(|meta| match entry.within {
+            Some(_) => meta.len() >= offset.saturating_add(entry.len),
+            None => meta.len() == entry.len,
+        })
     }
 
     /// The recorded result of a node, if its object is still present.
     pub fn action(&self, key: &NodeKey) -> Option<ActionEntry> {
         let bytes = std::fs::read(self.action_path(key)).ok()?;
         let entry: ActionEntry = serde_json::from_slice(&bytes).ok()?;
-        let object = self.object_path(&entry.tensor);
-        let meta = std::fs::metadata(&object).ok()?;
-        (meta.len() == entry.len).then_some(entry)
+        self.holds(&entry).then_some(entry)
     }
 
     pub fn put_action(&self, key: &NodeKey, entry: &ActionEntry) -> std::io::Result<()> {
@@ -188,9 +304,9 @@ impl Store {
         self.root.join("builds").join(format!("{key}.json"))
     }
 
-    /// Marks an object as used now, for `gc --older-than`.
-    pub fn touch(&self, digest: &TensorDigest) {
-        if let Ok(file) = File::options().append(true).open(self.object_path(digest)) {
+    /// Marks the object holding an entry's bytes as used now, for `gc --older-than`.
+    pub fn touch(&self, entry: &ActionEntry) {
+        if let Ok(file) = File::options().append(true).open(self.object_of(entry).0) {
             let _ = file.set_modified(std::time::SystemTime::now());
         }
     }
@@ -246,6 +362,8 @@ fn process_alive(pid: i32) -> bool {
 pub struct ObjectWriter {
     store: Store,
     tmp: PathBuf,
+    /// Handed to the build rather than named by its digest (see [`Store::handed_writer`]).
+    handed: bool,
     out: BufWriter<File>,
     hasher: blake3::Hasher,
     checksum: Xxh3,
@@ -253,6 +371,11 @@ pub struct ObjectWriter {
 }
 
 impl ObjectWriter {
+    /// Where the bytes are being written.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
     pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         crate::digest::hash_into(&mut self.hasher, bytes);
         self.checksum.update(bytes);
@@ -262,21 +385,27 @@ impl ObjectWriter {
 
     /// Moves the object to its content address; with `sync`, after flushing it to disk.
     /// Without, an object torn by a power loss fails its digest check when read, and is
-    /// evicted and recomputed.
+    /// evicted and recomputed. A handed result stays where [`ObjectWriter::path`] says, not
+    /// synced: the build syncs what it keeps.
     pub fn finish(mut self, sync: bool) -> std::io::Result<ActionEntry> {
         let digest = TensorDigest::new(self.hasher.finalize());
         self.out.flush()?;
-        if sync {
-            self.out.get_ref().sync_all()?;
+        if self.handed {
+            self.tmp = PathBuf::new();
+        } else {
+            if sync {
+                self.out.get_ref().sync_all()?;
+            }
+            let path = self.store.object_path(&digest);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(&self.tmp, &path)?;
         }
-        let path = self.store.object_path(&digest);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::rename(&self.tmp, &path)?;
         Ok(ActionEntry {
             tensor: digest,
             len: self.len,
+            within: None,
             energy: None,
             overlap: None,
             check: Some(Checksum(self.checksum.digest())),
@@ -286,16 +415,23 @@ impl ObjectWriter {
 
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
-        // After finish the temporary file has been renamed and this does nothing.
-        let _ = std::fs::remove_file(&self.tmp);
+        // After finish the temporary file has been renamed (or handed over) and this does
+        // nothing.
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
-/// Reads an object while checking it; [`VerifyingReader::check`] says whether what was read
-/// is what its action entry recorded.
+/// Reads an entry's bytes while checking them; [`VerifyingReader::check`] says whether what
+/// was read is what its action entry recorded.
 pub struct VerifyingReader {
     file: File,
     check: Check,
+    /// Where the entry's bytes end in the file.
+    end: u64,
+    /// Whether the file holds the entry's bytes alone, so that nothing may follow them.
+    alone: bool,
 }
 
 enum Check {
@@ -322,30 +458,52 @@ impl VerifyingReader {
             Some(checksum) => Check::Checksum(Box::new(Xxh3::new()), checksum),
             None => Check::Digest(Box::new(blake3::Hasher::new()), entry.tensor),
         };
-        Some(VerifyingReader {
-            file: store.open_object(&entry.tensor)?,
-            check,
-        })
+        let (path, offset) = store.object_of(entry);
+        Self::at(&path, offset, entry, check)
     }
 
     /// Opens an object written moments ago by this build, whose digest was computed from the
     /// very bytes written: only its length is checked.
     pub fn open_fresh(store: &Store, entry: &ActionEntry) -> Option<Self> {
+        let (path, offset) = store.object_of(entry);
+        Self::at(&path, offset, entry, Check::Fresh)
+    }
+
+    /// Opens a result the engine handed over in `path` (see [`Store::handed_writer`]),
+    /// hashed as it was written: only its length is checked.
+    pub fn open_handed(path: &Path, entry: &ActionEntry) -> Option<Self> {
+        Self::at(
+            path,
+            0,
+            &ActionEntry {
+                within: None,
+                ..*entry
+            },
+            Check::Fresh,
+        )
+    }
+
+    fn at(path: &Path, offset: u64, entry: &ActionEntry, check: Check) -> Option<Self> {
+        use std::io::Seek;
+        let mut file = File::open(path).ok()?;
+        file.seek(std::io::SeekFrom::Start(offset)).ok()?;
         Some(VerifyingReader {
-            file: store.open_object(&entry.tensor)?,
-            check: Check::Fresh,
+            file,
+            check,
+            end: offset + entry.len,
+            alone: entry.within.is_none(),
         })
     }
 
-    /// The rest of the object (`len` bytes), as windows mapped one at a time, each hashed as
-    /// it is handed out.
+    /// The rest of the entry's bytes (`len` of them), as windows mapped one at a time, each
+    /// hashed as it is handed out.
     pub fn windows(
         &mut self,
         len: u64,
     ) -> impl Iterator<Item = std::io::Result<crate::mapped::Window>> + '_ {
         use std::io::Seek;
         let start = self.file.stream_position().unwrap_or(0);
-        // Past the end afterwards, so that `check` sees whether anything follows.
+        // Past them afterwards, so that `check` sees whether all were read.
         let _ = self.file.seek(std::io::SeekFrom::Current(len as i64));
         let check = &mut self.check;
         crate::mapped::windows(&self.file, start, len).inspect(move |window| {
@@ -361,11 +519,16 @@ impl VerifyingReader {
         Ok(())
     }
 
-    /// True when every byte has been read and they hash to the object's name.
+    /// True when every byte has been read and they hash to what the entry recorded.
     pub fn check(mut self) -> bool {
-        let mut rest = [0u8; 1];
-        let at_end = matches!(self.file.read(&mut rest), Ok(0));
-        at_end
+        use std::io::Seek;
+        let complete = if self.alone {
+            let mut rest = [0u8; 1];
+            matches!(self.file.read(&mut rest), Ok(0))
+        } else {
+            self.file.stream_position().is_ok_and(|at| at == self.end)
+        };
+        complete
             && match self.check {
                 Check::Fresh => true,
                 Check::Checksum(hasher, expected) => Checksum(hasher.digest()) == expected,
@@ -409,7 +572,7 @@ mod tests {
         assert!(!store.verify_object(&entry.tensor));
         // Damage is caught by the checksum the entry recorded, and by the name without one.
         assert!(!read(&entry) && !read(&unchecked));
-        store.evict(&entry.tensor);
+        store.evict(&entry);
         assert_eq!(
             store.action(&key),
             None,
@@ -419,5 +582,68 @@ mod tests {
             std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn a_result_inside_an_adopted_shard_is_read_and_checked_as_a_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        // The engine hands the result over: no object yet, only its file.
+        let mut w = store.handed_writer(std::process::id()).unwrap();
+        let handed = w.path().to_owned();
+        w.write(b"tensor").unwrap();
+        let entry = w.finish(false).unwrap();
+        assert!(handed.exists() && !store.object_path(&entry.tensor).exists());
+        let mut reader = VerifyingReader::open_handed(&handed, &entry).unwrap();
+        let mut buf = [0u8; 6];
+        reader.read_exact(&mut buf).unwrap();
+        assert!(reader.check() && &buf == b"tensor");
+
+        // The build writes it into a shard, which the store adopts.
+        let shard = dir.path().join("model.safetensors");
+        std::fs::write(&shard, b"head:tensor:tail").unwrap();
+        let digest = FileDigest::of(b"head:tensor:tail");
+        store.adopt(&shard, &digest).unwrap();
+        store.adopt(&shard, &digest).unwrap();
+        let key = NodeKey::of(b"node");
+        let within = Some(Within {
+            object: digest,
+            offset: 5,
+        });
+        store
+            .put_action(&key, &ActionEntry { within, ..entry })
+            .unwrap();
+        let read = |entry: &ActionEntry| {
+            let mut reader = VerifyingReader::open(&store, entry).unwrap();
+            let mut buf = [0u8; 6];
+            reader.read_exact(&mut buf).unwrap();
+            (buf, reader.check())
+        };
+        let found = store.action(&key).unwrap();
+        assert_eq!(read(&found), (*b"tensor", true));
+        let by_name = ActionEntry {
+            check: None,
+            ..found
+        };
+        assert_eq!(read(&by_name), (*b"tensor", true));
+        assert!(store.verify_object(&digest));
+
+        // The output's file changed in place: the range no longer checks, by either means.
+        std::fs::write(&shard, b"head:tensoR:tail").unwrap();
+        assert!(!read(&found).1 && !read(&by_name).1);
+        // Evicting removes the cache's name only; a file cut short makes the entry absent.
+        store.evict(&found);
+        assert!(shard.exists() && store.action(&key).is_none());
+        store.adopt(&shard, &digest).unwrap();
+        std::fs::write(&shard, b"head:ten").unwrap();
+        assert!(store.action(&key).is_none());
+
+        // Promoted instead, a handed result is an object of its own.
+        let mut w = store.handed_writer(std::process::id()).unwrap();
+        let path = w.path().to_owned();
+        w.write(b"other").unwrap();
+        let entry = w.finish(false).unwrap();
+        store.promote(&path, &key, &entry, true).unwrap();
+        assert!(!path.exists() && store.action(&key) == Some(entry));
     }
 }
