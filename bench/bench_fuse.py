@@ -10,8 +10,9 @@ Generates once, into DIR (default <repo>/target/bench/<shape>; reused while its 
     a.toml    base + A                 ab.toml   base + A + B (B's weight rewritten per run)
     abi.toml  ab.toml with shard_by = "inputs"
 then measures, RUNS times each, with a warm page cache (median, min, max wall time; peak RSS):
-    1 cp -r                  copying the model folder: the floor for any tool writing a new model
-    2 modelforge cold        `build a.toml` with a new, empty cache (inputs hashed, all computed)
+    1 cp -r && sync          copying the model folder: the floor for any tool writing a new model
+    2 modelforge cold        `build a.toml` with a new, empty cache (inputs hashed, all computed);
+                             also pinned to 1 core and to 2 (`taskset`), for the scaling
     3 modelforge no-op       the same build again: nothing changed
     4 modelforge B changed   `build ab.toml` after changing B's weight (to a value never built):
                              only the tensors B touches are recomputed
@@ -23,12 +24,14 @@ and checks that the outputs agree: every cold build gives the same bytes, the in
 build equals a build of the same recipe from an empty cache, and modelforge's tensors equal
 PEFT's and mergekit's bit for bit.
 
-Each command runs under a one-child wrapper (a small Python) that times it and reads
-getrusage(RUSAGE_CHILDREN): the peak RSS of the largest process in the command's tree that was
-waited for (modelforge's engine included), the user and system CPU time of them all, which
-vary less than wall time on a virtual machine whose page-cache writes swing in speed, and the
-bytes they wrote to storage (a build writes its cache objects as well as its output, and where
-the disk is the bottleneck that count sets the pace). modelforge's own `--json` summary adds
+Every step is timed until `sync` returns, so that bytes left in the page cache count (the
+page cache is synced before each step, untimed). Each command runs under a one-child wrapper
+(a small Python) that times it and reads getrusage(RUSAGE_CHILDREN): the peak RSS of the
+largest process in the command's tree that was waited for (modelforge's engine included), the
+user and system CPU time of them all, which vary less than wall time on a virtual machine
+whose page-cache writes swing in speed; and, from the disk's own counters, the bytes written
+to it from the first sync to the last (where the disk is the bottleneck that count sets the
+pace; anything else running on the machine shows in it). modelforge's own `--json` summary adds
 its per-process peaks and per-phase times. Outputs agree "to bf16 rounding" when no element differs
 by more than one ulp: a rank-16 product summed in another order can land on the other side of a
 rounding boundary (measured: one element of 1.1B, where PEFT's full-matrix product and
@@ -201,36 +204,55 @@ class Failed(Exception):
 # engine included). It times the command itself, leaving out its own start.
 WRAPPER = """\
 import os, resource, sys, time
+dev = os.stat(".").st_dev
+stat = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat"
+def sectors_written():
+    try:
+        return int(open(stat).read().split()[6])
+    except (OSError, IndexError, ValueError):
+        return -1
+os.sync()  # what earlier steps left dirty is not this step's to write
+before = sectors_written()
 t0 = time.perf_counter()
-pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+pid = os.posix_spawn(sys.argv[3], sys.argv[3:], os.environ)
 _, status = os.waitpid(pid, 0)
+if sys.argv[2] == "sync" and status == 0:
+    os.sync()
 wall = time.perf_counter() - t0
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 rss = usage.ru_maxrss * 1024
-open(sys.argv[1], "w").write(f"{wall} {rss} {usage.ru_utime} {usage.ru_stime} {usage.ru_oublock * 512}")
+after = sectors_written()
+disk = (after - before) * 512 if before >= 0 and after >= 0 and sys.argv[2] == "sync" else -1
+open(sys.argv[1], "w").write(f"{wall} {rss} {usage.ru_utime} {usage.ru_stime} {usage.ru_oublock * 512} {disk}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, int, str, float, float, int]:
+def run(cmd: list[str], cwd: Path, env: dict | None = None, sync: bool = False
+        ) -> tuple[float, int, str, float, float, int]:
     """(wall seconds, peak RSS in bytes of the command and its waited-for children, stdout,
     user and system CPU seconds of the same processes, and the bytes they wrote to storage:
-    ru_oublock, counted when a page is dirtied or a direct write submitted, whether or not the
-    disk has it yet)."""
+    what the disk holding `cwd` counted written between the sync before the command and the
+    one after it (everything on the machine, so other work there shows), or, without `sync`,
+    ru_oublock, counted when a page is dirtied or a direct write submitted, even for a file
+    deleted before it reached the disk). The page cache is synced before the command, untimed;
+    with `sync`, after it too, and that is timed: the bytes are on the disk when the clock
+    stops."""
     cmd = [str(c) for c in cmd]
     exe = shutil.which(cmd[0], path=(env or os.environ).get("PATH")) if "/" not in cmd[0] else cmd[0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r", suffix=".rusage") as result:
-        p = subprocess.run([sys.executable, "-S", "-c", WRAPPER, result.name, exe, *cmd[1:]],
+        p = subprocess.run([sys.executable, "-S", "-c", WRAPPER, result.name,
+                            "sync" if sync else "-", exe, *cmd[1:]],
                            cwd=cwd, stdout=out, stderr=err, env=env)
         out.seek(0)
         err.seek(0)
         if p.returncode != 0:
             raise Failed(f"failed ({p.returncode}): {' '.join(cmd)}\n"
                          f"{err.read().decode(errors='replace')[-3000:]}")
-        wall, rss, user, system, written = result.read().split()
+        wall, rss, user, system, dirtied, disk = result.read().split()
         return (float(wall), int(rss), out.read().decode(errors="replace"), float(user), float(system),
-                int(written))
+                int(disk) if int(disk) >= 0 else int(dirtied))
 
 
 def remove(*paths: Path) -> None:
@@ -388,14 +410,14 @@ def main(argv=None) -> int:
         for i in range(args.runs):
             if before:
                 before(i)
-            step.add(*run(cmd, d, env_))
+            step.add(*run(cmd, d, env_, sync=True))
         return step
 
     def build(recipe: str, cache: str) -> list[str]:
         return [mf, "build", recipe, "--quiet", "--json", "--cache", cache]
 
     # 1. The floor.
-    measure("cp", "cp -r (floor)", ["cp", "-r", "model", "out-cp"], lambda i: remove(d / "out-cp"))
+    measure("cp", "cp -r && sync (floor)", ["cp", "-r", "model", "out-cp"], lambda i: remove(d / "out-cp"))
     remove(d / "out-cp")
 
     # 2. Cold: a new cache, no output, no lock; every run must give the same bytes.
@@ -406,6 +428,14 @@ def main(argv=None) -> int:
             cold_outputs.append(lock_outputs(d / "a.lock"))
         remove(d / "out-a", d / "cache-a", d / "a.lock")
 
+    # Pinned to one core and to two: nothing in the pipeline may be serial by construction.
+    taskset = shutil.which("taskset")
+    if taskset:
+        for n in (1, 2):
+            if n <= (os.cpu_count() or 1):
+                measure(f"cold{n}", f"modelforge, cold cache (A), {n} core{'s' * (n > 1)}",
+                        [taskset, "-c", ",".join(map(str, range(n))), *build("a.toml", "cache-a")],
+                        cold)
     measure("cold", "modelforge, cold cache (A)", build("a.toml", "cache-a"), cold)
     cold_outputs.append(lock_outputs(d / "a.lock"))
     same = all(o == cold_outputs[0] for o in cold_outputs)
@@ -486,20 +516,31 @@ def report(steps: dict[str, Step], checks, shape: dict, size: int, params: int, 
           f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}); adapter A r=16 on all "
           f"seven projections, B r=8 on q/v. {os.cpu_count()} CPUs, warm page cache, {runs} runs each; "
           f"load average at the end {load[0]:.1f}.\n")
-    head = ("| step | median s | min s | max s | CPU user s | CPU system s | peak RSS MiB | written GB | × cp -r |"
-            + "".join(f" × {n} |" for _, n in peers))
+    print("Every step is timed until `sync` returns (its bytes on the disk); the page cache is "
+          "synced before each, untimed.\n")
+    head = ("| step | median s | min s | max s | CPU user s | CPU system s | CPU s per GB | peak RSS MiB "
+            "| written GB | written × size | × cp -r |" + "".join(f" × {n} |" for _, n in peers))
     print(head)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(peers))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(peers))
     for key, step in steps.items():
         user = statistics.median(u for u, _ in step.cpu)
         system = statistics.median(s for _, s in step.cpu)
         row = (f"| {step.label} | {step.median:.3f} | {min(step.walls):.3f} | {max(step.walls):.3f} "
-               f"| {user:.2f} | {system:.2f} "
+               f"| {user:.2f} | {system:.2f} | {(user + system) / (size / 1e9):.2f} "
                f"| {fmt_mib(statistics.median(step.rss))} | {statistics.median(step.written) / 1e9:.2f} "
-               f"| {step.median / floor:.2f} |")
+               f"| {statistics.median(step.written) / size:.2f} | {step.median / floor:.2f} |")
         for k, _ in peers:
             row += f" {step.median / steps[k].median:.2f} |"
         print(row)
+
+    if "cold1" in steps and "cold2" in steps:
+        print(f"\nScaling: the cold build on 2 cores is {steps['cold1'].median / steps['cold2'].median:.2f}× "
+              f"as fast as on 1 core (target ≥ 1.8×).")
+    if "incr-inputs" in steps:
+        print(f"Incremental (B changed, shard_by = \"inputs\") / cold: "
+              f"{steps['incr-inputs'].median / steps['cold'].median:.2f} (target ≤ 0.20); peak RSS / model: "
+              f"{max(statistics.median(s.rss) for s in steps.values() if s.label.startswith('modelforge')) / size:.3f} "
+              f"(target ≤ 0.15).")
 
     with_summary = [s for s in steps.values() if s.summaries and s.summaries[0].get("phases")]
     if with_summary:

@@ -7,6 +7,9 @@
 # timings and the largest absolute difference between the two outputs.
 #
 #   bash gpu_check.sh [PYTHON]        # default python3; its torch must be 2.11.x
+#   BENCH_7B=DIR bash gpu_check.sh    # then the cold build of a 7B-shaped model generated in DIR
+#                                     # (about 45 GB of disk), on CUDA and on the CPU, against
+#                                     # this machine's own `cp -r && sync` (gpu_bench.py)
 set -euo pipefail
 dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 py=${1:-${PYTHON:-python3}}
@@ -48,5 +51,8 @@ grep -q '"device": "cuda' summary-cuda-1.json 2>/dev/null || { echo "the cuda bu
 
 if [ -d out-cpu ] && [ -d out-cuda ]; then
   "$py" gpu_check.py compare out-cpu out-cuda model lora_a lora_b || status=1
+fi
+if [ -n "${BENCH_7B:-}" ]; then
+  "$py" gpu_bench.py "$BENCH_7B" --bin "$dir/bin" || status=1
 fi
 exit $status
