@@ -53,6 +53,6 @@ if [ -d out-cpu ] && [ -d out-cuda ]; then
   "$py" gpu_check.py compare out-cpu out-cuda model lora_a lora_b || status=1
 fi
 if [ -n "${BENCH_7B:-}" ]; then
-  "$py" gpu_bench.py "$BENCH_7B" --bin "$dir/bin" || status=1
+  "$py" gpu_bench.py "$BENCH_7B" --bin "$dir/bin" --scaling 1,2,4,8,16 || status=1
 fi
 exit $status
