@@ -14,10 +14,11 @@ pub fn cache_stats(cache: &CacheOptions, json: bool) -> miette::Result<()> {
         );
     } else {
         println!(
-            "{}: {} objects ({:.1} MB), {} actions, {} file digests",
+            "{}: {} objects ({:.1} MB, of which {:.1} MB are output files it shares), {} actions, {} file digests",
             stats.path,
             stats.objects,
             stats.object_bytes as f64 / 1e6,
+            stats.shared_bytes as f64 / 1e6,
             stats.actions,
             stats.files
         );

@@ -435,9 +435,11 @@ fn gc_trims_the_cache_and_builds_recover() {
     build(&ws, &["--fsync"]);
     let stats: Value =
         serde_json::from_str(&ws.ok(&["cache", "stats", "--json", "--cache", "cache"])).unwrap();
-    // The four computed tensors are ranges of one object: the output's shard.
+    // The four computed tensors are ranges of one object: the output's shard, whose bytes
+    // the cache shares with the output.
     assert_eq!(stats["objects"], 1);
     assert_eq!(stats["actions"], 4);
+    assert_eq!(stats["shared_bytes"], stats["object_bytes"]);
     // Recently used objects survive an age limit; a size limit of one byte removes them all.
     assert!(ws
         .ok(&["gc", "--cache", "cache", "--older-than", "1d"])

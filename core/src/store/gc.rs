@@ -11,6 +11,9 @@ pub struct Stats {
     pub path: String,
     pub objects: u64,
     pub object_bytes: u64,
+    /// Of those, the bytes of objects that are also files elsewhere (output shards the cache
+    /// holds under a second name): disk space the cache does not add.
+    pub shared_bytes: u64,
     pub actions: u64,
     pub files: u64,
 }
@@ -46,6 +49,11 @@ pub fn stats(store: &Store) -> Stats {
         path: store.root().display().to_string(),
         objects: objects.len() as u64,
         object_bytes: objects.iter().map(|(_, m)| m.len()).sum(),
+        shared_bytes: objects
+            .iter()
+            .filter(|(_, m)| std::os::unix::fs::MetadataExt::nlink(m) > 1)
+            .map(|(_, m)| m.len())
+            .sum(),
         actions: walk(&store.root().join("actions")).len() as u64,
         files: walk(&store.root().join("files")).len() as u64,
     }
