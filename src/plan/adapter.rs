@@ -316,17 +316,19 @@ impl<'a> AdapterPlan<'a> {
         if mapped.lora.kind != LoraKind::Linear {
             return None;
         }
-        let (role, _, _) = self.source_role(mapped.source)?;
+        // A fused module placed by name (Phi-3's qkv_proj into Phi-3) has no single role, but
+        // all its parts face the residual stream from the same side.
+        let tensor = format!("{}.weight", mapped.source);
+        let writes = self
+            .source_schema
+            .or_else(|| self.schemas.schema_of(&tensor))?
+            .writes_residual(&tensor)?;
+        let side = if writes { Side::Output } else { Side::Input };
         let target = TensorRef::of(self.base, &landing.tensor)?;
         let delta = [mapped.lora.b.shape[0], mapped.lora.a.shape[1]];
         planned
             .align
-            .overlap(
-                source,
-                dims::side_of(role),
-                (&format!("{}.weight", mapped.source), delta),
-                (target, landing.layout()),
-            )
+            .overlap(source, side, (&tensor, delta), (target, landing.layout()))
             .map(super::AlignItem::Overlap)
     }
 

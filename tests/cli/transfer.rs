@@ -169,3 +169,60 @@ fn without_a_source_base_the_report_cannot_tell() {
     assert!(adapter.get("overlap").is_none(), "{report}");
     assert!(line.contains("`lora`: the report cannot tell"), "{line}");
 }
+
+/// An adapter on a fused tensor, carried into a copy of its base by name: the fused tensor has
+/// no single role, but all its parts read the residual stream, so it is compared all the same.
+#[test]
+fn a_fused_module_placed_by_name_is_compared() {
+    let ws = Workspace::new();
+    let tensors: Vec<crate::support::T> = (0..2)
+        .map(|l| crate::support::t(&format!("blocks.{l}.qv.weight"), &[16, 8], 40 + l))
+        .collect();
+    for dir in ["qv-src", "qv"] {
+        ws.write(
+            &format!("{dir}/model.safetensors"),
+            safetensors_bytes(&tensors, Dtype::F32),
+        );
+        ws.write(
+            &format!("{dir}/config.json"),
+            r#"{"model_type": "mystery", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 2}"#,
+        );
+    }
+    ws.write("stacked_qv.toml", crate::arch::STACKED_QV);
+    ws.adapter(
+        "lora",
+        &[("blocks.0.qv", 16, 8), ("blocks.1.qv", 16, 8)],
+        2,
+        json!({}),
+    );
+    ws.write(
+        "recipe.toml",
+        "[base]\npath = \"qv\"\narch = \"stacked_qv\"\n[[adapter]]\npath = \"lora\"\nsource = \"qv-src\"\narch = \"stacked_qv\"\n[output]\npath = \"out\"\n",
+    );
+    let out = ws.run(&["build", "recipe.toml", "--arch", "stacked_qv.toml"]);
+    let line = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{line}");
+    assert!(
+        line.contains("`lora`: close to the source (transfer 1.00"),
+        "{line}"
+    );
+}
+
+/// The report waits for its figures even when no tensor does: here the fused tensors are cached
+/// by a build without `source`, and only the comparisons are computed (once written before
+/// them, the report said it could not tell).
+#[test]
+fn the_report_waits_for_its_figures() {
+    let ws = workspace();
+    ws.write(
+        "recipe.toml",
+        "[base]\npath = \"same\"\n[[adapter]]\npath = \"lora\"\n[output]\npath = \"out\"\n",
+    );
+    build(&ws);
+    let (report, line) = carry(&ws, "same", "exact");
+    assert!(line.contains("(0 computed, 3 from cache"), "{line}");
+    assert_eq!(
+        report["adapters"][0]["verdict"], "close to the source",
+        "{report}"
+    );
+}
