@@ -107,6 +107,19 @@ pub enum Node {
     /// What `truncate` or `pad` keeps of B·A cut or zero-padded to `to` (out, in): an empty
     /// object whose entry's `energy` is ‖ΔW_t‖_F / ‖ΔW_s‖_F.
     FitEnergy { a: Input, b: Input, to: [usize; 2] },
+    /// How alike the two bases' weights of one carried module are under the map `exact`,
+    /// `truncate` and `pad` use for the residual stream: the identity, cut or zero-padded to
+    /// the target's width. An empty object whose entry's `overlap` is the figure `InnerMap`
+    /// gives under R (the mean cosine of the principal angles between the two weights' leading
+    /// residual-side subspaces), with R the identity.
+    Overlap {
+        side: Side,
+        source: Input,
+        target: Input,
+        /// Where the module's weight sits in the target tensor.
+        #[serde(default, skip_serializing_if = "Layout::is_whole")]
+        layout: Layout,
+    },
 }
 
 impl Node {
@@ -119,7 +132,8 @@ impl Node {
             Node::ResidualMap { .. }
             | Node::InnerMap { .. }
             | Node::AlignDelta { .. }
-            | Node::FitEnergy { .. } => ALIGN_VERSION,
+            | Node::FitEnergy { .. }
+            | Node::Overlap { .. } => ALIGN_VERSION,
         }
     }
 
@@ -141,9 +155,9 @@ impl Node {
         match self {
             Node::Copy { origin } => vec![origin],
             Node::Fuse(fuse) | Node::Refactor { fuse, .. } => fuse.inputs(),
-            Node::ResidualMap { source, target, .. } | Node::InnerMap { source, target, .. } => {
-                vec![source, target]
-            }
+            Node::ResidualMap { source, target, .. }
+            | Node::InnerMap { source, target, .. }
+            | Node::Overlap { source, target, .. } => vec![source, target],
             Node::AlignDelta { a, b, .. } | Node::FitEnergy { a, b, .. } => vec![a, b],
         }
     }
@@ -165,7 +179,10 @@ impl Node {
             Node::AlignDelta {
                 residual, inner, ..
             } => vec![*residual, *inner],
-            Node::Copy { .. } | Node::ResidualMap { .. } | Node::FitEnergy { .. } => Vec::new(),
+            Node::Copy { .. }
+            | Node::ResidualMap { .. }
+            | Node::FitEnergy { .. }
+            | Node::Overlap { .. } => Vec::new(),
         }
     }
 }
@@ -652,6 +669,15 @@ mod tests {
                 a: input("a"),
                 b: input("b"),
                 to: [3, 5],
+            },
+            Node::Overlap {
+                side: Side::Output,
+                source: input("s"),
+                target: input("t"),
+                layout: Layout {
+                    transposed: true,
+                    rows: Some(vec![1, 3]),
+                },
             },
         ]
     }

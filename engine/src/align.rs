@@ -7,7 +7,7 @@
 //! by its own SVD would leave the signs and rotations of its singular vectors ambiguous. A
 //! module's inner space is seen by that module alone: its map M is the orthogonal map that best
 //! takes the residual-mapped source weight onto the target's (orthogonal Procrustes).
-use modelforge_core::node::{Input, Node, Side};
+use modelforge_core::node::{Input, Layout, Node, Side};
 use modelforge_core::store::{ActionEntry, Store};
 use tch::{Kind, Tensor};
 
@@ -54,16 +54,7 @@ pub fn step(
             layout,
             ..
         } => {
-            let wt = load(target)?;
-            let wt = if layout.transposed { wt.tr() } else { wt };
-            let wt = match &layout.rows {
-                Some(rows) => {
-                    let ids: Vec<i64> = rows.iter().map(|&r| i64::from(r)).collect();
-                    let ids = Tensor::from_slice(&ids).to_device(backend.device);
-                    wt.f_index_select(0, &ids)?
-                }
-                None => wt,
-            };
+            let wt = laid_out(backend, load(target)?, layout)?;
             let (ws, wt) = (oriented(load(source)?, *side), oriented(wt, *side));
             let r = cached(backend, store, residual, ws.size()[1])?;
             let (m, overlap) = inner_map(&ws, &wt, &r)?;
@@ -102,6 +93,19 @@ pub fn step(
                 None,
                 Some(if source > 0.0 { kept / source } else { 0.0 }),
             )
+        }
+        Node::Overlap {
+            side,
+            source,
+            target,
+            layout,
+        } => {
+            let wt = laid_out(backend, load(target)?, layout)?;
+            let (ws, wt) = (oriented(load(source)?, *side), oriented(wt, *side));
+            // The identity from the source's residual width to the target's: cut or padded.
+            let identity = Tensor::eye_m(wt.size()[1], ws.size()[1], (Kind::Float, ws.device()));
+            let overlap = leading_overlap(&ws.matmul(&identity.tr()), &wt)?;
+            (Vec::new(), Some(overlap), None)
         }
         Node::Copy { .. } | Node::Fuse(_) | Node::Refactor { .. } => {
             return Err(shape!("not an alignment node"))
@@ -156,18 +160,40 @@ fn inner_map(ws: &Tensor, wt: &Tensor, r: &Tensor) -> Result<(Tensor, f64), Engi
     let prior =
         Tensor::eye_m(inner_t, inner_s, (Kind::Float, p.device())) * (IDENTITY_PRIOR * largest);
     let m = polar(&(p + prior))?;
+    Ok((m, leading_overlap(&mapped, wt)?))
+}
+
+/// The mean cosine of the principal angles between the leading right singular subspaces (the
+/// residual side, in the input-side orientation) of two weights of equal residual width, each
+/// `1/OVERLAP_FRACTION` of that width: 1 when they coincide, about √(1/OVERLAP_FRACTION) for
+/// unrelated ones.
+fn leading_overlap(mapped: &Tensor, wt: &Tensor) -> Result<f64, EngineError> {
     let width = mapped.size()[1].min(wt.size()[1]) as usize;
     let k = (width / OVERLAP_FRACTION).max(1) as i64;
     let leading = |w: &Tensor| -> Result<Tensor, EngineError> {
         let (_, _, v) = w.f_svd(true, true)?;
         Ok(v.narrow(1, 0, k.min(v.size()[1])))
     };
-    let cosines = leading(&mapped)?
+    let cosines = leading(mapped)?
         .tr()
         .matmul(&leading(wt)?)
         .f_svd(false, false)?
         .1;
-    Ok((m, cosines.mean(Kind::Double).double_value(&[])))
+    Ok(cosines.mean(Kind::Double).double_value(&[]))
+}
+
+/// The module's weight as the target tensor holds it: transposed first when the tensor is
+/// stored (in × out), then only the module's rows of a fused tensor.
+fn laid_out(backend: &Backend, wt: Tensor, layout: &Layout) -> Result<Tensor, EngineError> {
+    let wt = if layout.transposed { wt.tr() } else { wt };
+    Ok(match &layout.rows {
+        Some(rows) => {
+            let ids: Vec<i64> = rows.iter().map(|&r| i64::from(r)).collect();
+            let ids = Tensor::from_slice(&ids).to_device(backend.device);
+            wt.f_index_select(0, &ids)?
+        }
+        None => wt,
+    })
 }
 
 /// M·B·A·Rᵀ re-factored by a truncated SVD to `rank`: returns (B_t, A_t), zero-padded to

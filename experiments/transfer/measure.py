@@ -146,7 +146,7 @@ def auc(score: list[float | None], positive: list[bool]) -> float | None:
     return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
 
 
-# --- modelforge's subspace overlap, in every mode ---------------------------------------------
+# --- modelforge's subspace overlap, recomputed ---------------------------------------------
 
 ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down"}
@@ -181,20 +181,17 @@ def leading_overlap(ws: torch.Tensor, wt: torch.Tensor, r: torch.Tensor, writer:
     return torch.linalg.svdvals(vs.T @ vt).mean().item()
 
 
-def overlap_in_any_mode(report: list[dict] | None, lora_modules: list[str], source: tuple, target: tuple,
-                        r: torch.Tensor) -> float | None:
-    """The subspace overlap modelforge reports for `align`, computed for whatever map the mode uses
-    (R for align, the identity, cut or padded, for the others): `source` and `target` are
-    (state, family, heads). Mean over the modules the build fused."""
+def overlap_in_any_mode(report: list[dict], source: tuple, target: tuple, r: torch.Tensor) -> float | None:
+    """modelforge's subspace overlap (transfer.json's `overlap`) recomputed from the weights, for
+    whatever map the mode uses (R for align, the identity, cut or padded, for the others):
+    `report` is transfer.json's modules, `source` and `target` (state, family, heads). Mean over
+    the modules the build fused."""
     pairs = []
-    if report is None:
-        pairs = [(m, f"{m}.weight", None) for m in lora_modules]
-    else:
-        for row in report:
-            found = re.search(r"`([^`]*)`", row["fate"])
-            if row["fate"].startswith("fused") and found:
-                role = ROLES.get(row["module"].rsplit(".", 1)[1]) if "by role into part" in row["fate"] else None
-                pairs.append((row["module"], found.group(1), role))
+    for row in report:
+        found = re.search(r"`([^`]*)`", row["fate"])
+        if row["fate"].startswith("fused") and found:
+            role = ROLES.get(row["module"].rsplit(".", 1)[1]) if "by role into part" in row["fate"] else None
+            pairs.append((row["module"], found.group(1), role))
     values = []
     for module, tensor, role in pairs:
         leaf = module.rsplit(".", 1)[1]

@@ -88,59 +88,24 @@ def variants():
     return {"full": full, "reduced": reduced}
 
 
-# --- the transfer report, read and summarised --------------------------------------------------
+# --- the transfer report, read ------------------------------------------------------------------
 
-UNRELATED_OVERLAP = 0.35  # README: about √(1/8) for unrelated bases, 1 for a rotated copy
-
-
-def read_report(out: Path) -> tuple[list[dict] | None, dict]:
-    """transfer.json's rows and their means: energy kept and subspace overlap over the modules
-    it gives them for (as the build line does; a module moved whole, by name or layout, counts
-    as energy 1), the embedding fit's residual, and the fraction of modules fused at all."""
-    path = out / "transfer.json"
-    if not path.exists():  # nothing was mapped, skipped or dropped: every module copied as it is
-        return None, dict(energy_kept=1.0, subspace_overlap=None, embedding_residual=None, modules_carried=1.0)
-    rows = json.loads(path.read_text())
-    fused = [r for r in rows if r["fate"].startswith("fused")]
-    mean = lambda v: sum(v) / len(v) if v else None
-    return rows, dict(
-        energy_kept=mean([r.get("energy") if r.get("energy") is not None else 1.0 for r in fused]),
-        subspace_overlap=mean([r["overlap"] for r in fused if r.get("overlap") is not None]),
-        embedding_residual=mean([r["residual_fit"] for r in fused if r.get("residual_fit") is not None]),
-        modules_carried=len(fused) / len(rows))
+def read_report(out: Path) -> tuple[list[dict], dict]:
+    """transfer.json's module rows, and what it says of the adapter: its transfer figure and
+    verdict, the energy kept and subspace overlap (means over the modules fused, a module moved
+    whole counting as energy 1), the embedding fit's residual (align), the fraction fused."""
+    report = json.loads((out / "transfer.json").read_text())
+    (adapter,) = report["adapters"]
+    modules = report["modules"]
+    fits = [r["residual_fit"] for r in modules if r.get("residual_fit") is not None]
+    return modules, dict(
+        energy_kept=adapter["energy"], subspace_overlap=adapter.get("overlap"),
+        embedding_residual=sum(fits) / len(fits) if fits else None,
+        modules_carried=adapter["fused"] / adapter["modules"],
+        report_summary=adapter.get("transfer"), verdict=adapter["verdict"])
 
 
-def overlap_score(overlap: float) -> float:
-    """The overlap above the level of unrelated bases, on [0, 1]."""
-    return min(1.0, max(0.0, (overlap - UNRELATED_OVERLAP) / (1 - UNRELATED_OVERLAP)))
-
-
-def report_summary(r: dict) -> float:
-    """One number from what the report says: the fraction of modules carried × energy kept ×
-    overlap above the unrelated level × (1 − embedding residual); what it does not give is 1."""
-    s = r["modules_carried"] * (r["energy_kept"] or 0.0)
-    if r["subspace_overlap"] is not None:
-        s *= overlap_score(r["subspace_overlap"])
-    if r["embedding_residual"] is not None:
-        s *= min(1.0, max(0.0, 1 - r["embedding_residual"]))
-    return s
-
-
-def verdict(r: dict) -> str:
-    if r["subspace_overlap"] is None:
-        return "copied by position: the report cannot tell"
-    if r["subspace_overlap"] >= 0.9 and r["embedding_residual"] <= 0.2 and r["energy_kept"] * r["modules_carried"] >= 0.7:
-        return "close to the source"
-    if r["subspace_overlap"] >= 0.6 and r["embedding_residual"] <= 0.7:
-        return "partial"
-    return "unrelated bases: expect nothing"
-
-
-PROPOSED_BUCKETS = ((0.8, "close to the source"), (0.2, "partial"), (-1.0, "unrelated bases: expect nothing"))
-
-
-def proposed_verdict(summary: float) -> str:
-    return next(words for floor, words in PROPOSED_BUCKETS if summary >= floor)
+VERDICTS = ("unrelated bases: expect nothing", "partial", "close to the source")  # ranked 0, 1, 2
 
 
 # --- the experiment ------------------------------------------------------------------------------
@@ -258,8 +223,6 @@ def main(argv=None) -> int:
     weights = {n: (load_file(zoo.dirs[n] / "model.safetensors"),
                    "phi3" if zoo.specs[n].control == "relaid" else zoo.specs[n].family, zoo.specs[n].heads)
                for n in names}
-    lora_modules = {n: sorted({k.removeprefix("base_model.model.").split(".lora_")[0]
-                               for k in load_file(loras[n] / "adapter_model.safetensors")}) for n in names}
 
     work = args.cache / variant / "work"
     rows, skipped = [], []
@@ -290,8 +253,6 @@ def main(argv=None) -> int:
                     fused = Probe(out, zoo.permutation(t))
                     (task, acc), (corpus, _) = fused.scores(task_eval), fused.scores(corpus_eval)
                     row = {**measured(t, mode, s, task, acc, corpus), **figures}
-                    row["report_summary"] = report_summary(row)
-                    row["verdict"] = verdict(row)
                     # Candidate predictors.
                     r = residual_map(bs["emb"][0], bt["emb"][0], dims)
                     pairs = layer_pairs(report, bs["layers"], bt["layers"])
@@ -301,28 +262,26 @@ def main(argv=None) -> int:
                                                / len(pairs)) if pairs else 0.0
                     row["stream_cka"] = (sum(linear_cka(bs["streams"][i], bt["streams"][j]) for i, j in pairs)
                                          / len(pairs)) if pairs else 0.0
-                    row["overlap_any_mode"] = overlap_in_any_mode(report, lora_modules[s], weights[s], weights[t], r)
-                    row["proposed_summary"] = row["energy_kept"] * (
-                        0.0 if row["overlap_any_mode"] is None else overlap_score(row["overlap_any_mode"]))
-                    row["proposed_verdict"] = proposed_verdict(row["proposed_summary"])
+                    # modelforge's overlap recomputed here from the weights: a check on the report.
+                    row["overlap_check"] = overlap_in_any_mode(report, weights[s], weights[t], r)
                     row["effect_on_text"] = projection(bs["effect_c"], fused.logprobs(calibration) - bt["lp_c"])
                     row["effect_on_examples"] = projection(bs["effect_e"], fused.logprobs(examples) - bt["lp_e"])
                     rows.append(row)
                     say(f"{s} -> {t} [{mode}]: gain {row['gain_fraction']:+.3f}, harm {row['harm']:+.3f}, "
-                        f"report {row['report_summary']:.3f}, stream {row['stream_agreement']:.3f}, "
+                        f"report {row['report_summary']:.3f} ({row['verdict']}), stream {row['stream_agreement']:.3f}, "
                         f"effect {row['effect_on_text']:+.3f}/{row['effect_on_examples']:+.3f}")
                     shutil.rmtree(out)  # the fused model is rebuilt from modelforge's cache when needed
 
     carried = [r for r in rows if r["mode"] not in ("no adapter", "direct LoRA", "random directions")]
+    maps_tried = try_stream_maps(rows, sources, names, zoo, loras, base, weights, measured,
+                                 lambda p: (p.scores(task_eval), p.scores(corpus_eval)), say)
     aligned = [r for r in carried if r["mode"].startswith("align")]
     predictors = {
-        "report_summary": ("today's report: carried × energy × overlap above 0.35 × (1 − residual)", 1),
-        "subspace_overlap": ("today's report: mean subspace overlap (align only)", 1),
-        "energy_kept": ("today's report: mean energy kept", 1),
-        "embedding_residual": ("today's report: embedding fit residual, lower better (align only)", -1),
-        "overlap_any_mode": ("weights: modelforge's subspace overlap computed with the mode's own map (identity, cut or padded for exact/truncate/pad)", 1),
-        "proposed_summary": ("weights: energy kept × overlap_any_mode above 0.35 (a proposal for the report)", 1),
-        "proposed_verdict": ("its three buckets (close ≥ 0.8 > partial ≥ 0.2 > unrelated), as 2/1/0", 1),
+        "report_summary": ("the report's transfer figure: energy kept × overlap above √(1/8), on [0, 1]", 1),
+        "verdict": ("the report's verdict (close ≥ 0.8 > partial ≥ 0.2 > unrelated), as 2/1/0", 1),
+        "subspace_overlap": ("the report: mean subspace overlap under the mode's own map (R, or the identity cut or padded)", 1),
+        "energy_kept": ("the report: mean energy kept", 1),
+        "embedding_residual": ("the report: embedding fit residual, lower better (align only)", -1),
         "embedding_agreement": ("weights: mean cosine of mapped source and target embedding rows, with the mode's map", 1),
         "unembedding_agreement": ("weights: the same on output-head rows, with the map fitted on the embeddings", 1),
         "stream_agreement": ("calibration text: mean cosine of mapped source and target residual streams entering the layers the deltas land in", 1),
@@ -336,8 +295,7 @@ def main(argv=None) -> int:
     clipped = [r["gain_fraction"] if r["gain_fraction"] > floor else 0.0 for r in carried]
     correlations = {}
     for key, (meaning, sign) in predictors.items():
-        rank = {w: len(PROPOSED_BUCKETS) - 1 - i for i, (_, w) in enumerate(PROPOSED_BUCKETS)}
-        number = lambda r: rank[r[key]] if key == "proposed_verdict" else sign * r[key]
+        number = lambda r: VERDICTS.index(r[key]) if key == "verdict" else sign * r[key]
         value = lambda rs: [None if r.get(key) is None else number(r) for r in rs]
         correlations[key] = dict(
             meaning=meaning,
@@ -347,8 +305,8 @@ def main(argv=None) -> int:
             all_carried_accuracy=spearman(value(carried), [r["accuracy_fraction"] for r in carried]),
             auc_helps=auc(value(carried), [r["gain_fraction"] >= 0.5 for r in carried]),
             rows=sum(r.get(key) is not None for r in carried))
-    # Would the proposed summary pick the best mode? Per pair that transfers anything (some mode
-    # above the damage floor): the gain of the mode with the highest proposed summary, against the best.
+    # Would the report's figure pick the best mode? Per pair that transfers anything (some mode
+    # above the damage floor): the gain of the mode with the highest transfer figure, against the best.
     by_pair: dict = {}
     for r in carried:
         by_pair.setdefault((r["source"], r["target"]), []).append(r)
@@ -357,21 +315,102 @@ def main(argv=None) -> int:
         best = max(rs, key=lambda r: r["gain_fraction"])
         if best["gain_fraction"] <= floor:
             continue
-        pick = max(rs, key=lambda r: (r["proposed_summary"], r["overlap_any_mode"]))
+        pick = max(rs, key=lambda r: (r["report_summary"], r["subspace_overlap"]))
         choices.append(dict(source=s, target=t, best=best["mode"], best_gain=best["gain_fraction"],
                             picked=pick["mode"], picked_gain=pick["gain_fraction"]))
     runtime = time.time() - started
     result = dict(rows=rows, rank_correlation=correlations["report_summary"]["all_carried"],
-                  correlations=correlations, damage_floor=floor, mode_choice=choices, not_applicable=skipped, variant=variant,
+                  rank_correlation_floor_tied=correlations["report_summary"]["clipped"],
+                  correlations=correlations, maps_tried=maps_tried, damage_floor=floor, mode_choice=choices, not_applicable=skipped, variant=variant,
                   runtime_s=round(runtime, 1), trained_now=zoo.trained_now,
                   direct_gain={n: base[n]["task"] - base[n]["task_direct"] for n in names},
                   direct_accuracy_gain={n: base[n]["task_acc_direct"] - base[n]["task_acc"] for n in names},
                   models={n: dict(family=zoo.specs[n].family, hidden=base[n]["hidden"], layers=base[n]["layers"],
-                                  heads=zoo.specs[n].heads, control=zoo.specs[n].control) for n in names})
+                                  heads=zoo.specs[n].heads, control=zoo.specs[n].control,
+                                  parent=zoo.specs[n].parent) for n in names})
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(result))
     say(f"done: {len(carried)} carried rows, report Spearman {result['rank_correlation']}")
     return 0
+
+
+def try_stream_maps(rows, sources, names, zoo, loras, base, weights, measured, score, say) -> list[dict]:
+    """Issue 19, item 3: `align`'s arithmetic with R fitted on hidden states of shared text, one
+    map or one per layer, against R fitted on the embeddings (modelforge's), recomputed here on
+    every pair of LLaMA-layout bases with as many layers. Not part of modelforge unless it helps."""
+    from stream_map import carried as carry, variants
+    tried = []
+    for s in sources:
+        for t in names:
+            bs, bt = base[s], base[t]
+            llama = lambda n: weights[n][1] == "llama"
+            if s == t or not (llama(s) and llama(t)) or bs["layers"] != bt["layers"]:
+                continue
+            built = next((r for r in rows if (r["source"], r["target"], r["mode"]) == (s, t, "align")), None)
+            for variant, maps in variants(bs["emb"][0], bt["emb"][0], bs["streams"], bt["streams"]).items():
+                probe = Probe(zoo.dirs[t], zoo.permutation(t))
+                with torch.no_grad():
+                    state = probe.model.state_dict()
+                    for name, w in carry(loras[s], weights[s][0], weights[t][0], maps).items():
+                        state[name].copy_(w)
+                (task, acc), (corpus, _) = score(probe)
+                row = measured(t, variant, s, task, acc, corpus)
+                tried.append(dict(source=s, target=t, map=variant, gain_fraction=row["gain_fraction"],
+                                  accuracy_fraction=row["accuracy_fraction"], harm=row["harm"],
+                                  modelforge_align_gain=built and built["gain_fraction"]))
+            say(f"{s} -> {t} [align, maps]: " + ", ".join(f"{r['gain_fraction']:+.3f}" for r in tried[-3:])
+                + (f" (modelforge's align: {built['gain_fraction']:+.3f})" if built else ""))
+    return tried
+
+
+def verdict_lines(result: dict) -> list[str]:
+    """What each verdict's rows kept, and how the figure orders the rows on either side of the
+    damage floor."""
+    carried = [r for r in result["rows"] if "report_summary" in r]
+    floor = result["damage_floor"]
+    lines = ["| verdict | rows | transfer figure | gain kept | accuracy kept | harm |", "|---|---|---|---|---|---|"]
+    for verdict in reversed(VERDICTS):
+        rs = [r for r in carried if r["verdict"] == verdict]
+        if rs:
+            span = lambda k, d=2: f"{min(r[k] for r in rs):.{d}f} to {max(r[k] for r in rs):.{d}f}"
+            lines.append(f"| {verdict} | {len(rs)} | {span('report_summary', 3)} | {span('gain_fraction')} | "
+                         f"{span('accuracy_fraction')} | {span('harm', 3)} |")
+    above = [r for r in carried if r["gain_fraction"] > floor]
+    below = [r for r in carried if r["gain_fraction"] <= floor]
+    rho = lambda rs: fmt(spearman([r["report_summary"] for r in rs], [r["gain_fraction"] for r in rs]))
+    return lines + ["", f"Over the {len(above)} rows above the damage floor ({floor:.2f}) alone the transfer figure's "
+                    f"Spearman is {rho(above)}; over the {len(below)} rows at or under it, {rho(below)}: there the gain is "
+                    "what perturbing the weights buys, and its order is noise.", ""]
+
+
+def lineage(models: dict, n: str) -> str:
+    return models[n]["parent"] or n
+
+
+def maps_section(result: dict) -> list[str]:
+    tried, models = result["maps_tried"], result["models"]
+    variants = list(dict.fromkeys(r["map"] for r in tried))
+    pairs = list(dict.fromkeys((r["source"], r["target"]) for r in tried))
+    gain = {(r["source"], r["target"], r["map"]): r for r in tried}
+    check = [abs(r["gain_fraction"] - r["modelforge_align_gain"]) for r in tried
+             if r["map"] == variants[0] and r["modelforge_align_gain"] is not None]
+    lines = ["", "## Tried: `align` with a residual map fitted on hidden states (issue 19, item 3)", "",
+             "align's arithmetic recomputed in Python (stream_map.py) on every pair of LLaMA-layout bases with as many "
+             "layers, with R fitted on the embedding rows (modelforge's), on the residual streams of 16 windows of "
+             "corpus text entering every layer (one map), or per layer. The recomputation with modelforge's R gives "
+             f"modelforge's align gain to within {max(check):.1e}." if check else "", ""]
+    for related in (True, False):
+        subset = [p for p in pairs if (lineage(models, p[0]) == lineage(models, p[1])) == related]
+        if not subset:
+            continue
+        mean = lambda v, k: sum(gain[(*p, v)][k] for p in subset) / len(subset)
+        lines.append(f"- {'related' if related else 'independently trained'} bases ({len(subset)} pairs), mean gain "
+                     "(accuracy) kept: " + ", ".join(f"{v} {mean(v, 'gain_fraction'):.2f} ({mean(v, 'accuracy_fraction'):.2f})"
+                                                      for v in variants))
+    lines += ["", "| source | target | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for p in pairs:
+        lines.append(f"| {p[0]} | {p[1]} | " + " | ".join(f"{gain[(*p, v)]['gain_fraction']:.2f}" for v in variants) + " |")
+    return lines
 
 
 def fmt(x, digits=2):
@@ -389,7 +428,9 @@ def markdown(result: dict) -> str:
         family = m["family"] + (f" ({m['control']} copy of llama-a)" if m["control"] else "")
         lines.append(f"| {n} | {family} | {m['hidden']} | {m['layers']} | {m['heads']} | {result['direct_gain'][n]:.3f} |")
     lines += ["", "## How well each number predicts the kept gain (Spearman)", "",
-              f"Headline, today's report summary over every carried row: **{fmt(result['rank_correlation'])}**.", "",
+              f"Headline, the report's transfer figure over every carried row: **{fmt(result['rank_correlation'])}**; "
+              f"with gains at the damage floor tied: **{fmt(result['rank_correlation_floor_tied'])}**.", "",
+              *verdict_lines(result),
               f"Columns: Spearman against gain_fraction over every carried row, over the `align` rows only, with "
               f"gains below {result['damage_floor']:.2f} (twice the best gain of random directions) tied at 0, against "
               "accuracy_fraction; and the AUC of telling rows with gain ≥ 0.5 from the rest.", "",
@@ -400,25 +441,27 @@ def markdown(result: dict) -> str:
                      f"{fmt(c['all_carried_accuracy'])} | {fmt(c['auc_helps'])} |")
     if result["mode_choice"]:
         lost = [c["best_gain"] - c["picked_gain"] for c in result["mode_choice"]]
-        lines += ["", "## Choosing the mode by the proposed summary", "",
+        lines += ["", "## Choosing the mode by the report's transfer figure", "",
                   f"Over the {len(lost)} pairs where some mode keeps more than the damage floor, picking the mode with the "
-                  f"highest `proposed_summary` loses {sum(lost) / len(lost):.3f} of gain on average "
+                  f"highest transfer figure loses {sum(lost) / len(lost):.3f} of gain on average "
                   f"(at most {max(lost):.3f}) against the best mode.", "",
                   "| source | target | best mode | gain | picked | gain |", "|---|---|---|---|---|---|"]
         for c in result["mode_choice"]:
             lines.append(f"| {c['source']} | {c['target']} | {c['best']} | {c['best_gain']:.2f} | {c['picked']} | {c['picked_gain']:.2f} |")
     lines += ["", "## Rows", "",
               "gain: fraction of the target's own LoRA's task-loss gain kept; harm: change of the loss on held-out "
-              "corpus text (nats/token); energy, overlap, residual: transfer.json's means.", "",
-              "| source | target | mode | gain | accuracy | harm | energy | overlap | residual | verdict | overlap, any mode | stream | effect (text) |",
+              "corpus text (nats/token); energy, overlap, residual, transfer, verdict: transfer.json's.", "",
+              "| source | target | mode | gain | accuracy | harm | energy | overlap | residual | transfer | verdict | stream | effect (text) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["mode"] == "no adapter":
             continue
         lines.append(f"| {r['source']} | {r['target']} | {r['mode']} | {fmt(r['gain_fraction'])} | {fmt(r['accuracy_fraction'])} | "
                      f"{fmt(r['harm'], 3)} | {fmt(r['energy_kept'])} | {fmt(r['subspace_overlap'])} | {fmt(r['embedding_residual'])} | "
-                     f"{r['verdict']} | {fmt(r.get('overlap_any_mode'))} | {fmt(r.get('stream_agreement'))} | "
+                     f"{fmt(r.get('report_summary'))} | {r['verdict']} | {fmt(r.get('stream_agreement'))} | "
                      f"{fmt(r.get('effect_on_text'))} |")
+    if result.get("maps_tried"):
+        lines += maps_section(result)
     if result["not_applicable"]:
         lines += ["", "## Not applicable (modelforge refused)", ""]
         groups: dict = {}

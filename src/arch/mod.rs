@@ -188,6 +188,20 @@ impl Schema {
         })
     }
 
+    /// Whether a tensor writes the residual stream (o, down) rather than reading it, when all
+    /// the roles it holds (one, or every part of a fused tensor) agree.
+    pub fn writes_residual(&self, tensor: &str) -> Option<bool> {
+        let held = self
+            .tensors
+            .iter()
+            .find(|t| layer_in(&t.name, tensor).is_some())?;
+        let writes: Vec<bool> = match &held.holds {
+            Holds::Role(role) => vec![role.writes_residual()],
+            Holds::Parts { parts, .. } => parts.iter().map(|p| p.role.writes_residual()).collect(),
+        };
+        writes.iter().all(|w| *w == writes[0]).then_some(writes[0])
+    }
+
     fn holds(&self, role: Role) -> bool {
         self.tensors.iter().any(|t| match &t.holds {
             Holds::Role(r) => *r == role,

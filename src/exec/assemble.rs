@@ -14,6 +14,7 @@ use crate::io::safetensors::SafetensorsFile;
 use crate::io::writer::{self, Shard, ShardWriter};
 use crate::plan::{Origin, TensorPlan};
 use crate::store::VerifyingReader;
+use modelforge_core::node::Node;
 
 pub(crate) enum Outcome {
     /// The output, complete but not yet in place.
@@ -88,6 +89,21 @@ fn ready(engine: Option<&Engine>, res: &Resolution, key: &NodeKey) -> bool {
     match engine {
         Some(engine) if res.store.action(key).is_none() => engine.wait_for(key),
         _ => true,
+    }
+}
+
+/// Waits until the engine has put in the cache every node the transfer report reads its
+/// figures from (the maps, energies and overlaps of width adaptation and comparison): no
+/// tensor waits for an overlap, so without this the report could be written without it.
+fn figures_ready(engine: Option<&Engine>, res: &Resolution) {
+    for keyed in res.graph.in_order() {
+        if !matches!(
+            keyed.node,
+            Node::Copy { .. } | Node::Fuse(_) | Node::Refactor { .. }
+        ) {
+            // An engine that stopped without it fails the build when it is finished.
+            ready(engine, res, &keyed.key);
+        }
     }
 }
 
@@ -246,6 +262,7 @@ fn write_model(
         std::fs::write(&path, &index).map_err(output_error(&path))?;
         written.push((target.join(crate::io::hf::INDEX), FileDigest::of(&index)));
     }
+    figures_ready(engine, res);
     for (name, bytes) in crate::output::files(&res.surroundings()).map_err(output_error(target))? {
         let path = staging.path().join(&name);
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
@@ -546,6 +563,7 @@ fn write_adapter(
         files.push((name.into(), bytes));
     }
     if with_transfer_report {
+        figures_ready(engine, res);
         files.extend(crate::output::transfer_files(&res.fates()).map_err(output_error(target))?);
     }
     for (name, bytes) in files {

@@ -147,8 +147,8 @@ impl Resolution {
         Status::Compute { why }
     }
 
-    /// The fate of every module, with the figures of aligned ones read from their cache
-    /// entries.
+    /// The fate of every module, with the figures of width adaptation and of the comparison of
+    /// the two bases read from their cache entries.
     pub fn fates(&self) -> Vec<crate::plan::Fate> {
         use crate::plan::AlignItem;
         let res = self;
@@ -175,6 +175,11 @@ impl Resolution {
                     }
                     Some(crate::plan::Adapt::Fit { energy }) => fate.energy = figure(energy),
                     _ => {}
+                }
+                if let Some(compared) = fate.compared {
+                    fate.overlap = figure(compared);
+                    // Moved whole, it keeps all of its energy.
+                    fate.energy = fate.energy.or(Some(1.0));
                 }
                 fate
             })

@@ -38,9 +38,10 @@ pub(crate) struct Summary {
     pub transferred: usize,
     /// Peak resident memory of `modelforge` itself and of the engine (when it ran), in bytes.
     pub peak_rss: PeakRss,
-    /// `dims = "align"`: how much of the deltas survived, and how alike the bases are.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub aligned: Option<Aligned>,
+    /// What the transfer report says of each carried adapter: how much of its deltas
+    /// survived, how alike the bases are, and what to expect.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub carried: Vec<crate::plan::Carried>,
     /// Where the time went, in seconds (absent for an up-to-date build).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<Phases>,
@@ -76,32 +77,6 @@ pub(crate) struct PeakRss {
     pub engine: Option<u64>,
 }
 
-/// The means over aligned modules of the transfer report's figures.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub(crate) struct Aligned {
-    pub modules: usize,
-    pub energy: f64,
-    pub overlap: f64,
-}
-
-impl Aligned {
-    fn of(res: &Resolution) -> Option<Aligned> {
-        let fates: Vec<_> = res
-            .fates()
-            .into_iter()
-            .filter(|f| matches!(f.adapted, Some(crate::plan::Adapt::Aligned { .. })))
-            .collect();
-        let mean = |f: fn(&crate::plan::Fate) -> Option<f64>| {
-            fates.iter().filter_map(f).sum::<f64>() / fates.len() as f64
-        };
-        (!fates.is_empty()).then(|| Aligned {
-            modules: fates.len(),
-            energy: mean(|f| f.energy),
-            overlap: mean(|f| f.overlap),
-        })
-    }
-}
-
 impl Summary {
     fn new(
         res: &Resolution,
@@ -132,7 +107,7 @@ impl Summary {
                 engine: None,
             },
             phases: None,
-            aligned: Aligned::of(res),
+            carried: crate::plan::Carried::of(&res.fates()),
             shards_kept: 0,
             pulled: None,
             pushed: None,
@@ -190,7 +165,7 @@ impl Summary {
                 engine: None,
             },
             phases: None,
-            aligned: None,
+            carried: Vec::new(),
             shards_kept: 0,
             pulled: Some(pulled),
             pushed: None,
@@ -207,14 +182,16 @@ impl Summary {
         if self.up_to_date {
             return format!("{} is up to date ({:.2}s)", self.output, self.seconds);
         }
-        let transfer = match (self.transferred, self.aligned) {
-            (0, _) => String::new(),
-            (n, Some(a)) => format!(
-                "; {n} adapter modules mapped, skipped or dropped, {} aligned: energy kept {:.3}, subspace overlap {:.3} on average (transfer.txt)",
-                a.modules, a.energy, a.overlap
-            ),
-            (n, None) => format!("; {n} adapter modules mapped, skipped or dropped (transfer.txt)"),
+        let transfer = match self.transferred {
+            0 => String::new(),
+            n => format!("; {n} adapter modules mapped, skipped or dropped (transfer.txt)"),
         };
+        let transfer = transfer
+            + &self
+                .carried
+                .iter()
+                .map(|c| format!("; `{}`: {}", c.adapter, c.describe()))
+                .collect::<String>();
         let kept = match self.shards_kept {
             0 => String::new(),
             1 => "; 1 shard unchanged, kept".into(),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::digest::FileDigest;
-use crate::plan::{Fate, Plan};
+use crate::plan::{Carried, Fate, Plan};
 use crate::recipe::{OutputDtype, Recipe};
 
 pub(crate) const MANIFEST: &str = "modelforge.json";
@@ -91,15 +91,22 @@ pub(crate) fn files(around: &Surroundings<'_>) -> std::io::Result<Vec<(String, V
     Ok(files)
 }
 
-/// `transfer.json` and `transfer.txt`, when something was mapped, skipped or dropped: what became
-/// of every module.
+/// `transfer.json` and `transfer.txt`, when something was mapped, skipped or dropped, or
+/// compared with a source base: what to expect of each adapter, and what became of every
+/// module.
 pub(crate) fn transfer_files(fates: &[Fate]) -> std::io::Result<Vec<(String, Vec<u8>)>> {
-    if fates.iter().all(|f| f.is_plain()) {
+    if !fates.iter().any(Fate::is_reported) {
         return Ok(Vec::new());
     }
-    let mut json = serde_json::to_vec_pretty(fates).map_err(std::io::Error::other)?;
+    let adapters = Carried::of(fates);
+    let mut json = serde_json::to_vec_pretty(&json!({ "adapters": adapters, "modules": fates }))
+        .map_err(std::io::Error::other)?;
     json.push(b'\n');
-    let text: String = fates.iter().map(transfer_line).collect();
+    let text: String = adapters
+        .iter()
+        .map(|a| format!("{}: {}\n", a.adapter, a.describe()))
+        .chain(fates.iter().map(transfer_line))
+        .collect();
     Ok(vec![
         ("transfer.json".into(), json),
         ("transfer.txt".into(), text.into_bytes()),

@@ -62,6 +62,9 @@ pub(super) struct AdapterPlan<'a> {
     pub(super) source_schema: Option<&'a Schema>,
     /// `dims = "align"`: the residual map of this pair of bases.
     pub(super) residual: Option<usize>,
+    /// The adapter's source base, opened (an index in the alignment's `sources`), when the
+    /// recipe names it: the report compares each module's weights in the two bases.
+    pub(super) source_base: Option<usize>,
     pub(super) weight: &'a Weight,
 }
 
@@ -275,9 +278,15 @@ impl<'a> AdapterPlan<'a> {
             Widths::Adapted(adapt, note) => (Some(adapt), Some(note)),
             Widths::Skipped => return Ok(()),
         };
+        let compared = match self.aligning() {
+            // The inner map compares the weights under R.
+            true => None,
+            false => self.compare(mapped, &landing, planned),
+        };
         planned.transfer.push(Fate {
             dims: note,
             adapted: adapt,
+            compared,
             ..Fate::new(
                 &self.name,
                 mapped.source,
@@ -290,6 +299,37 @@ impl<'a> AdapterPlan<'a> {
             )
         });
         self.push_deltas(mapped, &landing, adapt, planned)
+    }
+
+    /// For the report, under `exact`, `truncate` or `pad`: the node comparing the module's
+    /// weight in the source base with the target's where its delta lands, under the identity
+    /// map those modes use. Only where the recipe names the source base and the module is a
+    /// linear layer of a known role (which side faces the residual stream).
+    fn compare(
+        &self,
+        mapped: &Mapped,
+        landing: &Landing,
+        planned: &mut Planned,
+    ) -> Option<super::AlignItem> {
+        let source = self.source_base?;
+        landing.place.as_ref()?;
+        if mapped.lora.kind != LoraKind::Linear {
+            return None;
+        }
+        // A fused module placed by name (Phi-3's qkv_proj into Phi-3) has no single role, but
+        // all its parts face the residual stream from the same side.
+        let tensor = format!("{}.weight", mapped.source);
+        let writes = self
+            .source_schema
+            .or_else(|| self.schemas.schema_of(&tensor))?
+            .writes_residual(&tensor)?;
+        let side = if writes { Side::Output } else { Side::Input };
+        let target = TensorRef::of(self.base, &landing.tensor)?;
+        let delta = [mapped.lora.b.shape[0], mapped.lora.a.shape[1]];
+        planned
+            .align
+            .overlap(source, side, (&tensor, delta), (target, landing.layout()))
+            .map(super::AlignItem::Overlap)
     }
 
     /// Whether `dims = "align"` adapts this adapter's widths.
@@ -635,18 +675,7 @@ impl<'a> AdapterPlan<'a> {
         // The module's rows of the target (the first head of each group a grouped kv head
         // fills), in the adapter's rotary convention: the aligned delta is then placed exactly
         // as an exact one would be.
-        let rotary = landing.rotary;
-        let gather = (rows.is_some() || rotary.is_some()).then(|| {
-            let map = rows.unwrap_or(RowMap::Offset { offset: 0 });
-            (0..landing.delta_rows)
-                .filter_map(|row| map.targets(rotary.map_or(row, |r| r.row(row))).next())
-                .map(|row| row as u32)
-                .collect::<Vec<u32>>()
-        });
-        let layout = Layout {
-            transposed: landing.transposed,
-            rows: gather,
-        };
+        let layout = landing.layout();
         let rank = match self.entry.dims.map {
             DimsMap::Align { rank } => rank,
             _ => None,
@@ -888,6 +917,24 @@ impl Landing {
     /// The target's axis that the delta's rows (output features) run along.
     fn out_axis(&self) -> usize {
         usize::from(self.transposed)
+    }
+
+    /// Where the module's weight sits in the target tensor: its rows (the first head of each
+    /// group a grouped kv head fills), in the adapter's rotary convention, so that a delta made
+    /// in them is placed exactly as an exact one would be.
+    fn layout(&self) -> Layout {
+        let rotary = self.rotary;
+        let gather = (self.rows.is_some() || rotary.is_some()).then(|| {
+            let map = self.rows.unwrap_or(RowMap::Offset { offset: 0 });
+            (0..self.delta_rows)
+                .filter_map(|row| map.targets(rotary.map_or(row, |r| r.row(row))).next())
+                .map(|row| row as u32)
+                .collect::<Vec<u32>>()
+        });
+        Layout {
+            transposed: self.transposed,
+            rows: gather,
+        }
     }
 }
 

@@ -140,7 +140,20 @@ pub(crate) struct FitPlan {
     pub to: [usize; 2],
 }
 
-/// Everything width adaptation computes before fusing, deduplicated.
+/// How alike a module's two base weights are under the identity map the index modes use
+/// (`exact`, `truncate`, `pad`), for the report: the source base's weight of the module and
+/// the target's where its delta lands.
+#[derive(Debug)]
+pub(crate) struct OverlapPlan {
+    pub side: Side,
+    pub source: TensorRef,
+    pub target: TensorRef,
+    /// Where the module's weight sits in `target`.
+    pub layout: Layout,
+}
+
+/// Everything width adaptation computes before fusing, and what the report compares,
+/// deduplicated.
 #[derive(Debug, Default)]
 pub(crate) struct Alignment {
     /// The source bases opened, one per distinct folder.
@@ -149,19 +162,30 @@ pub(crate) struct Alignment {
     pub inners: Vec<InnerPlan>,
     pub deltas: Vec<AlignedPlan>,
     pub fits: Vec<FitPlan>,
+    pub overlaps: Vec<OverlapPlan>,
 }
 
 impl Alignment {
+    /// The source base at `dir`, opened once; its index in `sources`.
+    pub fn source(&mut self, dir: &Path) -> Result<usize, AlignError> {
+        if let Some(i) = self.sources.iter().position(|m| m.dir == dir) {
+            return Ok(i);
+        }
+        self.sources.push(HfModel::open(dir)?);
+        Ok(self.sources.len() - 1)
+    }
+
     /// The residual map from the source base at `dir` to `target`, planned once per source.
     pub fn residual(&mut self, dir: &Path, target: &HfModel) -> Result<usize, AlignError> {
         if let Some(i) = self.residuals.iter().position(|r| r.source_dir == dir) {
             return Ok(i);
         }
-        let source = HfModel::open(dir)?;
+        let source = self.source(dir)?;
+        let source = &self.sources[source];
         let embedding = |model: &HfModel, which: &'static str| {
             embedding(model).ok_or(AlignError::NoEmbedding { which })
         };
-        let (s, t) = (embedding(&source, "source")?, embedding(target, "target")?);
+        let (s, t) = (embedding(source, "source")?, embedding(target, "target")?);
         let (s_rows, t_rows) = (s.meta.shape[0], t.meta.shape[0]);
         let (pairs, matched) = match (vocabulary(dir)?, vocabulary(&target.dir)?) {
             (Some((sv, source)), Some((tv, target))) => (
@@ -182,7 +206,6 @@ impl Alignment {
         if pairs.is_empty() {
             return Err(AlignError::NoSharedToken);
         }
-        self.sources.push(source);
         self.residuals.push(ResidualPlan {
             source_dir: dir.to_owned(),
             source: s,
@@ -272,6 +295,36 @@ impl Alignment {
             to,
         });
         self.fits.len() - 1
+    }
+
+    /// Plans comparing the source base's `source_tensor` (of the source base `source`, an index
+    /// in `sources`) with its module's weight in `target` under the identity map, once per pair
+    /// of weights; `None` when the source base has no such tensor of the delta's shape (the
+    /// report then cannot tell).
+    pub fn overlap(
+        &mut self,
+        source: usize,
+        side: Side,
+        (source_tensor, delta): (&str, [usize; 2]),
+        (target, layout): (TensorRef, Layout),
+    ) -> Option<usize> {
+        let source = TensorRef::of(&self.sources[source], source_tensor)
+            .filter(|s| s.meta.shape[..] == delta)?;
+        if let Some(i) = self.overlaps.iter().position(|o| {
+            o.source.path == source.path
+                && o.source.name == source.name
+                && o.target.name == target.name
+                && o.layout == layout
+        }) {
+            return Some(i);
+        }
+        self.overlaps.push(OverlapPlan {
+            side,
+            source,
+            target,
+            layout,
+        });
+        Some(self.overlaps.len() - 1)
     }
 
     /// How the report names the adaptation of aligned delta `i`.

@@ -249,6 +249,17 @@ impl BuildGraph {
             let index = self.add(Keyed::new(name, node));
             self.align.insert(AlignItem::Fit(i), index);
         }
+        for (i, o) in align.overlaps.iter().enumerate() {
+            let node = Node::Overlap {
+                side: o.side,
+                source: tensor(namer, &o.source),
+                target: tensor(namer, &o.target),
+                layout: o.layout.clone(),
+            };
+            let name = format!("{} ~ {}", o.source.name, o.target.name);
+            let index = self.add(Keyed::new(name, node));
+            self.align.insert(AlignItem::Overlap(i), index);
+        }
     }
 
     fn fuse(

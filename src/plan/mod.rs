@@ -24,7 +24,7 @@ use crate::io::writer::OutTensor;
 use crate::recipe::{layer_of, DimsMap, OutputDtype, Recipe, ResolvedRule, Weight};
 use adapter::{AdapterPlan, Planned};
 use transfer::map_layers;
-pub(crate) use transfer::Fate;
+pub(crate) use transfer::{Carried, Fate};
 
 /// The opened inputs of a recipe.
 pub(crate) struct Inputs {
@@ -124,6 +124,8 @@ pub(crate) enum AlignItem {
     Delta(usize),
     /// The energy `truncate` or `pad` keeps, measured for the report.
     Fit(usize),
+    /// A module's two base weights compared under the index modes' identity map, for the report.
+    Overlap(usize),
 }
 
 /// What to write for one output tensor.
@@ -394,6 +396,21 @@ fn plan_lora(
         }
         _ => None,
     };
+    // The other modes compare each module's weights in the two bases, for the report only:
+    // a source base that cannot be opened is said, not refused.
+    let source_base = match &entry.source {
+        None => None,
+        Some(_) if residual.is_some() => None,
+        Some(source) => match out.align.source(&source.path) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                out.warnings.push(format!(
+                    "`{name}`: cannot compare the source base with this one ({e}); transfer.txt cannot tell how alike they are"
+                ));
+                None
+            }
+        },
+    };
     let plan = AdapterPlan {
         recipe,
         entry,
@@ -413,6 +430,7 @@ fn plan_lora(
         source_schema,
         dims: dims.copied(),
         residual,
+        source_base,
         weight,
     };
     // Layers: each source module goes to the target layers its layer maps to, sharing

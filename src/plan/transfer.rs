@@ -7,7 +7,7 @@ use crate::io::peft::PeftAdapter;
 use crate::recipe::layer_of;
 use modelforge_core::rotary::{Rotary, RotaryMap};
 
-use super::{Adapt, PlanError};
+use super::{Adapt, AlignItem, PlanError};
 
 /// The permutation carrying a `role` delta's rows from the adapter's rotary convention into the
 /// base's: only q and k, and only when the two differ. `Err`: the conventions and why a delta of
@@ -138,6 +138,10 @@ pub(crate) struct Fate {
     /// How its widths were adapted, when they were.
     #[serde(skip)]
     pub adapted: Option<Adapt>,
+    /// Under `exact`, `truncate` or `pad` with a named source base: the node comparing its
+    /// weights in the two bases (its `overlap`).
+    #[serde(skip)]
+    pub compared: Option<AlignItem>,
 }
 
 impl Fate {
@@ -151,6 +155,7 @@ impl Fate {
             overlap: None,
             residual_fit: None,
             adapted: None,
+            compared: None,
         }
     }
 
@@ -171,6 +176,12 @@ impl Fate {
         }
     }
 
+    /// Whether the transfer report speaks of it: mapped, skipped or dropped, or compared with
+    /// a source base.
+    pub fn is_reported(&self) -> bool {
+        !self.is_plain() || self.overlap.is_some()
+    }
+
     /// Whether the module landed on its own name (a parameter's LoRA is keyed by the
     /// tensor's name itself), with nothing mapped.
     pub fn is_plain(&self) -> bool {
@@ -186,6 +197,137 @@ impl Fate {
                 share,
                 rotary: None,
             } if own(tensor) && *share == 1.0 && !(*transposed && *by_role))
+    }
+}
+
+/// The overlap two bases' weights score when nothing relates them: the leading subspaces
+/// compared are an eighth of the width (the engine's `OVERLAP_FRACTION`), and two unrelated
+/// k-dimensional subspaces of a d-dimensional space score about √(k/d).
+pub(crate) const UNRELATED_OVERLAP: f64 = 0.353_553_390_593_273_8; // √(1/8)
+
+/// Where the transfer figure splits the verdicts. Measured on the transfer experiment
+/// (experiments/transfer/results.md, 156 carried adapters): those scoring at least 0.8 kept
+/// 0.91–1.00 of the target's own LoRA's task-loss gain, those between 0.2 and 0.8 kept
+/// 0.43–0.86, and those under 0.2 (all under 0.004) −0.01–0.30 with next-token accuracy
+/// unchanged (≤ 0.04 of the LoRA's), what perturbing the weights buys.
+const CLOSE: f64 = 0.8;
+const PARTIAL: f64 = 0.2;
+
+/// What the report says of one adapter as a whole: how much of it was carried, how alike the
+/// bases are where it lands, and in plain words what to expect.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct Carried {
+    pub adapter: String,
+    /// Its modules, and how many of them were fused somewhere.
+    pub modules: usize,
+    pub fused: usize,
+    /// Means over the fused modules: ‖ΔW_t‖_F / ‖ΔW_s‖_F (1 for a module moved whole) and the
+    /// subspace overlap (of those compared).
+    pub energy: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<f64>,
+    /// energy × (overlap − √(1/8)) / (1 − √(1/8)), clamped to [0, 1]: 1 for the adapter's own
+    /// base under any map that takes it onto itself, 0 for bases as alike as unrelated ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<f64>,
+    pub verdict: Verdict,
+}
+
+/// What to expect of a carried adapter, from its transfer figure; written in plain words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Close,
+    Partial,
+    Unrelated,
+    /// No module was compared: the recipe names no source base, or none is a linear layer of a
+    /// known architecture.
+    Unknown,
+}
+
+impl Verdict {
+    fn of(transfer: Option<f64>) -> Verdict {
+        match transfer {
+            None => Verdict::Unknown,
+            Some(t) if t >= CLOSE => Verdict::Close,
+            Some(t) if t >= PARTIAL => Verdict::Partial,
+            Some(_) => Verdict::Unrelated,
+        }
+    }
+
+    pub fn words(self) -> &'static str {
+        match self {
+            Verdict::Close => "close to the source",
+            Verdict::Partial => "partial",
+            Verdict::Unrelated => "unrelated bases: expect nothing",
+            Verdict::Unknown => {
+                "the report cannot tell (name the adapter's `source` base to compare them)"
+            }
+        }
+    }
+}
+
+impl serde::Serialize for Verdict {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.words())
+    }
+}
+
+impl Carried {
+    /// One entry per adapter the report speaks of, in their order: those with a module mapped,
+    /// skipped or dropped, or compared with a source base (not one fused into its own base as
+    /// it is).
+    pub fn of(fates: &[Fate]) -> Vec<Carried> {
+        let mut names: Vec<&str> = Vec::new();
+        for fate in fates {
+            if fate.is_reported() && !names.contains(&fate.adapter.as_str()) {
+                names.push(&fate.adapter);
+            }
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let all: Vec<&Fate> = fates.iter().filter(|f| f.adapter == name).collect();
+                let fused: Vec<&Fate> = all
+                    .iter()
+                    .copied()
+                    .filter(|f| matches!(f.fate, What::Fused { .. }))
+                    .collect();
+                let mean =
+                    |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+                let energy =
+                    mean(fused.iter().map(|f| f.energy.unwrap_or(1.0)).collect()).unwrap_or(0.0);
+                let overlap = mean(fused.iter().filter_map(|f| f.overlap).collect());
+                let transfer = overlap.map(|o| {
+                    energy * ((o - UNRELATED_OVERLAP) / (1.0 - UNRELATED_OVERLAP)).clamp(0.0, 1.0)
+                });
+                Carried {
+                    adapter: name.to_owned(),
+                    modules: all.len(),
+                    fused: fused.len(),
+                    energy,
+                    overlap,
+                    transfer,
+                    verdict: Verdict::of(transfer),
+                }
+            })
+            .collect()
+    }
+
+    /// `close to the source (transfer 0.93: energy kept 1.000, subspace overlap 0.957, 21 of 21 modules fused)`
+    pub fn describe(&self) -> String {
+        let figures = match (self.transfer, self.overlap) {
+            (Some(t), Some(o)) => format!(
+                "transfer {t:.2}: energy kept {:.3}, subspace overlap {o:.3}, ",
+                self.energy
+            ),
+            _ => format!("energy kept {:.3}, ", self.energy),
+        };
+        format!(
+            "{} ({figures}{} of {} modules fused)",
+            self.verdict.words(),
+            self.fused,
+            self.modules
+        )
     }
 }
 
@@ -315,4 +457,50 @@ fn with_layer(module: &str, from: usize, to: usize) -> String {
         })
         .collect::<Vec<_>>()
         .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fused(adapter: &str, module: &str, energy: Option<f64>, overlap: Option<f64>) -> Fate {
+        let place = Place::named(format!("{module}.weight"));
+        Fate {
+            energy,
+            overlap,
+            ..Fate::new(adapter, module, Fate::fused(&place, false, 1.0, None))
+        }
+    }
+
+    /// The figure is the mean energy (1 for a module moved whole) times the mean overlap's
+    /// place between unrelated bases (√(1/8)) and identical ones (1), over the fused modules
+    /// only; an adapter fused into its own base as it is is not spoken of.
+    #[test]
+    fn the_transfer_figure_and_its_verdict() {
+        let u = UNRELATED_OVERLAP;
+        let fates = vec![
+            fused("a", "m.0.q", None, Some(1.0)),
+            fused("a", "m.1.q", Some(0.5), Some(u + 0.5 * (1.0 - u))),
+            Fate::new("a", "m.2.q", What::Dropped { layer: 2 }),
+            fused("b", "m.0.q", None, Some(0.2)),
+            fused("own", "m.0.q", None, None),
+        ];
+        let carried = Carried::of(&fates);
+        assert_eq!(carried.len(), 2, "{carried:?}");
+        let a = &carried[0];
+        assert_eq!((a.modules, a.fused), (3, 2));
+        assert!((a.energy - 0.75).abs() < 1e-12, "{a:?}");
+        assert!((a.transfer.unwrap() - 0.75 * 0.75).abs() < 1e-12, "{a:?}");
+        assert_eq!(a.verdict, Verdict::Partial);
+        // Below the unrelated level, clamped to 0.
+        assert_eq!(carried[1].transfer, Some(0.0));
+        assert_eq!(carried[1].verdict, Verdict::Unrelated);
+        assert_eq!(Verdict::of(Some(CLOSE)), Verdict::Close);
+        assert_eq!(Verdict::of(Some(PARTIAL - 1e-9)), Verdict::Unrelated);
+        assert_eq!(Verdict::of(None), Verdict::Unknown);
+        assert_eq!(
+            a.describe(),
+            "partial (transfer 0.56: energy kept 0.750, subspace overlap 0.838, 2 of 3 modules fused)"
+        );
+    }
 }

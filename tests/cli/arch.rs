@@ -4,7 +4,7 @@ use safetensors::Dtype;
 use crate::support::{read_f32, safetensors_bytes, Workspace, GOOD, T};
 
 /// A schema for a model whose q and v projections are stacked in one `qv` tensor.
-const STACKED_QV: &str = r#"name = "stacked_qv"
+pub const STACKED_QV: &str = r#"name = "stacked_qv"
 
 [[tensor]]
 name = "blocks.{layer}.qv.weight"

@@ -15,6 +15,10 @@ mod build;
 /// and every fault in a schema pinned as the person sees it.
 mod arch;
 
+/// The transfer report's figures and verdict per carried adapter, on known answers: a copy of
+/// the source base, a permuted copy (by position and through `align`), no source base at all.
+mod transfer;
+
 /// `modelforge inspect`.
 mod inspect;
 

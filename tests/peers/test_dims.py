@@ -162,14 +162,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def report(ws: Path, out: str) -> dict[str, dict]:
-    return {r["module"]: r for r in json.loads((ws / out / "transfer.json").read_text())}
+    return {r["module"]: r for r in json.loads((ws / out / "transfer.json").read_text())["modules"]}
 
 
 def test_align_recovers_a_rotation(ws):
     ws, q = ws
     run = build(ws, "rotated", "rotated", "align")
     assert run.returncode == 0, run.stderr
-    assert "14 aligned: energy kept" in run.stderr, run.stderr
+    assert "`lora`: close to the source (transfer 1.00: energy kept 1.000" in run.stderr, run.stderr
     got = fused_deltas(ws, "out-rotated", "rotated")
     cosines = {name: cosine(got[name], ideal(name, d, q)) for name, d in deltas(ws).items()}
     print("rotation cosines: min", min(cosines.values()))

@@ -176,7 +176,7 @@ def test_llama_adapter_into_chatglm_with_fewer_layers(tmp_path):
     ours = load_file(tmp_path / "out-glm" / "model.safetensors")
     for name, t in want.items():
         assert (ours[name] - t).abs().max().item() <= 1e-6 * t.abs().max().item(), name
-    report = json.loads((tmp_path / "out-glm" / "transfer.json").read_text())
+    report = json.loads((tmp_path / "out-glm" / "transfer.json").read_text())["modules"]
     assert len(report) == 4 * 7, "every source module is accounted for"
     fate = {r["module"]: r["fate"] for r in report}
     assert fate["model.layers.1.self_attn.q_proj"].startswith("dropped: source layer 1"), fate
@@ -407,7 +407,7 @@ def test_llama_adapter_into_every_fused_layout(tmp_path, arch, dora):
         got, ref = target_attention(arch, ours, layer, x, kv), reference_attention(arch, merged, layer, x)
         assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), (arch, layer)
 
-    report = {r["module"]: r["fate"] for r in json.loads((tmp_path / f"out-{arch}" / "transfer.json").read_text())}
+    report = {r["module"]: r["fate"] for r in json.loads((tmp_path / f"out-{arch}" / "transfer.json").read_text())["modules"]}
     q_fate = report["model.layers.0.self_attn.q_proj"]
     if arch.startswith("chatglm"):
         convention = "glm_2d" if arch == "chatglm" else "interleaved_first_half"
@@ -493,7 +493,7 @@ def test_align_into_a_relayout_of_the_source_is_the_exact_transfer(tmp_path, arc
         base_t = fused_base[name]
         delta = (t - base_t).abs().max().item()
         assert (ours[name] - t).abs().max().item() <= 1e-4 * max(delta, 1e-6), name
-    report = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    report = json.loads((tmp_path / "out" / "transfer.json").read_text())["modules"]
     aligned = [r for r in report if "dims" in r]
     assert len(aligned) == (14 if arch in ("phi3", "chatglm2") else 12), report
     for r in aligned:
@@ -520,7 +520,7 @@ def test_shipped_recipe_carries_llama_into_a_narrower_chatglm(tmp_path):
     text = (REPO / "recipes" / "llama-to-narrower-chatglm.toml").read_text().replace("../", f"{REPO}/")
     recipe.write_text(text.replace(f'{REPO}/build/llama-to-narrower-chatglm', str(tmp_path / "out")))
     modelforge("build", recipe)
-    report = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    report = json.loads((tmp_path / "out" / "transfer.json").read_text())["modules"]
     assert len(report) == 2 * 7, "every source module is accounted for"
     fate = {r["module"]: r for r in report}
     assert sum(r["fate"].startswith("dropped: source layer 1") for r in report) == 7, report
