@@ -71,7 +71,7 @@ fn writing(c: &mut Criterion) {
             }
             let entry = out.finish(false).expect("finished");
             // The next iteration writes the same bytes: start from an empty store each time.
-            std::fs::remove_file(store.object_path(&entry.tensor)).expect("removed");
+            store.evict(&entry);
         })
     });
     // An output shard of 8 MiB-wide bf16 tensors (5632 × 2048 projections and smaller).

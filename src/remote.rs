@@ -203,7 +203,11 @@ impl Remote {
             Err(e) => return Err(e.into()),
         };
         let remote: ActionEntry = serde_json::from_slice(&bytes).map_err(|_| Fault::Damaged)?;
-        let path = self.object(&remote.tensor);
+        // Every remote result is an object of its own, named by its digest.
+        let Some(digest) = remote.tensor else {
+            return Err(Fault::Damaged);
+        };
+        let path = self.object(&digest);
         let mut out = store.object_writer().map_err(|_| Fault::Damaged)?;
         download(&*self.store, &path, remote.len, &mut |bytes| {
             out.write(bytes)
@@ -267,7 +271,13 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let path = self.object(&entry.tensor);
+        let digest = match entry.tensor {
+            Some(digest) => digest,
+            // A range of an output shard is pushed as an object of its own, named by a digest
+            // computed now, from bytes read through the check.
+            None => digest_of(store, &entry)?,
+        };
+        let path = self.object(&digest);
         let present = match self.store.head(&path).await {
             Ok(meta) => meta.size == entry.len,
             Err(object_store::Error::NotFound { .. }) => false,
@@ -312,6 +322,7 @@ impl Remote {
         }
         // On the remote, every result is an object of its own.
         let remote = ActionEntry {
+            tensor: Some(digest),
             check: None,
             within: None,
             ..entry
@@ -320,6 +331,20 @@ impl Remote {
         create(&*self.store, &self.entry(key), bytes.into()).await?;
         Ok(Some(entry.len))
     }
+}
+
+/// The blake3 of an entry's bytes, read through its check; a damaged object is evicted.
+fn digest_of(store: &Store, entry: &ActionEntry) -> Result<TensorDigest, Fault> {
+    let mut reader = VerifyingReader::open(store, entry).ok_or(Fault::Damaged)?;
+    let mut hasher = blake3::Hasher::new();
+    for window in reader.windows(entry.len) {
+        crate::digest::hash_into(&mut hasher, &window.map_err(|_| Fault::Damaged)?);
+    }
+    if !reader.check() {
+        store.evict(entry);
+        return Err(Fault::Damaged);
+    }
+    Ok(TensorDigest::new(hasher.finalize()))
 }
 
 impl Remote {

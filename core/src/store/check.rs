@@ -50,7 +50,10 @@ pub fn check(store: &Store, repair: bool) -> CheckReport {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok());
             entry.is_none_or(|entry| {
-                bad_objects.contains(&store.object_of(&entry).0) || !store.holds(&entry)
+                !store.holds(&entry)
+                    || store
+                        .object_of(&entry)
+                        .is_some_and(|(object, _)| bad_objects.contains(&object))
             })
         })
         .map(|(path, _)| path.clone())
@@ -107,18 +110,18 @@ mod tests {
         assert!(clean.is_clean() && clean.dangling_actions.is_empty());
 
         // Same length, other bytes: only a full hash can tell.
-        std::fs::write(store.object_path(&entries[1].tensor), b"twO").unwrap();
+        std::fs::write(store.object_path(&entries[1].tensor.unwrap()), b"twO").unwrap();
         let damaged = check(&store, false);
         assert_eq!(
             damaged.bad_objects,
-            vec![store.object_path(&entries[1].tensor)]
+            vec![store.object_path(&entries[1].tensor.unwrap())]
         );
         assert_eq!(damaged.dangling_actions.len(), 1);
-        assert!(store.object_path(&entries[1].tensor).exists());
+        assert!(store.object_path(&entries[1].tensor.unwrap()).exists());
 
         let repaired = check(&store, true);
         assert!(repaired.repaired && !repaired.is_clean());
-        assert!(!store.object_path(&entries[1].tensor).exists());
+        assert!(!store.object_path(&entries[1].tensor.unwrap()).exists());
         let after = check(&store, false);
         assert!(after.is_clean() && after.dangling_actions.is_empty());
         assert_eq!((after.objects, after.actions), (2, 2));

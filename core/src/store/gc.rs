@@ -95,7 +95,7 @@ pub fn collect(
         let dangling = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<super::ActionEntry>(&b).ok())
-            .is_none_or(|entry| !store.object_of(&entry).0.exists());
+            .is_none_or(|entry| !store.object_of(&entry).is_some_and(|(o, _)| o.exists()));
         if dangling {
             let _ = std::fs::remove_file(path);
         }

@@ -50,10 +50,14 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// What an action produced: the tensor's digest and byte count, and where its bytes are.
+/// What an action produced: its byte count, and where its bytes are, by content.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ActionEntry {
-    pub tensor: TensorDigest,
+    /// The blake3 of the result's bytes, which name the object holding them alone. A result
+    /// that is a range of another object (`within`) need not have it: the object's name
+    /// covers its bytes, and `check` checks them on every read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<TensorDigest>,
     pub len: u64,
     /// The bytes are a range of another object (an output shard) rather than an object of
     /// their own, named by `tensor`.
@@ -81,11 +85,13 @@ pub struct Within {
 }
 
 impl ActionEntry {
-    /// The object's name and the range of it holding the result.
-    fn place(&self) -> (String, u64) {
-        match self.within {
-            Some(w) => (w.object.hex(), w.offset),
-            None => (self.tensor.hex(), 0),
+    /// The object's name and where in it the result starts; `None` for an entry that names
+    /// no object (a handed result not yet settled, or a malformed entry).
+    fn place(&self) -> Option<(String, u64)> {
+        match (self.within, self.tensor) {
+            (Some(w), _) => Some((w.object.hex(), w.offset)),
+            (None, Some(tensor)) => Some((tensor.hex(), 0)),
+            (None, None) => None,
         }
     }
 }
@@ -138,9 +144,9 @@ impl Store {
     }
 
     /// The object holding an entry's bytes, and where in it they start.
-    fn object_of(&self, entry: &ActionEntry) -> (PathBuf, u64) {
-        let (hex, offset) = entry.place();
-        (self.fanout("objects", &hex), offset)
+    fn object_of(&self, entry: &ActionEntry) -> Option<(PathBuf, u64)> {
+        let (hex, offset) = entry.place()?;
+        Some((self.fanout("objects", &hex), offset))
     }
 
     fn action_path(&self, key: &NodeKey) -> PathBuf {
@@ -183,13 +189,14 @@ impl Store {
         ObjectWriter {
             store: self.clone(),
             tmp: path,
-            handed,
             // Plain buffered writes: the kernel writes them back after the build. Pacing them
             // to the disk (`io::write_behind`) made cold builds about 2 s slower on the 2-core
             // machine; the output goes around the page cache, so these are the build's only
             // dirty pages.
             out: BufWriter::with_capacity(4 << 20, file),
-            hasher: blake3::Hasher::new(),
+            // A handed result becomes a range of a shard, named by the shard's digest: its own
+            // would be a second blake3 of the same bytes.
+            hasher: (!handed).then(blake3::Hasher::new),
             checksum: Xxh3::new(),
             len: 0,
         }
@@ -235,21 +242,32 @@ impl Store {
         entry: &ActionEntry,
         sync: bool,
     ) -> std::io::Result<()> {
+        let file = File::open(handed)?;
         if sync {
-            File::open(handed)?.sync_all()?;
+            file.sync_all()?;
         }
-        let path = self.object_path(&entry.tensor);
+        // Handed results are not named by their own digest until now.
+        let tensor = match entry.tensor {
+            Some(tensor) => tensor,
+            None => {
+                let mut hasher = blake3::Hasher::new();
+                for window in crate::mapped::windows(&file, 0, file.metadata()?.len()) {
+                    crate::digest::hash_into(&mut hasher, &window?);
+                }
+                TensorDigest::new(hasher.finalize())
+            }
+        };
+        let path = self.object_path(&tensor);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::rename(handed, &path)?;
-        self.put_action(
-            key,
-            &ActionEntry {
-                within: None,
-                ..*entry
-            },
-        )
+        let entry = ActionEntry {
+            tensor: Some(tensor),
+            within: None,
+            ..*entry
+        };
+        self.put_action(key, &entry)
     }
 
     /// Hashes an object in full; `false` if it is missing or its bytes do not match its name.
@@ -265,12 +283,21 @@ impl Store {
     /// that points at it (an action whose object is missing is treated as absent). An output
     /// the object was linked from keeps its file.
     pub fn evict(&self, entry: &ActionEntry) {
-        let _ = std::fs::remove_file(self.object_of(entry).0);
+        if let Some((object, _)) = self.object_of(entry) {
+            let _ = std::fs::remove_file(object);
+        }
     }
 
     /// Whether the object an entry names is present and long enough to hold its bytes.
     pub fn holds(&self, entry: &ActionEntry) -> bool {
-        let (object, offset) = self.object_of(entry);
+        // A range must be checkable, by its checksum or its own digest: its object's name
+        // does not cover it alone.
+        let Some((object, offset)) = self.object_of(entry) else {
+            return false;
+        };
+        if entry.within.is_some() && entry.check.is_none() && entry.tensor.is_none() {
+            return false;
+        }
         std::fs::metadata(&object).is_ok_and(|meta| match entry.within {
             Some(_) => meta.len() >= offset.saturating_add(entry.len),
             None => meta.len() == entry.len,
@@ -306,7 +333,10 @@ impl Store {
 
     /// Marks the object holding an entry's bytes as used now, for `gc --older-than`.
     pub fn touch(&self, entry: &ActionEntry) {
-        if let Ok(file) = File::options().append(true).open(self.object_of(entry).0) {
+        let Some((object, _)) = self.object_of(entry) else {
+            return;
+        };
+        if let Ok(file) = File::options().append(true).open(object) {
             let _ = file.set_modified(std::time::SystemTime::now());
         }
     }
@@ -362,10 +392,10 @@ fn process_alive(pid: i32) -> bool {
 pub struct ObjectWriter {
     store: Store,
     tmp: PathBuf,
-    /// Handed to the build rather than named by its digest (see [`Store::handed_writer`]).
-    handed: bool,
     out: BufWriter<File>,
-    hasher: blake3::Hasher,
+    /// None for a result handed to the build (see [`Store::handed_writer`]), which is not
+    /// named by its own digest.
+    hasher: Option<blake3::Hasher>,
     checksum: Xxh3,
     len: u64,
 }
@@ -377,7 +407,9 @@ impl ObjectWriter {
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        crate::digest::hash_into(&mut self.hasher, bytes);
+        if let Some(hasher) = &mut self.hasher {
+            crate::digest::hash_into(hasher, bytes);
+        }
         self.checksum.update(bytes);
         self.len += bytes.len() as u64;
         self.out.write_all(bytes)
@@ -388,19 +420,23 @@ impl ObjectWriter {
     /// evicted and recomputed. A handed result stays where [`ObjectWriter::path`] says, not
     /// synced: the build syncs what it keeps.
     pub fn finish(mut self, sync: bool) -> std::io::Result<ActionEntry> {
-        let digest = TensorDigest::new(self.hasher.finalize());
+        let digest = self
+            .hasher
+            .as_ref()
+            .map(|h| TensorDigest::new(h.finalize()));
         self.out.flush()?;
-        if self.handed {
-            self.tmp = PathBuf::new();
-        } else {
-            if sync {
-                self.out.get_ref().sync_all()?;
+        match digest {
+            None => self.tmp = PathBuf::new(),
+            Some(digest) => {
+                if sync {
+                    self.out.get_ref().sync_all()?;
+                }
+                let path = self.store.object_path(&digest);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(&self.tmp, &path)?;
             }
-            let path = self.store.object_path(&digest);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::rename(&self.tmp, &path)?;
         }
         Ok(ActionEntry {
             tensor: digest,
@@ -454,18 +490,19 @@ impl Check {
 
 impl VerifyingReader {
     pub fn open(store: &Store, entry: &ActionEntry) -> Option<Self> {
-        let check = match entry.check {
-            Some(checksum) => Check::Checksum(Box::new(Xxh3::new()), checksum),
-            None => Check::Digest(Box::new(blake3::Hasher::new()), entry.tensor),
+        let check = match (entry.check, entry.tensor) {
+            (Some(checksum), _) => Check::Checksum(Box::new(Xxh3::new()), checksum),
+            (None, Some(tensor)) => Check::Digest(Box::new(blake3::Hasher::new()), tensor),
+            (None, None) => return None,
         };
-        let (path, offset) = store.object_of(entry);
+        let (path, offset) = store.object_of(entry)?;
         Self::at(&path, offset, entry, check)
     }
 
     /// Opens an object written moments ago by this build, whose digest was computed from the
     /// very bytes written: only its length is checked.
     pub fn open_fresh(store: &Store, entry: &ActionEntry) -> Option<Self> {
-        let (path, offset) = store.object_of(entry);
+        let (path, offset) = store.object_of(entry)?;
         Self::at(&path, offset, entry, Check::Fresh)
     }
 
@@ -549,8 +586,9 @@ mod tests {
         w.write(b"hello ").unwrap();
         w.write(b"world").unwrap();
         let entry = w.finish(true).unwrap();
-        assert_eq!(entry.tensor, TensorDigest::of(b"hello world"));
-        assert!(store.verify_object(&entry.tensor));
+        let digest = entry.tensor.unwrap();
+        assert_eq!(digest, TensorDigest::of(b"hello world"));
+        assert!(store.verify_object(&digest));
 
         let key = NodeKey::of(b"node");
         assert_eq!(store.action(&key), None);
@@ -568,8 +606,8 @@ mod tests {
             ..entry
         };
         assert!(entry.check.is_some() && read(&entry) && read(&unchecked));
-        std::fs::write(store.object_path(&entry.tensor), b"hello w0rld").unwrap();
-        assert!(!store.verify_object(&entry.tensor));
+        std::fs::write(store.object_path(&digest), b"hello w0rld").unwrap();
+        assert!(!store.verify_object(&digest));
         // Damage is caught by the checksum the entry recorded, and by the name without one.
         assert!(!read(&entry) && !read(&unchecked));
         store.evict(&entry);
@@ -593,7 +631,8 @@ mod tests {
         let handed = w.path().to_owned();
         w.write(b"tensor").unwrap();
         let entry = w.finish(false).unwrap();
-        assert!(handed.exists() && !store.object_path(&entry.tensor).exists());
+        // Not named by its own digest: the shard's will cover it.
+        assert!(handed.exists() && entry.tensor.is_none() && entry.check.is_some());
         let mut reader = VerifyingReader::open_handed(&handed, &entry).unwrap();
         let mut buf = [0u8; 6];
         reader.read_exact(&mut buf).unwrap();
@@ -623,6 +662,7 @@ mod tests {
         assert_eq!(read(&found), (*b"tensor", true));
         let by_name = ActionEntry {
             check: None,
+            tensor: Some(TensorDigest::of(b"tensor")),
             ..found
         };
         assert_eq!(read(&by_name), (*b"tensor", true));
@@ -644,6 +684,24 @@ mod tests {
         w.write(b"other").unwrap();
         let entry = w.finish(false).unwrap();
         store.promote(&path, &key, &entry, true).unwrap();
-        assert!(!path.exists() && store.action(&key) == Some(entry));
+        let promoted = ActionEntry {
+            tensor: Some(TensorDigest::of(b"other")),
+            ..entry
+        };
+        assert!(!path.exists() && store.action(&key) == Some(promoted));
+        // A range that nothing can check is no entry.
+        let unchecked = ActionEntry {
+            check: None,
+            ..found
+        };
+        store.adopt(&shard, &FileDigest::of(b"head:ten")).unwrap();
+        assert!(!store.holds(&ActionEntry {
+            within: Some(Within {
+                object: FileDigest::of(b"head:ten"),
+                offset: 0
+            }),
+            len: 3,
+            ..unchecked
+        }));
     }
 }
