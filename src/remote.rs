@@ -24,9 +24,13 @@ use crate::store::{ActionEntry, Store, VerifyingReader};
 
 /// Bumped when the remote layout changes; other layouts are ignored, never misread.
 const LAYOUT: &str = "modelforge/v1";
-/// Objects larger than this are read in ranges of this size, several at once, and written in
-/// parts of this size.
+/// Objects larger than this are read in ranges of this size, several at once; objects larger
+/// than [`SINGLE_PUT`] are written in parts of this size.
 const PART: u64 = 16 << 20;
+/// Objects up to this size are written in one conditional PUT. A multipart upload's parts are
+/// assembled by the server, which a file-backed one does by copying them; in memory this holds
+/// no more than the parts a multipart upload keeps in flight (8 of [`PART`]).
+const SINGLE_PUT: u64 = 8 * PART;
 /// Requests in flight at once.
 const CONCURRENCY: usize = 8;
 
@@ -288,7 +292,7 @@ impl Remote {
             let Some(mut reader) = VerifyingReader::open(store, &entry) else {
                 return Err(Fault::Damaged);
             };
-            if entry.len <= PART {
+            if entry.len <= SINGLE_PUT {
                 let mut bytes = vec![0u8; entry.len as usize];
                 reader.read_exact(&mut bytes).map_err(|_| Fault::Damaged)?;
                 if !reader.check() {
@@ -512,7 +516,7 @@ async fn upload_file(
         .map_err(|e| Fault::Unreachable(e.to_string()))?
         .len();
     let mut hasher = blake3::Hasher::new();
-    if len <= PART {
+    if len <= SINGLE_PUT {
         let mut bytes = Vec::with_capacity(len as usize);
         file.read_to_end(&mut bytes)
             .map_err(|e| Fault::Unreachable(e.to_string()))?;
