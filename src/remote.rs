@@ -275,11 +275,28 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let digest = match entry.tensor {
-            Some(digest) => digest,
-            // A range of an output shard is pushed as an object of its own, named by a digest
-            // computed now, from bytes read through the check.
-            None => digest_of(store, &entry)?,
+        // A small object is read once, through the check, so that a damaged local object is
+        // never pushed; a range of an output shard, which has no digest of its own, is named
+        // by one computed from those bytes.
+        let read = |entry: &ActionEntry| -> Result<Vec<u8>, Fault> {
+            let mut reader = VerifyingReader::open(store, entry).ok_or(Fault::Damaged)?;
+            let mut bytes = vec![0u8; entry.len as usize];
+            reader.read_exact(&mut bytes).map_err(|_| Fault::Damaged)?;
+            if !reader.check() {
+                store.evict(entry);
+                return Err(Fault::Damaged);
+            }
+            Ok(bytes)
+        };
+        let (digest, mut bytes) = match (entry.tensor, entry.len <= SINGLE_PUT) {
+            (Some(digest), _) => (digest, None),
+            (None, true) => {
+                let bytes = read(&entry)?;
+                let mut hasher = blake3::Hasher::new();
+                crate::digest::hash_into(&mut hasher, &bytes);
+                (TensorDigest::new(hasher.finalize()), Some(bytes))
+            }
+            (None, false) => (digest_of(store, &entry)?, None),
         };
         let path = self.object(&digest);
         let present = match self.store.head(&path).await {
@@ -287,42 +304,37 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => false,
             Err(e) => return Err(e.into()),
         };
-        if !present {
-            // Read through the check, so that a damaged local object is never pushed.
+        if !present && entry.len <= SINGLE_PUT {
+            let bytes = match bytes.take() {
+                Some(bytes) => bytes,
+                None => read(&entry)?,
+            };
+            create(&*self.store, &path, bytes.into()).await?;
+        } else if !present {
             let Some(mut reader) = VerifyingReader::open(store, &entry) else {
                 return Err(Fault::Damaged);
             };
-            if entry.len <= SINGLE_PUT {
-                let mut bytes = vec![0u8; entry.len as usize];
-                reader.read_exact(&mut bytes).map_err(|_| Fault::Damaged)?;
-                if !reader.check() {
-                    store.evict(&entry);
-                    return Err(Fault::Damaged);
-                }
-                create(&*self.store, &path, bytes.into()).await?;
-            } else {
-                let upload = self.store.put_multipart(&path).await?;
-                let mut writer =
-                    object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
-                let mut left = entry.len;
-                let mut buffer = vec![0u8; PART as usize];
-                while left > 0 {
-                    let n = left.min(PART) as usize;
-                    if reader.read_exact(&mut buffer[..n]).is_err() {
-                        writer.abort().await?;
-                        return Err(Fault::Damaged);
-                    }
-                    writer.write(&buffer[..n]);
-                    writer.wait_for_capacity(8).await?;
-                    left -= n as u64;
-                }
-                if !reader.check() {
+            let upload = self.store.put_multipart(&path).await?;
+            let mut writer =
+                object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
+            let mut left = entry.len;
+            let mut buffer = vec![0u8; PART as usize];
+            while left > 0 {
+                let n = left.min(PART) as usize;
+                if reader.read_exact(&mut buffer[..n]).is_err() {
                     writer.abort().await?;
-                    store.evict(&entry);
                     return Err(Fault::Damaged);
                 }
-                writer.finish().await?;
+                writer.write(&buffer[..n]);
+                writer.wait_for_capacity(8).await?;
+                left -= n as u64;
             }
+            if !reader.check() {
+                writer.abort().await?;
+                store.evict(&entry);
+                return Err(Fault::Damaged);
+            }
+            writer.finish().await?;
         }
         // On the remote, every result is an object of its own.
         let remote = ActionEntry {
