@@ -1,7 +1,9 @@
 //! What the build asks of the engine (`modelforge-engine`, the only process that loads
 //! LibTorch), as JSON on its standard input, and what the engine answers, as one JSON line per
 //! tensor on its standard output. The engine writes each result into the cache itself, so a
-//! result survives even if the build that asked for it is killed.
+//! result survives even if the build that asked for it is killed; except a fused tensor the
+//! job marks `hand_off`, which it leaves in a file for the build to write into an output shard
+//! (the shard then becomes its cache object).
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +24,8 @@ pub struct Job {
     /// Refuse a result holding NaN or infinity (the default; `build --allow-non-finite`).
     pub check_finite: bool,
     /// The nodes to compute, each after the nodes it reads (which may also be in the cache
-    /// from an earlier build). The engine writes each result under the node's key.
+    /// from an earlier build). The engine writes each result under the node's key, or hands it
+    /// over (`Task::hand_off`).
     pub nodes: Vec<Task>,
     /// Where each input the nodes read is.
     pub places: Vec<Place>,

@@ -1,5 +1,6 @@
 //! `modelforge-engine`: computes the tensors a build asks for (a JSON job on standard input),
-//! block of rows by block of rows, writes each result into the cache, and answers one JSON line
+//! block of rows by block of rows, writes each result into the cache (or, for a task to hand off,
+//! into a file the build settles), and answers one JSON line
 //! per finished tensor. It is the only modelforge program that loads LibTorch; `modelforge`
 //! starts it only when some tensor must be computed.
 use std::io::{Read, Write};

@@ -137,8 +137,9 @@ impl Engine {
     }
 
     /// The build has written the handed result `key` everywhere it needs it: its file goes
-    /// now, before the kernel writes it back, so that its bytes reach the disk once, in the
-    /// shard. Its entry waits for [`Engine::settle`]; a build that stops before then (or
+    /// now, seconds after it was written, so that the kernel (which writes dirty pages back
+    /// after 30 s, or under memory pressure) usually never writes it, and its bytes reach the
+    /// disk once, in the shard. Its entry waits for [`Engine::settle`]; a build that stops before then (or
     /// whose shard cannot be linked into the cache) computes it again next time.
     pub fn consume(&self, key: &NodeKey) {
         let (lock, _) = &*self.state;
