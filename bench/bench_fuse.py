@@ -75,10 +75,14 @@ STAMP_VERSION = "3"
 # generation
 
 
-def generate(d: Path, shape: dict) -> None:
+def generate(d: Path, shape: dict, device: str = "cpu", shard_bytes: int | None = None) -> None:
+    """The model and adapters in `d`, drawn on `device` (a GPU draws a 7B model in seconds) in
+    shards of at most `shard_bytes` (default: about a third of the model each)."""
     stamp = d / "generated.json"
     want = {"version": STAMP_VERSION, "shape": shape,
             "adapters": {k: [r, a, m] for k, (r, a, m) in ADAPTERS.items()}}
+    if device != "cpu" or shard_bytes:
+        want.update(device=device, shard_bytes=shard_bytes)
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         print(f"reusing {d}", file=sys.stderr)
         return
@@ -102,18 +106,21 @@ def generate(d: Path, shape: dict) -> None:
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     cfg.save_pretrained(str(model_dir))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, device=device)
 
     def tensor(name, shape):
         if name.endswith("norm.weight"):
-            t = 1.0 + 0.05 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.05 * randn(shape)
         else:
-            t = 0.02 * torch.randn(shape, generator=g)
-        return t.to(torch.bfloat16)
+            t = 0.02 * randn(shape)
+        return t.to(torch.bfloat16).cpu()
 
-    # Shards of about a third of the weights, in state-dict order.
+    # Shards in state-dict order.
     total = sum(2 * int(torch.Size(s).numel()) for s in shapes.values())
-    shard_bytes = total // 3 + 1
+    shard_bytes = shard_bytes or total // 3 + 1
     groups, cur, cur_bytes = [], [], 0
     for name, shape_ in shapes.items():
         nbytes = 2 * int(torch.Size(shape_).numel())
@@ -147,8 +154,8 @@ def generate(d: Path, shape: dict) -> None:
                 continue
             in_f = rest[0]
             stem = "base_model.model." + name[: -len(".weight")]
-            lora[f"{stem}.lora_A.weight"] = torch.randn((rank, in_f), generator=g) / in_f ** 0.5
-            lora[f"{stem}.lora_B.weight"] = 0.01 * torch.randn((out_f, rank), generator=g)
+            lora[f"{stem}.lora_A.weight"] = (randn((rank, in_f)) / in_f ** 0.5).cpu()
+            lora[f"{stem}.lora_B.weight"] = (0.01 * randn((out_f, rank))).cpu()
         save_file(lora, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     stamp.write_text(json.dumps(want))

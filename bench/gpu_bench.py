@@ -10,7 +10,8 @@ network: it runs from the folder bench/prepare_gpu_check.sh makes (the release b
 
 Generates into WORK a LLaMA-2-7B-shaped bf16 model (hidden 4096, intermediate 11008, 32
 layers, 32 heads, vocab 32000: 6.7B parameters, 13.5 GB in shards of at most 5 GB) with random
-weights drawn on the GPU when there is one, and a LoRA of rank 16 on all seven projections.
+weights drawn on the GPU when there is one, and bench_fuse.py's adapter A (rank 16 on all seven
+projections), generated as bench_fuse.py generates its own.
 Then times, each from an empty page cache's dirty state (synced first, untimed) until `sync`
 returns: `cp -r` of the model, `modelforge build` from an empty cache on each device, and
 with `--scaling`, the CPU build pinned (`taskset`) to the first N cores for each N. Prints a
@@ -31,78 +32,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fuse  # noqa: E402  (beside this file, here and in the prepared folder)
+
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2, vocab_size=4000),
+    "small": bench_fuse.SHAPES["small"],
 }
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD = 5_000_000_000
-
-
-def generate(work: Path, shape: dict) -> tuple[int, float]:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from peft import LoraConfig
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = work / "model"
-    shutil.rmtree(model, ignore_errors=True)
-    shutil.rmtree(work / "lora", ignore_errors=True)
-    model.mkdir(parents=True)
-    t0 = time.perf_counter()
-    cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2)
-    cfg.dtype = "bfloat16"
-    cfg.architectures = ["LlamaForCausalLM"]
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
-    cfg.save_pretrained(str(model))
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def tensor(name, s):
-        t = torch.randn(s, generator=g, device=device, dtype=torch.float32)
-        t = 1.0 + 0.05 * t if name.endswith("norm.weight") else 0.02 * t
-        return t.to(torch.bfloat16).cpu()
-
-    groups, cur, size = [], [], 0
-    for name, s in shapes.items():
-        n = 2 * int(torch.Size(s).numel())
-        if cur and size + n > SHARD:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(name)
-        size += n
-    groups.append(cur)
-    total, weight_map = 0, {}
-    for i, names in enumerate(groups):
-        fn = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: tensor(n, shapes[n]) for n in names}
-        total += sum(t.numel() * 2 for t in tensors.values())
-        save_file(tensors, str(model / fn), metadata={"format": "pt"})
-        weight_map.update((n, fn) for n in names)
-        del tensors
-    (model / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-    lora_dir = work / "lora"
-    LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=SEVEN,
-               base_model_name_or_path=str(model)).save_pretrained(str(lora_dir))
-    lora = {}
-    for name, (out_f, *rest) in shapes.items():
-        if not any(f".{m}." in name for m in SEVEN):
-            continue
-        in_f = rest[0]
-        stem = "base_model.model." + name[: -len(".weight")]
-        lora[f"{stem}.lora_A.weight"] = (torch.randn((16, in_f), generator=g, device=device)
-                                         / in_f ** 0.5).cpu()
-        lora[f"{stem}.lora_B.weight"] = (0.01 * torch.randn((out_f, 16), generator=g,
-                                                            device=device)).cpu()
-    save_file(lora, str(lora_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    os.sync()
-    return total, time.perf_counter() - t0
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -157,14 +95,18 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     mf = str((args.bin / "modelforge").resolve())
     if args.generate_only:
-        size, gen_s = generate(work, SHAPES[args.shape])
-        (work / "generated.json").write_text(json.dumps({"bytes": size, "seconds": gen_s}))
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bench_fuse.generate(work, SHAPES[args.shape], device=device, shard_bytes=SHARD)
         return 0
 
+    started = time.perf_counter()
     subprocess.run([sys.executable, __file__, str(work), "--shape", args.shape, "--generate-only"],
                    check=True)
-    generated = json.loads((work / "generated.json").read_text())
-    size, gen_s = generated["bytes"], generated["seconds"]
+    os.sync()
+    gen_s = time.perf_counter() - started
+    index = json.loads((work / "model" / "model.safetensors.index.json").read_text())
+    size = index["metadata"]["total_size"]
     print(f"generated {size / 1e9:.2f} GB in {gen_s:.0f} s", file=sys.stderr, flush=True)
     rows, results = [], {"shape": args.shape, "bytes": size, "cpus": os.cpu_count()}
 
@@ -177,7 +119,7 @@ def main() -> int:
 
     def cold(device: str, name: str, label: str, pin: list[str]) -> float:
         recipe = work / f"{name}.toml"
-        recipe.write_text(f'[base]\npath = "model"\n\n[[adapter]]\npath = "lora"\n\n'
+        recipe.write_text(f'[base]\npath = "model"\n\n[[adapter]]\npath = "lora_a"\n\n'
                           f'[output]\npath = "out-{name}"\ndtype = "base"\n\n'
                           f'[build]\ndevice = "{device}"\n')
         for old in (f"out-{name}", f"cache-{name}", f"{name}.lock"):
@@ -214,7 +156,6 @@ def main() -> int:
               f"| {ran} | {notes} |")
     status = 0
     if len(outputs) == 2:
-        import torch  # noqa: F401
         names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
                  f"model.layers.{SHAPES[args.shape]['num_hidden_layers'] - 1}.mlp.up_proj.weight"]
         ok, what = compare(outputs[0], outputs[1], names)

@@ -50,7 +50,7 @@ path = "out-$device"
 device = "$device"
 TOML
 done
-cp bench/gpu_check.sh bench/gpu_check.py bench/gpu_bench.py "$dir/"
+cp bench/gpu_check.sh bench/gpu_check.py bench/gpu_bench.py bench/bench_fuse.py "$dir/"
 size=$(du -sb "$dir" | cut -f1)
 echo "prepared $dir ($((size / 1024 / 1024)) MiB); run it there with: bash $(basename "$dir")/gpu_check.sh" >&2
 if [ "$size" -gt $((64 << 20)) ]; then
