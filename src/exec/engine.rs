@@ -176,14 +176,17 @@ impl Engine {
 
     /// Makes every handed result no shard settled an object of its own: a build that stops
     /// early, or whose shards could not be linked into the cache, still caches what the
-    /// engine computed.
-    fn promote_rest(&self) -> std::io::Result<()> {
+    /// engine computed. Caching is all this is: a result that cannot be promoted (its file
+    /// gone, the cache unwritable) is dropped and computed again by the next build that needs
+    /// it, and fails nothing.
+    fn promote_rest(&self) {
         let (lock, _) = &*self.state;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         for (key, (entry, path)) in std::mem::take(&mut state.handed) {
-            self.store.promote(&path, &key, &entry, self.fsync)?;
+            if self.store.promote(&path, &key, &entry, self.fsync).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
         }
-        Ok(())
     }
 
     /// Whether this engine computed `key` (so far).
@@ -220,10 +223,7 @@ impl Engine {
             message: e.to_string(),
             help: "the engine could not be waited for".into(),
         })?;
-        self.promote_rest().map_err(|source| ExecError::Cache {
-            path: self.store.root().to_owned(),
-            source,
-        })?;
+        self.promote_rest();
         let (lock, _) = &*self.state;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(found) = state.refused.take() {
@@ -264,7 +264,7 @@ impl Drop for Engine {
             if let Some(reader) = self.reader.take() {
                 let _ = reader.join();
             }
-            let _ = self.promote_rest();
+            self.promote_rest();
         }
     }
 }

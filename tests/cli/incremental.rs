@@ -226,6 +226,44 @@ fn fused_bytes_are_written_once_the_output_shard_being_their_cache_object() {
 }
 
 #[test]
+fn results_no_shard_takes_become_objects_of_their_own() {
+    let ws = workspace(0.5);
+    let recipe = |weight: f64| {
+        format!("[base]\npath = \"base\"\n[[adapter]]\npath = \"a\"\n[[adapter]]\npath = \"b\"\nweight = {weight:?}\n[output]\npath = \"out\"\nshard_by = \"inputs\"\n")
+    };
+    ws.write("recipe.toml", recipe(0.5));
+    build(&ws, &[]);
+    // The results go, the build record stays. With b's weight changed, the shard of the q
+    // projections (a's alone) is kept, but the engine computes its tensors again and hands
+    // them to a build that writes no shard of them; the v shard's are written into it.
+    for gone in ["objects", "actions"] {
+        std::fs::remove_dir_all(ws.path(&format!("cache/v1/{gone}"))).unwrap();
+    }
+    ws.write("recipe.toml", recipe(0.25));
+    let again = build(&ws, &[]);
+    assert_eq!(
+        (again["shards_kept"].as_u64(), nodes(&again).0),
+        (Some(2), 4)
+    );
+    let entries = entries(&ws, "cache");
+    let within = entries.iter().filter(|e| e.get("within").is_some()).count();
+    let own = entries.iter().filter(|e| e["tensor"].is_string()).count();
+    assert_eq!((entries.len(), within, own), (4, 2, 2), "{entries:?}");
+    // The q tensors' two objects and the v shard.
+    assert_eq!(cache_is_sound(&ws, "cache"), 3);
+    assert!(std::fs::read_dir(ws.path("cache/v1/tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+    ws.write("recipe.toml", recipe(0.5));
+    assert_eq!(
+        nodes(&build(&ws, &[])).0,
+        2,
+        "b's tensors at 0.5 again; a's are cached"
+    );
+}
+
+#[test]
 fn a_corrupt_cache_object_is_evicted_and_recomputed() {
     let ws = workspace(0.5);
     build(&ws, &[]);
