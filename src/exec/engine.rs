@@ -66,13 +66,20 @@ pub(crate) struct Run {
     pub waited: f64,
 }
 
-impl Engine {
-    /// Starts the engine on `job`; its results land in the cache one by one, or, for the tasks
-    /// it hands off, in files the build settles.
-    pub fn start(job: &Job, store: &Store, progress: bool) -> Result<Engine, ExecError> {
+/// An engine process waiting for its job: started before the build knows what to compute, so
+/// that LibTorch loads (a quarter of a second) while the build hashes its inputs. Dropped
+/// unused, it is killed before it reads anything.
+pub(crate) struct Spawned {
+    child: Option<Child>,
+    path: PathBuf,
+    started: std::time::Instant,
+}
+
+impl Spawned {
+    pub fn new() -> Result<Spawned, ExecError> {
         let path = engine_path();
         let started = std::time::Instant::now();
-        let mut child = Command::new(&path)
+        let child = Command::new(&path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -81,6 +88,46 @@ impl Engine {
                 message: format!("cannot start `{}`: {e}", path.display()),
                 help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
             })?;
+        Ok(Spawned {
+            child: Some(child),
+            path,
+            started,
+        })
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Killed before its input closes: an engine that read an empty job would complain.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Engine {
+    /// Starts the engine on `job` (in `spawned`, when the build started one early); its
+    /// results land in the cache one by one, or, for the tasks it hands off, in files the
+    /// build settles.
+    pub fn start(
+        job: &Job,
+        store: &Store,
+        progress: bool,
+        spawned: Option<Spawned>,
+    ) -> Result<Engine, ExecError> {
+        let mut spawned = match spawned {
+            Some(spawned) => spawned,
+            None => Spawned::new()?,
+        };
+        let (mut child, path, started) = (
+            spawned
+                .child
+                .take()
+                .expect("a spawned engine has its process"),
+            spawned.path.clone(),
+            spawned.started,
+        );
         let request = serde_json::to_vec(job).expect("a job serialises");
         if let Some(mut stdin) = child.stdin.take() {
             // A failed write means the engine died; its exit status says why.

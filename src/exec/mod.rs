@@ -43,7 +43,18 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
         }
     }
     let mut phases = Phases::default();
-    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, args.check_finite)?;
+    // Inputs to read mean a build that most likely computes: its engine loads LibTorch
+    // meanwhile (killed unused if everything turns out cached).
+    let mut spawned = None;
+    let res = Resolution::new(
+        &args.recipe,
+        &args.cache,
+        &args.arch,
+        args.check_finite,
+        || {
+            spawned = engine::Spawned::new().ok();
+        },
+    )?;
     phases.resolve = started.elapsed().as_secs_f64();
     let lock_path = lock::path_for(&res.recipe.path);
     // What killed builds left: a staged lock, staged outputs, or a replaced output whose
@@ -100,7 +111,8 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     let shard_keys = record::shard_keys(&res, shards);
     let kept = record::kept_shards(&res, shards, &shard_keys, args.cache.rehash);
 
-    let (staged, computed, engine_peak) = compute_and_write(&res, args, &kept, &mut phases)?;
+    let (staged, computed, engine_peak) =
+        compute_and_write(&res, args, &kept, &mut phases, spawned)?;
     let shards_kept = staged.kept;
     // The lock, staged beside its place; then the outputs and the lock go into place together.
     let dir = recipe_dir(&res.recipe);
@@ -191,7 +203,7 @@ pub fn push_built(args: &PushOptions) -> miette::Result<()> {
         )));
     };
     let remote = crate::remote::Remote::open(url).map_err(remote_error)?;
-    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false)?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false, || {})?;
     let pushed = push(&res, &remote)?;
     eprintln!(
         "pushed {} objects ({:.1} MB) to {}",
@@ -310,6 +322,7 @@ fn compute_and_write(
     args: &BuildOptions,
     kept: &std::collections::HashMap<String, FileDigest>,
     phases: &mut Phases,
+    mut spawned: Option<engine::Spawned>,
 ) -> miette::Result<(assemble::Staged, usize, u64)> {
     let shards = &res.shards;
     let budget = args.max_memory.unwrap_or(DEFAULT_BUDGET);
@@ -323,7 +336,9 @@ fn compute_and_write(
             .filter(|t| matches!(t.node, Node::Fuse(_) | Node::Refactor { .. }))
             .count();
         let mut engine = None;
-        if !tasks.is_empty() {
+        if tasks.is_empty() {
+            drop(spawned.take());
+        } else {
             let job = job::Job {
                 cache: res
                     .store
@@ -338,7 +353,12 @@ fn compute_and_write(
                 places: res.graph.places(tasks.iter().map(|t| &t.node)),
                 nodes: tasks,
             };
-            engine = Some(engine::Engine::start(&job, &res.store, false)?);
+            engine = Some(engine::Engine::start(
+                &job,
+                &res.store,
+                false,
+                spawned.take(),
+            )?);
         }
         // The output is written while the engine computes, each computed tensor as soon as it
         // is in the cache. A failed assembly stops the engine (dropping it kills it).
@@ -551,7 +571,7 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
 /// `modelforge plan`: what a build would do, without doing it.
 pub fn plan(args: &PlanOptions) -> miette::Result<()> {
     // A plan computes nothing, so it does not read whole adapters to check their values.
-    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false)?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false, || {})?;
     let last = res.last_build();
     let status = |keyed: &crate::plan::Keyed| res.status(keyed, &last);
     let shards = &res.shards;

@@ -33,12 +33,16 @@ pub(crate) struct Resolution {
 
 impl Resolution {
     /// Reads the recipe, the schemas (`--arch` files besides the shipped ones) and the
-    /// inputs; with `check_finite`, also refuses adapters holding NaN or infinity.
+    /// inputs; with `check_finite`, also refuses adapters holding NaN or infinity. Calls
+    /// `reading_inputs` first if some input must be read to be hashed (new to the cache,
+    /// changed, or `--rehash`): a build that will most likely compute can start its engine
+    /// then, while the inputs are hashed.
     pub fn new(
         recipe_path: &Path,
         cache: &CacheOptions,
         arch: &[PathBuf],
         check_finite: bool,
+        reading_inputs: impl FnOnce(),
     ) -> miette::Result<Resolution> {
         let recipe = Recipe::load(recipe_path)?;
         let schemas = crate::arch::Schemas::load(arch)?;
@@ -86,6 +90,9 @@ impl Resolution {
             seed,
             refactor: recipe.output.adapter.as_ref().map(|a| a.rank),
         };
+        if cache.rehash || !plan.input_files().iter().all(|f| store.knows_file(f)) {
+            reading_inputs();
+        }
         let mut graph =
             BuildGraph::new(&plan, &recipe_dir(&recipe), &store, cache.rehash, &settings)
                 .map_err(|source| ExecError::Hash { source })?;

@@ -470,15 +470,7 @@ fn hash_inputs(
     store: &Store,
     rehash: bool,
 ) -> std::io::Result<Vec<InputFile>> {
-    let mut paths: Vec<PathBuf> = plan.inputs.base.weight_files();
-    paths.push(plan.inputs.base.dir.join("config.json"));
-    for source in &plan.inputs.adapters {
-        paths.extend(source.files());
-    }
-    paths.extend(plan.arch_files.iter().cloned());
-    paths.extend(plan.align.files());
-    paths.extend(plan.tokenizer.iter().cloned());
-    paths
+    plan.input_files()
         .into_iter()
         .map(|path| {
             let digest = store

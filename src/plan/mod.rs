@@ -170,6 +170,19 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Every file the build reads whose digest goes into node keys and the lock.
+    pub fn input_files(&self) -> Vec<std::path::PathBuf> {
+        let mut paths = self.inputs.base.weight_files();
+        paths.push(self.inputs.base.dir.join("config.json"));
+        for source in &self.inputs.adapters {
+            paths.extend(source.files());
+        }
+        paths.extend(self.arch_files.iter().cloned());
+        paths.extend(self.align.files());
+        paths.extend(self.tokenizer.iter().cloned());
+        paths
+    }
+
     pub fn new(recipe: &Recipe, schemas: &Schemas) -> Result<Plan, PlanError> {
         let src = recipe.src();
 

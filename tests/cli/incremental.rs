@@ -585,3 +585,26 @@ fn shards_by_input_are_rewritten_only_when_an_input_they_depend_on_changes() {
     assert_eq!(weights(&ws, "out"), weights(&ws, "fresh"));
     ws.ok(&["verify", "recipe.toml"]);
 }
+
+/// Inputs the cache has not seen start the engine early, to load LibTorch while they are
+/// hashed; a build that then finds everything cached stops it before it reads a job, and the
+/// engine says nothing.
+#[test]
+fn an_engine_started_early_and_not_needed_goes_quietly() {
+    let ws = workspace(0.5);
+    build(&ws, &[]);
+    // The same bytes in a new file: the stat cache hashes it again.
+    let base = read(&ws, "base/model.safetensors");
+    std::fs::remove_file(ws.path("base/model.safetensors")).unwrap();
+    ws.write("base/model.safetensors", &base);
+    let out = ws.run(&["build", "recipe.toml", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["up_to_date"], true);
+    // And when something must be computed after all, the early engine computes it.
+    write_recipe(&ws, 0.25);
+    std::fs::remove_file(ws.path("base/model.safetensors")).unwrap();
+    ws.write("base/model.safetensors", &base);
+    assert_eq!(nodes(&build(&ws, &[])), (2, 2, 7));
+}

@@ -43,17 +43,12 @@ impl Store {
     pub fn file_digest(&self, path: &Path, rehash: bool) -> std::io::Result<FileDigest> {
         let path = std::fs::canonicalize(path)?;
         let meta = std::fs::metadata(&path)?;
-        let entry_path = self.stat_path(&path);
         if !rehash {
-            if let Some(entry) = std::fs::read(&entry_path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<StatEntry>(&b).ok())
-            {
-                if entry == StatEntry::of(&path, &meta, entry.digest) {
-                    return Ok(entry.digest);
-                }
+            if let Some(digest) = self.recorded_digest(&path, &meta) {
+                return Ok(digest);
             }
         }
+        let entry_path = self.stat_path(&path);
         let digest = hash_file(&path)?;
         // The file may have changed while it was hashed; record only what was stable.
         let after = std::fs::metadata(&path)?;
@@ -63,6 +58,23 @@ impl Store {
             self.write_atomic(&entry_path, &bytes, false)?;
         }
         Ok(digest)
+    }
+
+    /// Whether [`Store::file_digest`] would give the digest of the file at `path` without
+    /// reading it (the stat cache knows the file as it is now).
+    pub fn knows_file(&self, path: &Path) -> bool {
+        std::fs::canonicalize(path)
+            .and_then(|path| Ok((std::fs::metadata(&path)?, path)))
+            .is_ok_and(|(meta, path)| self.recorded_digest(&path, &meta).is_some())
+    }
+
+    /// The digest the stat cache holds for the file at the canonical `path`, if the file is
+    /// unchanged since.
+    fn recorded_digest(&self, path: &Path, meta: &std::fs::Metadata) -> Option<FileDigest> {
+        let entry = std::fs::read(self.stat_path(path))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<StatEntry>(&b).ok())?;
+        (entry == StatEntry::of(path, meta, entry.digest)).then_some(entry.digest)
     }
 
     /// Records a digest the caller computed while writing the file (so that the next build
