@@ -3,19 +3,20 @@
 
 Uses bench_fuse.py's TinyLlama-shaped model (2.2 GB bf16, generated once into
 target/bench/tinyllama) and its recipe `a.toml` (the model and a rank-16 LoRA on all seven
-projections), and an S3 server on loopback (s3s-fs from target/s3s, as scripts/test.sh builds
-it). Measures, RUNS times each (median, min, max):
+projections), and an S3 server on loopback (`--server s3s`: s3s-fs from target/s3s; `--server
+garage`: Garage, a production store; both as scripts/test.sh builds them). Measures, RUNS times each (median, min, max):
 
     push         `modelforge push a.toml` into an empty bucket: the build's computed tensors and
                  its output files, each checked as it is read, multipart above 16 MiB
-    plain PUT    the same objects uploaded by curl (SigV4), 8 at a time
+    plain PUT    the same objects (fetched beforehand, untimed) uploaded by curl (SigV4), 8 at a
+                 time, each in one PUT
     pull         `modelforge build a.toml --locked --remote` in a folder holding only the recipe
                  and its lock: the 2.2 GB output fetched and checked against the lock
     plain GET    the same output objects downloaded by curl, 8 at a time
 
 Targets (issue 16): pull ≤ 1.3× plain GET, push ≤ 1.3× plain PUT. Not part of the test suite.
 
-    .venv/bin/python bench/bench_remote.py [--runs 3] [--small]
+    .venv/bin/python bench/bench_remote.py [--runs 3] [--small] [--server s3s|garage]
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ import bench_fuse  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 S3S = REPO / "target" / "s3s" / "bin" / "s3s-fs"
+GARAGE = Path(os.environ.get("MODELFORGE_GARAGE", Path.home() / ".cache" / "modelforge-tools"
+                             / "garage" / "bin" / "garage"))
 KEY, SECRET = "bench", "bench-secret"
 
 
@@ -70,15 +73,99 @@ def curl_all(jobs: list[list[str]], env: dict) -> float:
     return elapsed
 
 
+class S3s:
+    """s3s-fs serving a folder; buckets are its folders."""
+    name = "s3s-fs 0.14.1"
+    region = "us-east-1"
+    key, secret = KEY, SECRET
+
+    def __init__(self, root: Path):
+        if not S3S.exists():
+            sys.exit(f"{S3S} is missing: scripts/test.sh builds it")
+        (root / "bucket").mkdir(parents=True)
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [str(S3S), "--host", "127.0.0.1", "--port", str(self.port), "--access-key", KEY,
+             "--secret-key", SECRET, str(root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def stop(self):
+        self.process.kill()
+
+
+class Garage:
+    """A single-node Garage (lmdb) with one bucket and one key that may read and write it."""
+    name = "Garage 2.5.0"
+    region = "garage"
+    key, secret = "GK" + "1" * 24, "a" * 64
+
+    def __init__(self, root: Path):
+        if not GARAGE.exists():
+            sys.exit(f"{GARAGE} is missing: scripts/test.sh builds it")
+        root.mkdir(parents=True)
+        self.port, rpc = free_port(), free_port()
+        self.config = root / "garage.toml"
+        self.config.write_text(
+            f'metadata_dir = "{root / "meta"}"\ndata_dir = "{root / "data"}"\n'
+            f'db_engine = "lmdb"\nreplication_factor = 1\n'
+            f'rpc_bind_addr = "127.0.0.1:{rpc}"\nrpc_public_addr = "127.0.0.1:{rpc}"\n'
+            f'rpc_secret = "{"0" * 63}1"\n'
+            f'[s3_api]\ns3_region = "garage"\napi_bind_addr = "127.0.0.1:{self.port}"\n')
+        self.process = subprocess.Popen([str(GARAGE), "-c", str(self.config), "server"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while self.cli("status", check=False).returncode != 0:
+            if time.time() > deadline:
+                sys.exit("garage did not start")
+            time.sleep(0.1)
+        node = self.cli("node", "id", "-q").stdout.strip().split("@")[0]
+        self.cli("layout", "assign", "-z", "dc1", "-c", "10G", node)
+        self.cli("layout", "apply", "--version", "1")
+        self.cli("bucket", "create", "bucket")
+        self.cli("key", "import", "--yes", "-n", "bench", self.key, self.secret)
+        self.cli("bucket", "allow", "--read", "--write", "bucket", "--key", "bench")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(GARAGE), "-c", str(self.config), *args],
+                              capture_output=True, text=True, check=check)
+
+    def stop(self):
+        self.process.kill()
+
+
+def list_objects(endpoint: str, prefix: str, sigv4: list[str], env: dict) -> list[str]:
+    """The keys under `prefix` in `bucket` (ListObjectsV2, page by page)."""
+    import urllib.parse
+    import xml.etree.ElementTree as ET
+    keys: list[str] = []
+    token = None
+    while True:
+        query = {"list-type": "2", "prefix": prefix}
+        if token:
+            query["continuation-token"] = token
+        url = f"{endpoint}/bucket?{urllib.parse.urlencode(query)}"
+        body = subprocess.run(["curl", *sigv4, url], env=env, capture_output=True,
+                              check=True).stdout
+        root = ET.fromstring(body)
+        ns = {"s3": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
+        find = (lambda e, t: e.find(f"s3:{t}", ns)) if ns else (lambda e, t: e.find(t))
+        findall = (lambda e, t: e.findall(f"s3:{t}", ns)) if ns else (lambda e, t: e.findall(t))
+        keys += [find(c, "Key").text for c in findall(root, "Contents")]
+        truncated = find(root, "IsTruncated")
+        if truncated is None or truncated.text != "true":
+            return keys
+        token = find(root, "NextContinuationToken").text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--server", choices=["s3s", "garage"], default="s3s")
     ap.add_argument("--bin", default=str(REPO / "target/release/modelforge"))
     args = ap.parse_args(argv)
-    if not S3S.exists():
-        sys.exit(f"{S3S} is missing: scripts/test.sh builds it")
     name = "small" if args.small else "tinyllama"
     d = (REPO / "target" / "bench" / name).resolve()
     d.mkdir(parents=True, exist_ok=True)
@@ -88,18 +175,13 @@ def main(argv=None) -> int:
 
     root = d / "s3"
     shutil.rmtree(root, ignore_errors=True)
-    (root / "bucket").mkdir(parents=True)
-    port = free_port()
-    server = subprocess.Popen([str(S3S), "--host", "127.0.0.1", "--port", str(port),
-                               "--access-key", KEY, "--secret-key", SECRET, str(root)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET,
-               AWS_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true",
+    server = (S3s if args.server == "s3s" else Garage)(root)
+    endpoint = f"http://127.0.0.1:{server.port}"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=server.key, AWS_SECRET_ACCESS_KEY=server.secret,
+               AWS_REGION=server.region, AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true",
                MODELFORGE_REMOTE="")
-    sigv4 = ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{KEY}:{SECRET}", "-sSf",
-             "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
+    sigv4 = ["--aws-sigv4", f"aws:amz:{server.region}:s3", "--user",
+             f"{server.key}:{server.secret}", "-sSf", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
     try:
         cache = d / "remote-cache"
         shutil.rmtree(cache, ignore_errors=True)
@@ -116,14 +198,20 @@ def main(argv=None) -> int:
             url = f"s3://bucket/{prefix}"
             results["push"].append(timed([mf, "push", "a.toml", "--cache", str(cache),
                                           "--remote", url], d, env))
-            objects = sorted(p for p in (root / "bucket" / prefix).rglob("*")
-                             if p.is_file() and "/cas/" in str(p))
-            # the same objects, uploaded plainly under another prefix
+            # the same objects, fetched (untimed) and uploaded plainly under another prefix
+            names = [k for k in list_objects(endpoint, f"{prefix}/", sigv4, env) if "/cas/" in k]
+            staged = d / f"plain-put{i}"
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.mkdir()
+            curl_all([["curl", *sigv4, "-o", str(staged / k.rsplit("/", 1)[1]),
+                       f"{endpoint}/bucket/{k}"] for k in names], env)
             plain = f"plain{i}"
-            jobs = [["curl", *sigv4, "-T", str(p),
-                     f"{endpoint}/bucket/{plain}/{p.relative_to(root / 'bucket' / prefix)}"]
-                    for p in objects]
+            jobs = [["curl", *sigv4, "-T", str(staged / k.rsplit("/", 1)[1]),
+                     f"{endpoint}/bucket/{plain}/{k.split('/', 1)[1]}"]
+                    for k in names]
+            subprocess.run(["sync"], check=True)
             results["put"].append(curl_all(jobs, env))
+            shutil.rmtree(staged, ignore_errors=True)
             # pull the model from recipe + lock alone
             bare = d / f"bare{i}"
             shutil.rmtree(bare, ignore_errors=True)
@@ -147,11 +235,11 @@ def main(argv=None) -> int:
             shutil.rmtree(into, ignore_errors=True)
             shutil.rmtree(bare, ignore_errors=True)
     finally:
-        server.kill()
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\n{size / 1e9:.2f} GB model, {args.runs} runs, s3s-fs on loopback\n")
+    print(f"\n{size / 1e9:.2f} GB model, {args.runs} runs, {server.name} on loopback\n")
     print("| step | median s | min | max | GB/s |")
     print("|---|---|---|---|---|")
     labels = {"push": "modelforge push", "put": "plain PUT (curl ×8)",

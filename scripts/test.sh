@@ -16,6 +16,14 @@ if [ ! -x target/s3s/bin/s3s-fs ]; then
   echo "test: building s3s-fs 0.14.1 into target/s3s (an S3 server for the remote-cache tests)" >&2
   cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary --root target/s3s
 fi
+# Garage 2.5.0, a production S3 store with per-key permissions, for the read-only-key test:
+# about 22 min to compile on two cores, so it is installed once per machine, outside the clone.
+TOOLS="${MODELFORGE_TOOLS:-$HOME/.cache/modelforge-tools}"
+if [ ! -x "$TOOLS/garage/bin/garage" ]; then
+  echo "test: building garage 2.5.0 into $TOOLS/garage (about 22 min on two cores; once per machine)" >&2
+  cargo install --quiet --locked garage --version 2.5.0 --root "$TOOLS/garage"
+fi
+export MODELFORGE_GARAGE="$TOOLS/garage/bin/garage"
 cargo build --quiet
 cargo test --quiet
 MODELFORGE_BIN="$PWD/target/debug/modelforge" HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/peers -q

@@ -314,7 +314,7 @@ impl Remote {
             let Some(mut reader) = VerifyingReader::open(store, &entry) else {
                 return Err(Fault::Damaged);
             };
-            let upload = self.store.put_multipart(&path).await?;
+            let upload = self.store.put_multipart(&path).await.map_err(write_fault)?;
             let mut writer =
                 object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
             let mut left = entry.len;
@@ -326,7 +326,7 @@ impl Remote {
                     return Err(Fault::Damaged);
                 }
                 writer.write(&buffer[..n]);
-                writer.wait_for_capacity(8).await?;
+                writer.wait_for_capacity(8).await.map_err(write_fault)?;
                 left -= n as u64;
             }
             if !reader.check() {
@@ -334,7 +334,7 @@ impl Remote {
                 store.evict(&entry);
                 return Err(Fault::Damaged);
             }
-            writer.finish().await?;
+            writer.finish().await.map_err(write_fault)?;
         }
         // On the remote, every result is an object of its own.
         let remote = ActionEntry {
@@ -539,7 +539,7 @@ async fn upload_file(
         create(store, object, bytes.into()).await?;
         return Ok(len);
     }
-    let upload = store.put_multipart(object).await?;
+    let upload = store.put_multipart(object).await.map_err(write_fault)?;
     let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
     let mut buffer = vec![0u8; PART as usize];
     loop {
@@ -551,13 +551,13 @@ async fn upload_file(
         }
         crate::digest::hash_into(&mut hasher, &buffer[..n]);
         writer.write(&buffer[..n]);
-        writer.wait_for_capacity(8).await?;
+        writer.wait_for_capacity(8).await.map_err(write_fault)?;
     }
     if crate::digest::FileDigest::new(hasher.finalize()) != *digest {
         writer.abort().await?;
         return Err(Fault::Damaged);
     }
-    writer.finish().await?;
+    writer.finish().await.map_err(write_fault)?;
     Ok(len)
 }
 
@@ -604,7 +604,7 @@ async fn create(
     match store.put_opts(path, payload, options).await {
         Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
         Err(object_store::Error::NotImplemented { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(write_fault(e)),
     }
 }
 
@@ -619,6 +619,18 @@ enum Fault {
 impl From<object_store::Error> for Fault {
     fn from(e: object_store::Error) -> Self {
         Fault::Unreachable(e.to_string())
+    }
+}
+
+/// A refused write says what is usually wrong: a key that may read the remote but not write it.
+fn write_fault(e: object_store::Error) -> Fault {
+    match e {
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            Fault::Unreachable(format!(
+                "the server refused to store objects with these credentials: the key may not write here (pushing needs a key that may write; a build without `--push` only reads): {e}"
+            ))
+        }
+        e => e.into(),
     }
 }
 

@@ -1,6 +1,7 @@
-"""The shared remote cache (`build --remote URL [--push]`), against a real S3 server on loopback
-(s3s-fs, installed into target/s3s by scripts/test.sh) and a shared folder (`file://`): two
-caches stand for two machines sharing one remote."""
+"""The shared remote cache (`build --remote URL [--push]`), against real S3 servers on loopback
+(s3s-fs, installed into target/s3s by scripts/test.sh, whose objects are files the tests can
+damage; Garage, a production store with per-key permissions, installed by the same script) and a
+shared folder (`file://`): two caches stand for two machines sharing one remote."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -10,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import pytest
 from support import BIN, REPO
 
 S3S = Path(os.environ.get("MODELFORGE_S3S", REPO / "target" / "s3s" / "bin" / "s3s-fs"))
+GARAGE = Path(os.environ.get("MODELFORGE_GARAGE", Path.home() / ".cache" / "modelforge-tools"
+                             / "garage" / "bin" / "garage"))
 KEY, SECRET = "modelforge-test", "s3cr3t-never-printed"
 
 
@@ -59,6 +63,140 @@ class S3Server:
     def stop(self):
         self.process.kill()
         self.process.wait()
+
+
+class Garage:
+    """A single-node Garage on loopback with one bucket and two keys: `writer` may read and
+    write it, `reader` may only read it."""
+
+    # Garage's key format: "GK" and 24 hex digits; the secret, 64 hex digits.
+    WRITER = ("GK" + "1" * 24, "a" * 64)
+    READER = ("GK" + "2" * 24, "b" * 64)
+
+    def __init__(self, root: Path):
+        if not GARAGE.exists():
+            pytest.fail(f"garage not found at {GARAGE}: scripts/test.sh installs it")
+        root.mkdir(parents=True, exist_ok=True)
+        self.port, rpc, admin = free_port(), free_port(), free_port()
+        self.config = root / "garage.toml"
+        self.config.write_text(f"""metadata_dir = "{root / 'meta'}"
+data_dir = "{root / 'data'}"
+db_engine = "lmdb"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{'0' * 63}1"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{self.port}"
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+""")
+        self.log = open(root / "garage.log", "wb")
+        self.process = subprocess.Popen([str(GARAGE), "-c", str(self.config), "server"],
+                                        stdout=self.log, stderr=self.log)
+        try:
+            deadline = time.time() + 30
+            while self.cli("status", check=False).returncode != 0:
+                if time.time() > deadline or self.process.poll() is not None:
+                    pytest.fail("garage did not start: " + (root / "garage.log").read_text()[-2000:])
+                time.sleep(0.1)
+            node = self.cli("node", "id", "-q").stdout.strip().split("@")[0]
+            self.cli("layout", "assign", "-z", "dc1", "-c", "1G", node)
+            self.cli("layout", "apply", "--version", "1")
+            self.cli("bucket", "create", "bucket")
+            for (key, secret), name, rights in ((self.WRITER, "writer", ["--read", "--write"]),
+                                                (self.READER, "reader", ["--read"])):
+                self.cli("key", "import", "--yes", "-n", name, key, secret)
+                self.cli("bucket", "allow", *rights, "bucket", "--key", name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        run = subprocess.run([str(GARAGE), "-c", str(self.config), *args],
+                             capture_output=True, text=True, timeout=30)
+        if check and run.returncode != 0:
+            pytest.fail(f"garage {' '.join(args)}: {run.stderr}")
+        return run
+
+    def env(self, key: tuple[str, str]) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": key[0], "AWS_SECRET_ACCESS_KEY": key[1],
+                "AWS_REGION": "garage", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+                "AWS_ALLOW_HTTP": "true"}
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+
+class Cutoff:
+    """A TCP proxy in front of `server` that, once `budget` bytes have passed through it either
+    way, kills the server and drops every connection: a server that stops mid-build."""
+
+    def __init__(self, server: S3Server, budget: int):
+        self.server, self.budget, self.passed = server, budget, 0
+        self.lock = threading.Lock()
+        self.cut_off = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def env(self) -> dict[str, str]:
+        return {**self.server.env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}"}
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.server.port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    def pipe(self, src: socket.socket, dst: socket.socket):
+        try:
+            while data := src.recv(65536):
+                with self.lock:
+                    self.passed += len(data)
+                    over = self.passed > self.budget
+                if over:
+                    self.cut()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self):
+        with self.lock:
+            if self.cut_off.is_set():
+                return
+            self.cut_off.set()
+        self.server.stop()
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+@pytest.fixture
+def garage(tmp_path):
+    server = Garage(tmp_path / "garage")
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -285,3 +423,113 @@ def test_a_machine_with_the_recipe_and_lock_alone_fetches_the_outputs(tmp_path, 
     gone = build(bare, tmp_path / "cache-d", "--locked", "--remote", f"file://{tmp_path}/empty",
                  env=no_engine, check=False)
     assert gone.returncode != 0 and "has no object" in said(gone.stderr), gone.stderr
+
+
+def test_a_read_only_key_pulls_and_its_push_is_refused(tmp_path, garage):
+    url = "s3://bucket/team"
+    first = workspace(tmp_path / "a")
+    pushed = summary(build(first, tmp_path / "cache-a", "--remote", url, "--push",
+                           env=garage.env(garage.WRITER)))
+    assert pushed["pushed"]["objects"] > 0
+
+    # A laptop whose key may only read: everything it needs comes from the remote.
+    reader = garage.env(garage.READER)
+    second = workspace(tmp_path / "b")
+    pulled = summary(build(second, tmp_path / "cache-b", "--remote", url, env=reader))
+    assert pulled["nodes"]["computed"] == 0, pulled
+    assert pulled["pulled"]["objects"] == pushed["nodes"]["computed"], pulled
+    assert outputs(second) == outputs(first)
+
+    # Pushing with it: the output is written all the same, the push is an error that names the
+    # remote and says the key may not write, and the secret is never printed.
+    third = workspace(tmp_path / "c", weight=0.5)
+    refused = build(third, tmp_path / "cache-c", "--remote", url, "--push", env=reader,
+                    check=False)
+    assert refused.returncode != 0
+    words = said(refused.stderr)
+    assert url in words and "may not write" in words, refused.stderr
+    assert garage.READER[1] not in refused.stdout + refused.stderr
+    local = workspace(tmp_path / "d", weight=0.5)
+    build(local, tmp_path / "cache-d")
+    assert outputs(third) == outputs(local)
+    # Nothing of it reached the remote: a writer building the same recipe computes it all.
+    fourth = workspace(tmp_path / "e", weight=0.5)
+    run = summary(build(fourth, tmp_path / "cache-e", "--remote", url,
+                        env=garage.env(garage.WRITER)))
+    assert run["nodes"]["computed"] == pulled["pulled"]["objects"], run
+
+
+def consistent(folder: Path) -> int:
+    """Checks that every entry of the remote in `folder` names an object holding the bytes its
+    name says; the number of entries."""
+    entries = sorted(p for p in (folder / "modelforge" / "v1" / "ac").rglob("*") if p.is_file())
+    for entry in entries:
+        digest = json.loads(entry.read_text())["tensor"]
+        obj = folder / "modelforge" / "v1" / "cas" / digest[:2] / digest
+        assert obj.is_file(), f"{entry.name} names a missing object"
+        assert blake3.blake3(obj.read_bytes()).hexdigest() == digest
+    return len(entries)
+
+
+def test_a_server_that_stops_mid_pull_costs_one_warning(tmp_path, s3):
+    first = workspace(tmp_path / "a")
+    pushed = summary(build(first, tmp_path / "cache-a", "--remote", "s3://bucket/team", "--push",
+                           env=s3.env()))
+    total = pushed["nodes"]["computed"]
+    # How many bytes a whole pull takes; half of them through, the server is killed.
+    counter = Cutoff(s3, 1 << 40)
+    summary(build(workspace(tmp_path / "probe"), tmp_path / "cache-probe", "--remote",
+                  "s3://bucket/team", env=counter.env()))
+    proxy = Cutoff(s3, counter.passed // 2)
+    second = workspace(tmp_path / "b")
+    started = time.time()
+    run = build(second, tmp_path / "cache-b", "--remote", "s3://bucket/team", env=proxy.env())
+    assert time.time() - started < 30
+    assert proxy.cut_off.is_set()
+    s = summary(run)
+    assert s["pulled"]["objects"] > 0 and s["nodes"]["computed"] > 0, s
+    assert s["pulled"]["objects"] + s["nodes"]["computed"] == total, s
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "s3://bucket/team" in warnings[0], run.stderr
+    assert outputs(second) == outputs(first)
+    verify = subprocess.run([str(BIN), "cache", "verify", "--cache", str(tmp_path / "cache-b")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_server_that_stops_mid_push_leaves_a_consistent_remote(tmp_path, s3):
+    # How many bytes the computed tensors of a push take (measured on a remote of its own);
+    # three quarters of them through (eight go at once), the server is killed.
+    probe_ws = workspace(tmp_path / "probe")
+    probe = summary(build(probe_ws, tmp_path / "cache-probe", "--remote", "s3://bucket/probe",
+                          "--push", env=s3.env()))
+    files = sum(p.stat().st_size for p in (probe_ws / "out").iterdir() if p.is_file())
+    proxy = Cutoff(s3, (probe["pushed"]["bytes"] - files) * 3 // 4)
+    first = workspace(tmp_path / "a")
+    run = build(first, tmp_path / "cache-a", "--remote", "s3://bucket/team", "--push",
+                env=proxy.env(), check=False)
+    assert proxy.cut_off.is_set()
+    assert run.returncode != 0 and "s3://bucket/team" in said(run.stderr), run.stderr
+    # The output is written all the same, as a build without the remote writes it.
+    local = workspace(tmp_path / "local")
+    build(local, tmp_path / "cache-local")
+    assert outputs(first) == outputs(local)
+    # The server back: what was pushed is consistent, and a second machine pulls it and
+    # computes the rest.
+    server = S3Server(s3.root)
+    try:
+        folder = s3.root / "bucket" / "team"
+        entries = consistent(folder)
+        assert 0 < entries < probe["nodes"]["computed"], "the push was cut short"
+        second = workspace(tmp_path / "b")
+        s = summary(build(second, tmp_path / "cache-b", "--remote", "s3://bucket/team",
+                          env=server.env()))
+        assert s.get("pulled", {}).get("objects", 0) == entries, s
+        assert s["nodes"]["computed"] == probe["nodes"]["computed"] - entries, s
+        assert outputs(second) == outputs(local)
+        # And pushing again completes it.
+        build(first, tmp_path / "cache-a", "--remote", "s3://bucket/team", "--push",
+              env=server.env())
+        assert consistent(folder) == probe["nodes"]["computed"]
+    finally:
+        server.stop()
