@@ -321,6 +321,7 @@ def main(argv=None) -> int:
     runtime = time.time() - started
     result = dict(rows=rows, rank_correlation=correlations["report_summary"]["all_carried"],
                   rank_correlation_floor_tied=correlations["report_summary"]["clipped"],
+                  rank_correlation_ceiling=ceiling(carried, floor),
                   correlations=correlations, maps_tried=maps_tried, damage_floor=floor, mode_choice=choices, not_applicable=skipped, variant=variant,
                   runtime_s=round(runtime, 1), trained_now=zoo.trained_now,
                   direct_gain={n: base[n]["task"] - base[n]["task_direct"] for n in names},
@@ -363,6 +364,14 @@ def try_stream_maps(rows, sources, names, zoo, loras, base, weights, measured, s
     return tried
 
 
+def ceiling(carried: list[dict], floor: float) -> float | None:
+    """The highest Spearman over every carried row that a figure can reach if it orders the rows
+    above the damage floor exactly as their gains and cannot tell those under it apart (ties
+    them): what a figure that predicts transfer, and not the size of a perturbation, can show."""
+    gains = [r["gain_fraction"] for r in carried]
+    return spearman([g if g > floor else 0.0 for g in gains], gains)
+
+
 def verdict_lines(result: dict) -> list[str]:
     """What each verdict's rows kept, and how the figure orders the rows on either side of the
     damage floor."""
@@ -377,10 +386,14 @@ def verdict_lines(result: dict) -> list[str]:
                          f"{span('accuracy_fraction')} | {span('harm', 3)} |")
     above = [r for r in carried if r["gain_fraction"] > floor]
     below = [r for r in carried if r["gain_fraction"] <= floor]
-    rho = lambda rs: fmt(spearman([r["report_summary"] for r in rs], [r["gain_fraction"] for r in rs]))
+    rho = lambda rs, key="report_summary": fmt(spearman([r.get(key) for r in rs], [r["gain_fraction"] for r in rs]))
     return lines + ["", f"Over the {len(above)} rows above the damage floor ({floor:.2f}) alone the transfer figure's "
                     f"Spearman is {rho(above)}; over the {len(below)} rows at or under it, {rho(below)}: there the gain is "
-                    "what perturbing the weights buys, and its order is noise.", ""]
+                    "what perturbing a base that is confidently wrong on the task buys, and it follows how far the "
+                    f"carried delta moves the target's outputs (Spearman there with the harm, {rho(below, 'harm')}, with "
+                    f"`effect_on_text`, {rho(below, 'effect_on_text')}), which a figure read off the weights does not see. "
+                    "Hence a ceiling: a figure that ordered the rows above the floor exactly as their gains and tied "
+                    f"those under it would reach **{fmt(ceiling(carried, floor))}** over every carried row.", ""]
 
 
 def lineage(models: dict, n: str) -> str:
@@ -429,7 +442,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {family} | {m['hidden']} | {m['layers']} | {m['heads']} | {result['direct_gain'][n]:.3f} |")
     lines += ["", "## How well each number predicts the kept gain (Spearman)", "",
               f"Headline, the report's transfer figure over every carried row: **{fmt(result['rank_correlation'])}**; "
-              f"with gains at the damage floor tied: **{fmt(result['rank_correlation_floor_tied'])}**.", "",
+              f"with gains at the damage floor tied: **{fmt(result['rank_correlation_floor_tied'])}**; the most a figure "
+              f"that predicts transfer alone could reach over every row: {fmt(result.get('rank_correlation_ceiling'))} "
+              "(see below).", "",
               *verdict_lines(result),
               f"Columns: Spearman against gain_fraction over every carried row, over the `align` rows only, with "
               f"gains below {result['damage_floor']:.2f} (twice the best gain of random directions) tied at 0, against "
