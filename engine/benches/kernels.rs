@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the engine's kernels on a TinyLlama MLP projection (5632 × 2048, bf16)
-//! and a rank-16 LoRA: the delta product, the fused add + cast, one block end to end, and one
+//! and a rank-16 LoRA: the delta product, the fused add + cast (LibTorch's passes, and the CPU's
+//! one pass, `elementwise::fuse`), one block end to end, and one
 //! whole tensor into a cache object. Blocks are the size the engine cuts under its default
 //! 64 MiB budget on two cores; the block kernels run on one thread, as each rayon worker does.
 //!
@@ -81,6 +82,17 @@ fn kernels(c: &mut Criterion) {
     group.bench_function("fused add + cast to bf16 (with finiteness scan)", |bench| {
         bench
             .iter(|| backend.add_and_round(w.shallow_clone(), product.shallow_clone(), Dtype::BF16))
+    });
+    let product_values = Vec::<f32>::try_from(product.flatten(0, -1)).expect("f32 values");
+    group.bench_function("one pass: bf16 + factor·delta, rounded to bf16", |bench| {
+        bench.iter(|| {
+            modelforge_engine::elementwise::fuse(
+                black_box(&base),
+                Dtype::BF16,
+                Some((&product_values, 1.0)),
+                Dtype::BF16,
+            )
+        })
     });
     group.bench_function("fuse_block: bf16 bytes in, bf16 bytes out", |bench| {
         bench.iter(|| {
