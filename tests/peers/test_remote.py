@@ -1,7 +1,8 @@
 """The shared remote cache (`build --remote URL [--push]`), against real S3 servers on loopback
-(s3s-fs, installed into target/s3s by scripts/test.sh, whose objects are files the tests can
-damage; Garage, a production store with per-key permissions, installed by the same script) and a
-shared folder (`file://`): two caches stand for two machines sharing one remote."""
+(s3s-fs, installed into target/s3s by scripts/test.sh; Garage, a production store with per-key
+permissions, installed by the same script) and a shared folder (`file://`): two caches stand for
+two machines sharing one remote. The tests read, list and damage the remote's objects as another
+client would: through the S3 API (curl's SigV4), or as the folder's files."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -192,6 +193,81 @@ class Cutoff:
                 sock.close()
 
 
+class Folder:
+    """A remote's objects as the files of a shared folder (`file://`). Keys are relative to the
+    layout's root, `modelforge/v1/`."""
+
+    def __init__(self, root: Path):
+        self.root = root / "modelforge" / "v1"
+
+    def keys(self, space: str) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in (self.root / space).rglob("*")
+                      if p.is_file())
+
+    def read(self, key: str) -> bytes | None:
+        path = self.root / key
+        return path.read_bytes() if path.is_file() else None
+
+    def write(self, key: str, data: bytes) -> None:
+        (self.root / key).write_bytes(data)
+
+
+class Bucket:
+    """A remote's objects through the S3 API (curl's SigV4), as another client sees them."""
+
+    def __init__(self, env: dict[str, str], prefix: str = "team"):
+        self.endpoint = f"{env['AWS_ENDPOINT_URL']}/bucket"
+        self.root = f"{prefix}/modelforge/v1/"
+        self.sigv4 = ["--silent", "--show-error", "--aws-sigv4", f"aws:amz:{env['AWS_REGION']}:s3",
+                      "--user", f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}",
+                      "--header", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
+
+    def curl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["curl", *self.sigv4, *args], capture_output=True, timeout=60)
+
+    def keys(self, space: str) -> list[str]:
+        import urllib.parse
+        import xml.etree.ElementTree as ET
+        keys: list[str] = []
+        token = None
+        while True:
+            query = {"list-type": "2", "prefix": self.root + space + "/"}
+            if token:
+                query["continuation-token"] = token
+            listing = self.curl("--fail", f"{self.endpoint}?{urllib.parse.urlencode(query)}")
+            assert listing.returncode == 0, listing.stderr
+            root = ET.fromstring(listing.stdout)
+            ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            keys += [c.find(f"{ns}Key").text[len(self.root):] for c in root.iter(f"{ns}Contents")]
+            if root.findtext(f"{ns}IsTruncated") != "true":
+                return sorted(keys)
+            token = root.findtext(f"{ns}NextContinuationToken")
+
+    def read(self, key: str) -> bytes | None:
+        got = self.curl("--write-out", "%{http_code}", "--output", "-", f"{self.endpoint}/{self.root}{key}")
+        status = got.stdout[-3:]
+        assert status in (b"200", b"404"), got.stderr
+        return got.stdout[:-3] if status == b"200" else None
+
+    def write(self, key: str, data: bytes) -> None:
+        put = subprocess.run(["curl", *self.sigv4, "--fail", "-X", "PUT", "--data-binary", "@-",
+                              f"{self.endpoint}/{self.root}{key}"], input=data,
+                             capture_output=True, timeout=60)
+        assert put.returncode == 0, put.stderr
+
+
+def cas(digest: str) -> str:
+    """The key of the object with this blake3 digest."""
+    return f"cas/{digest[:2]}/{digest}"
+
+
+def damage(objects, key: str, where: int) -> None:
+    """Flips one byte of the object `key`, keeping its name: a damaged remote object."""
+    data = bytearray(objects.read(key))
+    data[where] ^= 0xFF
+    objects.write(key, bytes(data))
+
+
 @pytest.fixture
 def garage(tmp_path):
     server = Garage(tmp_path / "garage")
@@ -206,15 +282,19 @@ def s3(tmp_path):
     server.stop()
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3s", "garage"])
 def remote(request, tmp_path):
-    """(URL, environment, the folder holding the remote's objects) for each kind of remote."""
+    """(URL, environment, its objects as another client sees them) for each kind of remote: a
+    shared folder, s3s-fs, and Garage (with a key that may write)."""
     if request.param == "file":
         folder = tmp_path / "shared"
-        yield f"file://{folder}", {}, folder
-    else:
-        server = S3Server(tmp_path / "s3")
-        yield "s3://bucket/team", server.env(), server.root / "bucket" / "team"
+        yield f"file://{folder}", {}, Folder(folder)
+        return
+    server = S3Server(tmp_path / "s3") if request.param == "s3s" else Garage(tmp_path / "garage")
+    env = server.env() if request.param == "s3s" else server.env(server.WRITER)
+    try:
+        yield "s3://bucket/team", env, Bucket(env)
+    finally:
         server.stop()
 
 
@@ -254,19 +334,15 @@ def outputs(ws: Path) -> dict[str, str]:
             for p in sorted((ws / "out").iterdir()) if p.is_file()}
 
 
-def remote_objects(folder: Path) -> list[Path]:
-    return sorted(p for p in (folder / "modelforge" / "v1" / "cas").rglob("*") if p.is_file())
-
-
 def test_a_second_machine_pulls_instead_of_computing(tmp_path, remote):
-    url, env, folder = remote
+    url, env, objects = remote
     first = workspace(tmp_path / "a")
     pushed = summary(build(first, tmp_path / "cache-a", "--remote", url, "--push", env=env))
     computed = pushed["nodes"]["computed"]
     assert computed > 0
     # Each computed tensor, and each output file (for machines without the inputs).
     assert pushed["pushed"]["objects"] == computed + len(outputs(first))
-    assert len(remote_objects(folder)) == pushed["pushed"]["objects"]
+    assert len(objects.keys("cas")) == pushed["pushed"]["objects"]
 
     second = workspace(tmp_path / "b")
     pulled = summary(build(second, tmp_path / "cache-b", "--remote", url, env=env))
@@ -301,16 +377,13 @@ def test_a_changed_adapter_pulls_the_rest_and_computes_only_its_tensors(tmp_path
 
 
 def test_a_damaged_remote_object_is_never_used(tmp_path, remote):
-    url, env, folder = remote
+    url, env, objects = remote
     first = workspace(tmp_path / "a")
     build(first, tmp_path / "cache-a", "--remote", url, "--push", env=env)
-    # The object one node's entry names.
-    entry = next(p for p in (folder / "modelforge" / "v1" / "ac").rglob("*") if p.is_file())
-    digest = json.loads(entry.read_text())["tensor"]
-    victim = folder / "modelforge" / "v1" / "cas" / digest[:2] / digest
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    # The object one node's entry names, its bytes changed under its name.
+    entry = objects.keys("ac")[0]
+    digest = json.loads(objects.read(entry))["tensor"]
+    damage(objects, cas(digest), len(objects.read(cas(digest))) // 2)
 
     second = workspace(tmp_path / "b")
     run = build(second, tmp_path / "cache-b", "--remote", url, env=env)
@@ -357,20 +430,14 @@ def test_wrong_credentials_are_a_warning_and_never_printed(tmp_path, s3):
 
 
 def test_two_machines_pushing_at_once_leave_a_consistent_remote(tmp_path, remote):
-    url, env, folder = remote
+    url, env, objects = remote
     spaces = [workspace(tmp_path / name) for name in ("a", "b", "c")]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         runs = list(pool.map(
             lambda ws: build(ws, ws / "cache", "--remote", url, "--push", env=env), spaces))
     assert all(r.returncode == 0 for r in runs)
     # Every entry names an object that is there, with the bytes its name says.
-    entries = sorted(p for p in (folder / "modelforge" / "v1" / "ac").rglob("*") if p.is_file())
-    assert entries
-    for entry in entries:
-        record = json.loads(entry.read_text())
-        digest = record["tensor"]
-        obj = folder / "modelforge" / "v1" / "cas" / digest[:2] / digest
-        assert blake3.blake3(obj.read_bytes()).hexdigest() == digest
+    assert consistent(objects) > 0
     # And a fourth machine builds the same model from it without computing.
     fourth = workspace(tmp_path / "d")
     run = summary(build(fourth, tmp_path / "cache-d", "--remote", url, env=env))
@@ -387,7 +454,7 @@ def test_a_bad_address_is_a_diagnostic(tmp_path):
 
 
 def test_a_machine_with_the_recipe_and_lock_alone_fetches_the_outputs(tmp_path, remote):
-    url, env, folder = remote
+    url, env, objects = remote
     first = workspace(tmp_path / "a")
     build(first, tmp_path / "cache-a", "--remote", url, "--push", env=env)
     # Only the recipe and its lock: no base, no adapter, an empty cache, and no engine to start.
@@ -407,10 +474,7 @@ def test_a_machine_with_the_recipe_and_lock_alone_fetches_the_outputs(tmp_path, 
     lock = (first / "recipe.lock").read_text()
     digest = next(line.split('"')[3] for line in lock.splitlines()
                   if line.startswith('"out/model.safetensors"'))
-    victim = folder / "modelforge" / "v1" / "cas" / digest[:2] / digest
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    damage(objects, cas(digest), -1)
     failed = build(bare, tmp_path / "cache-c", "--locked", "--remote", url, env=no_engine,
                    check=False)
     assert failed.returncode != 0
@@ -459,15 +523,15 @@ def test_a_read_only_key_pulls_and_its_push_is_refused(tmp_path, garage):
     assert run["nodes"]["computed"] == pulled["pulled"]["objects"], run
 
 
-def consistent(folder: Path) -> int:
-    """Checks that every entry of the remote in `folder` names an object holding the bytes its
-    name says; the number of entries."""
-    entries = sorted(p for p in (folder / "modelforge" / "v1" / "ac").rglob("*") if p.is_file())
+def consistent(objects) -> int:
+    """Checks that every entry of the remote names an object holding the bytes its name says;
+    the number of entries."""
+    entries = objects.keys("ac")
     for entry in entries:
-        digest = json.loads(entry.read_text())["tensor"]
-        obj = folder / "modelforge" / "v1" / "cas" / digest[:2] / digest
-        assert obj.is_file(), f"{entry.name} names a missing object"
-        assert blake3.blake3(obj.read_bytes()).hexdigest() == digest
+        digest = json.loads(objects.read(entry))["tensor"]
+        data = objects.read(cas(digest))
+        assert data is not None, f"{entry} names a missing object"
+        assert blake3.blake3(data).hexdigest() == digest
     return len(entries)
 
 
@@ -518,8 +582,8 @@ def test_a_server_that_stops_mid_push_leaves_a_consistent_remote(tmp_path, s3):
     # computes the rest.
     server = S3Server(s3.root)
     try:
-        folder = s3.root / "bucket" / "team"
-        entries = consistent(folder)
+        bucket = Bucket(server.env())
+        entries = consistent(bucket)
         assert 0 < entries < probe["nodes"]["computed"], "the push was cut short"
         second = workspace(tmp_path / "b")
         s = summary(build(second, tmp_path / "cache-b", "--remote", "s3://bucket/team",
@@ -530,6 +594,6 @@ def test_a_server_that_stops_mid_push_leaves_a_consistent_remote(tmp_path, s3):
         # And pushing again completes it.
         build(first, tmp_path / "cache-a", "--remote", "s3://bucket/team", "--push",
               env=server.env())
-        assert consistent(folder) == probe["nodes"]["computed"]
+        assert consistent(bucket) == probe["nodes"]["computed"]
     finally:
         server.stop()
