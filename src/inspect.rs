@@ -13,7 +13,7 @@ pub fn inspect(path: &std::path::Path, json: bool) -> miette::Result<()> {
         model(&HfModel::open(path)?)
     };
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("a report serialises")
         );
@@ -86,6 +86,6 @@ fn print_text(report: &Value) {
             Value::Null => "-".into(),
             other => other.to_string(),
         };
-        println!("{key:>16}: {shown}");
+        outln!("{key:>16}: {shown}");
     }
 }

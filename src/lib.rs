@@ -10,6 +10,49 @@
 // the path that ends the program.
 #![allow(clippy::result_large_err)]
 
+/// `print!` for what a command prints on standard output. A reader that stops reading
+/// (`modelforge plan RECIPE | head`) is no error and no panic: what is left is dropped. Any other
+/// failure to write (a full disk) is said once on standard error, and the command exits non-zero
+/// ([`stdout_failed`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+static STDOUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn write_out(text: std::fmt::Arguments) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let written = std::io::stdout()
+        .lock()
+        .write_fmt(text)
+        .and_then(|()| std::io::stdout().lock().flush());
+    match written {
+        Err(e)
+            if e.kind() != std::io::ErrorKind::BrokenPipe
+                && !STDOUT_FAILED.swap(true, Ordering::Relaxed) =>
+        {
+            eprintln!("modelforge: cannot write to standard output: {e}")
+        }
+        _ => {}
+    }
+}
+
+/// Whether something the command printed could not be written (other than to a reader that
+/// stopped reading).
+pub fn stdout_failed() -> bool {
+    STDOUT_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Entry points for the micro-benchmarks in benches/; not a stable API.
 #[doc(hidden)]
 pub mod benching;

@@ -6,6 +6,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = modelforge::cli::Cli::parse();
     match modelforge::run(cli) {
+        Ok(()) if modelforge::stdout_failed() => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(report) => {
             eprintln!("{report:?}");

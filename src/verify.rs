@@ -60,7 +60,7 @@ pub(crate) fn verify(recipe_dir: &Path, outputs: &[&Path], lock: &Lock) -> miett
     }
     if problems.is_empty() {
         let names: Vec<String> = outputs.iter().map(|o| o.display().to_string()).collect();
-        println!(
+        outln!(
             "{}: {} files match the lock",
             names.join(", "),
             lock.outputs.len()

@@ -8,12 +8,12 @@ pub fn cache_stats(cache: &CacheOptions, json: bool) -> miette::Result<()> {
     let store = open_store(cache, None)?;
     let stats = crate::store::stats(&store);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&stats).expect("stats serialise")
         );
     } else {
-        println!(
+        outln!(
             "{}: {} objects ({:.1} MB, of which {:.1} MB are output files it shares), {} actions, {} file digests",
             stats.path,
             stats.objects,
@@ -38,7 +38,7 @@ pub fn gc(
             path: store.root().to_owned(),
             source,
         })?;
-    println!(
+    outln!(
         "removed {} objects ({:.1} MB); kept {} ({:.1} MB)",
         report.removed_objects,
         report.removed_bytes as f64 / 1e6,
@@ -53,12 +53,12 @@ pub fn cache_verify(cache: &CacheOptions, repair: bool, json: bool) -> miette::R
     let store = open_store(cache, None)?;
     let report = crate::store::check(&store, repair);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("a report serialises")
         );
     } else {
-        println!(
+        outln!(
             "{}: {} objects ({:.1} MB) hashed, {} bad; {} actions, {} dangling; {} temporary files of running builds",
             store.root().display(),
             report.objects,
@@ -70,7 +70,7 @@ pub fn cache_verify(cache: &CacheOptions, repair: bool, json: bool) -> miette::R
         );
         for path in &report.bad_objects {
             let what = if repair { "removed" } else { "bad" };
-            println!("  {what}: {}", path.display());
+            outln!("  {what}: {}", path.display());
         }
     }
     match report.bad_objects.first() {

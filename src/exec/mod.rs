@@ -442,7 +442,7 @@ fn weights_of(res: &Resolution, err: ExecError) -> ExecError {
 
 fn report(args: &BuildOptions, summary: &Summary) -> miette::Result<()> {
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(summary).expect("a summary serialises")
         );
@@ -583,7 +583,7 @@ pub fn plan(args: &PlanOptions) -> miette::Result<()> {
         .map(|t| status(res.graph.tensor(&t.out.name)))
         .collect();
     match args.format {
-        PlanFormat::Dot => print!("{}", res.graph.dot(&status)),
+        PlanFormat::Dot => out!("{}", res.graph.dot(&status)),
         PlanFormat::Json => {
             let shards: Vec<_> = shards
                 .iter()
@@ -595,7 +595,7 @@ pub fn plan(args: &PlanOptions) -> miette::Result<()> {
                 "nodes": res.graph.json(&status),
                 "shards": shards,
             });
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&value).expect("a plan serialises")
             );
@@ -603,10 +603,10 @@ pub fn plan(args: &PlanOptions) -> miette::Result<()> {
         PlanFormat::Text => {
             for (tensor, status) in res.plan.tensors.iter().zip(&statuses) {
                 match status {
-                    Status::Copy => println!("copy     {}", tensor.out.name),
-                    Status::Cached => println!("cached   {}", tensor.out.name),
+                    Status::Copy => outln!("copy     {}", tensor.out.name),
+                    Status::Cached => outln!("cached   {}", tensor.out.name),
                     Status::Compute { why } => {
-                        println!("compute  {}  ({})", tensor.out.name, why.join("; "))
+                        outln!("compute  {}  ({})", tensor.out.name, why.join("; "))
                     }
                 }
             }
@@ -615,10 +615,10 @@ pub fn plan(args: &PlanOptions) -> miette::Result<()> {
                     true => "keep   ",
                     false => "write  ",
                 };
-                println!("{what}  {}", shard.file_name);
+                outln!("{what}  {}", shard.file_name);
             }
             let t = totals(&statuses);
-            println!(
+            outln!(
                 "{} tensors: {} to compute, {} cached, {} copied; {} shard{}: {} to write, {} kept",
                 t["total"],
                 t["compute"],

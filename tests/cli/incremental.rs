@@ -608,3 +608,36 @@ fn an_engine_started_early_and_not_needed_goes_quietly() {
     ws.write("base/model.safetensors", &base);
     assert_eq!(nodes(&build(&ws, &[])), (2, 2, 7));
 }
+
+#[test]
+fn a_reader_that_stops_reading_is_no_error_and_a_full_disk_is_one() {
+    let ws = workspace(0.5);
+    build(&ws, &[]);
+    // `plan … | head -1`: the reader goes after the first line.
+    let mut plan = ws.command(&["plan", "recipe.toml"]);
+    let mut child = plan
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("modelforge starts");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("modelforge runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // `plan … > /dev/full`: said once, and the command fails.
+    let full = std::fs::File::create("/dev/full").expect("/dev/full");
+    let output = ws
+        .command(&["plan", "recipe.toml"])
+        .stdout(full)
+        .output()
+        .expect("modelforge runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr.matches("cannot write to standard output").count(),
+        1,
+        "{stderr}"
+    );
+}
