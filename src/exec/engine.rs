@@ -67,8 +67,8 @@ pub(crate) struct Run {
 }
 
 /// An engine process waiting for its job: started before the build knows what to compute, so
-/// that LibTorch loads (a quarter of a second) while the build hashes its inputs. Dropped
-/// unused, it is killed before it reads anything.
+/// that LibTorch loads (about 0.2 s) while the build resolves the recipe and hashes its inputs.
+/// Dropped unused, it is killed before it reads anything.
 pub(crate) struct Spawned {
     child: Option<Child>,
     path: PathBuf,

@@ -43,27 +43,36 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
         }
     }
     let mut phases = Phases::default();
-    // Inputs to read mean a build that most likely computes: its engine loads LibTorch
-    // meanwhile (killed unused if everything turns out cached).
-    let mut spawned = None;
+    let lock_path = lock::path_for(&args.recipe);
+    let previous = Lock::read(&lock_path).and_then(Result::ok);
+    // A build that most likely computes starts its engine first, so that LibTorch loads
+    // (about 0.2 s) while the build resolves: one whose recipe is not the one its lock was
+    // built from, or, found while resolving, whose inputs must be read to be hashed. An engine
+    // that turns out not to be needed is killed before it reads a job.
+    let recipe_changed = previous.as_ref().is_none_or(|lock| {
+        std::fs::read(&args.recipe).map_or(true, |text| FileDigest::of(&text) != lock.recipe)
+    });
+    let mut spawned = recipe_changed
+        .then(|| engine::Spawned::new().ok())
+        .flatten();
     let res = Resolution::new(
         &args.recipe,
         &args.cache,
         &args.arch,
         args.check_finite,
         || {
-            spawned = engine::Spawned::new().ok();
+            if spawned.is_none() {
+                spawned = engine::Spawned::new().ok();
+            }
         },
     )?;
     phases.resolve = started.elapsed().as_secs_f64();
-    let lock_path = lock::path_for(&res.recipe.path);
     // What killed builds left: a staged lock, staged outputs, or a replaced output whose
     // removal was interrupted. (A no-op build would otherwise never clear them.)
     crate::io::atomic::remove_abandoned_beside(&lock_path);
     for output in res.recipe.output_dirs() {
         crate::io::atomic::remove_abandoned_beside(&output.path);
     }
-    let previous = Lock::read(&lock_path).and_then(Result::ok);
     if args.locked {
         check_locked(&res, &lock_path, previous.as_ref())?;
     }

@@ -602,6 +602,17 @@ fn an_engine_started_early_and_not_needed_goes_quietly() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["up_to_date"], true);
+    // A recipe whose bytes are not the lock's starts its engine at once too: a comment changes
+    // them and nothing else.
+    let recipe = read(&ws, "recipe.toml");
+    ws.write(
+        "recipe.toml",
+        [b"# a comment\n".as_slice(), &recipe].concat(),
+    );
+    let out = ws.run(&["build", "recipe.toml", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert_eq!(nodes(&serde_json::from_slice(&out.stdout).unwrap()).0, 0);
     // And when something must be computed after all, the early engine computes it.
     write_recipe(&ws, 0.25);
     std::fs::remove_file(ws.path("base/model.safetensors")).unwrap();
