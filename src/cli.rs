@@ -115,7 +115,8 @@ pub struct BuildArgs {
     pub max_memory: Option<u64>,
     /// A shared remote cache, `s3://BUCKET/PREFIX` (configured by the standard AWS variables:
     /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP)
-    /// or `file:///DIR`; default MODELFORGE_REMOTE. What the local cache lacks is pulled from
+    /// or `file:///DIR`; default MODELFORGE_REMOTE, else `[remote] url` in the workspace's
+    /// `modelforge.toml` (the nearest above the recipe). What the local cache lacks is pulled from
     /// it before anything is computed; it is never written without `--push`.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
@@ -133,7 +134,8 @@ pub struct PushArgs {
     /// An architecture schema to know besides the shipped ones; repeatable.
     #[arg(long = "arch", value_name = "FILE")]
     pub arch: Vec<PathBuf>,
-    /// The remote cache, `s3://BUCKET/PREFIX` or `file:///DIR`; default MODELFORGE_REMOTE.
+    /// The remote cache, `s3://BUCKET/PREFIX` or `file:///DIR`; default MODELFORGE_REMOTE, else
+    /// `[remote] url` in the workspace's `modelforge.toml`.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
 }

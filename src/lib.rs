@@ -72,6 +72,7 @@ pub(crate) mod output;
 pub(crate) mod plan;
 pub(crate) mod recipe;
 pub(crate) mod remote;
+pub(crate) mod settings;
 pub(crate) mod verify;
 
 use cli::{CacheCommand, Cli, Command};
@@ -86,6 +87,7 @@ pub fn run(cli: Cli) -> miette::Result<()> {
     };
     match cli.command {
         Command::Build(args) => exec::build(&exec::BuildOptions {
+            remote: settings::remote(args.remote, &args.recipe)?,
             recipe: args.recipe,
             cache: cache(args.cache),
             arch: args.arch,
@@ -95,10 +97,6 @@ pub fn run(cli: Cli) -> miette::Result<()> {
             json: args.json,
             check_finite: !args.allow_non_finite,
             max_memory: args.max_memory,
-            remote: args
-                .remote
-                .or_else(|| std::env::var("MODELFORGE_REMOTE").ok())
-                .filter(|url| !url.is_empty()),
             push: args.push,
         }),
         Command::Plan(args) => exec::plan(&exec::PlanOptions {
@@ -113,13 +111,10 @@ pub fn run(cli: Cli) -> miette::Result<()> {
         }),
         Command::Verify(args) => exec::verify(&args.recipe),
         Command::Push(args) => exec::push_built(&exec::PushOptions {
+            remote: settings::remote(args.remote, &args.recipe)?,
             recipe: args.recipe,
             cache: cache(args.cache),
             arch: args.arch,
-            remote: args
-                .remote
-                .or_else(|| std::env::var("MODELFORGE_REMOTE").ok())
-                .filter(|url| !url.is_empty()),
         }),
         Command::Inspect(args) => inspect::inspect(&args.path, args.json),
         Command::Gc {

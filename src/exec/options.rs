@@ -30,7 +30,8 @@ pub struct BuildOptions {
     pub check_finite: bool,
     /// Bytes of tensor blocks the engine may hold in flight.
     pub max_memory: Option<u64>,
-    /// The shared remote cache's address (`--remote`, else MODELFORGE_REMOTE).
+    /// The shared remote cache's address (`--remote`, else MODELFORGE_REMOTE, else the
+    /// workspace's `modelforge.toml`).
     pub remote: Option<String>,
     /// Upload what the build made to the remote.
     pub push: bool,

@@ -36,5 +36,9 @@ mod limits;
 /// experts' parameters, on known answers, and their refusals pinned.
 mod real_adapters;
 
+/// The workspace's settings file, `modelforge.toml`: the remote cache it names, what comes
+/// before it, and its faults pinned.
+mod settings;
+
 /// `[output] gguf`: the file's frame, the lock and `verify`, and its refusals pinned.
 mod gguf;
