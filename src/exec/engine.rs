@@ -72,13 +72,11 @@ pub(crate) struct Run {
 pub(crate) struct Spawned {
     child: Option<Child>,
     path: PathBuf,
-    started: std::time::Instant,
 }
 
 impl Spawned {
     pub fn new() -> Result<Spawned, ExecError> {
         let path = engine_path();
-        let started = std::time::Instant::now();
         let child = Command::new(&path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -91,7 +89,6 @@ impl Spawned {
         Ok(Spawned {
             child: Some(child),
             path,
-            started,
         })
     }
 }
@@ -120,14 +117,16 @@ impl Engine {
             Some(spawned) => spawned,
             None => Spawned::new()?,
         };
-        let (mut child, path, started) = (
+        let (mut child, path) = (
             spawned
                 .child
                 .take()
                 .expect("a spawned engine has its process"),
             spawned.path.clone(),
-            spawned.started,
         );
+        // The engine's time counts from its job, not from its start (which may have been
+        // early, while the build resolved).
+        let started = std::time::Instant::now();
         let request = serde_json::to_vec(job).expect("a job serialises");
         if let Some(mut stdin) = child.stdin.take() {
             // A failed write means the engine died; its exit status says why.

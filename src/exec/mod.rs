@@ -45,26 +45,17 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
     let mut phases = Phases::default();
     let lock_path = lock::path_for(&args.recipe);
     let previous = Lock::read(&lock_path).and_then(Result::ok);
-    // A build that most likely computes starts its engine first, so that LibTorch loads
-    // (about 0.2 s) while the build resolves: one whose recipe is not the one its lock was
-    // built from, or, found while resolving, whose inputs must be read to be hashed. An engine
-    // that turns out not to be needed is killed before it reads a job.
-    let recipe_changed = previous.as_ref().is_none_or(|lock| {
-        std::fs::read(&args.recipe).map_or(true, |text| FileDigest::of(&text) != lock.recipe)
-    });
-    let mut spawned = recipe_changed
-        .then(|| engine::Spawned::new().ok())
-        .flatten();
+    // A build that most likely computes (its recipe is not its lock's, or it must hash its
+    // inputs) starts its engine first, so that LibTorch loads (about 0.2 s) while the build
+    // resolves; one that turns out not to be needed is killed before it reads a job.
+    let mut spawned = None;
     let res = Resolution::new(
         &args.recipe,
         &args.cache,
         &args.arch,
         args.check_finite,
-        || {
-            if spawned.is_none() {
-                spawned = engine::Spawned::new().ok();
-            }
-        },
+        previous.as_ref().map(|lock| lock.recipe),
+        || spawned = engine::Spawned::new().ok(),
     )?;
     phases.resolve = started.elapsed().as_secs_f64();
     // What killed builds left: a staged lock, staged outputs, or a replaced output whose
@@ -212,7 +203,7 @@ pub fn push_built(args: &PushOptions) -> miette::Result<()> {
         )));
     };
     let remote = crate::remote::Remote::open(url).map_err(remote_error)?;
-    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false, || {})?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false, None, || {})?;
     let pushed = push(&res, &remote)?;
     eprintln!(
         "pushed {} objects ({:.1} MB) to {}",
@@ -580,7 +571,7 @@ fn check_locked(res: &Resolution, lock_path: &Path, lock: Option<&Lock>) -> Resu
 /// `modelforge plan`: what a build would do, without doing it.
 pub fn plan(args: &PlanOptions) -> miette::Result<()> {
     // A plan computes nothing, so it does not read whole adapters to check their values.
-    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false, || {})?;
+    let res = Resolution::new(&args.recipe, &args.cache, &args.arch, false, None, || {})?;
     let last = res.last_build();
     let status = |keyed: &crate::plan::Keyed| res.status(keyed, &last);
     let shards = &res.shards;

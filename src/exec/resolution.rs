@@ -34,22 +34,37 @@ pub(crate) struct Resolution {
 impl Resolution {
     /// Reads the recipe, the schemas (`--arch` files besides the shipped ones) and the
     /// inputs; with `check_finite`, also refuses adapters holding NaN or infinity. Calls
-    /// `reading_inputs` first if some input must be read to be hashed (new to the cache,
-    /// changed, or `--rehash`): a build that will most likely compute can start its engine
-    /// then, while the inputs are hashed.
+    /// `likely_computes` (once) as soon as the build most likely computes something: when the
+    /// recipe is not the one the lock was `built_from` (its digest), or when some input must
+    /// be read to be hashed (new to the cache, changed, or `--rehash`). The build starts its
+    /// engine then, so that LibTorch loads while the rest is resolved.
     pub fn new(
         recipe_path: &Path,
         cache: &CacheOptions,
         arch: &[PathBuf],
         check_finite: bool,
-        reading_inputs: impl FnOnce(),
+        built_from: Option<FileDigest>,
+        likely_computes: impl FnOnce(),
     ) -> miette::Result<Resolution> {
+        let mut likely_computes = Some(likely_computes);
+        let mut computes = || {
+            if let Some(signal) = likely_computes.take() {
+                signal();
+            }
+        };
         let recipe = Recipe::load(recipe_path)?;
+        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
+        if built_from != Some(recipe_digest) {
+            computes();
+        }
         let schemas = crate::arch::Schemas::load(arch)?;
         check_outputs_outside_cache(&recipe, &cache_dir(cache, Some(&recipe)))?;
         let store = open_store(cache, Some(&recipe))?;
         let device = resolve_device(&recipe);
         let plan = Plan::new(&recipe, &schemas)?;
+        if cache.rehash || !plan.input_files().iter().all(|f| store.knows_file(f)) {
+            computes();
+        }
         if check_finite {
             for adapter in plan.inputs.adapters.iter().filter_map(|a| a.lora()) {
                 adapter.check_finite().map_err(ExecError::from)?;
@@ -78,7 +93,6 @@ impl Resolution {
                 Some(layout)
             }
         };
-        let recipe_digest = FileDigest::of(recipe.text.as_bytes());
         // Without a seed in the recipe, DARE's is derived from the recipe itself.
         let seed = recipe.merge.seed.unwrap_or_else(|| {
             let digest = blake3::hash(recipe.text.as_bytes());
@@ -90,9 +104,6 @@ impl Resolution {
             seed,
             refactor: recipe.output.adapter.as_ref().map(|a| a.rank),
         };
-        if cache.rehash || !plan.input_files().iter().all(|f| store.knows_file(f)) {
-            reading_inputs();
-        }
         let mut graph =
             BuildGraph::new(&plan, &recipe_dir(&recipe), &store, cache.rehash, &settings)
                 .map_err(|source| ExecError::Hash { source })?;
