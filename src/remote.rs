@@ -70,12 +70,25 @@ pub(crate) struct Remote {
     runtime: tokio::runtime::Runtime,
 }
 
+/// Whether `url` has the form of a remote cache's address: `s3://BUCKET[/PREFIX]` or
+/// `file:///DIR` (an absolute path).
+pub(crate) fn well_formed(url: &str) -> bool {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        return !rest.split('/').next().unwrap_or("").is_empty();
+    }
+    url.strip_prefix("file://")
+        .is_some_and(|dir| dir.starts_with('/'))
+}
+
 impl Remote {
     /// The remote at `url`: `s3://BUCKET/PREFIX` (configured by `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, and `AWS_ALLOW_HTTP=true` for
     /// plain http) or `file:///DIR`. Every request gives up within seconds, so that a remote
     /// that is down costs a build little.
     pub fn open(url: &str) -> Result<Remote, RemoteError> {
+        if !well_formed(url) {
+            return Err(RemoteError::Address(url.to_owned()));
+        }
         let unusable = |message: String| RemoteError::Unusable {
             url: url.to_owned(),
             message,
@@ -83,9 +96,6 @@ impl Remote {
         let (store, prefix): (Arc<dyn ObjectStore>, String) =
             if let Some(rest) = url.strip_prefix("s3://") {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                if bucket.is_empty() {
-                    return Err(RemoteError::Address(url.to_owned()));
-                }
                 let allow_http = std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true");
                 let client = object_store::ClientOptions::new()
                     .with_allow_http(allow_http)
@@ -118,9 +128,6 @@ impl Remote {
                 let s3 = builder.build().map_err(|e| unusable(e.to_string()))?;
                 (Arc::new(s3), prefix.trim_matches('/').to_owned())
             } else if let Some(dir) = url.strip_prefix("file://") {
-                if !dir.starts_with('/') {
-                    return Err(RemoteError::Address(url.to_owned()));
-                }
                 std::fs::create_dir_all(dir).map_err(|e| unusable(e.to_string()))?;
                 let local = object_store::local::LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| unusable(e.to_string()))?;

@@ -28,7 +28,7 @@ struct Settings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Remote {
-    url: String,
+    url: toml::Spanned<String>,
 }
 
 #[derive(Debug, Error, Diagnostic)]
@@ -60,8 +60,10 @@ pub(crate) enum SettingsError {
 }
 
 /// The nearest settings file above `recipe` (its folder first), up to the repository's root.
+/// The folders are the real ones (links and `..` resolved), not the path's text.
 fn find(recipe: &Path) -> Option<PathBuf> {
     let folder = std::path::absolute(recipe).ok()?.parent()?.to_owned();
+    let folder = folder.canonicalize().unwrap_or(folder);
     for dir in folder.ancestors() {
         let file = dir.join(FILE);
         if file.is_file() {
@@ -90,11 +92,22 @@ pub(crate) fn remote(
         path: path.clone(),
         source,
     })?;
-    let settings: Settings = toml::from_str(&text).map_err(|e| SettingsError::Invalid {
+    let invalid = |message: String, span: Option<std::ops::Range<usize>>| SettingsError::Invalid {
         path: path.clone(),
-        message: e.message().to_owned(),
-        span: e.span().map(SourceSpan::from),
+        message,
+        span: span.map(SourceSpan::from),
         src: NamedSource::new(path.display().to_string(), Arc::new(text.clone())),
-    })?;
-    Ok(settings.remote.map(|r| r.url).filter(|url| !url.is_empty()))
+    };
+    let settings: Settings =
+        toml::from_str(&text).map_err(|e| invalid(e.message().to_owned(), e.span()))?;
+    let Some(url) = settings.remote.map(|r| r.url) else {
+        return Ok(None);
+    };
+    if !crate::remote::well_formed(url.get_ref()) {
+        return Err(invalid(
+            format!("`{}` is not a remote cache's address", url.get_ref()),
+            Some(url.span()),
+        ));
+    }
+    Ok(Some(url.into_inner()))
 }

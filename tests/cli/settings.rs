@@ -29,7 +29,9 @@ fn workspace() -> Workspace {
 
 fn build(ws: &Workspace, extra: &[&str], env: &[(&str, &str)]) -> Value {
     let mut command = ws.command(&[&["build", "recipe.toml", "--json"], extra].concat());
-    command.envs(env.iter().copied());
+    command
+        .env_remove("MODELFORGE_REMOTE")
+        .envs(env.iter().copied());
     let out = command.output().expect("modelforge runs");
     assert!(
         out.status.success(),
@@ -83,7 +85,47 @@ fn settings_that_are_not_understood_are_a_diagnostic() {
         "modelforge.toml",
         "[remote]\nurl = \"s3://team/models\"\npush = true\n",
     );
-    assert_snapshot!(ws.fail(&["build", "recipe.toml"]));
+    assert_snapshot!(fail(&ws));
     ws.write("modelforge.toml", "[remote]\nurl = 3\n");
-    assert_snapshot!(ws.fail(&["build", "recipe.toml"]));
+    assert_snapshot!(fail(&ws));
+    // A path in a `file://` address must be absolute: relative to what, on another machine?
+    ws.write("modelforge.toml", "[remote]\nurl = \"file://shared\"\n");
+    assert_snapshot!(fail(&ws));
+}
+
+fn fail(ws: &Workspace) -> String {
+    let out = ws
+        .command(&["build", "recipe.toml"])
+        .env_remove("MODELFORGE_REMOTE")
+        .output()
+        .expect("modelforge runs");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).replace(&ws.path("").display().to_string(), "[WS]/")
+}
+
+#[test]
+fn the_settings_are_looked_for_above_the_recipe_itself_not_its_path_text() {
+    // `c/` has settings naming a remote; the recipe lies in `b/`, reached from `c/` as
+    // `../b`: `c/` is not above it, though `c/../b`'s text is.
+    let ws = workspace();
+    std::fs::create_dir_all(ws.path("c")).unwrap();
+    std::fs::rename(ws.path("modelforge.toml"), ws.path("c/modelforge.toml")).unwrap();
+    std::fs::create_dir_all(ws.path("b")).unwrap();
+    for name in ["base", "a", "recipe.toml"] {
+        std::fs::rename(ws.path(name), ws.path(&format!("b/{name}"))).unwrap();
+    }
+    let out = ws
+        .command(&["build", "../b/recipe.toml", "--json"])
+        .env_remove("MODELFORGE_REMOTE")
+        .current_dir(ws.path("c"))
+        .output()
+        .expect("modelforge runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary.get("pulled").is_none(), "{summary}");
+    assert!(
+        !ws.path("shared").exists(),
+        "the remote of `c/` was not used"
+    );
 }

@@ -238,7 +238,9 @@ impl Workspace {
             .env("NO_COLOR", "1")
             .env("LANG", "C.UTF-8")
             .env("TERM", "xterm")
-            .env("COLUMNS", "100");
+            .env("COLUMNS", "100")
+            // No remote cache, whatever `modelforge.toml` lies above the workspace.
+            .env("MODELFORGE_REMOTE", "");
         command
     }
 
