@@ -31,6 +31,8 @@ fn engine_path() -> PathBuf {
 pub(crate) struct Engine {
     child: Child,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Its standard error, passed on to the build's.
+    stderr: Option<HeldStderr>,
     state: Arc<(Mutex<State>, Condvar)>,
     path: PathBuf,
     expected: usize,
@@ -68,27 +70,35 @@ pub(crate) struct Run {
 
 /// An engine process waiting for its job: started before the build knows what to compute, so
 /// that LibTorch loads (about 0.2 s) while the build resolves the recipe and hashes its inputs.
-/// Dropped unused, it is killed before it reads anything.
+/// Dropped unused, it is killed before it reads anything, and whatever it wrote to its standard
+/// error is dropped with it: an engine that cannot load LibTorch says so only in a build that
+/// needs it.
 pub(crate) struct Spawned {
     child: Option<Child>,
     path: PathBuf,
+    stderr: Option<HeldStderr>,
 }
 
 impl Spawned {
     pub fn new() -> Result<Spawned, ExecError> {
         let path = engine_path();
-        let child = Command::new(&path)
+        let mut child = Command::new(&path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| ExecError::Engine {
                 message: format!("cannot start `{}`: {e}", path.display()),
                 help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
             })?;
+        let stderr = child
+            .stderr
+            .take()
+            .map(|from| HeldStderr::new(from, Box::new(std::io::stderr())));
         Ok(Spawned {
             child: Some(child),
             path,
+            stderr,
         })
     }
 }
@@ -100,6 +110,58 @@ impl Drop for Spawned {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// What an engine said before its job (`None` once released), and where it all goes.
+type Passing = Arc<Mutex<(Option<Vec<u8>>, Box<dyn Write + Send>)>>;
+
+/// The engine's standard error, held back until the build gives it a job, then passed on to
+/// this process's own as it comes.
+struct HeldStderr {
+    shared: Passing,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl HeldStderr {
+    fn new(mut from: impl std::io::Read + Send + 'static, to: Box<dyn Write + Send>) -> HeldStderr {
+        let shared = Arc::new(Mutex::new((Some(Vec::new()), to)));
+        let passing = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            loop {
+                let n = match from.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let mut guard = passing.lock().unwrap_or_else(|e| e.into_inner());
+                let (held, to) = &mut *guard;
+                match held.as_mut() {
+                    Some(buffer) => buffer.extend_from_slice(&chunk[..n]),
+                    None => {
+                        let _ = to.write_all(&chunk[..n]);
+                    }
+                }
+            }
+        });
+        HeldStderr { shared, thread }
+    }
+
+    /// Writes what was held and passes on the rest from now on.
+    fn release(&self) {
+        let mut guard = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let (held, to) = &mut *guard;
+        if let Some(buffer) = held.take() {
+            let _ = to.write_all(&buffer);
+        }
+    }
+
+    /// Waits until the engine's standard error is closed and all of it passed on.
+    fn finish(self) {
+        self.release();
+        let _ = self.thread.join();
     }
 }
 
@@ -117,13 +179,17 @@ impl Engine {
             Some(spawned) => spawned,
             None => Spawned::new()?,
         };
-        let (mut child, path) = (
+        let (mut child, path, stderr) = (
             spawned
                 .child
                 .take()
                 .expect("a spawned engine has its process"),
             spawned.path.clone(),
+            spawned.stderr.take(),
         );
+        if let Some(stderr) = &stderr {
+            stderr.release();
+        }
         // The engine's time counts from its job, not from its start (which may have been
         // early, while the build resolved).
         let started = std::time::Instant::now();
@@ -166,6 +232,7 @@ impl Engine {
         Ok(Engine {
             child,
             reader: Some(reader),
+            stderr,
             state,
             path,
             expected: job.nodes.len(),
@@ -269,6 +336,10 @@ impl Engine {
             message: e.to_string(),
             help: "the engine could not be waited for".into(),
         })?;
+        // All it said is out before the build says anything about it.
+        if let Some(stderr) = self.stderr.take() {
+            stderr.finish();
+        }
         self.promote_rest();
         let (lock, _) = &*self.state;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -310,6 +381,9 @@ impl Drop for Engine {
             if let Some(reader) = self.reader.take() {
                 let _ = reader.join();
             }
+            if let Some(stderr) = self.stderr.take() {
+                stderr.finish();
+            }
             self.promote_rest();
         }
     }
@@ -341,4 +415,67 @@ pub(crate) fn own_peak_rss() -> u64 {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     usage.ru_maxrss as u64 * 1024
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink the test can read.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn text(sink: &Sink) -> String {
+        String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// What an engine says before its job is held, and said only once it has one; what it
+    /// says after passes straight on. Unreleased, it is never said.
+    #[test]
+    fn an_engine_says_nothing_until_it_has_a_job() {
+        let spawn = || {
+            Command::new("sh")
+                .args(["-c", "echo before >&2; read line; echo after >&2"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut child = spawn();
+        let sink = Sink::default();
+        let held = HeldStderr::new(child.stderr.take().unwrap(), Box::new(sink.clone()));
+        // Until the engine's first words are read and held.
+        while held.shared.lock().unwrap().0.as_ref().unwrap().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(text(&sink), "");
+        held.release();
+        assert_eq!(text(&sink), "before\n");
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        child.wait().unwrap();
+        held.finish();
+        assert_eq!(text(&sink), "before\nafter\n");
+
+        // Never released: killed, and what it said goes with it.
+        let mut child = spawn();
+        let sink = Sink::default();
+        let held = HeldStderr::new(child.stderr.take().unwrap(), Box::new(sink.clone()));
+        while held.shared.lock().unwrap().0.as_ref().unwrap().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = held.thread.join();
+        assert_eq!(text(&sink), "");
+    }
 }

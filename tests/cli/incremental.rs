@@ -620,6 +620,43 @@ fn an_engine_started_early_and_not_needed_goes_quietly() {
     assert_eq!(nodes(&build(&ws, &[])), (2, 2, 7));
 }
 
+/// An engine that cannot start (its LibTorch missing, say) is heard of in the builds that need
+/// it, and only in them: the early start of a build that computes nothing says nothing.
+#[test]
+fn an_engine_that_cannot_load_is_heard_of_only_when_needed() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = workspace(0.5);
+    build(&ws, &[]);
+    let fake = ws.path("fake-engine");
+    ws.write(
+        "fake-engine",
+        "#!/bin/sh\necho 'fake-engine: error while loading shared libraries: libtorch_cpu.so' >&2\nexit 127\n",
+    );
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = || {
+        ws.command(&["build", "recipe.toml", "--json"])
+            .env("MODELFORGE_ENGINE", &fake)
+            .output()
+            .unwrap()
+    };
+    // A recipe whose bytes are not the lock's starts the engine at once; nothing is computed.
+    let recipe = read(&ws, "recipe.toml");
+    ws.write(
+        "recipe.toml",
+        [b"# a comment\n".as_slice(), &recipe].concat(),
+    );
+    let out = run();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    // Something to compute: the build fails, and the engine's own words are there.
+    write_recipe(&ws, 0.25);
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("libtorch_cpu.so"), "{stderr}");
+    assert!(stderr.contains("its own message is above"), "{stderr}");
+}
+
 #[test]
 fn a_reader_that_stops_reading_is_no_error_and_a_full_disk_is_one() {
     let ws = workspace(0.5);

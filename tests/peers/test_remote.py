@@ -105,7 +105,12 @@ api_bind_addr = "127.0.0.1:{admin}"
             node = self.cli("node", "id", "-q").stdout.strip().split("@")[0]
             self.cli("layout", "assign", "-z", "dc1", "-c", "1G", node)
             self.cli("layout", "apply", "--version", "1")
-            self.cli("bucket", "create", "bucket")
+            # The new layout takes effect in the background: until it has, a bucket cannot be
+            # made ("layout not ready"), so the first try may fail.
+            while (made := self.cli("bucket", "create", "bucket", check=False)).returncode != 0:
+                if time.time() > deadline:
+                    pytest.fail(f"garage bucket create: {made.stderr}")
+                time.sleep(0.2)
             for (key, secret), name, rights in ((self.WRITER, "writer", ["--read", "--write"]),
                                                 (self.READER, "reader", ["--read"])):
                 self.cli("key", "import", "--yes", "-n", name, key, secret)
