@@ -26,6 +26,9 @@ pub enum Command {
     Push(PushArgs),
     /// Describe a model or a PEFT adapter directory.
     Inspect(InspectArgs),
+    /// How likely a model finds each text of a file: its log-likelihood, by the model's own
+    /// tokenizer and forward pass (LLaMA, Mistral, Qwen2 and Phi-3 families).
+    Score(ScoreArgs),
     /// Remove cache entries: unused for longer than `--older-than`, then the least recently
     /// used until the cache fits in `--max-size`.
     Gc {
@@ -166,6 +169,21 @@ pub enum PlanFormat {
 pub struct VerifyArgs {
     /// The recipe whose output and lock file to compare.
     pub recipe: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// A Hugging Face model directory with its tokenizer.json.
+    pub model: PathBuf,
+    /// A UTF-8 file of texts, one per line (empty lines are skipped).
+    #[arg(long)]
+    pub texts: PathBuf,
+    /// Where to compute: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: modelforge_core::job::Device,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

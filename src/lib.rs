@@ -72,6 +72,7 @@ pub(crate) mod output;
 pub(crate) mod plan;
 pub(crate) mod recipe;
 pub(crate) mod remote;
+pub(crate) mod score;
 pub(crate) mod settings;
 pub(crate) mod verify;
 
@@ -117,6 +118,7 @@ pub fn run(cli: Cli) -> miette::Result<()> {
             arch: args.arch,
         }),
         Command::Inspect(args) => inspect::inspect(&args.path, args.json),
+        Command::Score(args) => score::score(&args.model, &args.texts, args.device, args.json),
         Command::Gc {
             cache: dir,
             max_size,

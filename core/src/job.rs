@@ -134,3 +134,70 @@ pub enum Reply {
     Done(Done),
     NonFinite(NonFinite),
 }
+
+/// What `modelforge score` asks of the engine (`modelforge-engine score`): a decoder's forward
+/// pass over tokenized texts, in f32, streamed one layer at a time. The engine answers with one
+/// [`Scores`] line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ScoreJob {
+    pub device: Device,
+    pub decoder: Decoder,
+    /// Where each tensor the decoder reads is, by its name in the checkpoint.
+    pub tensors: Vec<TensorPlace>,
+    /// Each text's token ids.
+    pub texts: Vec<Vec<i64>>,
+}
+
+/// A decoder-only transformer: its family's layout (tensor names, norms, attention, MLP) and
+/// its sizes, as config.json gives them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decoder {
+    pub family: Family,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// The rotary frequencies, one per pair of rotated dimensions (the rotated part of each
+    /// head is twice as long; the rest of the head passes unrotated); empty without rotary
+    /// embeddings.
+    pub inv_freq: Vec<f64>,
+    pub norm_eps: f64,
+    /// Per layer, how many positions back a token sees (itself included), when the layer's
+    /// attention is a sliding window.
+    pub windows: Vec<Option<usize>>,
+    /// The output head's tensor (the input embedding's when the two are tied).
+    pub head: String,
+}
+
+/// The layouts the engine's forward pass knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// LLaMA, Mistral, Qwen2: RMSNorm, separate q/k/v (biases optional), gated SiLU MLP.
+    Llama,
+    /// Phi-3: LLaMA's blocks with fused `qkv_proj` and `gate_up_proj`.
+    Phi3,
+    /// GPT-NeoX: LayerNorm, `query_key_value` interleaved per head, GELU MLP, and the
+    /// attention and MLP read the same input when `parallel_residual`.
+    GptNeox { parallel_residual: bool },
+    /// GPT-2: learned positions, LayerNorm, Conv1D weights (in × out), tanh-GELU MLP.
+    Gpt2,
+}
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorPlace {
+    pub name: String,
+    pub path: PathBuf,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// The engine's answer to a [`ScoreJob`]: for each text, the log-probability of each of its
+/// tokens after the first given those before it (natural log).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Scores {
+    pub logprobs: Vec<Vec<f64>>,
+}

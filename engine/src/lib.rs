@@ -6,3 +6,4 @@ pub mod elementwise;
 pub mod error;
 pub mod fuse;
 pub mod inputs;
+pub mod score;

@@ -5,7 +5,7 @@
 //! starts it only when some tensor must be computed.
 use std::io::{Read, Write};
 
-use modelforge_core::job::{Done, Job, NonFinite, Reply, Task};
+use modelforge_core::job::{Done, Job, NonFinite, Reply, ScoreJob, Task};
 use modelforge_core::node::Node;
 use modelforge_core::store::Store;
 use modelforge_engine::error::EngineError;
@@ -47,6 +47,9 @@ fn run() -> Result<(), String> {
     std::io::stdin()
         .read_to_end(&mut request)
         .map_err(|e| format!("cannot read the job: {e}"))?;
+    if std::env::args().nth(1).as_deref() == Some("score") {
+        return score(&request);
+    }
     let job: Job = serde_json::from_slice(&request).map_err(|e| format!("malformed job: {e}"))?;
     let backend = backend::Backend::select(job.device).map_err(|e| e.to_string())?;
     let store = Store::open(&job.cache)
@@ -125,4 +128,20 @@ fn run() -> Result<(), String> {
         answer(&Reply::Done(Done { key, entry, handed }))?;
     }
     Ok(())
+}
+
+/// `modelforge-engine score`: one [`ScoreJob`] in, one line of [`Scores`] out.
+fn score(request: &[u8]) -> Result<(), String> {
+    let job: ScoreJob =
+        serde_json::from_slice(request).map_err(|e| format!("malformed job: {e}"))?;
+    let backend = backend::Backend::select(job.device).map_err(|e| e.to_string())?;
+    // One forward pass at a time: LibTorch's own threads share each product over the cores.
+    tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+    let scores =
+        modelforge_engine::score::score(&job, backend.device).map_err(|e| e.to_string())?;
+    let line = serde_json::to_string(&scores).expect("scores serialise");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|_| out.flush())
+        .map_err(|e| format!("cannot answer: {e}"))
 }

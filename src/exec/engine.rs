@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::job::{Job, NonFinite, Reply};
+use super::job::{Job, NonFinite, Reply, ScoreJob, Scores};
 use super::ExecError;
 use crate::digest::{FileDigest, NodeKey};
 use crate::store::{ActionEntry, Store, Within};
@@ -387,6 +387,45 @@ impl Drop for Engine {
             self.promote_rest();
         }
     }
+}
+
+/// Runs `modelforge-engine score` on `job`: the forward pass `modelforge score` asks for.
+pub(crate) fn score(job: &ScoreJob) -> Result<Scores, ExecError> {
+    let path = engine_path();
+    let failed = |message: String| ExecError::Engine {
+        message,
+        help: "its own message is above, if it said one".into(),
+    };
+    let mut child = Command::new(&path)
+        .arg("score")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| ExecError::Engine {
+            message: format!("cannot start `{}`: {e}", path.display()),
+            help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A failed write means the engine died; its exit status says why.
+        let _ = stdin.write_all(&serde_json::to_vec(job).expect("a job serialises"));
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| failed(format!("`{}` could not be waited for: {e}", path.display())))?;
+    if !output.status.success() {
+        return Err(failed(format!(
+            "`{}` stopped ({})",
+            path.display(),
+            output.status
+        )));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| {
+        failed(format!(
+            "`{}` answered what is not scores: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Waits for `child` like `Child::wait`, also returning its peak resident memory in bytes.
