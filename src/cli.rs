@@ -178,6 +178,10 @@ pub struct ScoreArgs {
     /// A UTF-8 file of texts, one per line (empty lines are skipped).
     #[arg(long)]
     pub texts: PathBuf,
+    /// A PEFT LoRA adapter of the model, added to its weights as they are read (as
+    /// `merge_and_unload` would merge it).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Where to compute: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: modelforge_core::job::Device,

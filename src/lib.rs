@@ -118,7 +118,13 @@ pub fn run(cli: Cli) -> miette::Result<()> {
             arch: args.arch,
         }),
         Command::Inspect(args) => inspect::inspect(&args.path, args.json),
-        Command::Score(args) => score::score(&args.model, &args.texts, args.device, args.json),
+        Command::Score(args) => score::score(
+            &args.model,
+            args.adapter.as_deref(),
+            &args.texts,
+            args.device,
+            args.json,
+        ),
         Command::Gc {
             cache: dir,
             max_size,

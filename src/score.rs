@@ -10,7 +10,9 @@ use serde_json::{json, Map, Value};
 use thiserror::Error;
 
 use crate::io::hf::HfModel;
-use modelforge_core::job::{Decoder, Device, Family, ScoreJob, TensorPlace};
+use crate::io::peft::{LoraKind, PeftAdapter};
+use crate::io::safetensors::TensorMeta;
+use modelforge_core::job::{Decoder, Device, Family, ScoreDelta, ScoreJob, TensorPlace};
 
 /// The `model_type`s whose forward pass the engine computes.
 const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "phi3", "gpt_neox", "gpt2"];
@@ -39,6 +41,13 @@ pub(crate) enum ScoreError {
     )]
     Tokenizer { path: PathBuf, message: String },
 
+    #[error("`{}`: {message}, which `score --adapter` does not add", dir.display())]
+    #[diagnostic(
+        code(modelforge::score::adapter),
+        help("build the adapter into the model with `modelforge build` and score the output")
+    )]
+    Adapter { dir: PathBuf, message: String },
+
     #[error("cannot read the texts `{}`: {message}", path.display())]
     #[diagnostic(
         code(modelforge::score::texts),
@@ -47,9 +56,19 @@ pub(crate) enum ScoreError {
     Texts { path: PathBuf, message: String },
 }
 
-pub fn score(model: &Path, texts: &Path, device: Device, json: bool) -> miette::Result<()> {
+pub fn score(
+    model: &Path,
+    adapter: Option<&Path>,
+    texts: &Path,
+    device: Device,
+    json: bool,
+) -> miette::Result<()> {
     let hf = HfModel::open(model)?;
     let decoder = decoder(&hf)?;
+    let (deltas, replacements) = match adapter {
+        Some(dir) => adapted(&PeftAdapter::open(dir)?, &decoder, &hf)?,
+        None => (Vec::new(), Vec::new()),
+    };
     let texts = read_texts(texts)?;
     let tokenizer_path = model.join("tokenizer.json");
     let tokenizer =
@@ -86,6 +105,8 @@ pub fn score(model: &Path, texts: &Path, device: Device, json: bool) -> miette::
         device,
         decoder,
         tensors,
+        deltas,
+        replacements,
         texts: ids.clone(),
     })?;
     let report = report(model, &texts, &ids, &scores.logprobs);
@@ -98,6 +119,79 @@ pub fn score(model: &Path, texts: &Path, device: Device, json: bool) -> miette::
         print_text(&report, &texts);
     }
     Ok(())
+}
+
+/// The adapter as the engine adds it to the model's tensors: its LoRA modules (plain LoRA on
+/// linear layers, `Conv1D`s and embeddings) as deltas, its `modules_to_save` as replacements,
+/// as PEFT merges them; what else an adapter can hold is refused.
+fn adapted(
+    adapter: &PeftAdapter,
+    decoder: &Decoder,
+    model: &HfModel,
+) -> Result<(Vec<ScoreDelta>, Vec<TensorPlace>), ScoreError> {
+    let refuse = |message: String| ScoreError::Adapter {
+        dir: adapter.dir.clone(),
+        message,
+    };
+    if let Some(name) = adapter.tokens.keys().next() {
+        return Err(refuse(format!("it trains tokens of `{name}`")));
+    }
+    let place = |meta: &TensorMeta, name: &str| TensorPlace {
+        name: name.to_owned(),
+        path: adapter.file.path.clone(),
+        dtype: meta.dtype,
+        shape: meta.shape.clone(),
+        start: meta.start,
+        len: meta.len,
+    };
+    // With a tied head, one tensor is both sides: a replacement of one side would untie them,
+    // which a build handles (and says) and this pass does not.
+    let embed = embedding(decoder.family);
+    let tied = decoder.head == embed;
+    let mut replacements = Vec::new();
+    for (name, meta) in &adapter.replacements {
+        if tied
+            && !adapter.copies.contains(name)
+            && (name == embed || name.ends_with("lm_head.weight"))
+        {
+            return Err(refuse(format!(
+                "it replaces `{name}`, one side of the model's tied embedding and head"
+            )));
+        }
+        if model.weights.get(name).is_none() {
+            return Err(refuse(format!(
+                "it replaces `{name}`, which the model does not have"
+            )));
+        }
+        replacements.push(place(meta, name));
+    }
+    let deltas = adapter
+        .modules
+        .iter()
+        .map(|(module, lora)| {
+            let transposed = match lora.kind {
+                LoraKind::Linear => false,
+                LoraKind::LinearTransposed | LoraKind::Embedding => true,
+                _ => return Err(refuse(format!("`{module}` is a LoRA on expert weights"))),
+            };
+            if lora.magnitude.is_some() {
+                return Err(refuse(format!("`{module}` is DoRA")));
+            }
+            if lora.bias.is_some() || lora.parameter.is_some() {
+                return Err(refuse(format!(
+                    "`{module}` has a bias or wraps a bare parameter"
+                )));
+            }
+            Ok(ScoreDelta {
+                weight: format!("{module}.weight"),
+                a: place(&lora.a, &format!("{module}.lora_A")),
+                b: place(&lora.b, &format!("{module}.lora_B")),
+                scale: lora.scaling,
+                transposed,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((deltas, replacements))
 }
 
 /// The texts of `path`, one per line; empty lines are skipped.
@@ -218,20 +312,20 @@ fn decoder(model: &HfModel) -> Result<Decoder, ScoreError> {
             .unwrap_or(default)
             .to_owned()
     };
-    let (family, activation, wanted, eps_key, (embed, head)) = match model_type.as_str() {
+    let (family, activation, wanted, eps_key, head) = match model_type.as_str() {
         "llama" | "mistral" | "qwen2" => (
             Family::Llama,
             text("hidden_act", "silu"),
             "silu",
             "rms_norm_eps",
-            ("model.embed_tokens.weight", "lm_head.weight"),
+            "lm_head.weight",
         ),
         "phi3" => (
             Family::Phi3,
             text("hidden_act", "silu"),
             "silu",
             "rms_norm_eps",
-            ("model.embed_tokens.weight", "lm_head.weight"),
+            "lm_head.weight",
         ),
         "gpt_neox" => (
             Family::GptNeox {
@@ -242,7 +336,7 @@ fn decoder(model: &HfModel) -> Result<Decoder, ScoreError> {
             text("hidden_act", "gelu"),
             "gelu",
             "layer_norm_eps",
-            ("gpt_neox.embed_in.weight", "embed_out.weight"),
+            "embed_out.weight",
         ),
         "gpt2" => {
             if setting(&["scale_attn_by_inverse_layer_idx"]).and_then(Value::as_bool) == Some(true)
@@ -263,7 +357,7 @@ fn decoder(model: &HfModel) -> Result<Decoder, ScoreError> {
                 activation,
                 "gelu_new",
                 "layer_norm_epsilon",
-                ("transformer.wte.weight", "lm_head.weight"),
+                "lm_head.weight",
             )
         }
         _ => {
@@ -325,7 +419,7 @@ fn decoder(model: &HfModel) -> Result<Decoder, ScoreError> {
         setting(&["tie_word_embeddings"]).and_then(Value::as_bool),
     ) {
         (true, _) => head,
-        (false, Some(true) | None) => embed,
+        (false, Some(true) | None) => embedding(family),
         (false, Some(false)) => {
             return Err(bad(format!(
                 "the checkpoint has no `{head}` and `tie_word_embeddings` is false"
@@ -372,6 +466,15 @@ fn decoder(model: &HfModel) -> Result<Decoder, ScoreError> {
         norm_eps,
         head: head.into(),
     })
+}
+
+/// The input embedding's tensor in `family`'s checkpoints.
+fn embedding(family: Family) -> &'static str {
+    match family {
+        Family::Llama | Family::Phi3 => "model.embed_tokens.weight",
+        Family::GptNeox { .. } => "gpt_neox.embed_in.weight",
+        Family::Gpt2 => "transformer.wte.weight",
+    }
 }
 
 /// The rotary frequencies θ^(−2i/d) for i < d/2, rescaled as `scaling` (`rope_type` or `type`:

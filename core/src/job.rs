@@ -144,6 +144,14 @@ pub struct ScoreJob {
     pub decoder: Decoder,
     /// Where each tensor the decoder reads is, by its name in the checkpoint.
     pub tensors: Vec<TensorPlace>,
+    /// LoRA deltas added to the checkpoint's tensors as they are read (an adapter scored
+    /// without fusing it first).
+    #[serde(default)]
+    pub deltas: Vec<ScoreDelta>,
+    /// Tensors read from elsewhere instead of the checkpoint's (an adapter's
+    /// `modules_to_save`), by the checkpoint's name.
+    #[serde(default)]
+    pub replacements: Vec<TensorPlace>,
     /// Each text's token ids.
     pub texts: Vec<Vec<i64>>,
 }
@@ -182,6 +190,17 @@ pub enum Family {
     GptNeox { parallel_residual: bool },
     /// GPT-2: learned positions, LayerNorm, Conv1D weights (in × out), tanh-GELU MLP.
     Gpt2,
+}
+
+/// A LoRA delta, scale · B·A (transposed for a `Conv1D` or an embedding), on the tensor
+/// `weight`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoreDelta {
+    pub weight: String,
+    pub a: TensorPlace,
+    pub b: TensorPlace,
+    pub scale: f64,
+    pub transposed: bool,
 }
 
 /// Where one tensor's bytes are.

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use modelforge_core::job::{Decoder, Family, ScoreJob, Scores, TensorPlace};
+use modelforge_core::job::{Decoder, Family, ScoreDelta, ScoreJob, Scores, TensorPlace};
 use tch::{Device, Kind, Tensor};
 
 use crate::backend::kind;
@@ -20,6 +20,8 @@ struct Weights {
     /// The tensors the forward pass has read: any other is a part of the model it would
     /// leave out, and the scores would be wrong.
     read: HashSet<String>,
+    /// LoRA deltas to add to tensors as they are read, by tensor name.
+    deltas: HashMap<String, Vec<ScoreDelta>>,
 }
 
 impl Weights {
@@ -27,19 +29,42 @@ impl Weights {
         self.places.contains_key(name)
     }
 
-    /// `name` as an f32 tensor on the device.
+    /// `name` as an f32 tensor on the device, with the deltas it is given added.
     fn get(&mut self, name: &str) -> Result<Tensor, EngineError> {
         let place = self
             .places
             .get(name)
-            .ok_or_else(|| shape!("the model has no tensor `{name}`"))?;
+            .ok_or_else(|| shape!("the model has no tensor `{name}`"))?
+            .clone();
+        self.read.insert(name.to_owned());
+        let mut tensor = self.read_place(&place)?;
+        for delta in self.deltas.get(name).cloned().unwrap_or_default() {
+            let (a, b) = (self.read_place(&delta.a)?, self.read_place(&delta.b)?);
+            let product = b.matmul(&a) * delta.scale;
+            let product = if delta.transposed {
+                product.tr()
+            } else {
+                product
+            };
+            if product.size() != tensor.size() {
+                return Err(shape!(
+                    "the delta for `{name}` is {:?}, the tensor {:?}",
+                    product.size(),
+                    tensor.size()
+                ));
+            }
+            tensor += product;
+        }
+        Ok(tensor)
+    }
+
+    fn read_place(&mut self, place: &TensorPlace) -> Result<Tensor, EngineError> {
         if !self.files.contains_key(&place.path) {
             let file = File::open(&place.path).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("{}: {e}", place.path.display()))
             })?;
             self.files.insert(place.path.clone(), file);
         }
-        self.read.insert(name.to_owned());
         let mut bytes = vec![0u8; place.len as usize];
         self.files[&place.path].read_exact_at(&mut bytes, place.start)?;
         let dims: Vec<i64> = place.shape.iter().map(|&d| d as i64).collect();
@@ -102,7 +127,38 @@ pub fn score(job: &ScoreJob, device: Device) -> Result<Scores, EngineError> {
         files: HashMap::new(),
         device,
         read: HashSet::new(),
+        deltas: HashMap::new(),
     };
+    for replacement in &job.replacements {
+        let place = weights.places.get_mut(&replacement.name).ok_or_else(|| {
+            shape!(
+                "the adapter replaces `{}`, which the model does not have",
+                replacement.name
+            )
+        })?;
+        if place.shape != replacement.shape {
+            return Err(shape!(
+                "the adapter's `{}` is {:?}, the model's {:?}",
+                replacement.name,
+                replacement.shape,
+                place.shape
+            ));
+        }
+        *place = replacement.clone();
+    }
+    for delta in &job.deltas {
+        if !weights.has(&delta.weight) {
+            return Err(shape!(
+                "the adapter changes `{}`, which the model does not have",
+                delta.weight
+            ));
+        }
+        weights
+            .deltas
+            .entry(delta.weight.clone())
+            .or_default()
+            .push(delta.clone());
+    }
     let d = &job.decoder;
     let (embed, positions, final_norm) = outer_names(d.family);
     let embedding = weights.get(embed)?;

@@ -265,3 +265,45 @@ def test_plain_output_runs(tmp_path):
     folder = save(tmp_path / "llama", LlamaForCausalLM(LlamaConfig(**DIMS)), TEXTS)
     done = modelforge("score", folder, "--texts", texts_file(tmp_path / "texts.txt", TEXTS))
     assert done.stdout.strip()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_adapter_scores_as_peft_merges_it(tmp_path, family):
+    """`--adapter`: a LoRA (on attention, the MLP and, for LLaMA, the embedding, with the head
+    trained whole as `modules_to_save`; GPT-2's Conv1D transposed) added as the weights are read
+    equals PEFT's merged model; a DoRA adapter is refused, naming what to do instead."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    torch.manual_seed(9)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **DIMS))
+        targets = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,
+                                           vocab_size=VOCAB, initializer_range=0.2))
+        targets = ["c_attn", "c_fc"]
+    folder = save(tmp_path / family, model, TEXTS)
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                           fan_in_fan_out=family == "gpt2",
+                                           modules_to_save=["lm_head"] if family == "llama" else None))
+    if family == "llama":
+        with torch.no_grad():
+            head = peft.base_model.model.lm_head.modules_to_save["default"].weight
+            head.add_(0.3 * torch.randn_like(head))
+    peft.save_pretrained(tmp_path / "adapter")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter")
+    merged.merge_and_unload().save_pretrained(tmp_path / "merged")
+    (tmp_path / "merged" / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    texts = texts_file(tmp_path / "texts.txt", TEXTS)
+    with_adapter = json.loads(modelforge("score", folder, "--adapter", tmp_path / "adapter", "--texts", texts,
+                                         "--json").stdout)
+    check(with_adapter, reference(tmp_path / "merged", TEXTS))
+    without = score(folder, texts)
+    assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(with_adapter["texts"], without["texts"])) > 0.1
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                          LoraConfig(r=4, target_modules=targets[:1], use_dora=True,
+                                     fan_in_fan_out=family == "gpt2"))
+    dora.save_pretrained(tmp_path / "dora")
+    done = modelforge("score", folder, "--adapter", tmp_path / "dora", "--texts", texts, check=False)
+    assert done.returncode != 0 and "DoRA" in done.stderr and "modelforge build" in done.stderr, done.stderr
