@@ -2,6 +2,7 @@
 //! the user's `--arch FILE`s): where each role's weights live in a model of a family, and how
 //! fused tensors lay out their parts. Code only computes what the data names: the row a part's
 //! row lands on.
+mod decoder;
 mod dims;
 mod error;
 mod role;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+pub(crate) use decoder::{decoder, embedding, Unsupported, FAMILIES};
 pub(crate) use dims::Dims;
 pub(crate) use error::ArchError;
 pub(crate) use role::Role;

@@ -263,6 +263,14 @@ fn write_model(
         written.push((target.join(crate::io::hf::INDEX), FileDigest::of(&index)));
     }
     figures_ready(engine, res);
+    let shard_files: Vec<PathBuf> = shards
+        .iter()
+        .map(|shard| staging.path().join(&shard.file_name))
+        .collect();
+    super::effect::measure(
+        res,
+        &shard_files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    )?;
     for (name, bytes) in crate::output::files(&res.surroundings()).map_err(output_error(target))? {
         let path = staging.path().join(&name);
         std::fs::write(&path, &bytes).map_err(output_error(&path))?;
@@ -564,7 +572,10 @@ fn write_adapter(
     }
     if with_transfer_report {
         figures_ready(engine, res);
-        files.extend(crate::output::transfer_files(&res.fates()).map_err(output_error(target))?);
+        files.extend(
+            crate::output::transfer_files(&res.fates(), &res.effects())
+                .map_err(output_error(target))?,
+        );
     }
     for (name, bytes) in files {
         let path = staging.path().join(&name);

@@ -4,6 +4,7 @@
 mod assemble;
 mod cache;
 mod changes;
+mod effect;
 mod engine;
 mod error;
 mod options;

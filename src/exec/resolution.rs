@@ -29,6 +29,9 @@ pub(crate) struct Resolution {
     pub seed: u64,
     /// With `[output] gguf`: how the GGUF is laid out, checked before anything is computed.
     pub gguf: Option<crate::output::gguf::Layout>,
+    /// The effect each adapter with `examples` keeps on them, once the built model is written
+    /// (see `super::effect`).
+    pub effects: std::sync::Mutex<BTreeMap<String, crate::plan::Effect>>,
 }
 
 impl Resolution {
@@ -121,6 +124,7 @@ impl Resolution {
             recipe_digest,
             seed,
             gguf,
+            effects: Default::default(),
         })
     }
 
@@ -211,8 +215,22 @@ impl Resolution {
             recipe_digest: self.recipe_digest,
             plan: &self.plan,
             fates: self.fates(),
+            effects: self.effects(),
             inputs: self.input_digests(),
         }
+    }
+
+    /// The effects measured on the adapters' examples so far.
+    pub fn effects(&self) -> BTreeMap<String, crate::plan::Effect> {
+        self.effects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What the report says of each adapter as a whole.
+    pub fn carried(&self) -> Vec<crate::plan::Carried> {
+        crate::plan::Carried::of(&self.fates(), &self.effects())
     }
 
     /// The record of the last build of the primary output.

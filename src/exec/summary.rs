@@ -107,7 +107,7 @@ impl Summary {
                 engine: None,
             },
             phases: None,
-            carried: crate::plan::Carried::of(&res.fates()),
+            carried: res.carried(),
             shards_kept: 0,
             pulled: None,
             pushed: None,

@@ -28,6 +28,21 @@ pub(crate) struct Weights {
 }
 
 impl Weights {
+    /// Where each tensor is, for the engine.
+    pub fn places(&self) -> Vec<modelforge_core::job::TensorPlace> {
+        self.tensors
+            .iter()
+            .map(|(name, (file, meta))| modelforge_core::job::TensorPlace {
+                name: name.clone(),
+                path: self.files[*file].path.clone(),
+                dtype: meta.dtype,
+                shape: meta.shape.clone(),
+                start: meta.start,
+                len: meta.len,
+            })
+            .collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<(&SafetensorsFile, &TensorMeta)> {
         self.tensors
             .get(name)

@@ -11,6 +11,7 @@ pub(crate) mod peft;
 pub(crate) mod safetensors;
 pub(crate) mod sentencepiece;
 pub(crate) mod size;
+pub(crate) mod texts;
 pub(crate) mod write_behind;
 pub(crate) mod writer;
 

@@ -40,6 +40,8 @@ pub(crate) struct Surroundings<'a> {
     pub plan: &'a Plan,
     /// The fate of every module, with the figures of width adaptation.
     pub fates: Vec<Fate>,
+    /// The effect adapters keep on their examples.
+    pub effects: BTreeMap<String, crate::plan::Effect>,
     /// Every input file, as the lock names it, and its digest.
     pub inputs: BTreeMap<String, FileDigest>,
 }
@@ -83,7 +85,7 @@ pub(crate) fn files(around: &Surroundings<'_>) -> std::io::Result<Vec<(String, V
         "README.md".into(),
         card::model_card(recipe, plan).into_bytes(),
     ));
-    files.extend(transfer_files(&around.fates)?);
+    files.extend(transfer_files(&around.fates, &around.effects)?);
     let mut manifest =
         serde_json::to_vec_pretty(&manifest(around)).map_err(std::io::Error::other)?;
     manifest.push(b'\n');
@@ -94,11 +96,14 @@ pub(crate) fn files(around: &Surroundings<'_>) -> std::io::Result<Vec<(String, V
 /// `transfer.json` and `transfer.txt`, when something was mapped, skipped or dropped, or
 /// compared with a source base: what to expect of each adapter, and what became of every
 /// module.
-pub(crate) fn transfer_files(fates: &[Fate]) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn transfer_files(
+    fates: &[Fate],
+    effects: &BTreeMap<String, crate::plan::Effect>,
+) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     if !fates.iter().any(Fate::is_reported) {
         return Ok(Vec::new());
     }
-    let adapters = Carried::of(fates);
+    let adapters = Carried::of(fates, effects);
     let mut json = serde_json::to_vec_pretty(&json!({ "adapters": adapters, "modules": fates }))
         .map_err(std::io::Error::other)?;
     json.push(b'\n');

@@ -205,6 +205,19 @@ pub(crate) enum PlanError {
         #[label("this adapter")]
         span: SourceSpan,
     },
+
+    #[error("{message}")]
+    #[diagnostic(
+        code(modelforge::plan::examples),
+        help("`examples` are scored by the engine's forward pass on the source base and on the built model; drop `examples` for a base it cannot run, or give the missing file")
+    )]
+    Examples {
+        message: String,
+        #[source_code]
+        src: Src,
+        #[label("these examples")]
+        span: SourceSpan,
+    },
 }
 
 impl PlanError {

@@ -4,6 +4,7 @@
 mod adapter;
 mod dims;
 mod error;
+mod examples;
 mod graph;
 mod tie;
 mod transfer;
@@ -14,6 +15,7 @@ use safetensors::Dtype;
 
 pub(crate) use dims::{Alignment, TensorRef};
 pub(crate) use error::PlanError;
+pub(crate) use examples::Examples;
 pub(crate) use graph::{pathdiff, BuildGraph, Keyed, Settings, Status};
 
 use crate::arch::{Place, Schema, Schemas};
@@ -24,7 +26,7 @@ use crate::io::writer::OutTensor;
 use crate::recipe::{layer_of, DimsMap, OutputDtype, Recipe, ResolvedRule, Weight};
 use adapter::{AdapterPlan, Planned};
 use transfer::map_layers;
-pub(crate) use transfer::{Carried, Fate};
+pub(crate) use transfer::{Carried, Effect, Fate};
 
 /// The opened inputs of a recipe.
 pub(crate) struct Inputs {
@@ -167,6 +169,8 @@ pub(crate) struct Plan {
     /// Tokenizer files taken from an adapter trained on a resized vocabulary, in place of the
     /// base's; inputs of the build like the weights.
     pub tokenizer: Vec<std::path::PathBuf>,
+    /// The adapters' `examples`, which the transfer report scores.
+    pub examples: Vec<Examples>,
 }
 
 impl Plan {
@@ -180,6 +184,13 @@ impl Plan {
         paths.extend(self.arch_files.iter().cloned());
         paths.extend(self.align.files());
         paths.extend(self.tokenizer.iter().cloned());
+        for examples in &self.examples {
+            for file in examples.files() {
+                if !paths.contains(&file) {
+                    paths.push(file);
+                }
+            }
+        }
         paths
     }
 
@@ -280,6 +291,22 @@ impl Plan {
             }
         }
         let tokenizer = resized_vocabulary(recipe, &base, &mut out, &mut config, &mut notes)?;
+        let mut examples = Vec::new();
+        for (entry, source) in recipe.adapters.iter().zip(&adapters) {
+            match source {
+                Source::Lora(adapter) => {
+                    examples.extend(Examples::of(entry, adapter, &base, &src)?)
+                }
+                Source::Model(_) if entry.examples.is_some() => return Err(PlanError::Examples {
+                    message:
+                        "`examples` are scored for a LoRA adapter; this adapter is a whole model"
+                            .into(),
+                    src: src.clone(),
+                    span: entry.examples.as_ref().map_or(entry.span, |e| e.span),
+                }),
+                Source::Model(_) => {}
+            }
+        }
         let Planned {
             tensors,
             mut warnings,
@@ -307,6 +334,7 @@ impl Plan {
             config,
             notes,
             tokenizer,
+            examples,
         })
     }
 }

@@ -57,7 +57,7 @@ pub(crate) enum RecipeError {
         dir: PathBuf,
         #[source_code]
         src: Src,
-        #[label("no such directory")]
+        #[label("not found")]
         span: SourceSpan,
     },
 
@@ -89,6 +89,17 @@ pub(crate) enum RecipeError {
         #[source_code]
         src: Src,
         #[label("this path")]
+        span: SourceSpan,
+    },
+
+    #[error("the {what} `{}` is not a file", path.display())]
+    #[diagnostic(code(modelforge::recipe::not_a_file), help("point at the file itself"))]
+    NotAFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source_code]
+        src: Src,
+        #[label("not a file")]
         span: SourceSpan,
     },
 

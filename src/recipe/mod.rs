@@ -145,6 +145,8 @@ pub(crate) struct AdapterEntry {
     pub weight: Vec<WeightRule>,
     /// The base the adapter was trained on, when the recipe names it.
     pub source: Option<Entry>,
+    /// `examples`: a file of texts of what the adapter does (with `source`).
+    pub examples: Option<Entry>,
     /// `arch`: the schema the adapter's module names follow.
     pub arch: Option<Named>,
     pub map: LayerMap,
@@ -552,6 +554,24 @@ impl Checker {
         what: &'static str,
         path: &Spanned<String>,
     ) -> Result<Entry, RecipeError> {
+        self.existing(what, path, true)
+    }
+
+    fn existing_file(
+        &self,
+        what: &'static str,
+        path: &Spanned<String>,
+    ) -> Result<Entry, RecipeError> {
+        self.existing(what, path, false)
+    }
+
+    /// `path` as an entry, if it names a directory (`dir`) or a file.
+    fn existing(
+        &self,
+        what: &'static str,
+        path: &Spanned<String>,
+        dir: bool,
+    ) -> Result<Entry, RecipeError> {
         let entry = self.entry(path);
         let found = match std::fs::metadata(&entry.path) {
             Ok(meta) => Some(meta),
@@ -579,8 +599,16 @@ impl Checker {
                 span: entry.span,
             });
         };
-        if !found.is_dir() {
+        if dir && !found.is_dir() {
             return Err(RecipeError::NotADirectory {
+                what,
+                path: entry.path,
+                src: self.src.clone(),
+                span: entry.span,
+            });
+        }
+        if !dir && !found.is_file() {
+            return Err(RecipeError::NotAFile {
                 what,
                 path: entry.path,
                 src: self.src.clone(),
@@ -610,6 +638,17 @@ impl Checker {
             Some(path) => Some(self.existing_dir("source base", path)?),
             None => None,
         };
+        let examples = match (&adapter.examples, &source) {
+            (None, _) => None,
+            (Some(path), Some(_)) => Some(self.existing_file("examples", path)?),
+            (Some(path), None) => {
+                return Err(self.invalid(
+                    "`examples` needs the adapter's `source` base".into(),
+                    "add `source = \"path/to/source-base\"` to this [[adapter]]: the examples are scored on the source with the adapter, and on the base with it carried",
+                    path.span(),
+                ))
+            }
+        };
         let (map, skip) = self.layer_map(adapter.map.as_ref())?;
         let refuse_unmatched = self.unmatched(adapter.map.as_ref())?;
         let dims = self.dims(adapter.map.as_ref(), source.is_some(), raw.span())?;
@@ -617,6 +656,7 @@ impl Checker {
             entry,
             weight,
             source,
+            examples,
             arch: adapter.arch.as_ref().map(Named::of),
             map,
             dims,

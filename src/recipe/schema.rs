@@ -81,6 +81,10 @@ pub(crate) struct RawAdapter {
     /// The base the adapter was trained on (its layer count drives layer mapping).
     #[serde(default)]
     pub source: Option<Spanned<String>>,
+    /// Texts of what the adapter does, one per line: the report measures how much of the
+    /// adapter's effect on them the carried adapter keeps.
+    #[serde(default)]
+    pub examples: Option<Spanned<String>>,
     /// The architecture schema the adapter's module names follow, by name.
     #[serde(default)]
     pub arch: Option<Spanned<String>>,

@@ -347,3 +347,42 @@ fn unknown_shard_grouping() {
         &GOOD.replace("path = \"out\"", "path = \"out\"\nshard_by = \"layer\"")
     ));
 }
+
+#[test]
+fn examples_without_a_source() {
+    let ws = workspace();
+    ws.write("examples.txt", "a text\n");
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace(
+            "path = \"lora\"",
+            "path = \"lora\"\nexamples = \"examples.txt\""
+        )
+    ));
+}
+
+#[test]
+fn examples_that_are_missing_or_a_folder() {
+    let ws = workspace();
+    let with = |examples: &str| {
+        GOOD.replace(
+            "path = \"lora\"",
+            &format!("path = \"lora\"\nsource = \"base\"\nexamples = \"{examples}\""),
+        )
+    };
+    assert_snapshot!("examples_missing", fails(&ws, &with("none.txt")));
+    assert_snapshot!("examples_a_folder", fails(&ws, &with("base")));
+}
+
+#[test]
+fn examples_on_a_base_the_engine_cannot_run() {
+    let ws = workspace();
+    ws.write("examples.txt", "a text\n");
+    assert_snapshot!(fails(
+        &ws,
+        &GOOD.replace(
+            "path = \"lora\"",
+            "path = \"lora\"\nsource = \"base\"\nexamples = \"examples.txt\""
+        )
+    ));
+}

@@ -307,3 +307,56 @@ def test_an_adapter_scores_as_peft_merges_it(tmp_path, family):
     dora.save_pretrained(tmp_path / "dora")
     done = modelforge("score", folder, "--adapter", tmp_path / "dora", "--texts", texts, check=False)
     assert done.returncode != 0 and "DoRA" in done.stderr and "modelforge build" in done.stderr, done.stderr
+
+
+def test_examples_in_a_recipe_give_the_effect_the_build_keeps(tmp_path):
+    """`examples` in a recipe: the transfer report gives Σ δₛ·δₜ / Σ δₛ² over the texts, δₛ each
+    text's log-likelihood change on the source base when the adapter is added (PEFT's model
+    here) and δₜ on the base when the build is (the built model against the base). Into the
+    source itself, the build keeps the whole effect; into another base, what transformers says.
+    Changing the examples rebuilds the report; `examples` without `source` is refused."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    torch.manual_seed(10)
+    source = save(tmp_path / "source", LlamaForCausalLM(LlamaConfig(**DIMS)), TEXTS)
+    other = save(tmp_path / "other", LlamaForCausalLM(LlamaConfig(**DIMS)), TEXTS)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(source),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                     init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter-merged").mkdir()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source), tmp_path / "adapter") \
+        .merge_and_unload().save_pretrained(tmp_path / "adapter-merged")
+    (tmp_path / "adapter-merged" / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    examples = texts_file(tmp_path / "examples.txt", TEXTS[:4])
+
+    def build(base: Path, name: str) -> dict:
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text(f'[base]\npath = "{base}"\n\n[[adapter]]\npath = "{tmp_path / "adapter"}"\n'
+                          f'source = "{source}"\nexamples = "{examples}"\n\n[output]\npath = "{tmp_path / name}"\n')
+        modelforge("build", recipe, "--quiet", "--cache", tmp_path / "cache")
+        (adapter,) = json.loads((tmp_path / name / "transfer.json").read_text())["adapters"]
+        return adapter
+
+    def kept(base: Path, built: Path) -> float:
+        ll = lambda folder: [lp for _, lp in reference(folder, TEXTS[:4])]
+        ds = [a - b for a, b in zip(ll(tmp_path / "adapter-merged"), ll(source))]
+        dt = [a - b for a, b in zip(ll(built), ll(base))]
+        return sum(a * b for a, b in zip(ds, dt)) / sum(a * a for a in ds)
+
+    itself = build(source, "into-source")
+    assert itself["effect"]["examples"] == 4
+    assert itself["effect"]["kept"] == pytest.approx(1.0, abs=1e-4)
+    assert itself["verdict"] == "keeps its effect on the examples"
+    carried = build(other, "into-other")
+    assert carried["effect"]["kept"] == pytest.approx(kept(other, tmp_path / "into-other"), abs=1e-3)
+
+    # Other examples: not up to date, and the report says so.
+    texts_file(examples, TEXTS[1:])
+    again = build(other, "into-other")
+    assert again["effect"]["examples"] == 4 and again["effect"]["kept"] != carried["effect"]["kept"]
+
+    recipe = tmp_path / "no-source.toml"
+    recipe.write_text(f'[base]\npath = "{other}"\n\n[[adapter]]\npath = "{tmp_path / "adapter"}"\n'
+                      f'examples = "{examples}"\n\n[output]\npath = "{tmp_path / "x"}"\n')
+    done = modelforge("build", recipe, check=False)
+    assert done.returncode != 0 and "`examples` needs the adapter's `source` base" in done.stderr, done.stderr

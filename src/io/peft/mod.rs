@@ -17,6 +17,7 @@ const WEIGHTS: &str = "adapter_model.safetensors";
 /// PEFT saves keys relative to the `PeftModel`, whose base model sits at `base_model.model`.
 const PREFIX: &str = "base_model.model.";
 
+use modelforge_core::job::{Decoder, ScoreDelta, TensorPlace};
 pub(crate) use modelforge_core::node::LoraKind;
 
 /// One LoRA module: the base tensor it changes and how.
@@ -149,6 +150,75 @@ impl PeftAdapter {
             tokens,
             copies: read.copies,
         })
+    }
+
+    /// The adapter as the engine's forward pass adds it to the tensors of a model (its
+    /// `decoder`, its checkpoint holding the tensors `has` says): its LoRA modules (plain LoRA
+    /// on linear layers, `Conv1D`s and embeddings) as deltas, its `modules_to_save` as
+    /// replacements, as PEFT merges them. What else an adapter can hold is refused, saying
+    /// what.
+    pub fn as_deltas(
+        &self,
+        decoder: &Decoder,
+        has: impl Fn(&str) -> bool,
+    ) -> Result<(Vec<ScoreDelta>, Vec<TensorPlace>), String> {
+        if let Some(name) = self.tokens.keys().next() {
+            return Err(format!("it trains tokens of `{name}`"));
+        }
+        let place = |meta: &TensorMeta, name: &str| TensorPlace {
+            name: name.to_owned(),
+            path: self.file.path.clone(),
+            dtype: meta.dtype,
+            shape: meta.shape.clone(),
+            start: meta.start,
+            len: meta.len,
+        };
+        // With a tied head, one tensor is both sides: a replacement of one side would untie them,
+        // which a build handles (and says) and this pass does not.
+        let embed = crate::arch::embedding(decoder.family);
+        let tied = decoder.head == embed;
+        let mut replacements = Vec::new();
+        for (name, meta) in &self.replacements {
+            if tied
+                && !self.copies.contains(name)
+                && (name == embed || name.ends_with("lm_head.weight"))
+            {
+                return Err(format!(
+                    "it replaces `{name}`, one side of the model's tied embedding and head"
+                ));
+            }
+            if !has(name) {
+                return Err(format!(
+                    "it replaces `{name}`, which the model does not have"
+                ));
+            }
+            replacements.push(place(meta, name));
+        }
+        let deltas = self
+            .modules
+            .iter()
+            .map(|(module, lora)| {
+                let transposed = match lora.kind {
+                    LoraKind::Linear => false,
+                    LoraKind::LinearTransposed | LoraKind::Embedding => true,
+                    _ => return Err(format!("`{module}` is a LoRA on expert weights")),
+                };
+                if lora.magnitude.is_some() {
+                    return Err(format!("`{module}` is DoRA"));
+                }
+                if lora.bias.is_some() || lora.parameter.is_some() {
+                    return Err(format!("`{module}` has a bias or wraps a bare parameter"));
+                }
+                Ok(ScoreDelta {
+                    weight: format!("{module}.weight"),
+                    a: place(&lora.a, &format!("{module}.lora_A")),
+                    b: place(&lora.b, &format!("{module}.lora_B")),
+                    scale: lora.scaling,
+                    transposed,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((deltas, replacements))
     }
 }
 
