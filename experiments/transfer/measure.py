@@ -87,6 +87,13 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())).item()
 
 
+def text_logprob(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each text's log-likelihood (the sum of its next-token log-probabilities), [B], from
+    `logprobs` [B, L, V] in canonical order and the texts' canonical ids [B, L]: a number that
+    does not depend on how a model's tokenizer cuts the text."""
+    return logprobs[:, :-1].gather(-1, ids[:, 1:, None]).sum((1, 2))
+
+
 def projection(reference: torch.Tensor, other: torch.Tensor) -> float:
     """How much of `reference` `other` reproduces: ⟨r, o⟩ / ⟨r, r⟩ (1: all of it, 0: none)."""
     r, o = reference.flatten(), other.flatten()

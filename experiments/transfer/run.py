@@ -30,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from measure import (Probe, auc, layer_pairs, overlap_in_any_mode, linear_cka, mean_cosine, projection, residual_map,  # noqa: E402
-                     spearman)
+from measure import (Probe, auc, layer_pairs, overlap_in_any_mode, linear_cka, mean_cosine, projection,  # noqa: E402
+                     residual_map, spearman, text_logprob)
 from world import make_data  # noqa: E402
 from zoo import Spec, Training, Zoo  # noqa: E402
 
@@ -91,9 +91,10 @@ def variants():
 # --- the transfer report, read ------------------------------------------------------------------
 
 def read_report(out: Path) -> tuple[list[dict], dict]:
-    """transfer.json's module rows, and what it says of the adapter: its transfer figure and
-    verdict, the energy kept and subspace overlap (means over the modules fused, a module moved
-    whole counting as energy 1), the embedding fit's residual (align), the fraction fused."""
+    """transfer.json's module rows, and what it says of the adapter: its transfer figure, the
+    effect it keeps on the examples and its verdict, the energy kept and subspace overlap (means
+    over the modules fused, a module moved whole counting as energy 1), the embedding fit's
+    residual (align), the fraction fused."""
     report = json.loads((out / "transfer.json").read_text())
     (adapter,) = report["adapters"]
     modules = report["modules"]
@@ -102,10 +103,24 @@ def read_report(out: Path) -> tuple[list[dict], dict]:
         energy_kept=adapter["energy"], subspace_overlap=adapter.get("overlap"),
         embedding_residual=sum(fits) / len(fits) if fits else None,
         modules_carried=adapter["fused"] / adapter["modules"],
-        report_summary=adapter.get("transfer"), verdict=adapter["verdict"])
+        report_summary=adapter.get("transfer"), verdict=adapter["verdict"],
+        effect_kept=(adapter.get("effect") or {}).get("kept"),
+        weights_verdict=weights_verdict(adapter.get("transfer")))
 
 
-VERDICTS = ("unrelated bases: expect nothing", "partial", "close to the source")  # ranked 0, 1, 2
+# The report's verdicts, ranked: from the effect kept on the examples (the recipes here give
+# them), and the one it gives from the weights alone (without examples).
+VERDICTS = ("none of its effect on the examples",
+            "little of its effect on the examples: no more than perturbing the base does",
+            "keeps part of its effect on the examples", "keeps its effect on the examples")
+WEIGHTS_VERDICTS = ("unrelated bases: expect nothing", "partial", "close to the source")
+
+
+def weights_verdict(transfer: float | None) -> str | None:
+    """The verdict the report gives without examples (src/plan/transfer.rs: 0.8 and 0.2)."""
+    if transfer is None:
+        return None
+    return WEIGHTS_VERDICTS[2 if transfer >= 0.8 else 1 if transfer >= 0.2 else 0]
 
 
 # --- the experiment ------------------------------------------------------------------------------
@@ -140,13 +155,15 @@ def snapshot(binary: Path, into: Path) -> Path:
     return folder / binary.name
 
 
-def build(binary: Path, work: Path, source: str, target: str, dirs, lora: Path, dims: str, layers: str):
+def build(binary: Path, work: Path, source: str, target: str, dirs, lora: Path, dims: str, layers: str,
+          examples: Path):
     slug = f"{source}__{target}__{dims}-{layers}"
     recipe = work / "recipes" / f"{slug}.toml"
     out = work / "out" / slug
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(
-        f'[base]\npath = "{dirs[target]}"\n\n[[adapter]]\npath = "{lora}"\nsource = "{dirs[source]}"\n\n'
+        f'[base]\npath = "{dirs[target]}"\n\n[[adapter]]\npath = "{lora}"\nsource = "{dirs[source]}"\n'
+        f'examples = "{examples}"\n\n'
         f'[adapter.map]\nlayers = "{layers}"\ndims = "{dims}"\n\n[output]\npath = "{out}"\n')
     run = subprocess.run([str(binary), "build", str(recipe), "--cache", str(work / "modelforge-cache"), "--quiet"],
                          capture_output=True, text=True, timeout=600)
@@ -205,6 +222,8 @@ def main(argv=None) -> int:
         base[n] = dict(task=task, task_acc=task_acc, corpus=corpus, task_direct=task_d, task_acc_direct=task_acc_d,
                        corpus_direct=corpus_d, random=(task_r, task_acc_r, corpus_r), lp_c=lp_c, lp_e=lp_e,
                        effect_c=d.logprobs(calibration) - lp_c, effect_e=d.logprobs(examples) - lp_e,
+                       text_e=text_logprob(lp_e, examples),
+                       text_effect_e=text_logprob(d.logprobs(examples), examples) - text_logprob(lp_e, examples),
                        streams=p.streams(calibration), emb=p.embeddings(), layers=p.layers,
                        hidden=p.model.config.hidden_size)
         say(f"{n}: task loss {task:.3f} -> {task_d:.3f} with its own LoRA ({task_r:.3f} with random directions), "
@@ -225,6 +244,10 @@ def main(argv=None) -> int:
                for n in names}
 
     work = args.cache / variant / "work"
+    # The examples the report scores: the adapter's own kind of text, one per line.
+    work.mkdir(parents=True, exist_ok=True)
+    examples_file = work / "examples.txt"
+    examples_file.write_text("".join(" ".join(data.vocab.words[i] for i in text) + "\n" for text in examples.tolist()))
     rows, skipped = [], []
     for t in names:
         b = base[t]
@@ -243,7 +266,7 @@ def main(argv=None) -> int:
             for layers in layer_modes:
                 for dims in (wide, "align"):
                     mode = mode_name(dims, layers)
-                    out, error = build(binary, work, s, t, zoo.dirs, loras[s], dims, layers)
+                    out, error = build(binary, work, s, t, zoo.dirs, loras[s], dims, layers, examples_file)
                     if out is None:
                         error = error.replace(str(args.cache), "<cache>")
                         skipped.append(dict(source=s, target=t, mode=mode, reason=error))
@@ -265,10 +288,14 @@ def main(argv=None) -> int:
                     # modelforge's overlap recomputed here from the weights: a check on the report.
                     row["overlap_check"] = overlap_in_any_mode(report, weights[s], weights[t], r)
                     row["effect_on_text"] = projection(bs["effect_c"], fused.logprobs(calibration) - bt["lp_c"])
-                    row["effect_on_examples"] = projection(bs["effect_e"], fused.logprobs(examples) - bt["lp_e"])
+                    lp_fused = fused.logprobs(examples)
+                    row["effect_on_examples"] = projection(bs["effect_e"], lp_fused - bt["lp_e"])
+                    row["text_effect_on_examples"] = projection(
+                        bs["text_effect_e"], text_logprob(lp_fused, examples) - bt["text_e"])
                     rows.append(row)
                     say(f"{s} -> {t} [{mode}]: gain {row['gain_fraction']:+.3f}, harm {row['harm']:+.3f}, "
-                        f"report {row['report_summary']:.3f} ({row['verdict']}), stream {row['stream_agreement']:.3f}, "
+                        f"report {row['report_summary']:.3f}, effect kept {row['effect_kept']}, ({row['verdict']}), "
+                        f"stream {row['stream_agreement']:.3f}, "
                         f"effect {row['effect_on_text']:+.3f}/{row['effect_on_examples']:+.3f}")
                     shutil.rmtree(out)  # the fused model is rebuilt from modelforge's cache when needed
 
@@ -278,7 +305,9 @@ def main(argv=None) -> int:
     aligned = [r for r in carried if r["mode"].startswith("align")]
     predictors = {
         "report_summary": ("the report's transfer figure: energy kept × overlap above √(1/8), on [0, 1]", 1),
-        "verdict": ("the report's verdict (close ≥ 0.8 > partial ≥ 0.2 > unrelated), as 2/1/0", 1),
+        "effect_kept": ("the report, with `examples`: share of the source adapter's change of each example's log-likelihood the build reproduces (modelforge's engine)", 1),
+        "verdict": ("the report's verdict with examples (effect kept ≥ 0.8 > ≥ 0.2 > ≥ 0.05 > less), as 3/2/1/0", 1),
+        "weights_verdict": ("the report's verdict without examples (transfer figure: close ≥ 0.8 > partial ≥ 0.2 > unrelated), as 2/1/0", 1),
         "subspace_overlap": ("the report: mean subspace overlap under the mode's own map (R, or the identity cut or padded)", 1),
         "energy_kept": ("the report: mean energy kept", 1),
         "embedding_residual": ("the report: embedding fit residual, lower better (align only)", -1),
@@ -288,6 +317,7 @@ def main(argv=None) -> int:
         "stream_cka": ("calibration text: linear CKA of those residual streams (map-free)", 1),
         "effect_on_text": ("calibration text: share of the source adapter's log-prob shift the carried one reproduces", 1),
         "effect_on_examples": ("a few of the adapter's own training examples: the same share", 1),
+        "text_effect_on_examples": ("the same examples, whole texts: share of the source adapter's change of each text's log-likelihood the carried one reproduces (tokenizer-free)", 1),
     }
     # Below twice the best gain of random directions of the same size, a gain is damage, not
     # transfer: the clipped correlation ties all of those at 0.
@@ -295,7 +325,8 @@ def main(argv=None) -> int:
     clipped = [r["gain_fraction"] if r["gain_fraction"] > floor else 0.0 for r in carried]
     correlations = {}
     for key, (meaning, sign) in predictors.items():
-        number = lambda r: VERDICTS.index(r[key]) if key == "verdict" else sign * r[key]
+        ranks = {"verdict": VERDICTS, "weights_verdict": WEIGHTS_VERDICTS}
+        number = lambda r: ranks[key].index(r[key]) if key in ranks else sign * r[key]
         value = lambda rs: [None if r.get(key) is None else number(r) for r in rs]
         correlations[key] = dict(
             meaning=meaning,
@@ -319,7 +350,9 @@ def main(argv=None) -> int:
         choices.append(dict(source=s, target=t, best=best["mode"], best_gain=best["gain_fraction"],
                             picked=pick["mode"], picked_gain=pick["gain_fraction"]))
     runtime = time.time() - started
-    result = dict(rows=rows, rank_correlation=correlations["report_summary"]["all_carried"],
+    result = dict(rows=rows, rank_correlation=correlations["effect_kept"]["all_carried"],
+                  rank_correlation_verdict=correlations["verdict"]["all_carried"],
+                  rank_correlation_weights=correlations["report_summary"]["all_carried"],
                   rank_correlation_floor_tied=correlations["report_summary"]["clipped"],
                   rank_correlation_ceiling=ceiling(carried, floor),
                   correlations=correlations, maps_tried=maps_tried, damage_floor=floor, mode_choice=choices, not_applicable=skipped, variant=variant,
@@ -331,7 +364,8 @@ def main(argv=None) -> int:
                                   parent=zoo.specs[n].parent) for n in names})
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(result))
-    say(f"done: {len(carried)} carried rows, report Spearman {result['rank_correlation']}")
+    say(f"done: {len(carried)} carried rows, report Spearman {result['rank_correlation']} "
+        f"(verdict {result['rank_correlation_verdict']}, weights alone {result['rank_correlation_weights']})")
     return 0
 
 
@@ -373,27 +407,34 @@ def ceiling(carried: list[dict], floor: float) -> float | None:
 
 
 def verdict_lines(result: dict) -> list[str]:
-    """What each verdict's rows kept, and how the figure orders the rows on either side of the
-    damage floor."""
+    """What each verdict's rows kept (with examples, and from the weights alone), and how the
+    weights' figure orders the rows on either side of the damage floor."""
     carried = [r for r in result["rows"] if "report_summary" in r]
     floor = result["damage_floor"]
-    lines = ["| verdict | rows | transfer figure | gain kept | accuracy kept | harm |", "|---|---|---|---|---|---|"]
-    for verdict in reversed(VERDICTS):
-        rs = [r for r in carried if r["verdict"] == verdict]
-        if rs:
-            span = lambda k, d=2: f"{min(r[k] for r in rs):.{d}f} to {max(r[k] for r in rs):.{d}f}"
-            lines.append(f"| {verdict} | {len(rs)} | {span('report_summary', 3)} | {span('gain_fraction')} | "
-                         f"{span('accuracy_fraction')} | {span('harm', 3)} |")
+    lines = []
+    for key, names, figure, title in (("verdict", VERDICTS, "effect_kept", "effect kept"),
+                                      ("weights_verdict", WEIGHTS_VERDICTS, "report_summary", "transfer figure")):
+        lines += [f"| verdict ({'with examples' if key == 'verdict' else 'weights alone'}) | rows | {title} | gain kept | "
+                  "accuracy kept | harm |", "|---|---|---|---|---|---|"]
+        for verdict in reversed(names):
+            rs = [r for r in carried if r.get(key) == verdict]
+            if rs:
+                span = lambda k, d=2: f"{min(r[k] for r in rs):.{d}f} to {max(r[k] for r in rs):.{d}f}"
+                lines.append(f"| {verdict} | {len(rs)} | {span(figure, 3)} | {span('gain_fraction')} | "
+                             f"{span('accuracy_fraction')} | {span('harm', 3)} |")
+        lines.append("")
     above = [r for r in carried if r["gain_fraction"] > floor]
     below = [r for r in carried if r["gain_fraction"] <= floor]
     rho = lambda rs, key="report_summary": fmt(spearman([r.get(key) for r in rs], [r["gain_fraction"] for r in rs]))
-    return lines + ["", f"Over the {len(above)} rows above the damage floor ({floor:.2f}) alone the transfer figure's "
-                    f"Spearman is {rho(above)}; over the {len(below)} rows at or under it, {rho(below)}: there the gain is "
-                    "what perturbing a base that is confidently wrong on the task buys, and it follows how far the "
-                    f"carried delta moves the target's outputs (Spearman there with the harm, {rho(below, 'harm')}, with "
-                    f"`effect_on_text`, {rho(below, 'effect_on_text')}), which a figure read off the weights does not see. "
-                    "Hence a ceiling: a figure that ordered the rows above the floor exactly as their gains and tied "
-                    f"those under it would reach **{fmt(ceiling(carried, floor))}** over every carried row.", ""]
+    return lines + [f"From the weights alone: over the {len(above)} rows above the damage floor ({floor:.2f}) the transfer "
+                    f"figure's Spearman is {rho(above)}; over the {len(below)} rows at or under it, {rho(below)}: there the "
+                    "gain is what perturbing a base that is confidently wrong on the task buys, and it follows how far "
+                    f"the carried delta moves the target's outputs (Spearman there with the harm, {rho(below, 'harm')}, "
+                    f"with the effect kept on the examples, {rho(below, 'effect_kept')}), which a figure read off the "
+                    "weights does not see. Hence a ceiling for the weights alone: a figure that ordered the rows above "
+                    "the floor exactly as their gains and tied those under it would reach "
+                    f"**{fmt(ceiling(carried, floor))}** over every carried row. The examples' effect is measured, not "
+                    "read off the weights, and orders both sides.", ""]
 
 
 def lineage(models: dict, n: str) -> str:
@@ -441,10 +482,12 @@ def markdown(result: dict) -> str:
         family = m["family"] + (f" ({m['control']} copy of llama-a)" if m["control"] else "")
         lines.append(f"| {n} | {family} | {m['hidden']} | {m['layers']} | {m['heads']} | {result['direct_gain'][n]:.3f} |")
     lines += ["", "## How well each number predicts the kept gain (Spearman)", "",
-              f"Headline, the report's transfer figure over every carried row: **{fmt(result['rank_correlation'])}**; "
-              f"with gains at the damage floor tied: **{fmt(result['rank_correlation_floor_tied'])}**; the most a figure "
-              f"that predicts transfer alone could reach over every row: {fmt(result.get('rank_correlation_ceiling'))} "
-              "(see below).", "",
+              "Headline, over every carried row: the report's effect kept on the examples (recipes give "
+              f"`examples`, 16 texts of the task), **{fmt(result['rank_correlation'])}**; its verdict, "
+              f"**{fmt(result['rank_correlation_verdict'])}**. From the weights alone (no examples): the transfer figure "
+              f"{fmt(result['rank_correlation_weights'])}, with gains at the damage floor tied "
+              f"{fmt(result['rank_correlation_floor_tied'])}; the most a figure read off the weights could reach over "
+              f"every row: {fmt(result.get('rank_correlation_ceiling'))} (see below).", "",
               *verdict_lines(result),
               f"Columns: Spearman against gain_fraction over every carried row, over the `align` rows only, with "
               f"gains below {result['damage_floor']:.2f} (twice the best gain of random directions) tied at 0, against "
@@ -466,14 +509,14 @@ def markdown(result: dict) -> str:
     lines += ["", "## Rows", "",
               "gain: fraction of the target's own LoRA's task-loss gain kept; harm: change of the loss on held-out "
               "corpus text (nats/token); energy, overlap, residual, transfer, verdict: transfer.json's.", "",
-              "| source | target | mode | gain | accuracy | harm | energy | overlap | residual | transfer | verdict | stream | effect (text) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| source | target | mode | gain | accuracy | harm | energy | overlap | residual | transfer | effect kept | verdict | stream | effect (text) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["mode"] == "no adapter":
             continue
         lines.append(f"| {r['source']} | {r['target']} | {r['mode']} | {fmt(r['gain_fraction'])} | {fmt(r['accuracy_fraction'])} | "
                      f"{fmt(r['harm'], 3)} | {fmt(r['energy_kept'])} | {fmt(r['subspace_overlap'])} | {fmt(r['embedding_residual'])} | "
-                     f"{fmt(r.get('report_summary'))} | {r['verdict']} | {fmt(r.get('stream_agreement'))} | "
+                     f"{fmt(r.get('report_summary'))} | {fmt(r.get('effect_kept'))} | {r['verdict']} | {fmt(r.get('stream_agreement'))} | "
                      f"{fmt(r.get('effect_on_text'))} |")
     if result.get("maps_tried"):
         lines += maps_section(result)

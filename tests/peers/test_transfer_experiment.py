@@ -96,11 +96,13 @@ def test_a_rotated_copy_of_the_source_receives_it_through_align_only(experiment)
     copied = one(result, source="llama-a", target="llama-a-rotated", mode="copied unchanged")
     assert aligned["gain_fraction"] >= 0.9, aligned
     assert aligned["subspace_overlap"] > 0.95 and aligned["embedding_residual"] < 0.05, aligned
-    assert aligned["verdict"] == "close to the source", aligned
+    assert aligned["weights_verdict"] == "close to the source", aligned
+    assert aligned["verdict"] == "keeps its effect on the examples", aligned
     assert copied["gain_fraction"] < 0.5 * aligned["gain_fraction"], (copied, aligned)
+    assert copied["effect_kept"] < 0.5 * aligned["effect_kept"], (copied, aligned)
     # The candidate predictors see the rotation too: streams and weights agree only through the map.
     assert aligned["stream_agreement"] > 0.95 > copied["stream_agreement"], (aligned, copied)
-    assert copied["verdict"] == "unrelated bases: expect nothing", copied
+    assert copied["weights_verdict"] == "unrelated bases: expect nothing", copied
     assert copied["report_summary"] < 0.2 < 0.8 < aligned["report_summary"], (copied, aligned)
 
 
@@ -117,7 +119,17 @@ def test_the_report_compares_the_bases_in_every_mode(experiment):
     for target in ("llama-a-relaid", "llama-a-tuned"):
         for mode in ("copied unchanged", "align"):
             row = one(result, source="llama-a", target=target, mode=mode)
-            assert row["verdict"] == "close to the source", row
+            assert row["weights_verdict"] == "close to the source", row
+            assert row["verdict"] == "keeps its effect on the examples", row
+
+
+def test_the_reports_effect_on_the_examples_is_what_transformers_measures(experiment):
+    """With `examples`, modelforge's engine scores the texts on four models; the same share,
+    computed in Python from transformers' log-probabilities, agrees on every carried row."""
+    _, result = experiment
+    carried = [r for r in result["rows"] if "report_summary" in r]
+    for row in carried:
+        assert row["effect_kept"] == pytest.approx(row["text_effect_on_examples"], abs=1e-4), row
 
 
 def test_a_rerun_reuses_the_trained_models_and_gives_the_same_rows(experiment, tmp_path):
