@@ -1,6 +1,8 @@
 //! The effect an adapter keeps on its `examples`: once the built model's shards are written,
 //! four forward passes by the engine score the texts on the source base without and with the
-//! adapter, and on the base and the built model (see [`crate::plan::Effect`]).
+//! adapter, and on the base and the built model (see [`crate::plan::Effect`]). The first three
+//! read only inputs, and are cached under the key of what they read: a build that changes
+//! another adapter runs only the built model's.
 use std::path::Path;
 
 use modelforge_core::job::{ScoreJob, TensorPlace};
@@ -39,7 +41,7 @@ pub(crate) fn measure(res: &Resolution, shards: &[&Path]) -> Result<(), ExecErro
             message: "the built model's forward pass cannot be described".into(),
             help: "this is a bug: the base's was checked when planning".into(),
         })?;
-        let run = |decoder: &modelforge_core::job::Decoder,
+        let job = |decoder: &modelforge_core::job::Decoder,
                    tensors: Vec<TensorPlace>,
                    adapted: bool,
                    texts: &[Vec<i64>]| {
@@ -47,27 +49,24 @@ pub(crate) fn measure(res: &Resolution, shards: &[&Path]) -> Result<(), ExecErro
                 true => (examples.deltas.clone(), examples.replacements.clone()),
                 false => (Vec::new(), Vec::new()),
             };
-            super::score(&ScoreJob {
+            ScoreJob {
                 device: res.device,
                 decoder: decoder.clone(),
                 tensors,
                 deltas,
                 replacements,
                 texts: texts.to_vec(),
-            })
-            .map(|s| {
-                s.logprobs
-                    .iter()
-                    .map(|lp| lp.iter().sum())
-                    .collect::<Vec<f64>>()
-            })
+            }
         };
         let source = examples.source.weights.places();
         let (s, t) = (&examples.source_ids, &examples.target_ids);
-        let source_without = run(&examples.source_decoder, source.clone(), false, s)?;
-        let source_with = run(&examples.source_decoder, source, true, s)?;
-        let target_without = run(&decoder, base.weights.places(), false, t)?;
-        let target_with = run(&decoder, built.clone(), false, t)?;
+        let source_without = cached(
+            res,
+            &job(&examples.source_decoder, source.clone(), false, s),
+        )?;
+        let source_with = cached(res, &job(&examples.source_decoder, source, true, s))?;
+        let target_without = cached(res, &job(&decoder, base.weights.places(), false, t))?;
+        let target_with = texts_logprob(&super::score(&job(&decoder, built.clone(), false, t))?);
         if let Some(effect) = Effect::of(
             (&source_without, &source_with),
             (&target_without, &target_with),
@@ -79,4 +78,80 @@ pub(crate) fn measure(res: &Resolution, shards: &[&Path]) -> Result<(), ExecErro
         }
     }
     Ok(())
+}
+
+/// Each text's log-likelihood.
+fn texts_logprob(scores: &modelforge_core::job::Scores) -> Vec<f64> {
+    scores
+        .logprobs
+        .iter()
+        .map(|lp| lp.iter().fold(0.0, |sum, x| sum + x))
+        .collect()
+}
+
+/// `job`'s texts' log-likelihoods, from the cache when a build scored the same texts on the
+/// same bytes before. Its key is the job itself with each file named by its digest instead of
+/// its path; caching is all this is, and a result that cannot be stored or read is computed.
+fn cached(res: &Resolution, job: &ScoreJob) -> Result<Vec<f64>, ExecError> {
+    let key = key(res, job);
+    if let Some(entry) = key.and_then(|key| res.store.action(&key)) {
+        if let Some(mut reader) = modelforge_core::store::VerifyingReader::open(&res.store, &entry)
+        {
+            let mut bytes = vec![0u8; entry.len as usize];
+            if reader.read_exact(&mut bytes).is_ok() && reader.check() {
+                if let Ok(found) = serde_json::from_slice::<Vec<f64>>(&bytes) {
+                    if found.len() == job.texts.len() {
+                        return Ok(found);
+                    }
+                }
+            }
+            res.store.evict(&entry);
+        }
+    }
+    let computed = texts_logprob(&super::score(job)?);
+    if let Some(key) = key {
+        let bytes = serde_json::to_vec(&computed).expect("numbers serialise");
+        let _ = res
+            .store
+            .object_writer()
+            .and_then(|mut out| out.write(&bytes).map(|()| out))
+            .and_then(|out| out.finish(false))
+            .and_then(|entry| res.store.put_action(&key, &entry));
+    }
+    Ok(computed)
+}
+
+/// What `job` computes, named by content: the job with each file's path replaced by the
+/// file's digest; `None` if a file cannot be digested.
+fn key(res: &Resolution, job: &ScoreJob) -> Option<modelforge_core::digest::NodeKey> {
+    let mut named = serde_json::to_value(job).ok()?;
+    let mut digests = std::collections::HashMap::new();
+    let mut rename = |place: &mut serde_json::Value| -> Option<()> {
+        let path = place.get("path")?.as_str()?.to_owned();
+        let digest = match digests.get(&path) {
+            Some(d) => *d,
+            None => {
+                let d = res.store.file_digest(Path::new(&path), false).ok()?;
+                digests.insert(path, d);
+                d
+            }
+        };
+        place["path"] = serde_json::Value::String(digest.hex());
+        Some(())
+    };
+    for list in ["tensors", "replacements"] {
+        for place in named[list].as_array_mut()? {
+            rename(place)?;
+        }
+    }
+    for delta in named["deltas"].as_array_mut()? {
+        rename(&mut delta["a"])?;
+        rename(&mut delta["b"])?;
+    }
+    // Results differ in their last bits between CPU and GPU, not between GPUs.
+    named["device"] = serde_json::to_value(job.device.class()).ok()?;
+    Some(modelforge_core::digest::NodeKey::of_value(&(
+        "modelforge score v1",
+        named,
+    )))
 }

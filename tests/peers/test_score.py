@@ -33,7 +33,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from support import modelforge
+from support import BIN, modelforge
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -309,7 +309,7 @@ def test_an_adapter_scores_as_peft_merges_it(tmp_path, family):
     assert done.returncode != 0 and "DoRA" in done.stderr and "modelforge build" in done.stderr, done.stderr
 
 
-def test_examples_in_a_recipe_give_the_effect_the_build_keeps(tmp_path):
+def test_examples_in_a_recipe_give_the_effect_the_build_keeps(tmp_path, monkeypatch):
     """`examples` in a recipe: the transfer report gives Σ δₛ·δₜ / Σ δₛ² over the texts, δₛ each
     text's log-likelihood change on the source base when the adapter is added (PEFT's model
     here) and δₜ on the base when the build is (the built model against the base). Into the
@@ -329,10 +329,20 @@ def test_examples_in_a_recipe_give_the_effect_the_build_keeps(tmp_path):
     (tmp_path / "adapter-merged" / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
     examples = texts_file(tmp_path / "examples.txt", TEXTS[:4])
 
-    def build(base: Path, name: str) -> dict:
+    # The engine, through a wrapper that counts the forward passes.
+    passes = tmp_path / "passes.log"
+    engine = tmp_path / "engine"
+    engine.write_text(f'#!/bin/sh\n[ "$1" = score ] && echo score >> "{passes}"\n'
+                      f'exec "{BIN.with_name("modelforge-engine")}" "$@"\n')
+    engine.chmod(0o755)
+    monkeypatch.setenv("MODELFORGE_ENGINE", str(engine))
+    counted = lambda: len(passes.read_text().splitlines()) if passes.exists() else 0
+
+    def build(base: Path, name: str, weight: float = 1.0) -> dict:
         recipe = tmp_path / f"{name}.toml"
         recipe.write_text(f'[base]\npath = "{base}"\n\n[[adapter]]\npath = "{tmp_path / "adapter"}"\n'
-                          f'source = "{source}"\nexamples = "{examples}"\n\n[output]\npath = "{tmp_path / name}"\n')
+                          f'source = "{source}"\nexamples = "{examples}"\nweight = {weight}\n\n'
+                          f'[output]\npath = "{tmp_path / name}"\n')
         modelforge("build", recipe, "--quiet", "--cache", tmp_path / "cache")
         (adapter,) = json.loads((tmp_path / name / "transfer.json").read_text())["adapters"]
         return adapter
@@ -347,8 +357,17 @@ def test_examples_in_a_recipe_give_the_effect_the_build_keeps(tmp_path):
     assert itself["effect"]["examples"] == 4
     assert itself["effect"]["kept"] == pytest.approx(1.0, abs=1e-4)
     assert itself["verdict"] == "keeps its effect on the examples"
+    # Four passes, one of them twice: the base is the source, scored without the adapter once.
+    assert counted() == 3
     carried = build(other, "into-other")
     assert carried["effect"]["kept"] == pytest.approx(kept(other, tmp_path / "into-other"), abs=1e-3)
+    # The source's passes are cached: a build into another base scores only the base and the
+    # built model; then, the adapter weighted anew, only the built model.
+    assert counted() == 3 + 2
+    half = build(other, "into-other", weight=0.5)
+    assert counted() == 3 + 2 + 1
+    assert half["effect"]["kept"] == pytest.approx(kept(other, tmp_path / "into-other"), abs=1e-3)
+    assert half["effect"]["kept"] != carried["effect"]["kept"]
 
     # Other examples: not up to date, and the report says so.
     texts_file(examples, TEXTS[1:])
