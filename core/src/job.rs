@@ -175,6 +175,19 @@ pub struct Decoder {
     pub windows: Vec<Option<usize>>,
     /// The output head's tensor (the input embedding's when the two are tied).
     pub head: String,
+    /// Which linear maps have biases, as config.json says (a checkpoint holding others is
+    /// refused, as transformers would drop them).
+    pub biases: Biases,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Biases {
+    /// The query, key and value projections.
+    pub qkv: bool,
+    /// The attention's output projection.
+    pub o: bool,
+    /// The MLP's maps.
+    pub mlp: bool,
 }
 
 /// The layouts the engine's forward pass knows.

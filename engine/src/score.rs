@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use modelforge_core::job::{Decoder, Family, ScoreDelta, ScoreJob, Scores, TensorPlace};
+use safetensors::Dtype;
 use tch::{Device, Kind, Tensor};
 
 use crate::backend::kind;
@@ -65,21 +66,35 @@ impl Weights {
             })?;
             self.files.insert(place.path.clone(), file);
         }
+        // Only floating tensors are weights this pass reads, each as many bytes as its shape
+        // says (LibTorch would read past a short buffer).
+        let width = match place.dtype {
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F32 => 4,
+            Dtype::F64 => 8,
+            other => {
+                return Err(shape!(
+                    "`{}` is {other:?}, not a floating tensor: quantized or integer weights are not scored",
+                    place.name
+                ))
+            }
+        };
+        let count: usize = place.shape.iter().product();
+        if place.len != (count * width) as u64 {
+            return Err(shape!(
+                "`{}` holds {} bytes, not the {} its shape {:?} takes",
+                place.name,
+                place.len,
+                count * width,
+                place.shape
+            ));
+        }
         let mut bytes = vec![0u8; place.len as usize];
         self.files[&place.path].read_exact_at(&mut bytes, place.start)?;
         let dims: Vec<i64> = place.shape.iter().map(|&d| d as i64).collect();
         Ok(Tensor::from_data_size(&bytes, &dims, kind(place.dtype))
             .to_device(self.device)
             .to_kind(Kind::Float))
-    }
-
-    /// `name` if the checkpoint has it (a projection's bias).
-    fn maybe(&mut self, name: &str) -> Result<Option<Tensor>, EngineError> {
-        if self.has(name) {
-            self.get(name).map(Some)
-        } else {
-            Ok(None)
-        }
     }
 }
 
@@ -162,7 +177,13 @@ pub fn score(job: &ScoreJob, device: Device) -> Result<Scores, EngineError> {
     let d = &job.decoder;
     let (embed, positions, final_norm) = outer_names(d.family);
     let embedding = weights.get(embed)?;
-    let vocab = embedding.size()[0];
+    if embedding.dim() != 2 {
+        return Err(shape!(
+            "`{embed}` is {:?}, not a table of rows",
+            embedding.size()
+        ));
+    }
+    let (vocab, width) = (embedding.size()[0], embedding.size()[1]);
     for (i, text) in job.texts.iter().enumerate() {
         if let Some(bad) = text.iter().find(|&&t| t < 0 || t >= vocab) {
             return Err(shape!(
@@ -180,6 +201,7 @@ pub fn score(job: &ScoreJob, device: Device) -> Result<Scores, EngineError> {
     drop(embedding);
     if let Some(positions) = positions {
         let table = weights.get(positions)?;
+        expect(&table, &[table.size()[0], width], positions)?;
         if table.size()[0] < longest {
             return Err(shape!(
                 "a text of {longest} tokens is longer than the model's {} positions",
@@ -193,13 +215,23 @@ pub fn score(job: &ScoreJob, device: Device) -> Result<Scores, EngineError> {
     let rotary = (!d.inv_freq.is_empty()).then(|| Rotary::new(&d.inv_freq, longest, device));
     for layer in 0..d.layers {
         let block = Block::load(&mut weights, d, layer)?;
+        block.check(d, width, layer)?;
         let window = d.windows.get(layer).copied().flatten();
         for h in hidden.iter_mut() {
             *h = block.forward(h, d, rotary.as_ref(), window);
         }
     }
     let norm = Norm::load(&mut weights, final_norm, d)?;
+    norm.check(width, final_norm)?;
     let head = weights.get(&d.head)?;
+    expect(&head, &[head.size()[0], width], &d.head)?;
+    if head.size()[0] < vocab {
+        return Err(shape!(
+            "`{}` has {} rows, fewer than the embedding's {vocab}",
+            d.head,
+            head.size()[0]
+        ));
+    }
     let mut unread: Vec<&String> = weights
         .places
         .keys()
@@ -227,7 +259,14 @@ pub fn score(job: &ScoreJob, device: Device) -> Result<Scores, EngineError> {
                 .gather(1, &ids.narrow(0, 1, n - 1).unsqueeze(1), false)
                 .squeeze_dim(1)
                 .to_device(Device::Cpu);
-            Vec::<f64>::try_from(chosen).map_err(|e| shape!("log-probabilities: {e}"))
+            let chosen =
+                Vec::<f64>::try_from(chosen).map_err(|e| shape!("log-probabilities: {e}"))?;
+            match chosen.iter().all(|lp| lp.is_finite()) {
+                true => Ok(chosen),
+                false => Err(shape!(
+                    "a log-probability of a text is not finite: the model's weights hold NaN or infinity, or overflow in f32"
+                )),
+            }
         })
         .collect::<Result<_, EngineError>>()?;
     Ok(Scores { logprobs })
@@ -297,6 +336,14 @@ impl Norm {
         })
     }
 
+    fn check(&self, hidden: i64, what: &str) -> Result<(), EngineError> {
+        expect(&self.weight, &[hidden], what)?;
+        match &self.bias {
+            Some(bias) => expect(bias, &[hidden], &format!("{what} (bias)")),
+            None => Ok(()),
+        }
+    }
+
     fn apply(&self, x: &Tensor) -> Tensor {
         match &self.bias {
             None => {
@@ -318,6 +365,15 @@ struct Linear {
 }
 
 impl Linear {
+    /// The weight is `shape` (out × in), the bias as long as its rows.
+    fn check(&self, shape: &[i64], what: &str) -> Result<(), EngineError> {
+        expect(&self.weight, shape, what)?;
+        match &self.bias {
+            Some(bias) => expect(bias, &shape[..1], &format!("{what} (bias)")),
+            None => Ok(()),
+        }
+    }
+
     fn apply(&self, x: &Tensor) -> Tensor {
         let y = x.matmul(&self.weight.tr());
         match &self.bias {
@@ -353,13 +409,14 @@ struct Block {
 
 impl Block {
     fn load(w: &mut Weights, d: &Decoder, layer: usize) -> Result<Block, EngineError> {
+        let b = d.biases;
         let block = match d.family {
             Family::Llama | Family::Phi3 => {
                 let p = format!("model.layers.{layer}");
                 let (qkv, up) = if d.family == Family::Phi3 {
                     (
-                        linear(w, &format!("{p}.self_attn.qkv_proj"))?,
-                        linear(w, &format!("{p}.mlp.gate_up_proj"))?,
+                        linear(w, &format!("{p}.self_attn.qkv_proj"), b.qkv)?,
+                        linear(w, &format!("{p}.mlp.gate_up_proj"), b.mlp)?,
                     )
                 } else {
                     (
@@ -367,26 +424,35 @@ impl Block {
                             w,
                             &p,
                             &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                            b.qkv,
                         )?,
-                        stacked(w, &p, &["mlp.gate_proj", "mlp.up_proj"])?,
+                        stacked(w, &p, &["mlp.gate_proj", "mlp.up_proj"], b.mlp)?,
                     )
                 };
                 Block {
                     attn_norm: Norm::load(w, &format!("{p}.input_layernorm"), d)?,
                     qkv,
-                    o: linear(w, &format!("{p}.self_attn.o_proj"))?,
+                    o: linear(w, &format!("{p}.self_attn.o_proj"), b.o)?,
                     mlp_norm: Norm::load(w, &format!("{p}.post_attention_layernorm"), d)?,
                     up,
                     activation: Activation::GatedSilu,
-                    down: linear(w, &format!("{p}.mlp.down_proj"))?,
+                    down: linear(w, &format!("{p}.mlp.down_proj"), b.mlp)?,
                     parallel: false,
                 }
             }
             Family::GptNeox { parallel_residual } => {
                 let p = format!("gpt_neox.layers.{layer}");
                 // Stored per head as [q k v] of head_dim rows each: regrouped by kind.
-                let fused = linear(w, &format!("{p}.attention.query_key_value"))?;
+                let fused = linear(w, &format!("{p}.attention.query_key_value"), b.qkv)?;
                 let (heads, hd) = (d.heads as i64, d.head_dim as i64);
+                let rows = fused.weight.size().first().copied();
+                if fused.weight.dim() != 2 || rows != Some(3 * heads * hd) {
+                    return Err(shape!(
+                        "`{p}.attention.query_key_value.weight` is {:?}, not {} query, key and value rows of {heads} heads",
+                        fused.weight.size(),
+                        3 * heads * hd
+                    ));
+                }
                 let regroup = |t: &Tensor| {
                     let rest: Vec<i64> = t.size()[1..].to_vec();
                     let mut by_head = vec![heads, 3, hd];
@@ -403,43 +469,61 @@ impl Block {
                         weight: regroup(&fused.weight),
                         bias: fused.bias.as_ref().map(regroup),
                     },
-                    o: linear(w, &format!("{p}.attention.dense"))?,
+                    o: linear(w, &format!("{p}.attention.dense"), b.o)?,
                     mlp_norm: Norm::load(w, &format!("{p}.post_attention_layernorm"), d)?,
-                    up: linear(w, &format!("{p}.mlp.dense_h_to_4h"))?,
+                    up: linear(w, &format!("{p}.mlp.dense_h_to_4h"), b.mlp)?,
                     activation: Activation::Gelu,
-                    down: linear(w, &format!("{p}.mlp.dense_4h_to_h"))?,
+                    down: linear(w, &format!("{p}.mlp.dense_4h_to_h"), b.mlp)?,
                     parallel: parallel_residual,
                 }
             }
             Family::Gpt2 => {
                 let p = format!("transformer.h.{layer}");
                 // Conv1D stores its weight in × out.
-                let conv = |w: &mut Weights, m: &str| {
-                    linear(w, &format!("{p}.{m}")).map(|l| Linear {
+                let conv = |w: &mut Weights, m: &str, bias: bool| {
+                    linear(w, &format!("{p}.{m}"), bias).map(|l| Linear {
                         weight: l.weight.tr(),
                         bias: l.bias,
                     })
                 };
                 Block {
                     attn_norm: Norm::load(w, &format!("{p}.ln_1"), d)?,
-                    qkv: conv(w, "attn.c_attn")?,
-                    o: conv(w, "attn.c_proj")?,
+                    qkv: conv(w, "attn.c_attn", b.qkv)?,
+                    o: conv(w, "attn.c_proj", b.o)?,
                     mlp_norm: Norm::load(w, &format!("{p}.ln_2"), d)?,
-                    up: conv(w, "mlp.c_fc")?,
+                    up: conv(w, "mlp.c_fc", b.mlp)?,
                     activation: Activation::GeluTanh,
-                    down: conv(w, "mlp.c_proj")?,
+                    down: conv(w, "mlp.c_proj", b.mlp)?,
                     parallel: false,
                 }
             }
         };
-        let rows = ((d.heads + 2 * d.kv_heads) * d.head_dim) as i64;
-        if block.qkv.weight.size()[0] != rows {
-            return Err(shape!(
-                "layer {layer}'s attention projections have {} rows, not the {rows} that {} query and {} key/value heads of {} take",
-                block.qkv.weight.size()[0], d.heads, d.kv_heads, d.head_dim
-            ));
-        }
         Ok(block)
+    }
+
+    /// Every weight's shape against the sizes config.json gives and the embedding's width, so
+    /// that a checkpoint that disagrees is said, not computed with.
+    fn check(&self, d: &Decoder, hidden: i64, layer: usize) -> Result<(), EngineError> {
+        let at = |what: &str| format!("layer {layer}'s {what}");
+        let (q, kv) = (
+            (d.heads * d.head_dim) as i64,
+            (d.kv_heads * d.head_dim) as i64,
+        );
+        self.attn_norm.check(hidden, &at("attention norm"))?;
+        self.mlp_norm.check(hidden, &at("MLP norm"))?;
+        self.qkv.check(
+            &[q + 2 * kv, hidden],
+            &at("query, key and value projections"),
+        )?;
+        self.o.check(&[hidden, q], &at("attention output"))?;
+        let up = self.up.weight.size();
+        let width = match (up.as_slice(), self.activation) {
+            ([rows, _], Activation::GatedSilu) if rows % 2 == 0 => rows / 2,
+            ([rows, _], Activation::Gelu | Activation::GeluTanh) => *rows,
+            _ => return Err(shape!("{} is {up:?}", at("MLP's first map"))),
+        };
+        self.up.check(&[up[0], hidden], &at("MLP's first map"))?;
+        self.down.check(&[hidden, width], &at("MLP's last map"))
     }
 
     /// The residual stream `x` [n, hidden] after this layer.
@@ -523,37 +607,58 @@ impl Block {
     }
 }
 
-/// The map `name`.weight (and `name`.bias if the checkpoint has it).
-fn linear(w: &mut Weights, name: &str) -> Result<Linear, EngineError> {
+/// The map `name`.weight, and `name`.bias where the model has biases there.
+fn linear(w: &mut Weights, name: &str, bias: bool) -> Result<Linear, EngineError> {
     Ok(Linear {
         weight: w.get(&format!("{name}.weight"))?,
-        bias: w.maybe(&format!("{name}.bias"))?,
+        bias: match bias {
+            true => Some(w.get(&format!("{name}.bias"))?),
+            false => None,
+        },
     })
 }
 
-/// `modules` (of layer `p`) as one map, their weights stacked by rows; their biases too, if
-/// they have any: all of them or none.
-fn stacked(w: &mut Weights, p: &str, modules: &[&str]) -> Result<Linear, EngineError> {
+/// `modules` (of layer `p`) as one map, their weights (and biases) stacked by rows.
+fn stacked(w: &mut Weights, p: &str, modules: &[&str], bias: bool) -> Result<Linear, EngineError> {
     let parts = modules
         .iter()
-        .map(|m| linear(w, &format!("{p}.{m}")))
+        .map(|m| linear(w, &format!("{p}.{m}"), bias))
         .collect::<Result<Vec<_>, _>>()?;
+    let columns = parts[0].weight.size().get(1).copied();
+    if let Some(odd) = parts
+        .iter()
+        .zip(modules)
+        .find(|(l, _)| l.weight.dim() != 2 || l.weight.size().get(1).copied() != columns)
+    {
+        return Err(shape!(
+            "`{p}.{}.weight` is {:?}, unlike `{p}.{}.weight`'s {:?}",
+            odd.1,
+            odd.0.weight.size(),
+            modules[0],
+            parts[0].weight.size()
+        ));
+    }
     let weight = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0);
-    let bias = match parts.iter().filter(|l| l.bias.is_some()).count() {
-        0 => None,
-        n if n == parts.len() => Some(Tensor::cat(
+    let bias = bias.then(|| {
+        Tensor::cat(
             &parts
                 .iter()
                 .filter_map(|l| l.bias.as_ref())
                 .collect::<Vec<_>>(),
             0,
-        )),
-        _ => {
-            return Err(shape!(
-                "{p} has biases on some of {} only",
-                modules.join(", ")
-            ))
-        }
-    };
+        )
+    });
     Ok(Linear { weight, bias })
+}
+
+/// `t` is `shape`, or an error naming `what`.
+fn expect(t: &Tensor, shape: &[i64], what: &str) -> Result<(), EngineError> {
+    if t.size() == shape {
+        Ok(())
+    } else {
+        Err(shape!(
+            "{what} is {:?}, where config.json and the embedding make it {shape:?}",
+            t.size()
+        ))
+    }
 }

@@ -3,7 +3,7 @@
 //! the keys transformers writes (and the older names of them).
 use serde_json::{Map, Value};
 
-use modelforge_core::job::{Decoder, Family};
+use modelforge_core::job::{Biases, Decoder, Family};
 
 /// The `model_type`s whose forward pass the engine computes.
 pub(crate) const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "phi3", "gpt_neox", "gpt2"];
@@ -91,6 +91,11 @@ pub(crate) fn decoder(
                         .into(),
                 ));
             }
+            if setting(&["scale_attn_weights"]).and_then(Value::as_bool) == Some(false) {
+                return Err(bad(
+                    "`scale_attn_weights` is false, which `score` does not compute".into(),
+                ));
+            }
             let activation = text("activation_function", "gelu_new");
             let activation = if activation == "gelu_pytorch_tanh" {
                 "gelu_new".into()
@@ -127,16 +132,32 @@ pub(crate) fn decoder(
         None => hidden / heads,
         Some(_) => count(&["head_dim"])?,
     };
+    let neox = matches!(family, Family::GptNeox { .. });
     let inv_freq = if family == Family::Gpt2 {
         Vec::new()
     } else {
-        let theta = setting(&["rope_theta", "rotary_emb_base"])
+        // GPT-NeoX's own names first, and its own default share of each head rotated.
+        let (theta_keys, partial_keys, partial_default): (&[&str], &[&str], f64) = if neox {
+            (
+                &["rotary_emb_base", "rope_theta"],
+                &["rotary_pct", "partial_rotary_factor"],
+                0.25,
+            )
+        } else {
+            (&["rope_theta"], &["partial_rotary_factor"], 1.0)
+        };
+        let theta = setting(theta_keys)
             .and_then(Value::as_f64)
             .unwrap_or(10000.0);
-        let partial = setting(&["partial_rotary_factor", "rotary_pct"])
+        let partial = setting(partial_keys)
             .and_then(Value::as_f64)
-            .unwrap_or(1.0);
-        let rotated = ((head_dim as f64 * partial) as usize) / 2 * 2;
+            .unwrap_or(partial_default);
+        let rotated = (head_dim as f64 * partial) as usize;
+        if !(partial > 0.0 && partial <= 1.0) || rotated == 0 || !rotated.is_multiple_of(2) {
+            return Err(bad(format!(
+                "{partial} of each {head_dim}-wide head rotated is not an even number of dimensions, which `score` computes"
+            )));
+        }
         let scaling = config
             .get("rope_scaling")
             .filter(|v| !v.is_null())
@@ -144,14 +165,43 @@ pub(crate) fn decoder(
             .or_else(|| config.get("rope_parameters").and_then(Value::as_object));
         rotary_frequencies(theta, rotated, scaling).map_err(bad)?
     };
-    let default_eps = if family == Family::Llama || family == Family::Phi3 {
-        1e-6
-    } else {
-        1e-5
+    // transformers' defaults, where config.json leaves the key out.
+    let default_eps = match model_type.as_str() {
+        "llama" | "mistral" | "qwen2" => 1e-6,
+        _ => 1e-5,
     };
     let norm_eps = setting(&[eps_key])
         .and_then(Value::as_f64)
         .unwrap_or(default_eps);
+    let flag =
+        |key: &str, default: bool| setting(&[key]).and_then(Value::as_bool).unwrap_or(default);
+    let biases = match model_type.as_str() {
+        "llama" => Biases {
+            qkv: flag("attention_bias", false),
+            o: flag("attention_bias", false),
+            mlp: flag("mlp_bias", false),
+        },
+        "qwen2" => Biases {
+            qkv: true,
+            o: false,
+            mlp: false,
+        },
+        "gpt_neox" => Biases {
+            qkv: flag("attention_bias", true),
+            o: flag("attention_bias", true),
+            mlp: true,
+        },
+        "gpt2" => Biases {
+            qkv: true,
+            o: true,
+            mlp: true,
+        },
+        _ => Biases {
+            qkv: false,
+            o: false,
+            mlp: false,
+        },
+    };
     // Tied as the build decides it: by config.json, else by the checkpoint (an embedding
     // without its head is tied).
     let head = match (
@@ -167,9 +217,18 @@ pub(crate) fn decoder(
         }
     };
     let layers = count(&["num_hidden_layers", "n_layer"])?;
-    let window = setting(&["sliding_window"])
-        .and_then(Value::as_u64)
-        .map(|w| w as usize);
+    // Mistral's window is 4096 when config.json does not say (null: none).
+    let window = match config.get("sliding_window") {
+        None if model_type == "mistral" => Some(4096),
+        _ => setting(&["sliding_window"])
+            .and_then(Value::as_u64)
+            .map(|w| w as usize),
+    };
+    if window == Some(0) {
+        return Err(bad(
+            "`sliding_window` is 0: a token would see nothing".into()
+        ));
+    }
     let windows = match model_type.as_str() {
         // Mistral and Phi-3 slide every layer's window when config.json sets one.
         "mistral" | "phi3" => vec![window; layers],
@@ -197,6 +256,7 @@ pub(crate) fn decoder(
     }
     Ok(Decoder {
         family,
+        biases,
         layers,
         windows,
         heads,

@@ -11,6 +11,41 @@ use super::{ExecError, Resolution};
 use crate::io::safetensors::SafetensorsFile;
 use crate::plan::Effect;
 
+/// The forward pass's version, in the cache keys of its results: changed with any change of
+/// what the engine's `score` computes, so that no earlier result is reused.
+const SCORE_PASS: &str = "modelforge score pass 2";
+
+/// The effects the primary output's `transfer.json` records, for a build that finds it up to
+/// date (its files are the lock's, so the report is this recipe's).
+pub(crate) fn recorded(res: &Resolution) {
+    if res.plan.examples.is_empty() {
+        return;
+    }
+    let Some(output) = &res.recipe.output.path else {
+        return;
+    };
+    let Ok(bytes) = std::fs::read(output.path.join("transfer.json")) else {
+        return;
+    };
+    #[derive(serde::Deserialize)]
+    struct Adapter {
+        adapter: String,
+        effect: Option<Effect>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Report {
+        adapters: Vec<Adapter>,
+    }
+    if let Ok(report) = serde_json::from_slice::<Report>(&bytes) {
+        let mut effects = res.effects.lock().unwrap_or_else(|e| e.into_inner());
+        for adapter in report.adapters {
+            if let Some(effect) = adapter.effect {
+                effects.insert(adapter.adapter, effect);
+            }
+        }
+    }
+}
+
 /// Scores every adapter's examples against the built model, whose shards are the files
 /// `shards` (complete, in the staging directory), and records the effects in `res`.
 pub(crate) fn measure(res: &Resolution, shards: &[&Path]) -> Result<(), ExecError> {
@@ -37,10 +72,14 @@ pub(crate) fn measure(res: &Resolution, shards: &[&Path]) -> Result<(), ExecErro
     for examples in &res.plan.examples {
         let has = |name: &str| names.contains(name);
         // Checked when planning, on the base; the built model has the base's config.
-        let decoder = crate::arch::decoder(&base.config, has).map_err(|_| ExecError::Engine {
-            message: "the built model's forward pass cannot be described".into(),
-            help: "this is a bug: the base's was checked when planning".into(),
-        })?;
+        // Checked on the base when planning; the built model has the base's config.json.
+        let Ok(decoder) = crate::arch::decoder(&base.config, has) else {
+            eprintln!(
+                "warning: the built model's forward pass cannot be described; the examples of `{}` are not scored",
+                examples.adapter
+            );
+            continue;
+        };
         let job = |decoder: &modelforge_core::job::Decoder,
                    tensors: Vec<TensorPlace>,
                    adapted: bool,
@@ -151,7 +190,6 @@ fn key(res: &Resolution, job: &ScoreJob) -> Option<modelforge_core::digest::Node
     // Results differ in their last bits between CPU and GPU, not between GPUs.
     named["device"] = serde_json::to_value(job.device.class()).ok()?;
     Some(modelforge_core::digest::NodeKey::of_value(&(
-        "modelforge score v1",
-        named,
+        SCORE_PASS, named,
     )))
 }

@@ -99,6 +99,8 @@ pub fn build(args: &BuildOptions) -> miette::Result<()> {
             reused: res.plan.tensors.len() - copied,
             copied,
         };
+        // What the output's report says of the examples, measured when it was built.
+        effect::recorded(&res);
         let mut summary = Summary::up_to_date(&res, nodes, started.elapsed());
         if let (Some(remote), true) = (&remote, args.push) {
             summary.pushed = Some(push(&res, remote)?);

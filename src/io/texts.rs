@@ -53,7 +53,14 @@ pub(crate) fn tokenize(path: &Path, texts: &[String]) -> Result<Vec<Vec<i64>>, T
         path: path.to_owned(),
         message,
     };
-    let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| failed(e.to_string()))?;
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(path).map_err(|e| failed(e.to_string()))?;
+    // Whole texts, as transformers' `tokenizer(text)` encodes them: tokenizer.json's own
+    // truncation and padding (for batches in training) are off there too.
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| failed(e.to_string()))?;
+    tokenizer.with_padding(None);
     texts
         .iter()
         .map(|text| {

@@ -293,6 +293,19 @@ impl Plan {
         let tokenizer = resized_vocabulary(recipe, &base, &mut out, &mut config, &mut notes)?;
         let mut examples = Vec::new();
         for (entry, source) in recipe.adapters.iter().zip(&adapters) {
+            if let Some(given) = &entry.examples {
+                let refuse = |message: &str| PlanError::Examples {
+                    message: message.into(),
+                    src: src.clone(),
+                    span: given.span,
+                };
+                if recipe.output.path.is_none() {
+                    return Err(refuse("`examples` are scored on the built model, and this recipe writes none (`[output] path`)"));
+                }
+                if recipe.adapters.len() > 1 {
+                    return Err(refuse("`examples` measure one adapter carried alone, and this recipe stacks several: build the adapter in a recipe of its own to measure it"));
+                }
+            }
             match source {
                 Source::Lora(adapter) => {
                     examples.extend(Examples::of(entry, adapter, &base, &src)?)

@@ -242,7 +242,7 @@ pub(crate) struct Carried {
 /// source base when the adapter is added, and by δₜ on the base when the build is (the built
 /// model against the base); `kept` = Σ δₛ·δₜ / Σ δₛ², 1 when the build changes every text as
 /// the adapter did on its source, 0 when it changes them unrelatedly or not at all.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Effect {
     pub examples: usize,
     pub kept: f64,

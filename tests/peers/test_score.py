@@ -234,6 +234,25 @@ def test_another_family_is_refused(tmp_path):
         assert supported in done.stderr, done.stderr
 
 
+def test_settings_and_biases_the_pass_does_not_compute_are_refused(tmp_path):
+    """GPT-2 without its attention scaling, and a bias config.json says a model does not have
+    (transformers would drop it), are refused rather than scored otherwise than transformers."""
+    torch.manual_seed(11)
+    folder = save(tmp_path / "gpt2", GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=64,
+                                                                vocab_size=VOCAB, scale_attn_weights=False)),
+                  TEXTS)
+    texts = texts_file(tmp_path / "texts.txt", TEXTS)
+    done = modelforge("score", folder, "--texts", texts, check=False)
+    assert done.returncode != 0 and "scale_attn_weights" in done.stderr, done.stderr
+
+    folder = save(tmp_path / "llama", LlamaForCausalLM(LlamaConfig(attention_bias=True, **DIMS)), TEXTS)
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_bias"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    done = modelforge("score", folder, "--texts", texts, check=False)
+    assert done.returncode != 0 and "self_attn" in done.stderr and ".bias" in done.stderr, done.stderr
+
+
 def test_a_tensor_the_pass_would_not_use_is_refused(tmp_path):
     """A checkpoint holding a tensor the forward pass has no place for is refused, naming it, rather
     than scored without it."""
@@ -369,10 +388,25 @@ def test_examples_in_a_recipe_give_the_effect_the_build_keeps(tmp_path, monkeypa
     assert half["effect"]["kept"] == pytest.approx(kept(other, tmp_path / "into-other"), abs=1e-3)
     assert half["effect"]["kept"] != carried["effect"]["kept"]
 
+    # Up to date: the summary's verdict is the output's, measured when it was built.
+    summary = json.loads(modelforge("build", tmp_path / "into-other.toml", "--json", "--cache",
+                                    tmp_path / "cache").stdout)
+    assert summary["up_to_date"] is True
+    (said,) = summary["carried"]
+    assert said["effect"]["kept"] == half["effect"]["kept"] and said["verdict"] == half["verdict"], said
+
     # Other examples: not up to date, and the report says so.
     texts_file(examples, TEXTS[1:])
     again = build(other, "into-other")
     assert again["effect"]["examples"] == 4 and again["effect"]["kept"] != carried["effect"]["kept"]
+
+    # Two adapters: the built model's change is not one adapter's, and examples are refused.
+    recipe = tmp_path / "two.toml"
+    recipe.write_text(f'[base]\npath = "{other}"\n\n[[adapter]]\npath = "{tmp_path / "adapter"}"\n'
+                      f'source = "{source}"\nexamples = "{examples}"\n\n[[adapter]]\npath = "{tmp_path / "adapter"}"\n\n'
+                      f'[output]\npath = "{tmp_path / "two"}"\n')
+    done = modelforge("build", recipe, check=False)
+    assert done.returncode != 0 and "measure one adapter carried alone" in done.stderr, done.stderr
 
     recipe = tmp_path / "no-source.toml"
     recipe.write_text(f'[base]\npath = "{other}"\n\n[[adapter]]\npath = "{tmp_path / "adapter"}"\n'

@@ -198,9 +198,13 @@ impl PeftAdapter {
             .modules
             .iter()
             .map(|(module, lora)| {
+                // PEFT decides by the layer, whatever `fan_in_fan_out` says: GPT-2's blocks are
+                // Conv1D (in × out), every other linear layer (its head included) is not.
+                let conv1d = decoder.family == modelforge_core::job::Family::Gpt2
+                    && module.starts_with("transformer.h.");
                 let transposed = match lora.kind {
-                    LoraKind::Linear => false,
-                    LoraKind::LinearTransposed | LoraKind::Embedding => true,
+                    LoraKind::Linear | LoraKind::LinearTransposed => conv1d,
+                    LoraKind::Embedding => true,
                     _ => return Err(format!("`{module}` is a LoRA on expert weights")),
                 };
                 if lora.magnitude.is_some() {
