@@ -79,18 +79,26 @@ pub(crate) struct Spawned {
     stderr: Option<HeldStderr>,
 }
 
+/// The engine started with `args`, reading its job on a pipe and answering on another; its
+/// standard error as `stderr` says.
+fn start(args: &[&str], stderr: Stdio) -> Result<(Child, PathBuf), ExecError> {
+    let path = engine_path();
+    let child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| ExecError::Engine {
+            message: format!("cannot start `{}`: {e}", path.display()),
+            help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
+        })?;
+    Ok((child, path))
+}
+
 impl Spawned {
     pub fn new() -> Result<Spawned, ExecError> {
-        let path = engine_path();
-        let mut child = Command::new(&path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| ExecError::Engine {
-                message: format!("cannot start `{}`: {e}", path.display()),
-                help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
-            })?;
+        let (mut child, path) = start(&[], Stdio::piped())?;
         let stderr = child
             .stderr
             .take()
@@ -391,21 +399,11 @@ impl Drop for Engine {
 
 /// Runs `modelforge-engine score` on `job`: the forward pass `modelforge score` asks for.
 pub(crate) fn score(job: &ScoreJob) -> Result<Scores, ExecError> {
-    let path = engine_path();
     let failed = |message: String| ExecError::Engine {
         message,
         help: "its own message is above, if it said one".into(),
     };
-    let mut child = Command::new(&path)
-        .arg("score")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| ExecError::Engine {
-            message: format!("cannot start `{}`: {e}", path.display()),
-            help: "`cargo build` builds modelforge-engine beside modelforge; or point MODELFORGE_ENGINE at it".into(),
-        })?;
+    let (mut child, path) = start(&["score"], Stdio::inherit())?;
     if let Some(mut stdin) = child.stdin.take() {
         // A failed write means the engine died; its exit status says why.
         let _ = stdin.write_all(&serde_json::to_vec(job).expect("a job serialises"));

@@ -348,28 +348,23 @@ fn unknown_shard_grouping() {
     ));
 }
 
+/// GOOD with `keys` added to its adapter.
+fn adapter_with(keys: &str) -> String {
+    GOOD.replace("path = \"lora\"", &format!("path = \"lora\"\n{keys}"))
+}
+
 #[test]
 fn examples_without_a_source() {
     let ws = workspace();
     ws.write("examples.txt", "a text\n");
-    assert_snapshot!(fails(
-        &ws,
-        &GOOD.replace(
-            "path = \"lora\"",
-            "path = \"lora\"\nexamples = \"examples.txt\""
-        )
-    ));
+    assert_snapshot!(fails(&ws, &adapter_with("examples = \"examples.txt\"")));
 }
 
 #[test]
 fn examples_that_are_missing_or_a_folder() {
     let ws = workspace();
-    let with = |examples: &str| {
-        GOOD.replace(
-            "path = \"lora\"",
-            &format!("path = \"lora\"\nsource = \"base\"\nexamples = \"{examples}\""),
-        )
-    };
+    let with =
+        |examples: &str| adapter_with(&format!("source = \"base\"\nexamples = \"{examples}\""));
     assert_snapshot!("examples_missing", fails(&ws, &with("none.txt")));
     assert_snapshot!("examples_a_folder", fails(&ws, &with("base")));
 }
@@ -380,9 +375,6 @@ fn examples_on_a_base_the_engine_cannot_run() {
     ws.write("examples.txt", "a text\n");
     assert_snapshot!(fails(
         &ws,
-        &GOOD.replace(
-            "path = \"lora\"",
-            "path = \"lora\"\nsource = \"base\"\nexamples = \"examples.txt\""
-        )
+        &adapter_with("source = \"base\"\nexamples = \"examples.txt\"")
     ));
 }
