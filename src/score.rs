@@ -24,12 +24,11 @@ pub(crate) enum ScoreError {
     Family { dir: PathBuf, model_type: String },
 
     #[error("`{}`: {message}", path.display())]
-    #[diagnostic(code(modelforge::score::config), help("{help}"))]
-    Config {
-        path: PathBuf,
-        message: String,
-        help: String,
-    },
+    #[diagnostic(
+        code(modelforge::score::config),
+        help("`score` computes the forward pass of these families as transformers does and refuses what it would compute otherwise: the setting or value named above")
+    )]
+    Config { path: PathBuf, message: String },
 
     #[error("`{}`: {message}, which `score --adapter` does not add", dir.display())]
     #[diagnostic(
@@ -47,7 +46,7 @@ pub fn score(
     json: bool,
 ) -> miette::Result<()> {
     let hf = HfModel::open(model)?;
-    let decoder = decoder(&hf, |name| hf.weights.get(name).is_some())?;
+    let decoder = decoder(&hf)?;
     let (deltas, replacements) = match adapter {
         Some(dir) => {
             let adapter = PeftAdapter::open(dir)?;
@@ -71,7 +70,7 @@ pub fn score(
         replacements,
         texts: ids.clone(),
     })?;
-    let report = report(model, &texts, &ids, &scores.logprobs);
+    let report = report(model, &ids, &scores.logprobs);
     if json {
         outln!(
             "{}",
@@ -83,14 +82,13 @@ pub fn score(
     Ok(())
 }
 
-fn report(model: &Path, texts: &[String], ids: &[Vec<i64>], logprobs: &[Vec<f64>]) -> Value {
+fn report(model: &Path, ids: &[Vec<i64>], logprobs: &[Vec<f64>]) -> Value {
     let mut total = 0.0;
     let mut predicted = 0usize;
-    let rows: Vec<Value> = texts
+    let rows: Vec<Value> = ids
         .iter()
-        .zip(ids)
         .zip(logprobs)
-        .map(|((_, ids), lp)| {
+        .map(|(ids, lp)| {
             let sum = lp.iter().fold(0.0, |sum, x| sum + x);
             total += sum;
             predicted += lp.len();
@@ -135,17 +133,18 @@ fn print_text(report: &Value, texts: &[String]) {
     );
 }
 
-/// `model`'s forward pass (its checkpoint holding the tensors `has` says), or a diagnostic.
-pub(crate) fn decoder(model: &HfModel, has: impl Fn(&str) -> bool) -> Result<Decoder, ScoreError> {
-    arch::decoder(&model.config, has).map_err(|why| match why {
-        Unsupported::Family(model_type) => ScoreError::Family {
-            dir: model.dir.clone(),
-            model_type,
+/// `model`'s forward pass, or a diagnostic.
+fn decoder(model: &HfModel) -> Result<Decoder, ScoreError> {
+    arch::decoder(&model.config, |name| model.weights.get(name).is_some()).map_err(
+        |why| match why {
+            Unsupported::Family(model_type) => ScoreError::Family {
+                dir: model.dir.clone(),
+                model_type,
+            },
+            Unsupported::Config(message) => ScoreError::Config {
+                path: model.dir.join("config.json"),
+                message,
+            },
         },
-        Unsupported::Config(message) => ScoreError::Config {
-            path: model.dir.join("config.json"),
-            message,
-            help: "config.json is what transformers writes with the model; re-export it".into(),
-        },
-    })
+    )
 }

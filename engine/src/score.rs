@@ -198,7 +198,8 @@ pub fn score(job: &ScoreJob, device: Device) -> Result<Scores, EngineError> {
         .collect();
     let longest = job.texts.iter().map(Vec::len).max().unwrap_or(0) as i64;
     let mut hidden: Vec<Tensor> = ids.iter().map(|t| embedding.index_select(0, t)).collect();
-    drop(embedding);
+    // A tied head is the embedding: kept for the end rather than read again.
+    let tied = (d.head == embed).then_some(embedding);
     if let Some(positions) = positions {
         let table = weights.get(positions)?;
         expect(&table, &[table.size()[0], width], positions)?;
@@ -223,7 +224,10 @@ pub fn score(job: &ScoreJob, device: Device) -> Result<Scores, EngineError> {
     }
     let norm = Norm::load(&mut weights, final_norm, d)?;
     norm.check(width, final_norm)?;
-    let head = weights.get(&d.head)?;
+    let head = match tied {
+        Some(embedding) => embedding,
+        None => weights.get(&d.head)?,
+    };
     expect(&head, &[head.size()[0], width], &d.head)?;
     if head.size()[0] < vocab {
         return Err(shape!(

@@ -71,7 +71,6 @@ pub(crate) fn measure(res: &Resolution, shards: &[&Path]) -> Result<(), ExecErro
     let base = &res.plan.inputs.base;
     for examples in &res.plan.examples {
         let has = |name: &str| names.contains(name);
-        // Checked when planning, on the base; the built model has the base's config.
         // Checked on the base when planning; the built model has the base's config.json.
         let Ok(decoder) = crate::arch::decoder(&base.config, has) else {
             eprintln!(
@@ -99,13 +98,29 @@ pub(crate) fn measure(res: &Resolution, shards: &[&Path]) -> Result<(), ExecErro
         };
         let source = examples.source.weights.places();
         let (s, t) = (&examples.source_ids, &examples.target_ids);
-        let source_without = cached(
-            res,
-            &job(&examples.source_decoder, source.clone(), false, s),
-        )?;
-        let source_with = cached(res, &job(&examples.source_decoder, source, true, s))?;
-        let target_without = cached(res, &job(&decoder, base.weights.places(), false, t))?;
-        let target_with = texts_logprob(&super::score(&job(&decoder, built.clone(), false, t))?);
+        let scored = (|| -> Result<_, ExecError> {
+            Ok((
+                cached(
+                    res,
+                    &job(&examples.source_decoder, source.clone(), false, s),
+                )?,
+                cached(res, &job(&examples.source_decoder, source, true, s))?,
+                cached(res, &job(&decoder, base.weights.places(), false, t))?,
+                texts_logprob(&super::score(&job(&decoder, built.clone(), false, t))?),
+            ))
+        })();
+        // The model is built whatever becomes of its examples: a pass the engine cannot run
+        // costs the figure, not the build.
+        let (source_without, source_with, target_without, target_with) = match scored {
+            Ok(scores) => scores,
+            Err(e) => {
+                eprintln!(
+                    "warning: the examples of `{}` could not be scored ({e}); the report's verdict comes from the weights alone",
+                    examples.adapter
+                );
+                continue;
+            }
+        };
         if let Some(effect) = Effect::of(
             (&source_without, &source_with),
             (&target_without, &target_with),

@@ -1,7 +1,9 @@
 //! An adapter's `examples`: texts of what it does, which the transfer report scores on the
 //! source base with the adapter and on the built model, to say how much of the adapter's effect
-//! on them the carried adapter keeps. Planning opens the source base and checks that the
-//! engine can run both forward passes, so that a build never fails for it after computing.
+//! on them the carried adapter keeps. Planning opens the source base, checks that both bases are
+//! of a family the engine runs and that the adapter is one it can add, and tokenizes the texts;
+//! the engine checks the weights' shapes when it scores, and a pass it cannot run after the
+//! model is built costs the figure (with a warning), not the build.
 use std::path::PathBuf;
 
 use modelforge_core::job::{Decoder, ScoreDelta, TensorPlace};

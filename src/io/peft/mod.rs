@@ -210,8 +210,13 @@ impl PeftAdapter {
                 if lora.magnitude.is_some() {
                     return Err(format!("`{module}` is DoRA"));
                 }
-                if lora.bias.is_some() || lora.parameter.is_some() {
-                    return Err(format!("`{module}` has a bias or wraps a bare parameter"));
+                if lora.bias.is_some() {
+                    return Err(format!("`{module}` trains a bias (`lora_bias`)"));
+                }
+                if lora.parameter.is_some() {
+                    return Err(format!(
+                        "`{module}` wraps a bare parameter (`target_parameters`)"
+                    ));
                 }
                 Ok(ScoreDelta {
                     weight: format!("{module}.weight"),
