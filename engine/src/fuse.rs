@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use modelforge_core::job::Job;
 use modelforge_core::node::{Adapt, Delta, Fuse, Input, Refactor, RowMap};
 use modelforge_core::store::{ActionEntry, ObjectWriter, Store};
-use rayon::prelude::*;
 
 use modelforge_core::node::LoraKind;
 
@@ -465,6 +464,27 @@ fn experts(
     Some((left, rights, rank))
 }
 
+/// Rows `first..end` cut into blocks of at most `most` rows, as equal as they can be and, where
+/// there are rows enough, as many as a multiple of `threads`: no thread waits at a tensor's
+/// end while another finishes a block twice the size of its own.
+fn balanced(first: usize, end: usize, most: usize, threads: usize) -> Vec<(usize, usize)> {
+    let rows = end - first;
+    let mut count = rows.div_ceil(most.max(1)).max(1);
+    if rows >= threads {
+        count = count.next_multiple_of(threads.max(1)).min(rows);
+    }
+    let (size, longer) = (rows / count, rows % count);
+    let mut start = first;
+    (0..count)
+        .map(|i| {
+            let n = size + usize::from(i < longer);
+            start += n;
+            (start - n, n)
+        })
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
+
 /// A row-major (rows × cols) matrix cut or zero-padded to (to_rows × to_cols), keeping its
 /// leading block.
 fn fit(values: &[f32], rows: usize, cols: usize, to_rows: usize, to_cols: usize) -> Vec<f32> {
@@ -570,8 +590,8 @@ pub fn fuse(
         );
     }
 
-    // A window of two blocks per thread is computed while the writer hashes and writes the
-    // one before. A block being computed on LibTorch's path holds its input, two f32
+    // Up to two blocks per thread are in flight, computed or waiting for the writer, which
+    // hashes and writes them in order. A block being computed on LibTorch's path holds its input, two f32
     // temporaries, its output and their copies across the LibTorch boundary: under 20 bytes an
     // element (the CPU's one-pass path, `elementwise`, holds about half); a block computed and
     // waiting for the writer only its output, at most 8 bytes an element. The budget counts
@@ -594,69 +614,121 @@ pub fn fuse(
         .map(|d| d.group)
         .find(|&g| g > 0)
         .unwrap_or(rows);
+    // Whole columns stay one block.
+    let threads = if whole {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
     let blocks: Vec<(usize, usize)> = (0..rows)
         .step_by(group)
-        .flat_map(|first| {
-            let end = (first + group).min(rows);
-            (first..end)
-                .step_by(rows_per_block)
-                .map(move |start| (start, rows_per_block.min(end - start)))
-        })
+        .flat_map(|first| balanced(first, (first + group).min(rows), rows_per_block, threads))
         .collect();
-    // The writer hashes and writes one window while the next is computed; a closed channel
-    // means the other side failed, and its error is the one returned.
-    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(in_flight);
+    // Blocks are computed on rayon's threads as they come free, never more than `in_flight`
+    // ahead of the writer, which hashes and writes them in order: a permit goes back each time
+    // a block is written. A block that fails, or a writer that fails, stops what follows; the
+    // first error in the tensor's order is the one returned.
+    let compute = |start: usize, n: usize| -> Result<Vec<u8>, EngineError> {
+        SCRATCH.with_borrow_mut(|base| {
+            base.resize(n * in_row_bytes, 0);
+            file.read_exact_at(base, origin.start + (start * in_row_bytes) as u64)?;
+            let cast_block;
+            let (base, in_dtype): (&[u8], _) = match tensor.origin_cast {
+                Some(to) if to != origin.dtype => {
+                    cast_block = backend.cast(base, origin.dtype, to);
+                    (&cast_block, to)
+                }
+                _ => (base, origin.dtype),
+            };
+            let models: Vec<Option<Vec<f32>>> = deltas
+                .iter()
+                .map(|d| d.model_rows(backend, start, n, cols))
+                .collect::<Result<_, _>>()?;
+            let block: Vec<BlockDelta<'_>> = deltas
+                .iter()
+                .zip(&models)
+                .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
+                .collect();
+            let fused = backend.fuse_block(base, in_dtype, n, cols, &block, tensor.dtype);
+            accept(fused, (start * cols) as u64, check_finite)
+        })
+    };
+    let (send, receive) = std::sync::mpsc::channel::<(usize, Result<Vec<u8>, EngineError>)>();
+    let (permit, permits) = std::sync::mpsc::sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        permit
+            .send(())
+            .expect("the channel has room for every permit");
+    }
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> std::io::Result<ObjectWriter> {
-            for bytes in receive {
-                out.write(&bytes)?;
-            }
-            Ok(out)
-        });
-        let computed = (|| -> Result<(), EngineError> {
-            for window in blocks.chunks(in_flight) {
-                let results: Vec<Result<Vec<u8>, EngineError>> = window
-                    .par_iter()
-                    .map(|&(start, n)| {
-                        SCRATCH.with_borrow_mut(|base| {
-                            base.resize(n * in_row_bytes, 0);
-                            file.read_exact_at(base, origin.start + (start * in_row_bytes) as u64)?;
-                            let cast_block;
-                            let (base, in_dtype): (&[u8], _) = match tensor.origin_cast {
-                                Some(to) if to != origin.dtype => {
-                                    cast_block = backend.cast(base, origin.dtype, to);
-                                    (&cast_block, to)
-                                }
-                                _ => (base, origin.dtype),
-                            };
-                            let models: Vec<Option<Vec<f32>>> = deltas
-                                .iter()
-                                .map(|d| d.model_rows(backend, start, n, cols))
-                                .collect::<Result<_, _>>()?;
-                            let block: Vec<BlockDelta<'_>> = deltas
-                                .iter()
-                                .zip(&models)
-                                .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
-                                .collect();
-                            let fused =
-                                backend.fuse_block(base, in_dtype, n, cols, &block, tensor.dtype);
-                            accept(fused, (start * cols) as u64, check_finite)
-                        })
-                    })
-                    .collect();
-                for bytes in results {
-                    if send.send(bytes?).is_err() {
-                        return Ok(());
-                    }
+        let writer = scope.spawn(move || -> Result<ObjectWriter, EngineError> {
+            let mut early = std::collections::BTreeMap::new();
+            let mut next = 0;
+            for (index, bytes) in receive {
+                early.insert(index, bytes);
+                while let Some(bytes) = early.remove(&next) {
+                    out.write(&bytes?)?;
+                    next += 1;
+                    // The spawner may be gone once every block is out.
+                    let _ = permit.send(());
                 }
             }
-            Ok(())
-        })();
+            // A block missing here was never computed: the spawner stopped for an error.
+            Ok(out)
+        });
+        rayon::in_place_scope(|blocks_scope| {
+            for (index, &(start, n)) in blocks.iter().enumerate() {
+                // No permit: the writer stopped, and says why.
+                if permits.recv().is_err() {
+                    break;
+                }
+                let send = send.clone();
+                let compute = &compute;
+                blocks_scope.spawn(move |_| {
+                    let _ = send.send((index, compute(start, n)));
+                });
+            }
+        });
         drop(send);
-        let written = writer.join().expect("the writer does not panic");
         // Only a complete tensor becomes an object; a failed one's temporary file is removed
         // when its writer is dropped.
-        computed?;
-        Ok(written?.finish(sync)?)
+        let written = writer.join().expect("the writer does not panic")?;
+        Ok(written.finish(sync)?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced;
+
+    /// Blocks cover their rows once, in order, none longer than asked, within one row of each
+    /// other, and as many as a multiple of the threads where the rows allow.
+    #[test]
+    fn blocks_are_balanced_over_the_threads() {
+        for (first, end, most, threads) in [
+            (0, 2048, 292, 2),
+            (0, 256, 292, 2),
+            (0, 5632, 106, 2),
+            (100, 103, 1, 4),
+            (0, 3, 1000, 4),
+            (0, 1, 1, 2),
+            (0, 7, 2, 1),
+        ] {
+            let blocks = balanced(first, end, most, threads);
+            let mut at = first;
+            for &(start, n) in &blocks {
+                assert_eq!(start, at);
+                assert!(n >= 1 && n <= most.max(1));
+                at += n;
+            }
+            assert_eq!(at, end);
+            let sizes: Vec<usize> = blocks.iter().map(|b| b.1).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+            if end - first >= threads {
+                assert_eq!(blocks.len() % threads, 0, "{blocks:?}");
+            }
+        }
+        // A tensor of 256 rows on two threads is two blocks, not one.
+        assert_eq!(balanced(0, 256, 292, 2), vec![(0, 128), (128, 128)]);
+    }
 }
