@@ -29,7 +29,23 @@ pub struct Job {
     pub nodes: Vec<Task>,
     /// Where each input the nodes read is.
     pub places: Vec<Place>,
+    /// Slots of shared memory the engine inherited from the build (as file descriptors), into
+    /// which it hands the results that fit ([`SLOT_BYTES`]) rather than into files: a slot
+    /// is written over tensor after tensor, so its pages are allocated once, not once per
+    /// tensor as a new file's are. The build gives a slot back by writing its number, one a
+    /// line, on the engine's standard input (the job is the first line); with no slot free,
+    /// the engine hands its result in a file, and never waits for one.
+    #[serde(default)]
+    pub slots: Vec<i32>,
 }
+
+/// The largest result handed over in a slot (see [`Job::slots`]); a larger one goes in a file.
+pub const SLOT_BYTES: u64 = 256 << 20;
+
+/// How many slots a build shares with its engine: enough that an engine running ahead of the
+/// build's writes rarely finds none free (on the benchmark's 2.2 GB model, 3 left 92 of 154
+/// results in files; 6 left 8).
+pub const SLOTS: usize = 6;
 
 /// Where the engine computes; written `cpu` or `cuda:N` in the job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,13 +123,24 @@ pub struct Place {
 }
 
 /// The engine's answer for one tensor: written to the cache under `key`, or, for a task to
-/// hand off, left in the file `handed` for the build to settle (see `Store::handed_writer`).
+/// hand off, left where `handed` says for the build to settle (see `Store::handed_writer`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Done {
     pub key: NodeKey,
     pub entry: ActionEntry,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handed: Option<PathBuf>,
+    pub handed: Option<Handed>,
+}
+
+/// Where a handed result's bytes are (`entry.len` of them, from the start).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handed {
+    /// A file the build removes once it has written the bytes where it needs them.
+    File(PathBuf),
+    /// One of the job's slots (by its index in [`Job::slots`]), the engine's to write again
+    /// once the build gives it back.
+    Slot(usize),
 }
 
 /// The engine's answer when a result holds NaN or infinity (and the job asks for the check):

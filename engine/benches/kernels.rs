@@ -178,6 +178,7 @@ fn tensor_job(dir: &Path) -> Job {
             hand_off: false,
         }],
         places,
+        slots: Vec::new(),
     }
 }
 

@@ -3,9 +3,9 @@
 //! into a file the build settles), and answers one JSON line
 //! per finished tensor. It is the only modelforge program that loads LibTorch; `modelforge`
 //! starts it only when some tensor must be computed.
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
-use modelforge_core::job::{Done, Job, NonFinite, Reply, ScoreJob, Task};
+use modelforge_core::job::{Done, Handed, Job, NonFinite, Reply, ScoreJob, Task, SLOT_BYTES};
 use modelforge_core::node::Node;
 use modelforge_core::store::Store;
 use modelforge_engine::error::EngineError;
@@ -43,14 +43,21 @@ fn run() -> Result<(), String> {
         // SAFETY: _exit ends the process without touching any Rust state.
         unsafe { libc::_exit(1) }
     }
+    let mut stdin = std::io::stdin().lock();
     let mut request = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut request)
-        .map_err(|e| format!("cannot read the job: {e}"))?;
     if std::env::args().nth(1).as_deref() == Some("score") {
+        stdin
+            .read_to_end(&mut request)
+            .map_err(|e| format!("cannot read the job: {e}"))?;
         return score(&request);
     }
+    // The job is the first line; what follows are the slots the build gives back.
+    stdin
+        .read_until(b'\n', &mut request)
+        .map_err(|e| format!("cannot read the job: {e}"))?;
+    drop(stdin);
     let job: Job = serde_json::from_slice(&request).map_err(|e| format!("malformed job: {e}"))?;
+    let mut slots = Slots::inherit(&job.slots)?;
     let backend = backend::Backend::select(job.device).map_err(|e| e.to_string())?;
     let store = Store::open(&job.cache)
         .map_err(|e| format!("cannot open the cache `{}`: {e}", job.cache.display()))?;
@@ -81,18 +88,23 @@ fn run() -> Result<(), String> {
             ));
         }
         let key = *key;
-        let writer = || {
-            match hand_off {
-                true => store.handed_writer(build),
-                false => store.object_writer(),
-            }
-            .map_err(|e| format!("cannot write into the cache: {e}"))
-        };
+        let cannot_write = |e: std::io::Error| format!("cannot write into the cache: {e}");
+        let writer = || store.object_writer().map_err(cannot_write);
         let mut handed = None;
         let computed = match node {
             Node::Fuse(f) => {
-                let out = writer()?;
-                handed = hand_off.then(|| out.path().to_owned());
+                let out = match (hand_off, slots.take(f)) {
+                    (false, _) => writer()?,
+                    (true, Some((slot, file))) => {
+                        handed = Some(Handed::Slot(slot));
+                        store.slot_writer(file).map_err(cannot_write)?
+                    }
+                    (true, None) => {
+                        let out = store.handed_writer(build).map_err(cannot_write)?;
+                        handed = Some(Handed::File(out.path().to_owned()));
+                        out
+                    }
+                };
                 fuse::fuse(&backend, &store, &mut inputs, f, None, &job, out)
             }
             Node::Refactor { fuse: f, refactor } => fuse::fuse(
@@ -128,6 +140,73 @@ fn run() -> Result<(), String> {
         answer(&Reply::Done(Done { key, entry, handed }))?;
     }
     Ok(())
+}
+
+/// The slots of shared memory the build lent (see [`Job::slots`]): which are free, and the
+/// numbers the build writes on standard input as it gives them back.
+struct Slots {
+    files: Vec<std::fs::File>,
+    free: Vec<usize>,
+    given_back: std::sync::mpsc::Receiver<usize>,
+}
+
+impl Slots {
+    fn inherit(fds: &[i32]) -> Result<Slots, String> {
+        use std::os::fd::FromRawFd;
+        let mut files = Vec::new();
+        for &fd in fds {
+            // The slot must be a descriptor this process holds: fstat says so without
+            // touching it.
+            // SAFETY: fstat only writes into `stat`, which is plain data.
+            let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+            if fd < 0 || unsafe { libc::fstat(fd, &mut stat) } != 0 {
+                return Err(format!(
+                    "the job names slot {fd}, which this engine did not inherit"
+                ));
+            }
+            // SAFETY: the descriptor is open (above), and only this File closes it.
+            files.push(unsafe { std::fs::File::from_raw_fd(fd) });
+        }
+        let (give, given_back) = std::sync::mpsc::channel();
+        if !files.is_empty() {
+            std::thread::spawn(move || {
+                for line in std::io::stdin().lock().lines() {
+                    let Ok(line) = line else { break };
+                    match line.trim().parse() {
+                        Ok(slot) if give.send(slot).is_ok() => {}
+                        _ => break,
+                    }
+                }
+            });
+        }
+        Ok(Slots {
+            free: (0..files.len()).collect(),
+            files,
+            given_back,
+        })
+    }
+
+    /// A free slot for `tensor`'s result, if one is free now and the result fits; the engine
+    /// never waits for one.
+    fn take(&mut self, tensor: &modelforge_core::node::Fuse) -> Option<(usize, std::fs::File)> {
+        let numel: u64 = tensor.origin.shape.iter().map(|&d| d as u64).product();
+        if numel * tensor.dtype.bitsize() as u64 / 8 > SLOT_BYTES {
+            return None;
+        }
+        while let Ok(slot) = self.given_back.try_recv() {
+            if slot < self.files.len() && !self.free.contains(&slot) {
+                self.free.push(slot);
+            }
+        }
+        let slot = self.free.pop()?;
+        match self.files[slot].try_clone() {
+            Ok(file) => Some((slot, file)),
+            Err(_) => {
+                self.free.push(slot);
+                None
+            }
+        }
+    }
 }
 
 /// `modelforge-engine score`: one [`ScoreJob`] in, one line of [`Scores`] out.

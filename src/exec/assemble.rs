@@ -205,9 +205,7 @@ fn write_model(
             let offset = out.begin(&tensor.name).map_err(output_error(&path))?;
             let (plan, key) = plans[tensor.name.as_str()];
             let handed_over = match (engine, key) {
-                (Some(engine), Some(key)) => {
-                    ready(Some(engine), res, key) && engine.handed(key).is_some()
-                }
+                (Some(engine), Some(key)) => ready(Some(engine), res, key) && engine.handed(key),
                 _ => false,
             };
             let streamed = stream(res, engine, plan, key, &mut |window| {
@@ -328,9 +326,9 @@ fn stream(
     if !ready(engine, res, key) {
         return Ok(Streamed::EngineStopped);
     }
-    if let Some((entry, path)) = engine.and_then(|e| e.handed(key)) {
+    if let Some((entry, path, reader)) = engine.and_then(|e| e.open_handed(key)) {
         // Handed over by the engine, hashed as it was written: only its length is checked.
-        let reader = VerifyingReader::open_handed(&path, &entry).filter(|_| entry.len == len);
+        let reader = reader.filter(|_| entry.len == len);
         let Some(mut reader) = reader else {
             return Ok(Streamed::Corrupt);
         };

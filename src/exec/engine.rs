@@ -1,16 +1,18 @@
 //! Running `modelforge-engine`, the separate program that links LibTorch: starting LibTorch
 //! costs about 0.2 s and 115 MB, which a build that computes nothing never pays.
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::job::{Job, NonFinite, Reply, ScoreJob, Scores};
+use super::job::{Handed, Job, NonFinite, Reply, ScoreJob, Scores, SLOTS};
 use super::ExecError;
 use crate::digest::{FileDigest, NodeKey};
-use crate::store::{ActionEntry, Store, Within};
+use crate::store::{ActionEntry, Store, VerifyingReader, Within};
 
 const NAME: &str = "modelforge-engine";
 
@@ -36,6 +38,10 @@ pub(crate) struct Engine {
     state: Arc<(Mutex<State>, Condvar)>,
     path: PathBuf,
     expected: usize,
+    /// The shared memory lent to the engine (see [`Job::slots`]).
+    slots: Vec<File>,
+    /// Where slots are given back to the engine.
+    stdin: Mutex<Option<ChildStdin>>,
     /// Where results go that no shard settled (see [`Engine::settle`]).
     store: Store,
     fsync: bool,
@@ -44,8 +50,8 @@ pub(crate) struct Engine {
 #[derive(Default)]
 struct State {
     done: HashSet<NodeKey>,
-    /// Results handed to the build, not yet settled: their entry and file.
-    handed: HashMap<NodeKey, (ActionEntry, PathBuf)>,
+    /// Results handed to the build, not yet settled: their entry and where they are.
+    handed: HashMap<NodeKey, (ActionEntry, Handed)>,
     /// Handed results written where the build needs them, whose files are gone: their entry,
     /// until the shard holding them is complete.
     consumed: HashMap<NodeKey, ActionEntry>,
@@ -77,6 +83,7 @@ pub(crate) struct Spawned {
     child: Option<Child>,
     path: PathBuf,
     stderr: Option<HeldStderr>,
+    slots: Vec<File>,
 }
 
 /// The engine started with `args`, reading its job on a pipe and answering on another; its
@@ -98,7 +105,15 @@ fn start(args: &[&str], stderr: Stdio) -> Result<(Child, PathBuf), ExecError> {
 
 impl Spawned {
     pub fn new() -> Result<Spawned, ExecError> {
-        let (mut child, path) = start(&[], Stdio::piped())?;
+        // Inherited by the engine, and by no later child of the build. Where shared memory
+        // cannot be had, results are handed in files.
+        let slots: Vec<File> = (0..SLOTS).map_while(|_| shared_memory().ok()).collect();
+        let started = start(&[], Stdio::piped());
+        for slot in &slots {
+            // SAFETY: F_SETFD on a descriptor this process owns changes only its flags.
+            unsafe { libc::fcntl(slot.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        let (mut child, path) = started?;
         let stderr = child
             .stderr
             .take()
@@ -107,8 +122,21 @@ impl Spawned {
             child: Some(child),
             path,
             stderr,
+            slots,
         })
     }
+}
+
+/// An anonymous file in memory that a child process inherits.
+fn shared_memory() -> std::io::Result<File> {
+    // SAFETY: the name is a NUL-terminated string; without MFD_CLOEXEC the descriptor stays
+    // open across exec.
+    let fd = unsafe { libc::memfd_create(c"modelforge-slot".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created, and only this File closes it.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 impl Drop for Spawned {
@@ -178,7 +206,7 @@ impl Engine {
     /// results land in the cache one by one, or, for the tasks it hands off, in files the
     /// build settles.
     pub fn start(
-        job: &Job,
+        mut job: Job,
         store: &Store,
         progress: bool,
         spawned: Option<Spawned>,
@@ -187,24 +215,30 @@ impl Engine {
             Some(spawned) => spawned,
             None => Spawned::new()?,
         };
-        let (mut child, path, stderr) = (
+        let (mut child, path, stderr, slots) = (
             spawned
                 .child
                 .take()
                 .expect("a spawned engine has its process"),
             spawned.path.clone(),
             spawned.stderr.take(),
+            std::mem::take(&mut spawned.slots),
         );
+        job.slots = slots.iter().map(|slot| slot.as_raw_fd()).collect();
         if let Some(stderr) = &stderr {
             stderr.release();
         }
         // The engine's time counts from its job, not from its start (which may have been
         // early, while the build resolved).
         let started = std::time::Instant::now();
-        let request = serde_json::to_vec(job).expect("a job serialises");
-        if let Some(mut stdin) = child.stdin.take() {
+        // One line (JSON escapes the line breaks in strings); the engine's standard input
+        // stays open for the slots given back.
+        let mut request = serde_json::to_vec(&job).expect("a job serialises");
+        request.push(b'\n');
+        let mut stdin = child.stdin.take();
+        if let Some(pipe) = &mut stdin {
             // A failed write means the engine died; its exit status says why.
-            let _ = stdin.write_all(&request);
+            let _ = pipe.write_all(&request);
         }
         let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
         let bar = super::progress_bar(job.nodes.len(), "fusing ", progress);
@@ -244,17 +278,65 @@ impl Engine {
             state,
             path,
             expected: job.nodes.len(),
+            slots,
+            stdin: Mutex::new(stdin),
             store: store.clone(),
             fsync: job.fsync,
         })
     }
 
-    /// The result of `key` if the engine handed it over and no shard has settled it yet: its
-    /// entry and the file holding its bytes.
-    pub fn handed(&self, key: &NodeKey) -> Option<(ActionEntry, PathBuf)> {
+    /// Whether the engine handed the result of `key` over, and no shard has settled it yet.
+    pub fn handed(&self, key: &NodeKey) -> bool {
         let (lock, _) = &*self.state;
         let state = lock.lock().unwrap_or_else(|e| e.into_inner());
-        state.handed.get(key).cloned()
+        state.handed.contains_key(key)
+    }
+
+    /// Opens the result of `key` if the engine handed it over and no shard has settled it
+    /// yet: its entry, where it is (for messages) and its bytes (`None` if they cannot be
+    /// opened).
+    pub fn open_handed(
+        &self,
+        key: &NodeKey,
+    ) -> Option<(ActionEntry, PathBuf, Option<VerifyingReader>)> {
+        let (entry, handed) = {
+            let (lock, _) = &*self.state;
+            let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            state.handed.get(key).cloned()?
+        };
+        Some(match handed {
+            Handed::File(path) => {
+                let reader = VerifyingReader::open_handed(&path, &entry);
+                (entry, path, reader)
+            }
+            Handed::Slot(slot) => {
+                let reader = self
+                    .slots
+                    .get(slot)
+                    .and_then(|file| VerifyingReader::open_slot(file.try_clone().ok()?, &entry));
+                (
+                    entry,
+                    PathBuf::from(format!("(the engine's slot {slot})")),
+                    reader,
+                )
+            }
+        })
+    }
+
+    /// Lets go of a handed result's bytes: its file is removed, its slot given back.
+    fn release(&self, handed: Handed) {
+        match handed {
+            Handed::File(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+            Handed::Slot(slot) => {
+                let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(pipe) = stdin.as_mut() {
+                    // An engine that stopped reading has finished: nothing to give back to.
+                    let _ = writeln!(pipe, "{slot}").and_then(|_| pipe.flush());
+                }
+            }
+        }
     }
 
     /// The build has written the handed result `key` everywhere it needs it: its file goes
@@ -265,9 +347,10 @@ impl Engine {
     pub fn consume(&self, key: &NodeKey) {
         let (lock, _) = &*self.state;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((entry, path)) = state.handed.remove(key) {
-            let _ = std::fs::remove_file(path);
+        if let Some((entry, handed)) = state.handed.remove(key) {
             state.consumed.insert(*key, entry);
+            drop(state);
+            self.release(handed);
         }
     }
 
@@ -279,8 +362,8 @@ impl Engine {
         for (key, offset) in placed {
             let entry = match (state.consumed.remove(key), state.handed.remove(key)) {
                 (Some(entry), _) => entry,
-                (None, Some((entry, path))) => {
-                    let _ = std::fs::remove_file(path);
+                (None, Some((entry, handed))) => {
+                    self.release(handed);
                     entry
                 }
                 (None, None) => continue,
@@ -303,9 +386,16 @@ impl Engine {
     fn promote_rest(&self) {
         let (lock, _) = &*self.state;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, (entry, path)) in std::mem::take(&mut state.handed) {
-            if self.store.promote(&path, &key, &entry, self.fsync).is_err() {
-                let _ = std::fs::remove_file(path);
+        for (key, (entry, handed)) in std::mem::take(&mut state.handed) {
+            let promoted = match &handed {
+                Handed::File(path) => self.store.promote(path, &key, &entry, self.fsync),
+                Handed::Slot(slot) => match self.slots.get(*slot) {
+                    Some(file) => self.store.promote_slot(file, &key, &entry, self.fsync),
+                    None => Err(std::io::Error::other("no such slot")),
+                },
+            };
+            if promoted.is_err() {
+                self.release(handed);
             }
         }
     }
@@ -340,6 +430,8 @@ impl Engine {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+        // Nothing more to give back: the engine has answered for everything.
+        drop(self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take());
         let (status, peak_rss) = wait_with_peak(&self.child).map_err(|e| ExecError::Engine {
             message: e.to_string(),
             help: "the engine could not be waited for".into(),

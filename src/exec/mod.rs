@@ -356,9 +356,10 @@ fn compute_and_write(
                 check_finite: args.check_finite,
                 places: res.graph.places(tasks.iter().map(|t| &t.node)),
                 nodes: tasks,
+                slots: Vec::new(),
             };
             engine = Some(engine::Engine::start(
-                &job,
+                job,
                 &res.store,
                 false,
                 spawned.take(),

@@ -173,7 +173,7 @@ impl Store {
     /// Starts writing a new object.
     pub fn object_writer(&self) -> std::io::Result<ObjectWriter> {
         let (path, file) = self.tmp_file()?;
-        Ok(self.writer(path, file, false))
+        Ok(self.writer(path, Self::buffered(file), false))
     }
 
     /// Starts writing a result to be handed to the process `owner` (the build), which writes it
@@ -182,18 +182,31 @@ impl Store {
     /// [`ObjectWriter::path`] says; it lives as long as `owner` does.
     pub fn handed_writer(&self, owner: u32) -> std::io::Result<ObjectWriter> {
         let (path, file) = self.tmp_file_of(owner, "h")?;
-        Ok(self.writer(path, file, true))
+        Ok(self.writer(path, Self::buffered(file), true))
     }
 
-    fn writer(&self, path: PathBuf, file: File, handed: bool) -> ObjectWriter {
+    /// Starts writing a result to be handed to the build in `slot` (a slot of shared memory,
+    /// see `job::Job::slots`), over whatever it held: only [`ActionEntry::len`] bytes from its
+    /// start are the result's.
+    pub fn slot_writer(&self, mut slot: File) -> std::io::Result<ObjectWriter> {
+        use std::io::Seek;
+        slot.seek(std::io::SeekFrom::Start(0))?;
+        // Written straight through: the blocks are large, and shared memory is no disk.
+        Ok(self.writer(PathBuf::new(), BufWriter::with_capacity(0, slot), true))
+    }
+
+    /// Plain buffered writes: the kernel writes them back after the build. Pacing them to the
+    /// disk (`io::write_behind`) made cold builds about 2 s slower on the 2-core machine; the
+    /// output goes around the page cache, so these are the build's only dirty pages.
+    fn buffered(file: File) -> BufWriter<File> {
+        BufWriter::with_capacity(4 << 20, file)
+    }
+
+    fn writer(&self, path: PathBuf, out: BufWriter<File>, handed: bool) -> ObjectWriter {
         ObjectWriter {
             store: self.clone(),
             tmp: path,
-            // Plain buffered writes: the kernel writes them back after the build. Pacing them
-            // to the disk (`io::write_behind`) made cold builds about 2 s slower on the 2-core
-            // machine; the output goes around the page cache, so these are the build's only
-            // dirty pages.
-            out: BufWriter::with_capacity(4 << 20, file),
+            out,
             // A handed result becomes a range of a shard, named by the shard's digest: its own
             // would be a second blake3 of the same bytes.
             hasher: (!handed).then(blake3::Hasher::new),
@@ -268,6 +281,36 @@ impl Store {
             ..*entry
         };
         self.put_action(key, &entry)
+    }
+
+    /// Makes a result handed over in a slot (see [`Store::slot_writer`]) an object of its own,
+    /// copied out of the slot, and records it under `key`.
+    pub fn promote_slot(
+        &self,
+        slot: &File,
+        key: &NodeKey,
+        entry: &ActionEntry,
+        sync: bool,
+    ) -> std::io::Result<()> {
+        let mut out = self.object_writer()?;
+        for window in crate::mapped::windows(slot, 0, entry.len) {
+            out.write(&window?)?;
+        }
+        let copied = out.finish(sync)?;
+        if copied.check != entry.check {
+            return Err(std::io::Error::other(
+                "the slot no longer holds the result handed in it",
+            ));
+        }
+        self.put_action(
+            key,
+            &ActionEntry {
+                within: None,
+                energy: entry.energy,
+                overlap: entry.overlap,
+                ..copied
+            },
+        )
     }
 
     /// Hashes an object in full; `false` if it is missing or its bytes do not match its name.
@@ -520,9 +563,21 @@ impl VerifyingReader {
         )
     }
 
+    /// Opens a result the engine handed over in `slot` (see [`Store::slot_writer`]), from
+    /// its start (what follows is an earlier result's), hashed as it was written: only its
+    /// length is checked.
+    pub fn open_slot(slot: File, entry: &ActionEntry) -> Option<Self> {
+        let mut reader = Self::within(slot, 0, entry, Check::Fresh)?;
+        reader.alone = false;
+        Some(reader)
+    }
+
     fn at(path: &Path, offset: u64, entry: &ActionEntry, check: Check) -> Option<Self> {
+        Self::within(File::open(path).ok()?, offset, entry, check)
+    }
+
+    fn within(mut file: File, offset: u64, entry: &ActionEntry, check: Check) -> Option<Self> {
         use std::io::Seek;
-        let mut file = File::open(path).ok()?;
         file.seek(std::io::SeekFrom::Start(offset)).ok()?;
         Some(VerifyingReader {
             file,
@@ -703,5 +758,42 @@ mod tests {
             len: 3,
             ..unchecked
         }));
+    }
+
+    /// A slot is written over result after result: each reads back as its own bytes alone,
+    /// however long the one before, and promotes to an object of those bytes; a slot written
+    /// over since refuses to promote.
+    #[test]
+    fn results_handed_in_a_slot_read_back_and_promote() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let slot = tempfile::tempfile().unwrap();
+        let hand = |bytes: &[u8]| {
+            let mut w = store.slot_writer(slot.try_clone().unwrap()).unwrap();
+            w.write(bytes).unwrap();
+            w.finish(false).unwrap()
+        };
+        let read = |entry: &ActionEntry| {
+            let mut reader = VerifyingReader::open_slot(slot.try_clone().unwrap(), entry).unwrap();
+            let mut bytes = vec![0u8; entry.len as usize];
+            reader.read_exact(&mut bytes).unwrap();
+            assert!(reader.check());
+            bytes
+        };
+        let long = hand(b"a longer first result");
+        assert_eq!(read(&long), b"a longer first result");
+        let short = hand(b"second");
+        assert!(short.tensor.is_none() && short.len == 6);
+        assert_eq!(read(&short), b"second");
+
+        let key = NodeKey::of(b"node");
+        store.promote_slot(&slot, &key, &short, true).unwrap();
+        let promoted = store.action(&key).unwrap();
+        assert_eq!(promoted.tensor, Some(TensorDigest::of(b"second")));
+        assert!(store.verify_object(&promoted.tensor.unwrap()));
+        hand(b"third!");
+        assert!(store
+            .promote_slot(&slot, &NodeKey::of(b"other"), &short, true)
+            .is_err());
     }
 }
