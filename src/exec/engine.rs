@@ -357,25 +357,34 @@ impl Engine {
     /// Records the handed results written into the shard `object` (already adopted by the
     /// store) at the offsets given, and removes the files of those not yet consumed.
     pub fn settle(&self, object: FileDigest, placed: &[(NodeKey, u64)]) -> std::io::Result<()> {
-        let (lock, _) = &*self.state;
-        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, offset) in placed {
-            let entry = match (state.consumed.remove(key), state.handed.remove(key)) {
-                (Some(entry), _) => entry,
-                (None, Some((entry, handed))) => {
-                    self.release(handed);
-                    entry
-                }
-                (None, None) => continue,
-            };
-            let within = Some(Within {
-                object,
-                offset: *offset,
-            });
-            self.store
-                .put_action(key, &ActionEntry { within, ..entry })?;
-        }
-        Ok(())
+        let entries: Vec<(NodeKey, ActionEntry)> = {
+            let (lock, _) = &*self.state;
+            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            placed
+                .iter()
+                .filter_map(|(key, offset)| {
+                    let entry = match (state.consumed.remove(key), state.handed.remove(key)) {
+                        (Some(entry), _) => entry,
+                        (None, Some((entry, handed))) => {
+                            self.release(handed);
+                            entry
+                        }
+                        (None, None) => return None,
+                    };
+                    let within = Some(Within {
+                        object,
+                        offset: *offset,
+                    });
+                    Some((*key, ActionEntry { within, ..entry }))
+                })
+                .collect()
+        };
+        // A file each, created on every core: a shard's worth of entries written one by one
+        // took 50 ms at the end of a 2.2 GB build, with nothing else left to run beside it.
+        use rayon::prelude::*;
+        entries
+            .par_iter()
+            .try_for_each(|(key, entry)| self.store.put_action(key, entry))
     }
 
     /// Makes every handed result no shard settled an object of its own: a build that stops
