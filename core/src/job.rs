@@ -34,7 +34,8 @@ pub struct Job {
     /// is written over tensor after tensor, so its pages are allocated once, not once per
     /// tensor as a new file's are. The build gives a slot back by writing its number, one a
     /// line, on the engine's standard input (the job is the first line); with no slot free,
-    /// the engine hands its result in a file, and never waits for one.
+    /// the engine waits briefly for one (it is then ahead of the build's writing), and hands
+    /// its result in a file if none comes back.
     #[serde(default)]
     pub slots: Vec<i32>,
 }

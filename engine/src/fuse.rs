@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use modelforge_core::job::Job;
 use modelforge_core::node::{Adapt, Delta, Fuse, Input, Refactor, RowMap};
@@ -556,7 +557,8 @@ fn whole(
     Ok(out.finish(sync)?)
 }
 
-/// Computes `tensor` into `out`, a new cache object (or a result to hand to the build).
+/// Computes `tensor` into `out`, a new cache object (or a result to hand to the build), and
+/// returns when it is complete.
 pub fn fuse(
     backend: &Backend,
     store: &Store,
@@ -564,13 +566,98 @@ pub fn fuse(
     tensor: &Fuse,
     refactor: Option<&Refactor>,
     job: &Job,
-    mut out: ObjectWriter,
+    out: ObjectWriter,
 ) -> Result<ActionEntry, EngineError> {
+    match start(backend, store, inputs, tensor, refactor, job, out)? {
+        Started::Done(entry) => Ok(entry),
+        Started::Streamed(stream) => {
+            let mut pipeline = Pipeline::new(std::sync::Arc::new(|_: &(), _: &ActionEntry| Ok(())));
+            pipeline.push(*backend, stream, ());
+            pipeline
+                .oldest()
+                .expect("one tensor pushed")
+                .map(|(_, entry)| entry)
+                .map_err(|(_, e)| e)
+        }
+    }
+}
+
+/// A tensor [`start`]ed: computed already, or to be streamed block by block by a [`Pipeline`].
+pub enum Started {
+    Done(ActionEntry),
+    Streamed(Box<Stream>),
+}
+
+/// What a tensor's blocks read, shared by the threads that compute them.
+struct Work {
+    file: std::sync::Arc<File>,
+    origin: Slice,
+    origin_cast: Option<safetensors::Dtype>,
+    dtype: safetensors::Dtype,
+    cols: usize,
+    deltas: Vec<Prepared>,
+    check_finite: bool,
+}
+
+impl Work {
+    /// The fused bytes of rows `start..start + n`.
+    fn block(&self, backend: &Backend, start: usize, n: usize) -> Result<Vec<u8>, EngineError> {
+        let (cols, origin) = (self.cols, &self.origin);
+        let in_row_bytes = cols * origin.dtype.bitsize() / 8;
+        SCRATCH.with_borrow_mut(|base| {
+            base.resize(n * in_row_bytes, 0);
+            self.file
+                .read_exact_at(base, origin.start + (start * in_row_bytes) as u64)?;
+            let cast_block;
+            let (base, in_dtype): (&[u8], _) = match self.origin_cast {
+                Some(to) if to != origin.dtype => {
+                    cast_block = backend.cast(base, origin.dtype, to);
+                    (&cast_block, to)
+                }
+                _ => (base, origin.dtype),
+            };
+            let models: Vec<Option<Vec<f32>>> = self
+                .deltas
+                .iter()
+                .map(|d| d.model_rows(backend, start, n, cols))
+                .collect::<Result<_, _>>()?;
+            let block: Vec<BlockDelta<'_>> = self
+                .deltas
+                .iter()
+                .zip(&models)
+                .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
+                .collect();
+            let fused = backend.fuse_block(base, in_dtype, n, cols, &block, self.dtype);
+            accept(fused, (start * cols) as u64, self.check_finite)
+        })
+    }
+}
+
+/// A tensor to be computed block of rows by block of rows, into its object.
+pub struct Stream {
+    work: std::sync::Arc<Work>,
+    /// Each block's first row and row count, in the tensor's order.
+    blocks: Vec<(usize, usize)>,
+    out: ObjectWriter,
+    sync: bool,
+}
+
+/// Reads what `tensor` needs and computes it now if it is computed whole (a merge other than
+/// the plain sum, a re-factored delta, an empty tensor); otherwise says how to stream it.
+pub fn start(
+    backend: &Backend,
+    store: &Store,
+    inputs: &mut Inputs,
+    tensor: &Fuse,
+    refactor: Option<&Refactor>,
+    job: &Job,
+    out: ObjectWriter,
+) -> Result<Started, EngineError> {
     let (budget, sync, check_finite) = (job.budget, job.fsync, job.check_finite);
-    let origin = &inputs.slice(&tensor.origin)?;
+    let origin = inputs.slice(&tensor.origin)?;
     let numel: usize = origin.shape.iter().product();
     if numel == 0 {
-        return Ok(out.finish(sync)?);
+        return Ok(Started::Done(out.finish(sync)?));
     }
     let (rows, cols) = matrix(&origin.shape);
     let deltas = prepare(backend, store, inputs, tensor)?;
@@ -579,26 +666,25 @@ pub fn fuse(
     if refactor.is_some() || tensor.merge.is_some() {
         return whole(
             backend,
-            file,
-            origin,
+            &file,
+            &origin,
             tensor,
             &deltas,
             refactor,
             out,
             check_finite,
             sync,
-        );
+        )
+        .map(Started::Done);
     }
 
-    // Up to two blocks per thread are in flight, computed or waiting for the writer, which
-    // hashes and writes them in order. A block being computed on LibTorch's path holds its input, two f32
-    // temporaries, its output and their copies across the LibTorch boundary: under 20 bytes an
-    // element (the CPU's one-pass path, `elementwise`, holds about half); a block computed and
-    // waiting for the writer only its output, at most 8 bytes an element. The budget counts
-    // the larger.
-    let in_flight = 2 * rayon::current_num_threads();
-    let block_elements = (budget / (28 * in_flight as u64)).clamp(1 << 16, 1 << 24) as usize;
-    let in_row_bytes = cols * origin.dtype.bitsize() / 8;
+    // A block being computed on LibTorch's path holds its input, two f32 temporaries, its
+    // output and their copies across the LibTorch boundary: under 20 bytes an element (the
+    // CPU's one-pass path, `elementwise`, holds about half); a block computed and waiting for
+    // its writer only its output, at most 8 bytes an element. The budget counts the larger,
+    // for every block a pipeline lets be in flight.
+    let block_elements =
+        (budget / (28 * Pipeline::<()>::in_flight() as u64)).clamp(1 << 16, 1 << 24) as usize;
     // A DoRA magnitude per column of a transposed tensor needs whole columns: one block. Blocks
     // never straddle two experts, whose right factors differ.
     let whole = deltas
@@ -624,82 +710,343 @@ pub fn fuse(
         .step_by(group)
         .flat_map(|first| balanced(first, (first + group).min(rows), rows_per_block, threads))
         .collect();
-    // Blocks are computed on rayon's threads as they come free, never more than `in_flight`
-    // ahead of the writer, which hashes and writes them in order: a permit goes back each time
-    // a block is written. A block that fails, or a writer that fails, stops what follows; the
-    // first error in the tensor's order is the one returned.
-    let compute = |start: usize, n: usize| -> Result<Vec<u8>, EngineError> {
-        SCRATCH.with_borrow_mut(|base| {
-            base.resize(n * in_row_bytes, 0);
-            file.read_exact_at(base, origin.start + (start * in_row_bytes) as u64)?;
-            let cast_block;
-            let (base, in_dtype): (&[u8], _) = match tensor.origin_cast {
-                Some(to) if to != origin.dtype => {
-                    cast_block = backend.cast(base, origin.dtype, to);
-                    (&cast_block, to)
-                }
-                _ => (base, origin.dtype),
-            };
-            let models: Vec<Option<Vec<f32>>> = deltas
-                .iter()
-                .map(|d| d.model_rows(backend, start, n, cols))
-                .collect::<Result<_, _>>()?;
-            let block: Vec<BlockDelta<'_>> = deltas
-                .iter()
-                .zip(&models)
-                .map(|(d, model)| d.block(start, n, cols, model.as_deref()))
-                .collect();
-            let fused = backend.fuse_block(base, in_dtype, n, cols, &block, tensor.dtype);
-            accept(fused, (start * cols) as u64, check_finite)
-        })
-    };
-    let (send, receive) = std::sync::mpsc::channel::<(usize, Result<Vec<u8>, EngineError>)>();
-    let (permit, permits) = std::sync::mpsc::sync_channel::<()>(in_flight);
-    for _ in 0..in_flight {
-        permit
-            .send(())
-            .expect("the channel has room for every permit");
+    Ok(Started::Streamed(Box::new(Stream {
+        work: std::sync::Arc::new(Work {
+            file,
+            origin,
+            origin_cast: tensor.origin_cast,
+            dtype: tensor.dtype,
+            cols,
+            deltas,
+            check_finite,
+        }),
+        blocks,
+        out,
+        sync,
+    })))
+}
+
+/// Tensors streamed one after another without a pause between them: the next tensor's
+/// blocks are computed on rayon's threads while the last blocks of the one before finish
+/// and its writer writes them, so that no core waits at the end of each tensor.
+///
+/// Each tensor has a writer thread, which writes its blocks in order as they come (hashing
+/// them on the way) and, once all are written, finishes its object and calls the pipeline's
+/// `done` with it. A block holds a permit from when it is started until it is written: at
+/// most [`Pipeline::in_flight`] blocks are in flight over all tensors, and at most
+/// [`TENSORS`] tensors, each holding its prepared deltas. A block or a writer that fails
+/// stops the blocks not yet started; [`Pipeline::oldest`] gives the results in the tensors'
+/// order, so the first error in that order is the one reported.
+pub struct Pipeline<T> {
+    permits: Receiver<()>,
+    give_back: SyncSender<()>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pending: std::collections::VecDeque<(T, Written)>,
+    done: Done<T>,
+}
+
+/// Tensors a pipeline streams at once.
+pub const TENSORS: usize = 2;
+
+type Written = std::thread::JoinHandle<Result<ActionEntry, EngineError>>;
+pub type Done<T> =
+    std::sync::Arc<dyn Fn(&T, &ActionEntry) -> Result<(), EngineError> + Send + Sync>;
+pub type Outcome<T> = Result<(T, ActionEntry), (T, EngineError)>;
+
+impl<T: Clone + Send + 'static> Pipeline<T> {
+    /// A pipeline that calls `done` on the writer's thread with each tensor's finished object
+    /// (its error fails the tensor).
+    pub fn new(done: Done<T>) -> Pipeline<T> {
+        let (give_back, permits) = std::sync::mpsc::sync_channel(Self::in_flight());
+        for _ in 0..Self::in_flight() {
+            give_back
+                .send(())
+                .expect("the channel has room for every permit");
+        }
+        Pipeline {
+            permits,
+            give_back,
+            failed: Default::default(),
+            pending: Default::default(),
+            done,
+        }
     }
-    std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> Result<ObjectWriter, EngineError> {
+
+    /// Blocks in flight at most: two per thread, one computed while the other waits for its
+    /// writer.
+    pub fn in_flight() -> usize {
+        2 * rayon::current_num_threads()
+    }
+
+    /// Streams `stream` (known by `tag`), returning once its last block has started; a
+    /// pipeline holding [`TENSORS`] tensors first waits for the oldest, whose outcome it
+    /// returns.
+    pub fn push(&mut self, backend: Backend, stream: Box<Stream>, tag: T) -> Option<Outcome<T>> {
+        let oldest = (self.pending.len() >= TENSORS)
+            .then(|| self.oldest())
+            .flatten();
+        let Stream {
+            work,
+            blocks,
+            mut out,
+            sync,
+        } = *stream;
+        let count = blocks.len();
+        let (send, receive) = std::sync::mpsc::channel::<(usize, Result<Vec<u8>, EngineError>)>();
+        let (give_back, failed, done, mine) = (
+            self.give_back.clone(),
+            self.failed.clone(),
+            self.done.clone(),
+            tag.clone(),
+        );
+        let writer = std::thread::spawn(move || -> Result<ActionEntry, EngineError> {
             let mut early = std::collections::BTreeMap::new();
-            let mut next = 0;
+            let (mut next, mut error) = (0, None);
             for (index, bytes) in receive {
+                if error.is_some() {
+                    // Failed: what still comes is dropped, its permit given back.
+                    let _ = give_back.send(());
+                    continue;
+                }
                 early.insert(index, bytes);
                 while let Some(bytes) = early.remove(&next) {
-                    out.write(&bytes?)?;
+                    let _ = give_back.send(());
                     next += 1;
-                    // The spawner may be gone once every block is out.
-                    let _ = permit.send(());
+                    if let Err(e) = bytes.and_then(|b| Ok(out.write(&b)?)) {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        for _ in std::mem::take(&mut early) {
+                            let _ = give_back.send(());
+                        }
+                        error = Some(e);
+                        break;
+                    }
                 }
             }
-            // A block missing here was never computed: the spawner stopped for an error.
-            Ok(out)
-        });
-        rayon::in_place_scope(|blocks_scope| {
-            for (index, &(start, n)) in blocks.iter().enumerate() {
-                // No permit: the writer stopped, and says why.
-                if permits.recv().is_err() {
-                    break;
-                }
-                let send = send.clone();
-                let compute = &compute;
-                blocks_scope.spawn(move |_| {
-                    let _ = send.send((index, compute(start, n)));
-                });
+            if let Some(e) = error {
+                return Err(e);
             }
+            if next < count {
+                // Blocks were never started: another tensor failed first.
+                return Err(EngineError::Io(std::io::Error::other(
+                    "stopped when another tensor failed",
+                )));
+            }
+            // Only a complete tensor becomes an object; a failed one's temporary file is
+            // removed when its writer is dropped.
+            let entry = out.finish(sync)?;
+            done(&mine, &entry)?;
+            Ok(entry)
         });
-        drop(send);
-        // Only a complete tensor becomes an object; a failed one's temporary file is removed
-        // when its writer is dropped.
-        let written = writer.join().expect("the writer does not panic")?;
-        Ok(written.finish(sync)?)
-    })
+        for (index, (start, n)) in blocks.into_iter().enumerate() {
+            if self.failed.load(std::sync::atomic::Ordering::Relaxed)
+                || self.permits.recv().is_err()
+            {
+                break;
+            }
+            let (send, work) = (send.clone(), work.clone());
+            rayon::spawn(move || {
+                let _ = send.send((index, work.block(&backend, start, n)));
+            });
+        }
+        self.pending.push_back((tag, writer));
+        oldest
+    }
+
+    /// The outcome of the oldest tensor being streamed, once it is complete; `None` if there
+    /// is none.
+    pub fn oldest(&mut self) -> Option<Outcome<T>> {
+        let (tag, writer) = self.pending.pop_front()?;
+        Some(match writer.join().expect("a writer does not panic") {
+            Ok(entry) => Ok((tag, entry)),
+            Err(e) => Err((tag, e)),
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::balanced;
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use modelforge_core::digest::TensorDigest;
+    use modelforge_core::job::{Device, Place};
+    use modelforge_core::node::{Content, DeviceClass, Weighted};
+    use safetensors::Dtype;
+
+    /// Four 4096 × 64 bf16 tensors, each with a rank-4 LoRA, in files; the second's base holds
+    /// a NaN three quarters in (element `NAN_AT`), where a block other than its first starts.
+    fn four_tensors(dir: &std::path::Path) -> (Vec<Fuse>, Job) {
+        let (rows, cols, rank) = (4096, 64, 4);
+        let mut places = Vec::new();
+        let mut input = |name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>| {
+            let path = dir.join(&name);
+            std::fs::write(&path, &bytes).unwrap();
+            let content = Content::Bytes(TensorDigest::of(name.as_bytes()));
+            places.push(Place {
+                content: content.clone(),
+                tensor: name.clone(),
+                path,
+                start: 0,
+                len: bytes.len() as u64,
+            });
+            Input {
+                content,
+                tensor: name,
+                dtype,
+                shape,
+            }
+        };
+        let f32s = |n: usize, seed: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| (((i * 7 + seed) % 13) as f32 * 0.01 - 0.06).to_le_bytes())
+                .collect()
+        };
+        let bf16s = |n: usize, seed: usize, nan_at: Option<usize>| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| match nan_at == Some(i) {
+                    true => half::bf16::NAN.to_le_bytes(),
+                    false => {
+                        half::bf16::from_f32(((i * 5 + seed) % 11) as f32 * 0.1 - 0.5).to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let tensors = (0..4)
+            .map(|t| Fuse {
+                origin: input(
+                    format!("w{t}"),
+                    Dtype::BF16,
+                    vec![rows, cols],
+                    bf16s(rows * cols, t, (t == 1).then_some(NAN_AT as usize)),
+                ),
+                origin_cast: None,
+                deltas: vec![Weighted {
+                    weight: 1.0,
+                    scaling: 2.0,
+                    delta: Delta::low_rank(
+                        LoraKind::Linear,
+                        input(
+                            format!("a{t}"),
+                            Dtype::F32,
+                            vec![rank, cols],
+                            f32s(rank * cols, t),
+                        ),
+                        input(
+                            format!("b{t}"),
+                            Dtype::F32,
+                            vec![rows, rank],
+                            f32s(rows * rank, t + 1),
+                        ),
+                    ),
+                }],
+                merge: None,
+                dtype: Dtype::BF16,
+                device: DeviceClass::Cpu,
+            })
+            .collect();
+        let job = Job {
+            cache: dir.join("cache"),
+            device: Device::Cpu,
+            // The smallest blocks: 65,536 elements, so each tensor is several.
+            budget: 0,
+            fsync: false,
+            check_finite: true,
+            nodes: Vec::new(),
+            places,
+            slots: Vec::new(),
+        };
+        (tensors, job)
+    }
+
+    const NAN_AT: u64 = 3 * 4096 * 64 / 4;
+
+    /// Tensors streamed through one pipeline come out in the order pushed, each as it comes out
+    /// alone and each `done` once; one that fails (a NaN in its base, finite results asked for)
+    /// is reported in its place, the tensors after it end (computed or stopped) and none is
+    /// left waiting for a permit.
+    #[test]
+    fn a_pipeline_gives_tensors_in_order_and_a_failure_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tensors, job) = four_tensors(dir.path());
+        let backend = Backend::select(Device::Cpu).unwrap();
+        let store = Store::open(&job.cache).unwrap();
+        let mut inputs = Inputs::new(&job.places);
+        let alone: Vec<Result<ActionEntry, EngineError>> = tensors
+            .iter()
+            .map(|t| {
+                fuse(
+                    &backend,
+                    &store,
+                    &mut inputs,
+                    t,
+                    None,
+                    &job,
+                    store.object_writer().unwrap(),
+                )
+            })
+            .collect();
+        assert!(matches!(
+            alone[1],
+            Err(EngineError::NonFinite { index: NAN_AT, .. })
+        ));
+
+        for order in [vec![0, 2, 3], vec![0, 1, 2, 3]] {
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let done: Done<usize> = Arc::new({
+                let calls = calls.clone();
+                move |t: &usize, _: &ActionEntry| {
+                    calls.lock().unwrap().push(*t);
+                    Ok(())
+                }
+            });
+            let mut pipeline = Pipeline::new(done);
+            let mut outcomes = Vec::new();
+            for &t in &order {
+                let out = store.object_writer().unwrap();
+                let Ok(Started::Streamed(stream)) =
+                    start(&backend, &store, &mut inputs, &tensors[t], None, &job, out)
+                else {
+                    panic!("a plain sum is streamed")
+                };
+                assert!(stream.blocks.len() >= 4);
+                outcomes.extend(pipeline.push(backend, stream, t));
+            }
+            while let Some(outcome) = pipeline.oldest() {
+                outcomes.push(outcome);
+            }
+            let tags: Vec<usize> = outcomes
+                .iter()
+                .map(|o| match o {
+                    Ok((t, _)) | Err((t, _)) => *t,
+                })
+                .collect();
+            assert_eq!(tags, order);
+            let mut succeeded = Vec::new();
+            for outcome in outcomes {
+                match outcome {
+                    Ok((t, entry)) => {
+                        assert_eq!(entry.tensor, alone[t].as_ref().unwrap().tensor);
+                        succeeded.push(t);
+                    }
+                    Err((1, e)) => {
+                        assert!(
+                            matches!(e, EngineError::NonFinite { index: NAN_AT, .. }),
+                            "{e}"
+                        )
+                    }
+                    // After the failure: stopped before all its blocks started.
+                    Err((t, e)) => assert!(t > 1 && order.contains(&1), "{t}: {e}"),
+                }
+            }
+            // Each writer calls `done` as it finishes, which need not be in order.
+            let mut calls = calls.lock().unwrap().clone();
+            calls.sort();
+            assert_eq!(calls, succeeded);
+            if !order.contains(&1) {
+                assert_eq!(succeeded, order);
+            }
+        }
+    }
 
     /// Blocks cover their rows once, in order, none longer than asked, within one row of each
     /// other, and as many as a multiple of the threads where the rows allow.

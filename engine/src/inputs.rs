@@ -26,7 +26,7 @@ pub(crate) struct Slice {
 /// The job's inputs: where each is, and the files, opened once each.
 pub struct Inputs {
     places: HashMap<(Content, String), Place>,
-    files: HashMap<PathBuf, File>,
+    files: HashMap<PathBuf, std::sync::Arc<File>>,
 }
 
 impl Inputs {
@@ -55,13 +55,14 @@ impl Inputs {
         })
     }
 
-    pub(crate) fn file(&mut self, path: &PathBuf) -> std::io::Result<&File> {
+    /// The open file at `path`, shared with the threads that read a tensor's blocks from it.
+    pub(crate) fn file(&mut self, path: &PathBuf) -> std::io::Result<std::sync::Arc<File>> {
         if !self.files.contains_key(path) {
             let file = File::open(path)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            self.files.insert(path.clone(), file);
+            self.files.insert(path.clone(), std::sync::Arc::new(file));
         }
-        Ok(&self.files[path])
+        Ok(self.files[path].clone())
     }
 
     pub(crate) fn read(&mut self, input: &Input) -> Result<Vec<u8>, EngineError> {
