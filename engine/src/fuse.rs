@@ -734,9 +734,10 @@ pub fn start(
 /// them on the way) and, once all are written, finishes its object and calls the pipeline's
 /// `done` with it. A block holds a permit from when it is started until it is written: at
 /// most [`Pipeline::in_flight`] blocks are in flight over all tensors, and at most
-/// [`TENSORS`] tensors, each holding its prepared deltas. A block or a writer that fails
-/// stops the blocks not yet started; [`Pipeline::oldest`] gives the results in the tensors'
-/// order, so the first error in that order is the one reported.
+/// [`TENSORS`] tensors (each holding its prepared deltas, as does the next one while it is
+/// prepared). A block or a writer that fails stops the blocks not yet started;
+/// [`Pipeline::oldest`] gives the results in the tensors' order, so the first error in that
+/// order is the one reported.
 pub struct Pipeline<T> {
     permits: Receiver<()>,
     give_back: SyncSender<()>,
