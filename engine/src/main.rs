@@ -117,13 +117,13 @@ fn run() -> Result<(), String> {
                     }
                     false => None,
                 };
-                let out = match (hand_off, slot) {
-                    (false, _) => writer()?,
-                    (true, Some((slot, file))) => {
+                let out = match slot {
+                    Some((slot, file)) => {
                         tag.handed = Some(Handed::Slot(slot));
                         store.slot_writer(file).map_err(cannot_write)?
                     }
-                    (true, None) => {
+                    None if !hand_off => writer()?,
+                    None => {
                         let out = store.handed_writer(build).map_err(cannot_write)?;
                         tag.handed = Some(Handed::File(out.path().to_owned()));
                         out
@@ -177,9 +177,9 @@ struct Tag {
     handed: Option<Handed>,
 }
 
-/// One line on standard output.
-fn answer(reply: &Reply) -> Result<(), String> {
-    let line = serde_json::to_string(reply).expect("a reply serialises");
+/// One line of JSON on standard output (a [`Reply`], or a score job's [`Scores`]).
+fn answer(reply: &impl serde::Serialize) -> Result<(), String> {
+    let line = serde_json::to_string(reply).expect("an answer serialises");
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")
         .and_then(|_| out.flush())
@@ -311,11 +311,7 @@ fn score(request: &[u8]) -> Result<(), String> {
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
     let scores =
         modelforge_engine::score::score(&job, backend.device).map_err(|e| e.to_string())?;
-    let line = serde_json::to_string(&scores).expect("scores serialise");
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")
-        .and_then(|_| out.flush())
-        .map_err(|e| format!("cannot answer: {e}"))
+    answer(&scores)
 }
 
 #[cfg(test)]
@@ -351,7 +347,7 @@ mod tests {
         let giver = std::thread::spawn({
             let give = give.clone();
             move || {
-                std::thread::sleep(PATIENCE / 4);
+                std::thread::sleep(PATIENCE / 10);
                 give.send(a).unwrap();
             }
         });
