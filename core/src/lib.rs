@@ -5,6 +5,7 @@
 //! command line, diagnostics or LibTorch.
 pub mod digest;
 pub mod job;
+pub mod leaves;
 pub mod mapped;
 pub mod node;
 pub mod rotary;

@@ -9,7 +9,7 @@
 use std::fs::File;
 
 /// Bytes mapped at a time.
-const WINDOW: u64 = 16 << 20;
+pub const WINDOW: u64 = 16 << 20;
 
 /// Consecutive mapped slices covering a byte range of a file, in order.
 pub struct Windows<'a> {

@@ -101,36 +101,45 @@ pub(crate) fn index_json(shards: &[Shard]) -> Value {
     json!({ "metadata": { "total_size": total }, "weight_map": weight_map })
 }
 
-/// Where a shard's bytes go: around the page cache where the file system allows it.
+/// Where a shard's bytes go, and how they are hashed: around the page cache where the file
+/// system allows it (hashed by the threads that write), through it otherwise (hashed here).
 enum Out {
-    Direct(DirectWriter),
-    Buffered(BufWriter<WriteBehind>),
+    Direct(Box<DirectWriter>),
+    Buffered(BufWriter<WriteBehind>, Box<blake3::Hasher>),
 }
 
 impl Out {
-    fn new(file: File) -> Out {
-        match DirectWriter::create(file) {
-            Ok(direct) => Out::Direct(direct),
-            Err(file) => Out::Buffered(BufWriter::with_capacity(8 << 20, WriteBehind::new(file))),
+    /// A writer of a file of `len` bytes.
+    fn new(file: File, len: u64) -> Out {
+        match DirectWriter::create(file, len) {
+            Ok(direct) => Out::Direct(Box::new(direct)),
+            Err(file) => Out::Buffered(
+                BufWriter::with_capacity(8 << 20, WriteBehind::new(file)),
+                Box::default(),
+            ),
         }
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
-            Out::Direct(out) => out.write_all(bytes),
-            Out::Buffered(out) => out.write_all(bytes),
+            Out::Direct(out) => out.write(bytes),
+            Out::Buffered(out, hasher) => {
+                crate::digest::hash_into(hasher, bytes);
+                out.write_all(bytes)
+            }
         }
     }
 
-    fn finish(self, sync: bool) -> std::io::Result<()> {
+    /// Flushes (and with `sync`, syncs) the file; returns its blake3 digest.
+    fn finish(self, sync: bool) -> std::io::Result<blake3::Hash> {
         match self {
             Out::Direct(out) => out.finish(sync),
-            Out::Buffered(out) => {
+            Out::Buffered(out, hasher) => {
                 let file = out.into_inner().map_err(|e| e.into_error())?;
                 if sync {
                     file.get_ref().sync_all()?;
                 }
-                Ok(())
+                Ok(hasher.finalize())
             }
         }
     }
@@ -139,7 +148,6 @@ impl Out {
 /// Writes one shard: header first, then each tensor's bytes in the shard's order.
 pub(crate) struct ShardWriter {
     out: Out,
-    hasher: blake3::Hasher,
     /// Tensors still to write, with their byte counts.
     pending: VecDeque<(String, u64)>,
     /// Bytes of the current tensor still expected.
@@ -164,9 +172,9 @@ impl ShardWriter {
         header.resize(header.len().next_multiple_of(8), b' ');
 
         let file = File::create(path)?;
+        let len = 8 + header.len() as u64 + offset;
         let mut writer = ShardWriter {
-            out: Out::new(file),
-            hasher: blake3::Hasher::new(),
+            out: Out::new(file, len),
             pending: shard
                 .tensors
                 .iter()
@@ -210,7 +218,6 @@ impl ShardWriter {
     }
 
     fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        crate::digest::hash_into(&mut self.hasher, bytes);
         self.size += bytes.len() as u64;
         self.out.write_all(bytes)
     }
@@ -223,8 +230,7 @@ impl ShardWriter {
                 "shard finished before all its tensors were written",
             ));
         }
-        self.out.finish(sync)?;
-        Ok(self.hasher.finalize())
+        self.out.finish(sync)
     }
 }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Store;
 use crate::digest::{FileDigest, TensorDigest};
+use crate::leaves::{Layout, Leaves};
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct StatEntry {
@@ -128,22 +129,56 @@ impl Store {
     }
 }
 
-/// Hashes a file on all cores from mapped windows (`io::mapped`): the bytes are hashed where
-/// the page cache holds them, never copied, and the process's memory does not grow with the
-/// file's size. (As with `b3sum`, a file truncated by another process while it is being
-/// hashed ends this one with SIGBUS; the stat cache records nothing for it.)
+/// Hashes a file on all cores from mapped windows (`mapped`): each worker maps, hashes and
+/// unmaps whole leaves of [`LEAF`] bytes (`leaves`), so the bytes are hashed where the page
+/// cache holds them, never copied, and the process's memory does not grow with the file's size.
+/// (As with `b3sum`, a file truncated by another process while it is being hashed ends this one
+/// with SIGBUS; the stat cache records nothing for it.)
 pub fn hash_file(path: &Path) -> std::io::Result<FileDigest> {
+    use rayon::prelude::*;
     let file = File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    for window in crate::mapped::windows(&file, 0, file.metadata()?.len()) {
-        hasher.update_rayon(&window?);
+    let layout = Layout::new(LEAF, file.metadata()?.len());
+    let hashed = (0..layout.count())
+        .into_par_iter()
+        .map(|index| {
+            let (start, len) = layout.range(index);
+            let mut hasher = layout.start(index);
+            for window in crate::mapped::windows(&file, start, len) {
+                hasher.update(&window?);
+            }
+            Ok(layout.end(index, &hasher))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut leaves = Leaves::new(layout);
+    for leaf in hashed {
+        leaves.set(leaf);
     }
-    Ok(FileDigest::new(hasher.finalize()))
+    Ok(FileDigest::new(
+        leaves.finish().expect("every leaf is hashed"),
+    ))
 }
+
+/// Bytes a worker hashes at a time: one mapped window.
+const LEAF: u64 = crate::mapped::WINDOW;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_hashed_in_leaves_on_all_cores_has_its_blake3() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for len in [0, 5, LEAF, 2 * LEAF + 12_345] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&path, &bytes).unwrap();
+            assert_eq!(
+                hash_file(&path).unwrap(),
+                FileDigest::of(&bytes),
+                "{len} bytes"
+            );
+        }
+    }
 
     #[test]
     fn unchanged_files_keep_their_digest_and_changed_ones_are_rehashed() {
