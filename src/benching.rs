@@ -28,7 +28,7 @@ pub fn write_safetensors(path: &Path, tensors: &[Tensor<'_>]) -> std::io::Result
     for tensor in &shard.tensors {
         writer.begin(&tensor.name)?;
         for piece in bytes[tensor.name.as_str()].chunks(8 << 20) {
-            writer.write(piece)?;
+            writer.write(crate::io::piece::Piece::Bytes(piece))?;
         }
     }
     writer.finish(false)

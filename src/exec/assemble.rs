@@ -10,6 +10,7 @@ use super::{output_error, ExecError, Resolution};
 use crate::digest::FileDigest;
 use crate::digest::NodeKey;
 use crate::io::atomic::{StagedFile, StagingDir};
+use crate::io::piece::Piece;
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::writer::{self, Shard, ShardWriter};
 use crate::plan::{Origin, TensorPlan};
@@ -208,8 +209,8 @@ fn write_model(
                 (Some(engine), Some(key)) => ready(Some(engine), res, key) && engine.handed(key),
                 _ => false,
             };
-            let streamed = stream(res, engine, plan, key, &mut |window| {
-                out.write(window).map_err(output_error(&path))
+            let streamed = stream(res, engine, plan, key, &mut |piece| {
+                out.write(piece).map_err(output_error(&path))
             })?;
             match streamed {
                 Streamed::Done => {
@@ -303,22 +304,21 @@ enum Streamed {
 }
 
 /// Streams the bytes of the output tensor `plan` into `sink`: from its input, or from its
-/// cache object (`key`) once the engine has put it there, checked as it is read.
+/// cache object (`key`) once the engine has put it there, checked as it is read. What needs no
+/// check as it is read (an input, what this build's engine wrote) goes to `sink` as a range of
+/// its file, for the writer to read straight into its buffers.
 fn stream(
     res: &Resolution,
     engine: Option<&Engine>,
     plan: &TensorPlan,
     key: Option<&NodeKey>,
-    sink: &mut dyn FnMut(&[u8]) -> Result<(), ExecError>,
+    sink: &mut dyn FnMut(Piece<'_>) -> Result<(), ExecError>,
 ) -> Result<Streamed, ExecError> {
     let len = plan.out.len();
     let key = match key {
         None => {
             let (file, start) = input_of(res, plan);
-            for window in file.windows(start, len) {
-                let window = window?;
-                sink(&window)?;
-            }
+            sink(file.piece(start, len))?;
             return Ok(Streamed::Done);
         }
         Some(key) => key,
@@ -332,12 +332,15 @@ fn stream(
         let Some(mut reader) = reader else {
             return Ok(Streamed::Corrupt);
         };
-        for window in reader.windows(len) {
-            sink(&window.map_err(|e| ExecError::Cache {
-                path: path.clone(),
-                source: e,
-            })?)?;
-        }
+        let Some((file, offset)) = reader.unchecked(len) else {
+            return Ok(Streamed::Corrupt);
+        };
+        sink(Piece::File {
+            file,
+            path: &path,
+            offset,
+            len,
+        })?;
         return Ok(if reader.check() {
             Streamed::Done
         } else {
@@ -356,12 +359,22 @@ fn stream(
     let Some((entry, mut reader)) = reader.filter(|(e, _)| e.len == len) else {
         return Ok(Streamed::Corrupt);
     };
-    for window in reader.windows(len) {
-        let Ok(window) = window else {
-            res.store.evict(&entry);
-            return Ok(Streamed::Corrupt);
-        };
-        sink(&window)?;
+    if let Some((file, offset)) = reader.unchecked(len) {
+        let path = res.store.object_of(&entry).map(|(path, _)| path);
+        sink(Piece::File {
+            file,
+            path: path.as_deref().unwrap_or(res.store.root()),
+            offset,
+            len,
+        })?;
+    } else {
+        for window in reader.windows(len) {
+            let Ok(window) = window else {
+                res.store.evict(&entry);
+                return Ok(Streamed::Corrupt);
+            };
+            sink(Piece::Bytes(&window))?;
+        }
     }
     if !reader.check() {
         res.store.evict(&entry);
@@ -396,19 +409,21 @@ fn write_gguf(
         let block = tensor.block_rows() * tensor.row_bytes();
         let mut pending = Vec::with_capacity(block);
         let mut converted = Vec::new();
-        let streamed = stream(res, engine, plan, key, &mut |mut window| {
-            while !window.is_empty() {
-                let take = (block - pending.len()).min(window.len());
-                pending.extend_from_slice(&window[..take]);
-                window = &window[take..];
-                if pending.len() == block {
-                    converted.clear();
-                    tensor.convert(&pending, &mut converted);
-                    put(&converted)?;
-                    pending.clear();
+        let streamed = stream(res, engine, plan, key, &mut |piece| {
+            piece.each(output_error(target), |mut window| {
+                while !window.is_empty() {
+                    let take = (block - pending.len()).min(window.len());
+                    pending.extend_from_slice(&window[..take]);
+                    window = &window[take..];
+                    if pending.len() == block {
+                        converted.clear();
+                        tensor.convert(&pending, &mut converted);
+                        put(&converted)?;
+                        pending.clear();
+                    }
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })?;
         match streamed {
             Streamed::Done => {}
@@ -550,7 +565,7 @@ fn write_adapter(
     for tensor in &shard.tensors {
         out.begin(&tensor.name)
             .map_err(output_error(&weights_path))?;
-        out.write(&bytes_of[&tensor.name])
+        out.write(Piece::Bytes(&bytes_of[&tensor.name]))
             .map_err(output_error(&weights_path))?;
     }
     let mut written = vec![(

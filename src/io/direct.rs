@@ -20,6 +20,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::piece::Piece;
 use modelforge_core::leaves::{Layout, Leaf, Leaves};
 use rayon::prelude::*;
 
@@ -33,7 +34,7 @@ const IN_FLIGHT: usize = 2;
 /// Chunks filled at once, at most, by one write spanning several.
 const FILLING: usize = 8;
 /// Bytes copied, then hashed, at a time: well inside a core's cache.
-const PIECE: usize = 128 << 10;
+const PART: usize = 128 << 10;
 
 /// A heap buffer of [`CHUNK`] bytes aligned to [`ALIGN`].
 struct Aligned(std::ptr::NonNull<u8>);
@@ -97,6 +98,8 @@ pub struct DirectWriter {
     hasher: blake3::Hasher,
     /// The file offset `current` will be written at.
     offset: u64,
+    /// Whether a piece could not be read: the buffers it was being read into are gone.
+    broken: bool,
     writes: Option<SyncSender<Write>>,
     free: Receiver<Aligned>,
     writers: Vec<JoinHandle<()>>,
@@ -165,6 +168,7 @@ impl DirectWriter {
             filled: 0,
             hasher: layout.start(0),
             offset: 0,
+            broken: false,
             writes: Some(writes),
             free,
             writers,
@@ -172,29 +176,32 @@ impl DirectWriter {
         })
     }
 
-    /// Appends `bytes` to the file.
-    pub fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+    /// Appends `piece` to the file.
+    pub fn write(&mut self, mut piece: Piece<'_>) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::other("an earlier write to the file failed"));
+        }
         let written = self.offset + self.filled as u64;
-        if written + bytes.len() as u64 > self.layout.bytes() {
+        if written + piece.len() > self.layout.bytes() {
             return Err(std::io::Error::other(format!(
                 "more bytes than the {} the file was declared to have",
                 self.layout.bytes()
             )));
         }
-        while !bytes.is_empty() {
-            if self.filled == 0 && bytes.len() >= 2 * CHUNK {
-                bytes = self.fill_chunks(bytes)?;
+        while !piece.is_empty() {
+            if self.filled == 0 && piece.len() >= 2 * CHUNK as u64 {
+                piece = self
+                    .fill_chunks(piece)
+                    .inspect_err(|_| self.broken = true)?;
                 continue;
             }
-            let n = bytes.len().min(CHUNK - self.filled);
+            let n = piece.len().min((CHUNK - self.filled) as u64);
+            let (head, rest) = piece.split_at(n);
             let filled = self.filled;
-            copy_and_hash(
-                &mut self.current.bytes()[filled..filled + n],
-                &bytes[..n],
-                &mut self.hasher,
-            );
-            self.filled += n;
-            bytes = &bytes[n..];
+            let dst = &mut self.current.bytes()[filled..filled + n as usize];
+            copy_and_hash(dst, head, &mut self.hasher).inspect_err(|_| self.broken = true)?;
+            self.filled += n as usize;
+            piece = rest;
             if self.filled == CHUNK {
                 self.submit(CHUNK)?;
             }
@@ -202,11 +209,12 @@ impl DirectWriter {
         Ok(())
     }
 
-    /// Fills whole chunks from the start of `bytes` (at least two of them) on all cores, the
+    /// Fills whole chunks from the start of `piece` (at least two of them) on all cores, the
     /// current buffer first, and hands them to the writers; returns the bytes left.
-    fn fill_chunks<'b>(&mut self, bytes: &'b [u8]) -> std::io::Result<&'b [u8]> {
+    fn fill_chunks<'p>(&mut self, piece: Piece<'p>) -> std::io::Result<Piece<'p>> {
         let first = (self.offset / CHUNK as u64) as usize;
-        let count = (bytes.len() / CHUNK).min(rayon::current_num_threads().clamp(2, FILLING));
+        let count = (piece.len() / CHUNK as u64) as usize;
+        let count = count.min(rayon::current_num_threads().clamp(2, FILLING));
         let mut buffers = Vec::with_capacity(count);
         let next = self.free()?;
         buffers.push(std::mem::replace(&mut self.current, next));
@@ -214,16 +222,20 @@ impl DirectWriter {
             buffers.push(self.free()?);
         }
         let layout = self.layout;
-        let leaves: Vec<Leaf> = buffers
+        let leaves = buffers
             .par_iter_mut()
-            .zip(bytes.par_chunks_exact(CHUNK))
             .enumerate()
-            .map(|(i, (buffer, chunk))| {
+            .map(|(i, buffer)| {
+                let chunk = piece
+                    .split_at((i * CHUNK) as u64)
+                    .1
+                    .split_at(CHUNK as u64)
+                    .0;
                 let mut hasher = layout.start(first + i);
-                copy_and_hash(buffer.bytes(), chunk, &mut hasher);
-                layout.end(first + i, &hasher)
+                copy_and_hash(buffer.bytes(), chunk, &mut hasher)?;
+                Ok(layout.end(first + i, &hasher))
             })
-            .collect();
+            .collect::<std::io::Result<Vec<Leaf>>>()?;
         for (buffer, leaf) in buffers.into_iter().zip(leaves) {
             self.leaves.set(leaf);
             self.send(buffer, CHUNK)?;
@@ -231,7 +243,7 @@ impl DirectWriter {
         if self.offset < self.layout.bytes() {
             self.hasher = layout.start((self.offset / CHUNK as u64) as usize);
         }
-        Ok(&bytes[count * CHUNK..])
+        Ok(piece.split_at((count * CHUNK) as u64).1)
     }
 
     fn failed(&self) -> std::io::Result<()> {
@@ -286,6 +298,9 @@ impl DirectWriter {
     /// Writes what remains, waits for every write, and cuts the file to its length; with
     /// `sync`, the data is on disk when this returns. Returns the file's blake3 digest.
     pub fn finish(mut self, sync: bool) -> std::io::Result<blake3::Hash> {
+        if self.broken {
+            return Err(std::io::Error::other("an earlier write to the file failed"));
+        }
         let len = self.offset + self.filled as u64;
         if len != self.layout.bytes() {
             return Err(std::io::Error::other(format!(
@@ -311,13 +326,21 @@ impl DirectWriter {
     }
 }
 
-/// Copies `src` into `dst` (of the same length) and hashes what was copied, a piece at a time,
-/// so that the hash reads from the cache what the copy just wrote.
-fn copy_and_hash(dst: &mut [u8], src: &[u8], hasher: &mut blake3::Hasher) {
-    for (dst, src) in dst.chunks_mut(PIECE).zip(src.chunks(PIECE)) {
-        dst.copy_from_slice(src);
+/// Copies `piece` into `dst` (of the same length) and hashes what was copied, a part at a
+/// time, so that the hash reads from the cache what the copy just wrote.
+fn copy_and_hash(
+    dst: &mut [u8],
+    piece: Piece<'_>,
+    hasher: &mut blake3::Hasher,
+) -> std::io::Result<()> {
+    let mut rest = piece;
+    for dst in dst.chunks_mut(PART) {
+        let (part, after) = rest.split_at(dst.len() as u64);
+        part.copy_to(dst)?;
         hasher.update(dst);
+        rest = after;
     }
+    Ok(())
 }
 
 impl Drop for DirectWriter {
@@ -330,6 +353,7 @@ impl Drop for DirectWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn what_is_written_is_the_file_whatever_its_length_and_its_digest_is_blake3() {
@@ -338,6 +362,8 @@ mod tests {
         for len in [0, 1, ALIGN + 3, CHUNK, CHUNK + 1, 3 * CHUNK + 12_345] {
             let path = dir.path().join(format!("f{len}"));
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            std::fs::write(dir.path().join("source"), &bytes).unwrap();
+            let source = File::open(dir.path().join("source")).unwrap();
             // In small pieces; all at once (whole chunks filled on all cores); a few bytes,
             // then the rest (the chunk begun is filled first).
             let cuts: [&[usize]; 3] = [&[1_000_003], &[len.max(1)], &[7.min(len), len.max(1)]];
@@ -348,12 +374,23 @@ mod tests {
                     return;
                 };
                 let mut rest = &bytes[..];
-                for &n in cut.iter().cycle() {
+                for (i, &n) in cut.iter().cycle().enumerate() {
                     if rest.is_empty() {
                         break;
                     }
                     let (piece, after) = rest.split_at(n.min(rest.len()));
-                    w.write(piece).unwrap();
+                    // Every other piece read from a file holding the same bytes.
+                    let at = (bytes.len() - rest.len()) as u64;
+                    w.write(match i % 2 {
+                        0 => Piece::Bytes(piece),
+                        _ => Piece::File {
+                            file: &source,
+                            path: Path::new("source"),
+                            offset: at,
+                            len: piece.len() as u64,
+                        },
+                    })
+                    .unwrap();
                     rest = after;
                 }
                 let digest = w.finish(false).unwrap();
@@ -376,9 +413,24 @@ mod tests {
             eprintln!("SKIPPED: the file system under {CARGO} refuses O_DIRECT");
             return;
         };
-        assert!(w.write(&[0; 11]).is_err());
+        assert!(w.write(Piece::Bytes(&[0; 11])).is_err());
         let mut w = create().ok().unwrap();
-        w.write(&[0; 9]).unwrap();
+        w.write(Piece::Bytes(&[0; 9])).unwrap();
+        assert!(w.finish(false).is_err());
+        // A piece of a file shorter than it says: an error naming the file, and the writer
+        // takes nothing more.
+        std::fs::write(dir.path().join("short"), [1; 4]).unwrap();
+        let short = File::open(dir.path().join("short")).unwrap();
+        let mut w = create().ok().unwrap();
+        let piece = Piece::File {
+            file: &short,
+            path: Path::new("short"),
+            offset: 0,
+            len: 10,
+        };
+        let error = w.write(piece).unwrap_err().to_string();
+        assert!(error.starts_with("reading short: "), "{error}");
+        assert!(w.write(Piece::Bytes(&[0; 1])).is_err());
         assert!(w.finish(false).is_err());
     }
 }

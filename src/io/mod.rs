@@ -8,6 +8,7 @@ pub(crate) mod hf_cache;
 pub(crate) use modelforge_core::mapped;
 pub(crate) mod paths;
 pub(crate) mod peft;
+pub(crate) mod piece;
 pub(crate) mod safetensors;
 pub(crate) mod sentencepiece;
 pub(crate) mod size;

@@ -92,14 +92,14 @@ impl SafetensorsFile {
             .map(|i| &self.tensors[i].1)
     }
 
-    /// The `len` bytes at `offset`, as windows of the file mapped one at a time.
-    pub fn windows(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Iterator<Item = Result<super::mapped::Window, InputError>> + '_ {
-        super::mapped::windows(&self.file, offset, len)
-            .map(|window| window.map_err(|e| InputError::io(&self.path, e)))
+    /// The `len` bytes at `offset`, for a writer to read.
+    pub fn piece(&self, offset: u64, len: u64) -> super::piece::Piece<'_> {
+        super::piece::Piece::File {
+            file: &self.file,
+            path: &self.path,
+            offset,
+            len,
+        }
     }
 
     /// Reads `buf.len()` bytes at `offset`.

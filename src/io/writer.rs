@@ -4,6 +4,7 @@
 //! Builds keep a previous output's shard on that promise (`exec/record.rs`): a change to the
 //! bytes written here for the same tensors must bump its `SHARD_VERSION`.
 use super::direct::DirectWriter;
+use super::piece::Piece;
 use super::write_behind::WriteBehind;
 use std::collections::VecDeque;
 use std::fs::File;
@@ -120,13 +121,16 @@ impl Out {
         }
     }
 
-    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    fn write(&mut self, piece: Piece<'_>) -> std::io::Result<()> {
         match self {
-            Out::Direct(out) => out.write(bytes),
-            Out::Buffered(out, hasher) => {
-                crate::digest::hash_into(hasher, bytes);
-                out.write_all(bytes)
-            }
+            Out::Direct(out) => out.write(piece),
+            Out::Buffered(out, hasher) => piece.each(
+                |e| e,
+                |bytes| {
+                    crate::digest::hash_into(hasher, bytes);
+                    out.write_all(bytes)
+                },
+            ),
         }
     }
 
@@ -183,8 +187,8 @@ impl ShardWriter {
             remaining: 0,
             size: 0,
         };
-        writer.put(&(header.len() as u64).to_le_bytes())?;
-        writer.put(&header)?;
+        writer.put(Piece::Bytes(&(header.len() as u64).to_le_bytes()))?;
+        writer.put(Piece::Bytes(&header))?;
         Ok(writer)
     }
 
@@ -207,19 +211,19 @@ impl ShardWriter {
     }
 
     /// Appends bytes of the current tensor.
-    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        if bytes.len() as u64 > self.remaining {
+    pub fn write(&mut self, piece: Piece<'_>) -> std::io::Result<()> {
+        if piece.len() > self.remaining {
             return Err(std::io::Error::other(
                 "more bytes than the tensor's shape allows",
             ));
         }
-        self.remaining -= bytes.len() as u64;
-        self.put(bytes)
+        self.remaining -= piece.len();
+        self.put(piece)
     }
 
-    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.size += bytes.len() as u64;
-        self.out.write_all(bytes)
+    fn put(&mut self, piece: Piece<'_>) -> std::io::Result<()> {
+        self.size += piece.len();
+        self.out.write(piece)
     }
 
     /// Flushes and syncs the file; every declared tensor must have been written in full.
@@ -298,10 +302,10 @@ mod tests {
         let path = dir.path().join(&shard.file_name);
         let mut writer = ShardWriter::create(&path, shard).unwrap();
         writer.begin("x").unwrap();
-        writer.write(&[0; 8]).unwrap();
+        writer.write(Piece::Bytes(&[0; 8])).unwrap();
         writer.begin("y").unwrap();
-        writer.write(&[1, 2]).unwrap();
-        writer.write(&[3]).unwrap();
+        writer.write(Piece::Bytes(&[1, 2])).unwrap();
+        writer.write(Piece::Bytes(&[3])).unwrap();
         let written = writer.finish(false).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(written, blake3::hash(&bytes));
@@ -320,7 +324,7 @@ mod tests {
         assert!(writer.begin("y").is_err());
         let mut writer = ShardWriter::create(&dir.path().join("n.safetensors"), shard).unwrap();
         writer.begin("x").unwrap();
-        writer.write(&[0; 4]).unwrap();
+        writer.write(Piece::Bytes(&[0; 4])).unwrap();
         assert!(writer.begin("y").is_err());
     }
 }

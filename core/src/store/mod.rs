@@ -144,7 +144,7 @@ impl Store {
     }
 
     /// The object holding an entry's bytes, and where in it they start.
-    fn object_of(&self, entry: &ActionEntry) -> Option<(PathBuf, u64)> {
+    pub fn object_of(&self, entry: &ActionEntry) -> Option<(PathBuf, u64)> {
         let (hex, offset) = entry.place()?;
         Some((self.fanout("objects", &hex), offset))
     }
@@ -603,6 +603,23 @@ impl VerifyingReader {
                 check.update(window);
             }
         })
+    }
+
+    /// Where the rest of the entry's bytes (`len` of them) are, when they need no check as
+    /// they are read (a result this build's engine has just written): its file and the offset
+    /// they start at, skipped past so that [`VerifyingReader::check`] counts them read.
+    /// `None` for bytes that must be checked: read those through
+    /// [`VerifyingReader::windows`].
+    pub fn unchecked(&mut self, len: u64) -> Option<(&File, u64)> {
+        use std::io::Seek;
+        if !matches!(self.check, Check::Fresh) {
+            return None;
+        }
+        let start = self.file.stream_position().ok()?;
+        self.file
+            .seek(std::io::SeekFrom::Current(len as i64))
+            .ok()?;
+        Some((&self.file, start))
     }
 
     pub fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
