@@ -6,11 +6,12 @@
 //! written this way: the build never reads them back.
 //!
 //! Two writes are in flight at once, each [`CHUNK`] bytes at an aligned offset. The file's last,
-//! partial chunk is written padded to the alignment and the file then cut to its length. Each
-//! chunk is a leaf of the file's blake3 (`leaves`), hashed piece by piece as it is copied in,
-//! while the piece is still in the core's cache. A write that spans whole chunks has them
-//! copied and hashed on all cores, one chunk a task, so neither the copy nor the hash is bound
-//! to the caller's thread.
+//! partial chunk is written padded to the alignment and the file then cut to its length. The
+//! file is hashed as it is copied in: each [`LEAF`] of it is a leaf of its blake3 (`leaves`),
+//! hashed a part at a time right after the part is copied, while it is still in the core's
+//! cache. The whole leaves a write covers are copied and hashed on all cores, one leaf a task,
+//! so neither the copy nor the hash is bound to the caller's thread; only the leaves a write
+//! begins or ends inside are the caller's.
 //! Where the file system refuses `O_DIRECT` (tmpfs, some network file systems),
 //! [`DirectWriter::create`] gives the file back, to be written buffered.
 use std::fs::File;
@@ -24,15 +25,15 @@ use super::piece::Piece;
 use modelforge_core::leaves::{Layout, Leaf, Leaves};
 use rayon::prelude::*;
 
-/// Bytes per write, and per leaf of the file's hash.
+/// Bytes per write.
 const CHUNK: usize = 8 << 20;
+/// Bytes per leaf of the file's hash, and per task copying and hashing: a chunk holds eight.
+const LEAF: usize = 1 << 20;
 /// Offsets, lengths and buffer addresses are multiples of this (the largest logical block
 /// size of common disks).
 const ALIGN: usize = 4096;
 /// Writes in flight at once, each on its own thread.
 const IN_FLIGHT: usize = 2;
-/// Chunks filled at once, at most, by one write spanning several.
-const FILLING: usize = 8;
 /// Bytes copied, then hashed, at a time: well inside a core's cache.
 const PART: usize = 128 << 10;
 
@@ -115,12 +116,9 @@ impl DirectWriter {
             return Err(file);
         }
         let file = Arc::new(file);
-        let layout = Layout::new(CHUNK as u64, len);
-        // Beside the one being filled: one buffer per write in flight, and more for a write
-        // spanning several chunks to fill on all cores.
-        let spare = IN_FLIGHT + rayon::current_num_threads().clamp(1, FILLING) - 1;
+        let layout = Layout::new(LEAF as u64, len);
         let (writes, queue) = sync_channel::<Write>(IN_FLIGHT);
-        let (give_back, free) = sync_channel::<Aligned>(spare + 1);
+        let (give_back, free) = sync_channel::<Aligned>(IN_FLIGHT + 1);
         let queue = Arc::new(Mutex::new(queue));
         let error = Arc::new(Mutex::new(None));
         let writers = (0..IN_FLIGHT)
@@ -157,7 +155,7 @@ impl DirectWriter {
                 })
             })
             .collect();
-        for _ in 0..spare {
+        for _ in 0..IN_FLIGHT {
             let _ = give_back.send(Aligned::new());
         }
         Ok(DirectWriter {
@@ -189,18 +187,9 @@ impl DirectWriter {
             )));
         }
         while !piece.is_empty() {
-            if self.filled == 0 && piece.len() >= 2 * CHUNK as u64 {
-                piece = self
-                    .fill_chunks(piece)
-                    .inspect_err(|_| self.broken = true)?;
-                continue;
-            }
             let n = piece.len().min((CHUNK - self.filled) as u64);
             let (head, rest) = piece.split_at(n);
-            let filled = self.filled;
-            let dst = &mut self.current.bytes()[filled..filled + n as usize];
-            copy_and_hash(dst, head, &mut self.hasher).inspect_err(|_| self.broken = true)?;
-            self.filled += n as usize;
+            self.fill(head).inspect_err(|_| self.broken = true)?;
             piece = rest;
             if self.filled == CHUNK {
                 self.submit(CHUNK)?;
@@ -209,41 +198,61 @@ impl DirectWriter {
         Ok(())
     }
 
-    /// Fills whole chunks from the start of `piece` (at least two of them) on all cores, the
-    /// current buffer first, and hands them to the writers; returns the bytes left.
-    fn fill_chunks<'p>(&mut self, piece: Piece<'p>) -> std::io::Result<Piece<'p>> {
-        let first = (self.offset / CHUNK as u64) as usize;
-        let count = (piece.len() / CHUNK as u64) as usize;
-        let count = count.min(rayon::current_num_threads().clamp(2, FILLING));
-        let mut buffers = Vec::with_capacity(count);
-        let next = self.free()?;
-        buffers.push(std::mem::replace(&mut self.current, next));
-        for _ in 1..count {
-            buffers.push(self.free()?);
-        }
-        let layout = self.layout;
-        let leaves = buffers
-            .par_iter_mut()
-            .enumerate()
-            .map(|(i, buffer)| {
-                let chunk = piece
-                    .split_at((i * CHUNK) as u64)
-                    .1
-                    .split_at(CHUNK as u64)
-                    .0;
+    /// Copies `piece`, which fits, into the current buffer after what it holds, and hashes it:
+    /// into the open leaf up to its end, the whole leaves that follow on all cores, and what
+    /// is left into the next leaf, left open.
+    fn fill(&mut self, piece: Piece<'_>) -> std::io::Result<()> {
+        let at = self.offset + self.filled as u64;
+        let to_boundary = (LEAF as u64 - at % LEAF as u64) % LEAF as u64;
+        let (open, rest) = piece.split_at(to_boundary.min(piece.len()));
+        self.fill_open(open)?;
+        let whole = (rest.len() / LEAF as u64) as usize;
+        let (leaves, tail) = rest.split_at((whole * LEAF) as u64);
+        if whole > 0 {
+            let first = ((at + open.len()) / LEAF as u64) as usize;
+            let layout = self.layout;
+            let start = self.filled;
+            let dst = &mut self.current.bytes()[start..start + whole * LEAF];
+            let hash = |(i, dst): (usize, &mut [u8])| {
+                let part = leaves.split_at((i * LEAF) as u64).1.split_at(LEAF as u64).0;
                 let mut hasher = layout.start(first + i);
-                copy_and_hash(buffer.bytes(), chunk, &mut hasher)?;
+                copy_and_hash(dst, part, &mut hasher)?;
                 Ok(layout.end(first + i, &hasher))
-            })
-            .collect::<std::io::Result<Vec<Leaf>>>()?;
-        for (buffer, leaf) in buffers.into_iter().zip(leaves) {
-            self.leaves.set(leaf);
-            self.send(buffer, CHUNK)?;
+            };
+            let hashed: Vec<Leaf> = match whole {
+                1 => vec![hash((0, dst))?],
+                _ => dst
+                    .par_chunks_mut(LEAF)
+                    .enumerate()
+                    .map(hash)
+                    .collect::<std::io::Result<_>>()?,
+            };
+            for leaf in hashed {
+                self.leaves.set(leaf);
+            }
+            self.filled += whole * LEAF;
+            self.hasher = layout.start(first + whole);
         }
-        if self.offset < self.layout.bytes() {
-            self.hasher = layout.start((self.offset / CHUNK as u64) as usize);
+        self.fill_open(tail)
+    }
+
+    /// Copies `piece` into the current buffer and hashes it into the open leaf, which it
+    /// does not run past; a leaf it completes is set, and the next one opened.
+    fn fill_open(&mut self, piece: Piece<'_>) -> std::io::Result<()> {
+        if piece.is_empty() {
+            return Ok(());
         }
-        Ok(piece.split_at((count * CHUNK) as u64).1)
+        let filled = self.filled;
+        let dst = &mut self.current.bytes()[filled..filled + piece.len() as usize];
+        copy_and_hash(dst, piece, &mut self.hasher)?;
+        self.filled += dst.len();
+        let at = self.offset + self.filled as u64;
+        if at.is_multiple_of(LEAF as u64) {
+            let index = (at / LEAF as u64) as usize - 1;
+            self.leaves.set(self.layout.end(index, &self.hasher));
+            self.hasher = self.layout.start(index + 1);
+        }
+        Ok(())
     }
 
     fn failed(&self) -> std::io::Result<()> {
@@ -273,17 +282,12 @@ impl DirectWriter {
     }
 
     /// Hands the current buffer to a writer: its first `len` bytes (a multiple of ALIGN), of
-    /// which the first `self.filled` are the file's and hashed.
+    /// which the first `self.filled` are the file's.
     fn submit(&mut self, len: usize) -> std::io::Result<()> {
-        let index = (self.offset / CHUNK as u64) as usize;
-        self.leaves.set(self.layout.end(index, &self.hasher));
         let next = self.free()?;
         let full = std::mem::replace(&mut self.current, next);
         self.send(full, len)?;
         self.filled = 0;
-        if self.offset < self.layout.bytes() {
-            self.hasher = self.layout.start(index + 1);
-        }
         Ok(())
     }
 
@@ -308,6 +312,11 @@ impl DirectWriter {
                 self.layout.bytes()
             )));
         }
+        if !len.is_multiple_of(LEAF as u64) || len == 0 {
+            // The last leaf, shorter than the others (or the empty file's only one).
+            let index = (len / LEAF as u64) as usize;
+            self.leaves.set(self.layout.end(index, &self.hasher));
+        }
         if self.filled > 0 || len == 0 {
             let padded = self.filled.next_multiple_of(ALIGN);
             let filled = self.filled;
@@ -322,7 +331,7 @@ impl DirectWriter {
         }
         self.leaves
             .finish()
-            .ok_or_else(|| std::io::Error::other("a chunk of the file was not hashed"))
+            .ok_or_else(|| std::io::Error::other("a leaf of the file was not hashed"))
     }
 }
 
@@ -359,14 +368,29 @@ mod tests {
     fn what_is_written_is_the_file_whatever_its_length_and_its_digest_is_blake3() {
         const CARGO: &str = env!("CARGO_MANIFEST_DIR");
         let dir = tempfile::tempdir_in(CARGO).unwrap();
-        for len in [0, 1, ALIGN + 3, CHUNK, CHUNK + 1, 3 * CHUNK + 12_345] {
+        for len in [
+            0,
+            1,
+            ALIGN + 3,
+            LEAF,
+            2 * LEAF - 1,
+            CHUNK,
+            CHUNK + 1,
+            3 * CHUNK + 12_345,
+        ] {
             let path = dir.path().join(format!("f{len}"));
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             std::fs::write(dir.path().join("source"), &bytes).unwrap();
             let source = File::open(dir.path().join("source")).unwrap();
-            // In small pieces; all at once (whole chunks filled on all cores); a few bytes,
-            // then the rest (the chunk begun is filled first).
-            let cuts: [&[usize]; 3] = [&[1_000_003], &[len.max(1)], &[7.min(len), len.max(1)]];
+            // In pieces smaller than a leaf; all at once (whole leaves hashed on all cores); a
+            // few bytes, then the rest (the leaf begun is filled first); pieces of a few
+            // leaves, each beginning and ending inside one.
+            let cuts: [&[usize]; 4] = [
+                &[1_000_003],
+                &[len.max(1)],
+                &[7.min(len), len.max(1)],
+                &[3 * LEAF + 4097],
+            ];
             for cut in cuts {
                 let create = DirectWriter::create(File::create(&path).unwrap(), len as u64);
                 let Ok(mut w) = create else {
