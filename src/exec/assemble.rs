@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::engine::Engine;
-use super::{output_error, ExecError, Resolution};
+use super::{output_error, write_error, ExecError, Resolution};
 use crate::digest::FileDigest;
 use crate::digest::NodeKey;
 use crate::io::atomic::{StagedFile, StagingDir};
@@ -210,7 +210,7 @@ fn write_model(
                 _ => false,
             };
             let streamed = stream(res, engine, plan, key, &mut |piece| {
-                out.write(piece).map_err(output_error(&path))
+                out.write(piece).map_err(write_error(&path))
             })?;
             match streamed {
                 Streamed::Done => {
@@ -410,7 +410,7 @@ fn write_gguf(
         let mut pending = Vec::with_capacity(block);
         let mut converted = Vec::new();
         let streamed = stream(res, engine, plan, key, &mut |piece| {
-            piece.each(output_error(target), |mut window| {
+            piece.each(write_error(target), |mut window| {
                 while !window.is_empty() {
                     let take = (block - pending.len()).min(window.len());
                     pending.extend_from_slice(&window[..take]);

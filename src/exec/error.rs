@@ -120,6 +120,18 @@ pub(crate) enum ExecError {
     Input(#[from] crate::io::InputError),
 }
 
+/// An error writing the output `path` from pieces (`io::piece`): a piece's file that could not
+/// be read is reported as that file's, anything else as the output's.
+pub(crate) fn write_error(path: &Path) -> impl Fn(std::io::Error) -> ExecError + '_ {
+    move |e| match crate::io::piece::ReadError::within(e) {
+        Ok(read) => ExecError::Input(crate::io::InputError::io(read.path, read.source)),
+        Err(source) => ExecError::Output {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
 pub(crate) fn output_error(path: &Path) -> impl Fn(std::io::Error) -> ExecError + '_ {
     move |source| ExecError::Output {
         path: path.to_owned(),

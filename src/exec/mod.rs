@@ -26,7 +26,7 @@ use crate::recipe::Recipe;
 
 pub use cache::{cache_stats, cache_verify, gc};
 pub(crate) use engine::score;
-pub(crate) use error::{output_error, ExecError};
+pub(crate) use error::{output_error, write_error, ExecError};
 pub use options::{BuildOptions, CacheOptions, PlanFormat, PlanOptions, PushOptions};
 pub(crate) use resolution::{open_store, recipe_dir, Resolution};
 pub(crate) use summary::{Nodes, Phases, Summary};

@@ -85,7 +85,7 @@ fn set_direct(file: &File, on: bool) -> bool {
 
 /// A message to a writer: a buffer, the file offset it goes to, and how many of its bytes to
 /// write (a multiple of ALIGN).
-type Write = (Aligned, u64, usize);
+type WriteJob = (Aligned, u64, usize);
 
 /// A file of a known length written front to back with `O_DIRECT`, and hashed.
 pub struct DirectWriter {
@@ -93,15 +93,17 @@ pub struct DirectWriter {
     /// How the file's bytes are cut into chunks, and the hashes of those written.
     layout: Layout,
     leaves: Leaves,
-    /// The buffer being filled, how much of it is, and its chunk's hasher.
+    /// The buffer being filled, and how much of it is.
     current: Aligned,
     filled: usize,
+    /// The hasher of the open leaf: the one the next byte goes to, fed what it holds so far.
     hasher: blake3::Hasher,
     /// The file offset `current` will be written at.
     offset: u64,
-    /// Whether a piece could not be read: the buffers it was being read into are gone.
+    /// Whether a write failed (a piece could not be read, a writer stopped): the buffer and
+    /// the open leaf may hold part of it, so the file takes nothing more.
     broken: bool,
-    writes: Option<SyncSender<Write>>,
+    writes: Option<SyncSender<WriteJob>>,
     free: Receiver<Aligned>,
     writers: Vec<JoinHandle<()>>,
     /// The first error a write met.
@@ -117,7 +119,7 @@ impl DirectWriter {
         }
         let file = Arc::new(file);
         let layout = Layout::new(LEAF as u64, len);
-        let (writes, queue) = sync_channel::<Write>(IN_FLIGHT);
+        let (writes, queue) = sync_channel::<WriteJob>(IN_FLIGHT);
         let (give_back, free) = sync_channel::<Aligned>(IN_FLIGHT + 1);
         let queue = Arc::new(Mutex::new(queue));
         let error = Arc::new(Mutex::new(None));
@@ -175,7 +177,7 @@ impl DirectWriter {
     }
 
     /// Appends `piece` to the file.
-    pub fn write(&mut self, mut piece: Piece<'_>) -> std::io::Result<()> {
+    pub fn write(&mut self, piece: Piece<'_>) -> std::io::Result<()> {
         if self.broken {
             return Err(std::io::Error::other("an earlier write to the file failed"));
         }
@@ -186,10 +188,14 @@ impl DirectWriter {
                 self.layout.bytes()
             )));
         }
+        self.append(piece).inspect_err(|_| self.broken = true)
+    }
+
+    fn append(&mut self, mut piece: Piece<'_>) -> std::io::Result<()> {
         while !piece.is_empty() {
             let n = piece.len().min((CHUNK - self.filled) as u64);
             let (head, rest) = piece.split_at(n);
-            self.fill(head).inspect_err(|_| self.broken = true)?;
+            self.fill(head)?;
             piece = rest;
             if self.filled == CHUNK {
                 self.submit(CHUNK)?;

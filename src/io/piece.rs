@@ -4,7 +4,7 @@
 //! shootdown; reading it costs the same one copy, done by the kernel.
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy)]
 pub(crate) enum Piece<'a> {
@@ -93,7 +93,67 @@ impl<'a> Piece<'a> {
     }
 }
 
+/// A piece's file that could not be read, carried inside the `io::Error` a writer returns so
+/// that the build reports the file it read, not the one it was writing.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {}: {source}", path.display())]
+pub(crate) struct ReadError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl ReadError {
+    /// The read error inside `e`, or `e` itself when it is none.
+    pub fn within(e: std::io::Error) -> Result<ReadError, std::io::Error> {
+        if !e.get_ref().is_some_and(|inner| inner.is::<ReadError>()) {
+            return Err(e);
+        }
+        let inner = e.into_inner().expect("checked above");
+        Ok(*inner.downcast::<ReadError>().expect("checked above"))
+    }
+}
+
 /// A read error, saying what was being read.
-fn reading(path: &Path, e: std::io::Error) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("reading {}: {e}", path.display()))
+fn reading(path: &Path, source: std::io::Error) -> std::io::Error {
+    let kind = source.kind();
+    let path = path.to_owned();
+    std::io::Error::new(kind, ReadError { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_piece_that_cannot_be_read_says_which_file_through_the_writers_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("short"), [1; 4]).unwrap();
+        let file = File::open(dir.path().join("short")).unwrap();
+        let piece = Piece::File {
+            file: &file,
+            path: Path::new("short"),
+            offset: 2,
+            len: 4,
+        };
+        let error = piece.copy_to(&mut [0; 4]).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
+        let read = ReadError::within(error).unwrap();
+        assert_eq!(read.path, Path::new("short"));
+        // Any other error is given back as it was.
+        let other = ReadError::within(std::io::Error::other("disk full")).unwrap_err();
+        assert_eq!(other.to_string(), "disk full");
+        // The parts of a piece are its bytes, in order, however it is split.
+        let two = Piece::File {
+            file: &file,
+            path: Path::new("short"),
+            offset: 2,
+            len: 2,
+        };
+        let (head, tail) = two.split_at(1);
+        let (mut a, mut b) = ([0; 1], [0; 1]);
+        head.copy_to(&mut a).unwrap();
+        tail.copy_to(&mut b).unwrap();
+        assert_eq!((a, b, tail.len()), ([1], [1], 1));
+    }
 }
