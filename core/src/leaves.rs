@@ -63,13 +63,6 @@ impl Layout {
             _ => Leaf::Part(index, hasher.finalize_non_root()),
         }
     }
-
-    /// Leaf `index`'s hash, from all its bytes at once.
-    pub fn hash(&self, index: usize, bytes: &[u8]) -> Leaf {
-        let mut hasher = self.start(index);
-        hasher.update(bytes);
-        self.end(index, &hasher)
-    }
 }
 
 /// The leaves' hashes, set in any order, then merged.
@@ -153,7 +146,9 @@ mod tests {
                 let mut hashed: Vec<Leaf> = (0..layout.count())
                     .map(|i| {
                         let (start, n) = layout.range(i);
-                        layout.hash(i, &bytes[start as usize..(start + n) as usize])
+                        let mut hasher = layout.start(i);
+                        hasher.update(&bytes[start as usize..(start + n) as usize]);
+                        layout.end(i, &hasher)
                     })
                     .collect();
                 hashed.reverse();

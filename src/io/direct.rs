@@ -90,8 +90,7 @@ type WriteJob = (Aligned, u64, usize);
 /// A file of a known length written front to back with `O_DIRECT`, and hashed.
 pub struct DirectWriter {
     file: Arc<File>,
-    /// How the file's bytes are cut into chunks, and the hashes of those written.
-    layout: Layout,
+    /// The hashes of the file's leaves written so far (and how the file is cut into them).
     leaves: Leaves,
     /// The buffer being filled, and how much of it is.
     current: Aligned,
@@ -162,7 +161,6 @@ impl DirectWriter {
         }
         Ok(DirectWriter {
             file,
-            layout,
             leaves: Leaves::new(layout),
             current: Aligned::new(),
             filled: 0,
@@ -181,11 +179,13 @@ impl DirectWriter {
         if self.broken {
             return Err(std::io::Error::other("an earlier write to the file failed"));
         }
-        let written = self.offset + self.filled as u64;
-        if written + piece.len() > self.layout.bytes() {
+        let (written, declared) = (
+            self.offset + self.filled as u64,
+            self.leaves.layout().bytes(),
+        );
+        if written + piece.len() > declared {
             return Err(std::io::Error::other(format!(
-                "more bytes than the {} the file was declared to have",
-                self.layout.bytes()
+                "more bytes than the {declared} the file was declared to have"
             )));
         }
         self.append(piece).inspect_err(|_| self.broken = true)
@@ -216,7 +216,7 @@ impl DirectWriter {
         let (leaves, tail) = rest.split_at((whole * LEAF) as u64);
         if whole > 0 {
             let first = ((at + open.len()) / LEAF as u64) as usize;
-            let layout = self.layout;
+            let layout = self.leaves.layout();
             let start = self.filled;
             let dst = &mut self.current.bytes()[start..start + whole * LEAF];
             let hash = |(i, dst): (usize, &mut [u8])| {
@@ -255,8 +255,9 @@ impl DirectWriter {
         let at = self.offset + self.filled as u64;
         if at.is_multiple_of(LEAF as u64) {
             let index = (at / LEAF as u64) as usize - 1;
-            self.leaves.set(self.layout.end(index, &self.hasher));
-            self.hasher = self.layout.start(index + 1);
+            let layout = self.leaves.layout();
+            self.leaves.set(layout.end(index, &self.hasher));
+            self.hasher = layout.start(index + 1);
         }
         Ok(())
     }
@@ -312,16 +313,17 @@ impl DirectWriter {
             return Err(std::io::Error::other("an earlier write to the file failed"));
         }
         let len = self.offset + self.filled as u64;
-        if len != self.layout.bytes() {
+        let layout = self.leaves.layout();
+        if len != layout.bytes() {
             return Err(std::io::Error::other(format!(
                 "{len} bytes written to a file declared to have {}",
-                self.layout.bytes()
+                layout.bytes()
             )));
         }
         if !len.is_multiple_of(LEAF as u64) || len == 0 {
             // The last leaf, shorter than the others (or the empty file's only one).
             let index = (len / LEAF as u64) as usize;
-            self.leaves.set(self.layout.end(index, &self.hasher));
+            self.leaves.set(layout.end(index, &self.hasher));
         }
         if self.filled > 0 || len == 0 {
             let padded = self.filled.next_multiple_of(ALIGN);
